@@ -1,0 +1,304 @@
+//! Configuration: built-in defaults, then the TOML file, then command-line
+//! flags. `config.example.toml` documents every key; a test parses it, so the
+//! example cannot drift from the code.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::Deserialize;
+
+/// Default TCP listen address: loopback only.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8980";
+/// Default byte quota of the local store.
+pub const DEFAULT_QUOTA: u64 = 10 << 30;
+/// Default size up to which blobs are stored inside RocksDB.
+pub const DEFAULT_INLINE_LIMIT: u64 = 1 << 20;
+/// Default `max_batch_total_size_bytes` advertised to clients.
+pub const DEFAULT_MAX_BATCH: u64 = 4 << 20;
+
+/// A byte count written as `1073741824`, `"512MiB"`, `"10GiB"` or `"2GB"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl FromStr for ByteSize {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (number, unit) = s.split_at(split);
+        let number: u64 = number
+            .parse()
+            .map_err(|_| format!("{s:?} is not a size (examples: 4096, 512MiB, 10GiB)"))?;
+        let factor: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KiB" | "K" => 1 << 10,
+            "MiB" | "M" => 1 << 20,
+            "GiB" | "G" => 1 << 30,
+            "TiB" | "T" => 1 << 40,
+            "KB" => 1_000,
+            "MB" => 1_000_000,
+            "GB" => 1_000_000_000,
+            "TB" => 1_000_000_000_000,
+            other => return Err(format!("unknown size unit {other:?} in {s:?}")),
+        };
+        number
+            .checked_mul(factor)
+            .map(ByteSize)
+            .ok_or_else(|| format!("size {s:?} is too large"))
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Number(n) => Ok(ByteSize(n)),
+            Raw::Text(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// The TOML file, as written by the user. Every field is optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// `[server]`: how clients reach Outpost.
+    #[serde(default)]
+    pub server: ServerSection,
+    /// `[store]`: the local store.
+    #[serde(default)]
+    pub store: StoreSection,
+}
+
+/// `[server]` keys.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSection {
+    /// TCP address to listen on.
+    pub listen: Option<SocketAddr>,
+    /// Permit a non-loopback `listen` address (no authentication yet!).
+    pub allow_remote: Option<bool>,
+    /// Unix socket path; `""` disables it.
+    pub unix_socket: Option<String>,
+    /// Largest total of a Batch* request, advertised in Capabilities.
+    pub max_batch_total_size_bytes: Option<ByteSize>,
+}
+
+/// `[store]` keys.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSection {
+    /// Where the store lives.
+    pub data_dir: Option<PathBuf>,
+    /// Byte budget of the store.
+    pub quota: Option<ByteSize>,
+    /// Blobs up to this size live inside RocksDB; larger ones are files.
+    pub inline_limit: Option<ByteSize>,
+    /// fsync every commit.
+    pub fsync: Option<bool>,
+}
+
+/// Settings given on the command line; they win over the file.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    /// `--listen`.
+    pub listen: Option<SocketAddr>,
+    /// `--allow-remote`.
+    pub allow_remote: bool,
+    /// `--unix-socket`.
+    pub unix_socket: Option<PathBuf>,
+    /// `--no-unix-socket`.
+    pub no_unix_socket: bool,
+    /// `--data-dir`.
+    pub data_dir: Option<PathBuf>,
+    /// `--quota`.
+    pub quota: Option<ByteSize>,
+}
+
+/// The resolved configuration the server runs with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// TCP listen address.
+    pub listen: SocketAddr,
+    /// Unix socket path, if enabled.
+    pub unix_socket: Option<PathBuf>,
+    /// Where the store lives.
+    pub data_dir: PathBuf,
+    /// Byte budget of the store.
+    pub quota_bytes: u64,
+    /// Inline threshold of the store.
+    pub inline_limit: u64,
+    /// fsync every commit.
+    pub fsync: bool,
+    /// Advertised `max_batch_total_size_bytes`.
+    pub max_batch_total_size_bytes: u64,
+}
+
+impl FileConfig {
+    /// Reads and parses a TOML file.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read config file {}: {e}", path.display()))?;
+        toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("invalid config file {}: {e}", path.display()))
+    }
+}
+
+/// `$XDG_CACHE_HOME/outpost`, else `~/.cache/outpost`.
+pub fn default_data_dir() -> PathBuf {
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from(".cache"));
+    cache.join("outpost")
+}
+
+impl Config {
+    /// Merges defaults, the file and the flags, and checks the result.
+    pub fn resolve(file: FileConfig, flags: Overrides) -> anyhow::Result<Self> {
+        let listen = flags
+            .listen
+            .or(file.server.listen)
+            .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default"));
+        let allow_remote = flags.allow_remote || file.server.allow_remote.unwrap_or(false);
+        if !listen.ip().is_loopback() && !allow_remote {
+            anyhow::bail!(
+                "refusing to listen on {listen}: it is reachable from other machines and Outpost \
+                 has no authentication yet; pass --allow-remote (or `allow_remote = true`) to do it anyway"
+            );
+        }
+        let data_dir = flags
+            .data_dir
+            .or(file.store.data_dir)
+            .unwrap_or_else(default_data_dir);
+        let unix_socket = if flags.no_unix_socket {
+            None
+        } else if let Some(path) = flags.unix_socket {
+            Some(path)
+        } else {
+            match file.server.unix_socket.as_deref() {
+                Some("") => None,
+                Some(path) => Some(PathBuf::from(path)),
+                None => Some(data_dir.join("outpost.sock")),
+            }
+        };
+        let quota_bytes = flags.quota.or(file.store.quota).map_or(DEFAULT_QUOTA, |q| q.0);
+        let inline_limit = file.store.inline_limit.map_or(DEFAULT_INLINE_LIMIT, |q| q.0);
+        let max_batch = file
+            .server
+            .max_batch_total_size_bytes
+            .map_or(DEFAULT_MAX_BATCH, |q| q.0);
+        if quota_bytes == 0 {
+            anyhow::bail!("the store quota must be larger than 0");
+        }
+        if !(1024..=(64 << 20)).contains(&max_batch) {
+            anyhow::bail!("max_batch_total_size_bytes must be between 1KiB and 64MiB");
+        }
+        if inline_limit > (16 << 20) {
+            anyhow::bail!("inline_limit must be at most 16MiB");
+        }
+        Ok(Config {
+            listen,
+            unix_socket,
+            data_dir,
+            quota_bytes,
+            inline_limit,
+            fsync: file.store.fsync.unwrap_or(false),
+            max_batch_total_size_bytes: max_batch,
+        })
+    }
+
+    /// A configuration for tests: loopback port 0, no unix socket.
+    pub fn for_tests(data_dir: &Path) -> Self {
+        Config {
+            listen: "127.0.0.1:0".parse().expect("valid"),
+            unix_socket: None,
+            data_dir: data_dir.to_path_buf(),
+            quota_bytes: DEFAULT_QUOTA,
+            inline_limit: DEFAULT_INLINE_LIMIT,
+            fsync: false,
+            max_batch_total_size_bytes: DEFAULT_MAX_BATCH,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_parses_and_sets_every_key() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.toml");
+        let file = FileConfig::load(&path).unwrap();
+        assert!(file.server.listen.is_some());
+        assert!(file.server.allow_remote.is_some());
+        assert!(file.server.unix_socket.is_some());
+        assert!(file.server.max_batch_total_size_bytes.is_some());
+        assert!(file.store.data_dir.is_some());
+        assert!(file.store.quota.is_some());
+        assert!(file.store.inline_limit.is_some());
+        assert!(file.store.fsync.is_some());
+        Config::resolve(file, Overrides::default()).unwrap();
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        assert!(toml::from_str::<FileConfig>("[store]\nquota_typo = 1\n").is_err());
+    }
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!("4096".parse::<ByteSize>().unwrap().0, 4096);
+        assert_eq!("10GiB".parse::<ByteSize>().unwrap().0, 10 << 30);
+        assert_eq!("2GB".parse::<ByteSize>().unwrap().0, 2_000_000_000);
+        assert!("ten".parse::<ByteSize>().is_err());
+        assert!("5XB".parse::<ByteSize>().is_err());
+    }
+
+    #[test]
+    fn defaults_are_safe() {
+        let config = Config::resolve(
+            FileConfig::default(),
+            Overrides {
+                data_dir: Some("/d".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert!(config.listen.ip().is_loopback());
+        assert_eq!(config.unix_socket, Some(PathBuf::from("/d/outpost.sock")));
+        assert_eq!(config.quota_bytes, DEFAULT_QUOTA);
+    }
+
+    #[test]
+    fn remote_listen_needs_explicit_consent() {
+        let flags = Overrides {
+            listen: Some("0.0.0.0:8980".parse().unwrap()),
+            ..Default::default()
+        };
+        assert!(Config::resolve(FileConfig::default(), flags.clone()).is_err());
+        let allowed = Overrides {
+            allow_remote: true,
+            ..flags
+        };
+        assert!(Config::resolve(FileConfig::default(), allowed).is_ok());
+    }
+
+    #[test]
+    fn flags_win_over_the_file() {
+        let file: FileConfig = toml::from_str("[store]\nquota = \"1GiB\"\n").unwrap();
+        let flags = Overrides {
+            quota: Some(ByteSize(5)),
+            ..Default::default()
+        };
+        assert_eq!(Config::resolve(file, flags).unwrap().quota_bytes, 5);
+    }
+}

@@ -1,0 +1,29 @@
+//! Outpost: a REAPI v2 caching sidecar that makes remote builds fast on slow links.
+//!
+//! # Layout
+//! - [`client`]: connecting to a server (stats, tests, benches).
+//! - [`config`]: defaults, TOML file and flags merged into one [`config::Config`].
+//! - [`server`]: builds the store stack and services; TCP + unix socket; shutdown.
+//! - [`service`]: one thin gRPC adapter per REAPI service (and Outpost's Admin).
+//! - [`store`]: the [`store::BlobStore`] / [`store::ActionResultStore`] layers:
+//!   local RocksDB store, LRU index, blob files, action-result completeness.
+//! - [`digest`]: validated digests and incremental hashing.
+//! - [`resource`]: ByteStream resource-name parsing.
+//! - [`error`]: the crate's error type and its one mapping to gRPC status.
+//! - [`stats`]: counters behind `outpost stats`.
+
+pub mod client;
+pub mod config;
+pub mod digest;
+pub mod error;
+pub mod resource;
+pub mod server;
+pub mod service;
+pub mod stats;
+pub mod store;
+
+/// Generated code for Outpost's own Admin service (proto/outpost/admin/v1).
+pub mod admin_proto {
+    #![allow(missing_docs, clippy::all)]
+    tonic::include_proto!("outpost.admin.v1");
+}

@@ -1,0 +1,176 @@
+//! The `outpost` binary: flags, logging, config, then the server or a client command.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use outpost::admin_proto::GetStatsRequest;
+use outpost::admin_proto::admin_client::AdminClient;
+use outpost::config::{ByteSize, Config, FileConfig, Overrides};
+use outpost::server::RunningServer;
+use tracing_subscriber::EnvFilter;
+
+/// Outpost: a local REAPI v2 cache that makes remote builds fast on slow links.
+#[derive(Parser)]
+#[command(name = "outpost", version, after_long_help = EXAMPLES)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+const EXAMPLES: &str = "\
+Examples:
+  outpost serve                              # 127.0.0.1:8980, data in ~/.cache/outpost, 10 GiB
+  outpost serve --quota 50GiB --data-dir /srv/outpost
+  outpost serve --config /etc/outpost.toml   # see config.example.toml for every key
+  bazel build --remote_cache=grpc://127.0.0.1:8980 //...
+  outpost stats
+
+Logging: set RUST_LOG (e.g. RUST_LOG=debug or RUST_LOG=outpost=trace); default info.";
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the cache server (Capabilities, CAS, ByteStream, ActionCache).
+    ///
+    /// Listens on loopback TCP and on a unix socket in the data directory.
+    /// Stops gracefully on Ctrl-C or SIGTERM: in-flight calls finish and the
+    /// store is flushed.
+    Serve(ServeArgs),
+    /// Print counters and occupancy of a running server.
+    Stats(StatsArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// TOML config file (every key is documented in config.example.toml).
+    #[arg(long, value_name = "FILE", env = "OUTPOST_CONFIG")]
+    config: Option<PathBuf>,
+    /// TCP address to listen on [default: 127.0.0.1:8980].
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<std::net::SocketAddr>,
+    /// Allow a --listen address other than loopback (no authentication yet).
+    #[arg(long)]
+    allow_remote: bool,
+    /// Data directory [default: $XDG_CACHE_HOME/outpost or ~/.cache/outpost].
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Byte quota of the local store, e.g. 500MiB, 10GiB [default: 10GiB].
+    #[arg(long, value_name = "SIZE")]
+    quota: Option<ByteSize>,
+    /// Unix socket path [default: <data-dir>/outpost.sock].
+    #[arg(long, value_name = "PATH", conflicts_with = "no_unix_socket")]
+    unix_socket: Option<PathBuf>,
+    /// Do not listen on a unix socket.
+    #[arg(long)]
+    no_unix_socket: bool,
+}
+
+#[derive(Args)]
+struct StatsArgs {
+    /// Server to ask: grpc://HOST:PORT or unix:///PATH.
+    #[arg(long, value_name = "URL", default_value = "grpc://127.0.0.1:8980")]
+    server: String,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Runtime::new()?;
+    match cli.command {
+        Command::Serve(args) => runtime.block_on(serve(args)),
+        Command::Stats(args) => runtime.block_on(stats(args)),
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let file = match &args.config {
+        Some(path) => FileConfig::load(path)?,
+        None => FileConfig::default(),
+    };
+    let flags = Overrides {
+        listen: args.listen,
+        allow_remote: args.allow_remote,
+        unix_socket: args.unix_socket,
+        no_unix_socket: args.no_unix_socket,
+        data_dir: args.data_dir,
+        quota: args.quota,
+    };
+    let config = Config::resolve(file, flags)?;
+    tracing::info!(
+        "outpost {} starting: data in {}, quota {}",
+        env!("CARGO_PKG_VERSION"),
+        config.data_dir.display(),
+        human_bytes(config.quota_bytes)
+    );
+    let server = RunningServer::start(&config).await?;
+    server.run_until(shutdown_signal()).await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("can install a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+async fn stats(args: StatsArgs) -> anyhow::Result<()> {
+    let channel = outpost::client::connect(&args.server).await?;
+    let s = AdminClient::new(channel)
+        .get_stats(GetStatsRequest {})
+        .await?
+        .into_inner();
+    let pct = |a: u64, b: u64| if b == 0 { 0.0 } else { 100.0 * a as f64 / b as f64 };
+    println!("outpost {} at {}, up {}s", s.version, args.server, s.uptime_seconds);
+    println!(
+        "blobs:           {} ({} of {} quota, {:.1}%)",
+        s.blob_count,
+        human_bytes(s.blob_bytes),
+        human_bytes(s.quota_bytes),
+        pct(s.blob_bytes, s.quota_bytes)
+    );
+    println!("action results:  {}", s.action_result_count);
+    println!(
+        "cas reads:       {} hits, {} misses ({:.1}% hit rate)",
+        s.cas_hits,
+        s.cas_misses,
+        pct(s.cas_hits, s.cas_hits + s.cas_misses)
+    );
+    println!(
+        "action cache:    {} hits, {} misses, {} dropped (outputs gone)",
+        s.action_cache_hits, s.action_cache_misses, s.stale_action_results
+    );
+    println!(
+        "written:         {} blobs, {}; {} refused (digest mismatch)",
+        s.blobs_written,
+        human_bytes(s.bytes_written),
+        s.digest_mismatches
+    );
+    println!(
+        "evicted:         {} entries, {}",
+        s.evicted_blobs,
+        human_bytes(s.evicted_bytes)
+    );
+    Ok(())
+}
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}

@@ -1,0 +1,245 @@
+//! ByteStream: Read (offset, limit, chunked), Write (verified, resumable,
+//! early completion when the blob exists) and QueryWriteStatus.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bazel_remote_apis::google::bytestream::{
+    QueryWriteStatusRequest, QueryWriteStatusResponse, ReadRequest, ReadResponse, WriteRequest,
+    WriteResponse, byte_stream_server::ByteStream,
+};
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::digest::Digest;
+use crate::error::{Error, Result};
+use crate::resource::ResourceName;
+use crate::service::Backend;
+use crate::store::BlobWriter;
+
+/// Largest `data` in one ReadResponse (well under gRPC's 4 MiB message limit).
+pub const READ_CHUNK: usize = 64 << 10;
+/// How long an interrupted upload waits to be resumed before it is dropped.
+const PARKED_UPLOAD_TTL: Duration = Duration::from_secs(600);
+
+/// An upload whose stream ended before `finish_write`, kept for resumption.
+struct ParkedUpload {
+    writer: Box<dyn BlobWriter>,
+    since: Instant,
+}
+
+/// Serves ByteStream over the backend's blob store.
+pub struct ByteStreamService {
+    backend: Backend,
+    /// Interrupted uploads by resource name, for QueryWriteStatus and resume.
+    parked: Mutex<HashMap<String, ParkedUpload>>,
+}
+
+fn unsupported_compression(name: &ResourceName) -> Result<()> {
+    match &name.compressor {
+        None => Ok(()),
+        Some(c) => Err(Error::Unimplemented(format!(
+            "compressed-blobs ({c}) are not supported: this server advertises no compressors"
+        ))),
+    }
+}
+
+impl ByteStreamService {
+    /// A ByteStream service over `backend`.
+    pub fn new(backend: Backend) -> Self {
+        ByteStreamService {
+            backend,
+            parked: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn park(&self, resource: String, writer: Box<dyn BlobWriter>) {
+        let mut parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        parked.retain(|_, p| p.since.elapsed() < PARKED_UPLOAD_TTL);
+        parked.insert(
+            resource,
+            ParkedUpload {
+                writer,
+                since: Instant::now(),
+            },
+        );
+    }
+
+    fn unpark(&self, resource: &str) -> Option<Box<dyn BlobWriter>> {
+        let mut parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        parked.retain(|_, p| p.since.elapsed() < PARKED_UPLOAD_TTL);
+        parked.remove(resource).map(|p| p.writer)
+    }
+
+    fn parked_size(&self, resource: &str) -> Option<u64> {
+        let parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        parked.get(resource).map(|p| p.writer.committed_size())
+    }
+
+    async fn exists(&self, digest: &Digest) -> Result<bool> {
+        Ok(self.backend.blobs.find_missing(&[*digest]).await?.is_empty())
+    }
+
+    async fn read_stream(&self, req: ReadRequest) -> Result<ReadStream> {
+        let name = ResourceName::parse_read(&req.resource_name)?;
+        unsupported_compression(&name)?;
+        if req.read_offset < 0 {
+            return Err(Error::OutOfRange(format!(
+                "read_offset {} is negative",
+                req.read_offset
+            )));
+        }
+        if req.read_limit < 0 {
+            return Err(Error::InvalidArgument(format!(
+                "read_limit {} is negative",
+                req.read_limit
+            )));
+        }
+        let stream = self
+            .backend
+            .blobs
+            .read(&name.digest, req.read_offset as u64, req.read_limit as u64)
+            .await?;
+        Ok(Box::pin(stream.flat_map(|chunk| {
+            futures::stream::iter(match chunk {
+                Ok(bytes) => split(bytes).map(|data| Ok(ReadResponse { data })).collect(),
+                Err(e) => vec![Err(Status::from(e))],
+            })
+        })))
+    }
+
+    async fn write_blob(&self, mut stream: Streaming<WriteRequest>) -> Result<WriteResponse> {
+        let first = match stream.message().await {
+            Ok(Some(first)) => first,
+            Ok(None) => return Err(Error::InvalidArgument("empty Write stream".into())),
+            Err(status) => return Err(Error::Unavailable(format!("Write stream broke: {status}"))),
+        };
+        let resource = first.resource_name.clone();
+        let name = ResourceName::parse_write(&resource)?;
+        unsupported_compression(&name)?;
+        let digest = name.digest;
+        if self.exists(&digest).await? {
+            // Early completion: the blob is already here.
+            self.unpark(&resource);
+            return Ok(WriteResponse {
+                committed_size: digest.size as i64,
+            });
+        }
+        let mut writer = match (first.write_offset, self.unpark(&resource)) {
+            (0, _) => self.backend.blobs.begin_write(&digest).await?,
+            (offset, Some(writer)) if offset as u64 == writer.committed_size() => writer,
+            (offset, parked) => {
+                let committed = parked.as_ref().map_or(0, |w| w.committed_size());
+                if let Some(writer) = parked {
+                    self.park(resource.clone(), writer);
+                }
+                return Err(Error::InvalidArgument(format!(
+                    "write_offset {offset} does not match the committed size {committed} of {resource}"
+                )));
+            }
+        };
+        let mut next = Some(first);
+        loop {
+            let req = match next.take() {
+                Some(req) => req,
+                None => match stream.message().await {
+                    Ok(Some(req)) => req,
+                    Ok(None) => {
+                        // The client closed without finish_write: keep what
+                        // we have so it can resume, and say how much that is.
+                        let committed = writer.committed_size();
+                        self.park(resource, writer);
+                        return Ok(WriteResponse {
+                            committed_size: committed as i64,
+                        });
+                    }
+                    Err(status) => {
+                        self.park(resource, writer);
+                        return Err(Error::Unavailable(format!("Write stream broke: {status}")));
+                    }
+                },
+            };
+            if !req.resource_name.is_empty() && req.resource_name != resource {
+                return Err(Error::InvalidArgument(format!(
+                    "resource_name changed mid-stream from {resource:?} to {:?}",
+                    req.resource_name
+                )));
+            }
+            if req.write_offset as u64 != writer.committed_size() {
+                return Err(Error::InvalidArgument(format!(
+                    "write_offset {} does not match the {} bytes received so far",
+                    req.write_offset,
+                    writer.committed_size()
+                )));
+            }
+            if !req.data.is_empty() {
+                writer.write(Bytes::from(req.data)).await?;
+            }
+            if req.finish_write {
+                writer.commit().await?;
+                return Ok(WriteResponse {
+                    committed_size: digest.size as i64,
+                });
+            }
+        }
+    }
+
+    async fn query(&self, req: QueryWriteStatusRequest) -> Result<QueryWriteStatusResponse> {
+        let name = ResourceName::parse_write(&req.resource_name)?;
+        if self.exists(&name.digest).await? {
+            return Ok(QueryWriteStatusResponse {
+                committed_size: name.digest.size as i64,
+                complete: true,
+            });
+        }
+        match self.parked_size(&req.resource_name) {
+            Some(size) => Ok(QueryWriteStatusResponse {
+                committed_size: size as i64,
+                complete: false,
+            }),
+            None => Err(Error::NotFound(format!(
+                "no upload in progress for {}",
+                req.resource_name
+            ))),
+        }
+    }
+}
+
+/// Splits a chunk from the store into ReadResponse-sized pieces.
+fn split(bytes: Bytes) -> impl Iterator<Item = Vec<u8>> {
+    let len = bytes.len();
+    (0..len)
+        .step_by(READ_CHUNK)
+        .map(move |start| bytes[start..(start + READ_CHUNK).min(len)].to_vec())
+}
+
+type ReadStream = Pin<Box<dyn Stream<Item = std::result::Result<ReadResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ByteStream for ByteStreamService {
+    type ReadStream = ReadStream;
+
+    async fn read(
+        &self,
+        request: Request<ReadRequest>,
+    ) -> std::result::Result<Response<ReadStream>, Status> {
+        Ok(Response::new(self.read_stream(request.into_inner()).await?))
+    }
+
+    async fn write(
+        &self,
+        request: Request<Streaming<WriteRequest>>,
+    ) -> std::result::Result<Response<WriteResponse>, Status> {
+        Ok(Response::new(self.write_blob(request.into_inner()).await?))
+    }
+
+    async fn query_write_status(
+        &self,
+        request: Request<QueryWriteStatusRequest>,
+    ) -> std::result::Result<Response<QueryWriteStatusResponse>, Status> {
+        Ok(Response::new(self.query(request.into_inner()).await?))
+    }
+}

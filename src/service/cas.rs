@@ -1,0 +1,293 @@
+//! ContentAddressableStorage: FindMissingBlobs, Batch{Update,Read}Blobs, GetTree.
+
+use std::collections::{HashSet, VecDeque};
+use std::pin::Pin;
+
+use bazel_remote_apis::build::bazel::remote::execution::v2::{
+    self as re, BatchReadBlobsRequest, BatchReadBlobsResponse, BatchUpdateBlobsRequest,
+    BatchUpdateBlobsResponse, Directory, FindMissingBlobsRequest, FindMissingBlobsResponse,
+    GetTreeRequest, GetTreeResponse, batch_read_blobs_response, batch_update_blobs_response,
+    compressor, content_addressable_storage_server::ContentAddressableStorage,
+};
+use bytes::Bytes;
+use futures::Stream;
+use prost::Message;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::digest::{Digest, DigestFunction};
+use crate::error::{Error, Result, ok_rpc_status};
+use crate::service::Backend;
+use crate::store::read_to_bytes;
+
+/// Directories per GetTree page when the client does not ask for a size.
+const DEFAULT_TREE_PAGE: usize = 1000;
+/// Upper bound on a GetTree page, in directories and in encoded bytes.
+const MAX_TREE_PAGE: usize = 10_000;
+const MAX_TREE_PAGE_BYTES: usize = 2 << 20;
+
+/// Serves the CAS from the backend's blob store.
+pub struct CasService {
+    backend: Backend,
+}
+
+impl CasService {
+    /// A CAS service over `backend`.
+    pub fn new(backend: Backend) -> Self {
+        CasService { backend }
+    }
+
+    fn check_batch_size(&self, total: u64, what: &str) -> Result<()> {
+        let limit = self.backend.max_batch_total_size_bytes;
+        if total > limit {
+            return Err(Error::InvalidArgument(format!(
+                "{what} totals {total} bytes, over the {limit}-byte max_batch_total_size_bytes; \
+                 use ByteStream for large blobs"
+            )));
+        }
+        Ok(())
+    }
+
+    async fn find_missing(&self, req: FindMissingBlobsRequest) -> Result<FindMissingBlobsResponse> {
+        let function = DigestFunction::from_proto(req.digest_function)?;
+        let digests = req
+            .blob_digests
+            .iter()
+            .map(|d| Digest::parse(function, &d.hash, d.size_bytes))
+            .collect::<Result<Vec<_>>>()?;
+        let missing = self.backend.blobs.find_missing(&digests).await?;
+        Ok(FindMissingBlobsResponse {
+            missing_blob_digests: missing.iter().map(Digest::to_proto).collect(),
+        })
+    }
+
+    async fn batch_update(&self, req: BatchUpdateBlobsRequest) -> Result<BatchUpdateBlobsResponse> {
+        let function = DigestFunction::from_proto(req.digest_function)?;
+        let total: u64 = req.requests.iter().map(|r| r.data.len() as u64).sum();
+        self.check_batch_size(total, "BatchUpdateBlobs request")?;
+        // One (client digest, verdict) per request entry, in order.
+        let mut verdicts: Vec<(Option<re::Digest>, Result<()>)> = Vec::new();
+        let mut blobs = Vec::new();
+        let mut positions = Vec::new();
+        for (i, r) in req.requests.into_iter().enumerate() {
+            let parsed = Digest::from_proto(function, r.digest.as_ref()).and_then(|d| {
+                if r.compressor != compressor::Value::Identity as i32 {
+                    return Err(Error::InvalidArgument(format!(
+                        "blob {d}: compressor {} is not supported (none are advertised)",
+                        r.compressor
+                    )));
+                }
+                Ok(d)
+            });
+            if let Ok(digest) = &parsed {
+                blobs.push((*digest, Bytes::from(r.data)));
+                positions.push(i);
+            }
+            verdicts.push((r.digest, parsed.map(|_| ())));
+        }
+        let results = self.backend.blobs.write_many(blobs).await;
+        for (pos, result) in positions.into_iter().zip(results) {
+            verdicts[pos].1 = result;
+        }
+        Ok(BatchUpdateBlobsResponse {
+            responses: verdicts
+                .into_iter()
+                .map(|(digest, verdict)| batch_update_blobs_response::Response {
+                    digest,
+                    status: Some(match verdict {
+                        Ok(()) => ok_rpc_status(),
+                        Err(e) => e.to_rpc_status(),
+                    }),
+                })
+                .collect(),
+        })
+    }
+
+    async fn batch_read(&self, req: BatchReadBlobsRequest) -> Result<BatchReadBlobsResponse> {
+        let function = DigestFunction::from_proto(req.digest_function)?;
+        let total: u64 = req.digests.iter().map(|d| d.size_bytes.max(0) as u64).sum();
+        self.check_batch_size(total, "BatchReadBlobs request")?;
+        let parsed: Vec<Result<Digest>> = req
+            .digests
+            .iter()
+            .map(|d| Digest::parse(function, &d.hash, d.size_bytes))
+            .collect();
+        let valid: Vec<Digest> = parsed.iter().filter_map(|p| p.as_ref().ok().copied()).collect();
+        let mut reads = self.backend.blobs.read_many(&valid).await.into_iter();
+        let responses = req
+            .digests
+            .into_iter()
+            .zip(parsed)
+            .map(|(wire, parsed)| {
+                let read = parsed.and_then(|_| reads.next().expect("one read per valid digest"));
+                let (data, status) = match read {
+                    Ok(data) => (data.to_vec(), ok_rpc_status()),
+                    Err(e) => (Vec::new(), e.to_rpc_status()),
+                };
+                batch_read_blobs_response::Response {
+                    digest: Some(wire),
+                    data,
+                    compressor: compressor::Value::Identity as i32,
+                    status: Some(status),
+                }
+            })
+            .collect();
+        Ok(BatchReadBlobsResponse { responses })
+    }
+}
+
+/// Parses a GetTree page token: the number of directories already returned.
+fn parse_page_token(token: &str) -> Result<usize> {
+    if token.is_empty() {
+        return Ok(0);
+    }
+    token
+        .parse()
+        .map_err(|_| Error::InvalidArgument(format!("invalid GetTree page_token {token:?}")))
+}
+
+/// Streams the directories under `root` breadth-first, deduplicated,
+/// starting after `skip` of them, in pages of at most `page` directories.
+async fn stream_tree(
+    backend: Backend,
+    root: Digest,
+    skip: usize,
+    page: usize,
+    tx: tokio::sync::mpsc::Sender<std::result::Result<GetTreeResponse, Status>>,
+) {
+    let mut queue = VecDeque::from([root]);
+    let mut seen = HashSet::from([root]);
+    let mut position = 0usize;
+    let mut current = GetTreeResponse::default();
+    let mut current_bytes = 0usize;
+    while let Some(digest) = queue.pop_front() {
+        let dir = match read_to_bytes(&*backend.blobs, &digest).await {
+            Ok(bytes) => match Directory::decode(bytes) {
+                Ok(dir) => dir,
+                Err(e) => {
+                    let _ = tx.send(Err(Error::from(e).into())).await;
+                    return;
+                }
+            },
+            // The spec: return the part of the tree that is present.
+            Err(Error::NotFound(_)) if digest != root => continue,
+            Err(e) => {
+                let _ = tx.send(Err(e.into())).await;
+                return;
+            }
+        };
+        for child in &dir.directories {
+            match Digest::from_proto(root.function, child.digest.as_ref()) {
+                Ok(d) if seen.insert(d) => queue.push_back(d),
+                Ok(_) => {}
+                Err(e) => {
+                    let _ = tx.send(Err(e.into())).await;
+                    return;
+                }
+            }
+        }
+        position += 1;
+        if position <= skip {
+            continue;
+        }
+        current_bytes += dir.encoded_len();
+        current.directories.push(dir);
+        if current.directories.len() >= page || current_bytes >= MAX_TREE_PAGE_BYTES {
+            current.next_page_token = if queue.is_empty() {
+                String::new()
+            } else {
+                position.to_string()
+            };
+            if tx.send(Ok(std::mem::take(&mut current))).await.is_err() {
+                return;
+            }
+            current_bytes = 0;
+        }
+    }
+    if !current.directories.is_empty() || position <= skip {
+        let _ = tx.send(Ok(current)).await;
+    }
+}
+
+type TreeStream = Pin<Box<dyn Stream<Item = std::result::Result<GetTreeResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ContentAddressableStorage for CasService {
+    async fn find_missing_blobs(
+        &self,
+        request: Request<FindMissingBlobsRequest>,
+    ) -> std::result::Result<Response<FindMissingBlobsResponse>, Status> {
+        Ok(Response::new(self.find_missing(request.into_inner()).await?))
+    }
+
+    async fn batch_update_blobs(
+        &self,
+        request: Request<BatchUpdateBlobsRequest>,
+    ) -> std::result::Result<Response<BatchUpdateBlobsResponse>, Status> {
+        Ok(Response::new(self.batch_update(request.into_inner()).await?))
+    }
+
+    async fn batch_read_blobs(
+        &self,
+        request: Request<BatchReadBlobsRequest>,
+    ) -> std::result::Result<Response<BatchReadBlobsResponse>, Status> {
+        Ok(Response::new(self.batch_read(request.into_inner()).await?))
+    }
+
+    type GetTreeStream = TreeStream;
+
+    async fn get_tree(
+        &self,
+        request: Request<GetTreeRequest>,
+    ) -> std::result::Result<Response<Self::GetTreeStream>, Status> {
+        let req = request.into_inner();
+        let function = DigestFunction::from_proto(req.digest_function)?;
+        let root = Digest::from_proto(function, req.root_digest.as_ref())?;
+        let skip = parse_page_token(&req.page_token)?;
+        if req.page_size < 0 {
+            return Err(Error::InvalidArgument("page_size must not be negative".into()).into());
+        }
+        let page = match req.page_size as usize {
+            0 => DEFAULT_TREE_PAGE,
+            n => n.min(MAX_TREE_PAGE),
+        };
+        if self.backend.blobs.find_missing(&[root]).await?.contains(&root) {
+            return Err(Error::NotFound(format!("root directory {root} not found")).into());
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(stream_tree(self.backend.clone(), root, skip, page, tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn split_blob(
+        &self,
+        _request: Request<re::SplitBlobRequest>,
+    ) -> std::result::Result<Response<re::SplitBlobResponse>, Status> {
+        Err(Status::unimplemented("SplitBlob is not supported"))
+    }
+
+    async fn splice_blob(
+        &self,
+        _request: Request<re::SpliceBlobRequest>,
+    ) -> std::result::Result<Response<re::SpliceBlobResponse>, Status> {
+        Err(Status::unimplemented("SpliceBlob is not supported"))
+    }
+
+    type GetChunkMappingStream = Pin<
+        Box<dyn Stream<Item = std::result::Result<re::GetChunkMappingResponse, Status>> + Send>,
+    >;
+
+    async fn get_chunk_mapping(
+        &self,
+        _request: Request<re::GetChunkMappingRequest>,
+    ) -> std::result::Result<Response<Self::GetChunkMappingStream>, Status> {
+        Err(Status::unimplemented("GetChunkMapping is not supported"))
+    }
+
+    async fn register_chunk_mapping(
+        &self,
+        _request: Request<tonic::Streaming<re::RegisterChunkMappingRequest>>,
+    ) -> std::result::Result<Response<re::RegisterChunkMappingResponse>, Status> {
+        Err(Status::unimplemented("RegisterChunkMapping is not supported"))
+    }
+}

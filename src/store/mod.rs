@@ -1,0 +1,128 @@
+//! Blob and action-result storage, as small composable layers.
+//!
+//! [`BlobStore`] is the one interface every CAS layer speaks: the local
+//! RocksDB store today; an upstream store and read-through / existence-cache
+//! decorators later. Each layer lives in its own file and can be tested alone.
+//! [`ActionResultStore`] is the same idea for the action cache.
+//!
+//! - [`local`]: the RocksDB-backed store (CAS, action cache, LRU quota).
+//! - [`index`]: the in-memory LRU index with pins and quota accounting.
+//! - [`files`]: large blobs as files beside RocksDB.
+//! - [`complete`]: the action-cache decorator that hides results whose outputs are gone.
+
+pub mod complete;
+pub mod keys;
+pub mod local_io;
+pub mod files;
+pub mod index;
+pub mod local;
+
+use async_trait::async_trait;
+use bazel_remote_apis::build::bazel::remote::execution::v2::ActionResult;
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use futures::stream::BoxStream;
+
+use crate::digest::Digest;
+use crate::error::{Error, Result};
+
+/// A blob (or a slice of one) as a stream of chunks.
+pub type ChunkStream = BoxStream<'static, Result<Bytes>>;
+
+/// Content-addressable storage: what every CAS layer implements.
+#[async_trait]
+pub trait BlobStore: Send + Sync + 'static {
+    /// Returns the digests in `digests` that this store cannot serve, in order.
+    async fn find_missing(&self, digests: &[Digest]) -> Result<Vec<Digest>>;
+
+    /// Streams bytes `[offset, offset + limit)` of a blob (`limit` 0 = to the end).
+    /// NOT_FOUND if the blob is absent, OUT_OF_RANGE if `offset > size`.
+    async fn read(&self, digest: &Digest, offset: u64, limit: u64) -> Result<ChunkStream>;
+
+    /// Starts a write of one blob; nothing is visible until the writer's
+    /// `commit` has verified the data against `digest`.
+    async fn begin_write(&self, digest: &Digest) -> Result<Box<dyn BlobWriter>>;
+
+    /// Reads several whole blobs (meant for small ones), one result per digest.
+    async fn read_many(&self, digests: &[Digest]) -> Vec<Result<Bytes>> {
+        let mut out = Vec::with_capacity(digests.len());
+        for digest in digests {
+            out.push(read_to_bytes(self, digest).await);
+        }
+        out
+    }
+
+    /// Writes several whole blobs, one result per blob. Each is verified.
+    async fn write_many(&self, blobs: Vec<(Digest, Bytes)>) -> Vec<Result<()>> {
+        let mut out = Vec::with_capacity(blobs.len());
+        for (digest, data) in blobs {
+            out.push(write_bytes(self, &digest, data).await);
+        }
+        out
+    }
+}
+
+/// An in-progress write of one blob.
+#[async_trait]
+pub trait BlobWriter: Send {
+    /// Appends the next piece of the blob.
+    async fn write(&mut self, data: Bytes) -> Result<()>;
+
+    /// Bytes accepted so far (what QueryWriteStatus reports).
+    fn committed_size(&self) -> u64;
+
+    /// Verifies the data against the digest and makes the blob visible.
+    /// On a mismatch nothing is stored and INVALID_ARGUMENT is returned.
+    async fn commit(self: Box<Self>) -> Result<()>;
+}
+
+/// Reads a whole blob into memory. Use only where the size is known to be small
+/// (Directory and Tree messages, batch reads).
+pub async fn read_to_bytes<S: BlobStore + ?Sized>(store: &S, digest: &Digest) -> Result<Bytes> {
+    let mut stream = store.read(digest, 0, 0).await?;
+    let mut buf = BytesMut::with_capacity(digest.size as usize);
+    while let Some(chunk) = stream.next().await {
+        buf.extend_from_slice(&chunk?);
+    }
+    if buf.len() as u64 != digest.size {
+        return Err(Error::Internal(format!(
+            "blob {digest}: read {} bytes, expected {}",
+            buf.len(),
+            digest.size
+        )));
+    }
+    Ok(buf.freeze())
+}
+
+/// Writes a whole in-memory blob through a [`BlobWriter`].
+pub async fn write_bytes<S: BlobStore + ?Sized>(
+    store: &S,
+    digest: &Digest,
+    data: Bytes,
+) -> Result<()> {
+    let mut writer = store.begin_write(digest).await?;
+    writer.write(data).await?;
+    writer.commit().await
+}
+
+/// Key of an action-cache entry: results are per instance name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ActionKey {
+    /// The REAPI instance name the result was stored under.
+    pub instance: String,
+    /// The digest of the Action message.
+    pub action: Digest,
+}
+
+/// The action cache: what every action-cache layer implements.
+#[async_trait]
+pub trait ActionResultStore: Send + Sync + 'static {
+    /// The stored result, or `None`.
+    async fn get_action_result(&self, key: &ActionKey) -> Result<Option<ActionResult>>;
+
+    /// Stores `result` (callers strip inlined contents first).
+    async fn put_action_result(&self, key: &ActionKey, result: &ActionResult) -> Result<()>;
+
+    /// Forgets a result (e.g. because its outputs are gone).
+    async fn remove_action_result(&self, key: &ActionKey) -> Result<()>;
+}
