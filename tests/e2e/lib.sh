@@ -1,0 +1,45 @@
+# Helpers for e2e tests (sourced). Starts and stops `outpost serve`.
+. "$LAB/env.sh"
+
+# free_port: prints a TCP port nothing listens on.
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+# start_outpost NAME PORT [flags...]: runs outpost in the background with a
+# fresh data dir $E2E_TMP/NAME; sets OUTPOST_PID_<NAME>.
+start_outpost() {
+  local name=$1 port=$2; shift 2
+  local dir="$E2E_TMP/$name"
+  rm -rf "$dir"; mkdir -p "$dir"
+  "$OUTPOST_BIN" serve --listen "127.0.0.1:$port" --data-dir "$dir/data" --no-unix-socket "$@" \
+    >"$dir/outpost.log" 2>&1 &
+  echo $! >"$dir/pid"
+  wait_port "$port" 30 || { echo "outpost $name did not start:"; cat "$dir/outpost.log"; return 1; }
+}
+
+# stop_outpost NAME: SIGTERM, expect a clean exit within 30 s.
+stop_outpost() {
+  local dir="$E2E_TMP/$1" pid
+  pid=$(cat "$dir/pid")
+  kill -TERM "$pid"
+  for _ in $(seq 300); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  if kill -0 "$pid" 2>/dev/null; then
+    echo "outpost $1 ignored SIGTERM"; kill -KILL "$pid"; return 1
+  fi
+  rm -f "$dir/pid"
+  wait "$pid" 2>/dev/null || { echo "outpost $1 exited with an error:"; tail -20 "$dir/outpost.log"; return 1; }
+}
+
+# result_field LINE KEY: value of KEY=... in a bazel_build.sh RESULT line.
+result_field() { echo "$1" | tr ' ' '\n' | sed -n "s/^$2=//p"; }
+
+E2E_TMP=$(mktemp -d /tmp/outpost-e2e.XXXXXX)
+cleanup_e2e() {
+  local p
+  for p in "$E2E_TMP"/*/pid; do
+    [ -f "$p" ] && kill -KILL "$(cat "$p")" 2>/dev/null || true
+  done
+  rm -rf "$E2E_TMP"
+}
+trap cleanup_e2e EXIT

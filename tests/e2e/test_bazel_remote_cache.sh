@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Bazel 4.2.3 builds the lab workspace with --remote_cache pointing at
+# Outpost; after `bazel clean` the rebuild must be all remote-cache hits.
+set -euo pipefail
+. "$(dirname "$0")/lib.sh"
+
+port=$(free_port)
+start_outpost cache "$port"
+out=$(MODE=cache CLEAN_REBUILD=1 "$LAB/bazel_build.sh" "grpc://127.0.0.1:$port" 2>&1) || {
+  echo "$out"; echo "bazel build failed"; exit 1; }
+echo "$out" | grep -E '^\[|^RESULT'
+first=$(echo "$out" | grep '^RESULT label=first')
+again=$(echo "$out" | grep '^RESULT label=after-clean')
+actions=$(result_field "$first" linux-sandbox)
+hits=$(result_field "$again" remote_cache_hit)
+local_again=$(( $(result_field "$again" linux-sandbox) + $(result_field "$again" local) + $(result_field "$again" processwrapper-sandbox) ))
+"$OUTPOST_BIN" stats --server "grpc://127.0.0.1:$port"
+stop_outpost cache
+if [ "$actions" -lt 1 ] || [ "$hits" != "$actions" ] || [ "$local_again" != 0 ]; then
+  echo "expected all $actions actions to be remote cache hits after clean; got $hits hits, $local_again local"
+  exit 1
+fi
+echo "all $hits actions were remote cache hits after bazel clean"
