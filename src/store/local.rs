@@ -217,34 +217,42 @@ impl Inner {
         Ok(Reservation::new(self.clone(), bytes))
     }
 
-    /// Deletes evicted entries' bytes. Called with the index lock held, so a
-    /// concurrent commit of the same key cannot interleave.
+    /// Deletes evicted entries' bytes and counts them as evictions.
     fn delete_victims(&self, victims: Vec<(Vec<u8>, Entry)>) -> Result<()> {
+        self.delete_entries(&victims)?;
+        let bytes: u64 = victims.iter().map(|(_, e)| e.size).sum();
+        Stats::add(&self.stats.evicted_entries, victims.len() as u64);
+        Stats::add(&self.stats.evicted_bytes, bytes);
+        if !victims.is_empty() {
+            tracing::debug!(entries = victims.len(), bytes, "evicted to stay under quota");
+        }
+        Ok(())
+    }
+
+    /// Deletes the bytes of entries already removed from the index. Called
+    /// with the index lock held, so a concurrent commit of the same key
+    /// cannot interleave.
+    fn delete_entries(&self, victims: &[(Vec<u8>, Entry)]) -> Result<()> {
         if victims.is_empty() {
             return Ok(());
         }
         let mut batch = WriteBatch::default();
-        let mut bytes = 0;
-        for (key, entry) in &victims {
+        for (key, entry) in victims {
             batch.delete_cf(self.cf(CF_INDEX), key);
             match entry.kind {
                 EntryKind::InlineBlob => batch.delete_cf(self.cf(CF_INLINE), key),
                 EntryKind::ActionResult => batch.delete_cf(self.cf(CF_ACTIONS), key),
                 EntryKind::FileBlob => {}
             }
-            bytes += entry.size;
         }
         self.db.write_opt(batch, &self.write_opts)?;
-        for (key, entry) in &victims {
+        for (key, entry) in victims {
             if entry.kind == EntryKind::FileBlob
                 && let Some(digest) = parse_blob_key(key)
             {
                 self.files.remove(&digest)?;
             }
         }
-        Stats::add(&self.stats.evicted_entries, victims.len() as u64);
-        Stats::add(&self.stats.evicted_bytes, bytes);
-        tracing::debug!(entries = victims.len(), bytes, "evicted to stay under quota");
         Ok(())
     }
 
@@ -301,9 +309,10 @@ impl Inner {
         let now = now_secs();
         let mut batch = WriteBatch::default();
         let mut fresh = Vec::with_capacity(blobs.len());
+        let mut seen = std::collections::HashSet::with_capacity(blobs.len());
         for (digest, data) in blobs {
             let key = blob_key(digest);
-            if index.touch(&key).is_some() || fresh.iter().any(|(k, _)| *k == key) {
+            if index.touch(&key).is_some() || !seen.insert(*digest) {
                 continue;
             }
             let entry = Entry {
@@ -358,8 +367,10 @@ impl Inner {
     fn forget_broken(&self, key: &[u8], why: &str) {
         tracing::warn!("dropping damaged store entry: {why}");
         let mut index = self.lock_index();
-        if let Some(entry) = index.remove(key) {
-            let _ = self.delete_victims(vec![(key.to_vec(), entry)]);
+        if let Some(entry) = index.remove(key)
+            && let Err(e) = self.delete_entries(&[(key.to_vec(), entry)])
+        {
+            tracing::warn!("cannot delete damaged entry: {e}");
         }
     }
 
@@ -522,13 +533,9 @@ impl ActionResultStore for LocalStore {
     async fn remove_action_result(&self, key: &ActionKey) -> Result<()> {
         let key = action_key(key);
         let mut index = self.inner.lock_index();
-        if let Some(entry) = index.remove(&key) {
-            let mut batch = WriteBatch::default();
-            batch.delete_cf(self.inner.cf(CF_INDEX), &key);
-            batch.delete_cf(self.inner.cf(CF_ACTIONS), &key);
-            self.inner.db.write_opt(batch, &self.inner.write_opts)?;
-            tracing::debug!(bytes = entry.size, "removed action result");
+        match index.remove(&key) {
+            Some(entry) => self.inner.delete_entries(&[(key, entry)]),
+            None => Ok(()),
         }
-        Ok(())
     }
 }
