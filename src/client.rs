@@ -10,13 +10,20 @@ use tonic::transport::{Channel, Endpoint};
 /// Connects to `target`: `grpc://host:port`, `http://host:port`, `host:port`
 /// or `unix:///path/to/socket`, with the same HTTP/2 tuning as the server.
 pub async fn connect(target: &str) -> anyhow::Result<Channel> {
-    if let Some(path) = target.strip_prefix("unix://").or_else(|| target.strip_prefix("unix:")) {
+    if let Some(path) = target
+        .strip_prefix("unix://")
+        .or_else(|| target.strip_prefix("unix:"))
+    {
         let path = path.to_string();
         let endpoint = tune(Endpoint::from_static("http://localhost"));
         return endpoint
             .connect_with_connector(tower::service_fn(move |_| {
                 let path = path.clone();
-                async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
+                async move {
+                    Ok::<_, std::io::Error>(TokioIo::new(
+                        tokio::net::UnixStream::connect(path).await?,
+                    ))
+                }
             }))
             .await
             .with_context(|| format!("cannot connect to {target}"));

@@ -190,8 +190,14 @@ impl Config {
                 None => Some(data_dir.join("outpost.sock")),
             }
         };
-        let quota_bytes = flags.quota.or(file.store.quota).map_or(DEFAULT_QUOTA, |q| q.0);
-        let inline_limit = file.store.inline_limit.map_or(DEFAULT_INLINE_LIMIT, |q| q.0);
+        let quota_bytes = flags
+            .quota
+            .or(file.store.quota)
+            .map_or(DEFAULT_QUOTA, |q| q.0);
+        let inline_limit = file
+            .store
+            .inline_limit
+            .map_or(DEFAULT_INLINE_LIMIT, |q| q.0);
         let max_batch = file
             .server
             .max_batch_total_size_bytes

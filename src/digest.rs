@@ -271,18 +271,42 @@ mod tests {
         let b = Digest::of(f, b"world");
         let short = Digest::of(f, b"hell");
         assert!(verify(&a, &a).is_ok());
-        assert!(verify(&a, &b).unwrap_err().to_string().contains("hash mismatch"));
-        assert!(verify(&a, &short).unwrap_err().to_string().contains("size mismatch"));
+        assert!(
+            verify(&a, &b)
+                .unwrap_err()
+                .to_string()
+                .contains("hash mismatch")
+        );
+        assert!(
+            verify(&a, &short)
+                .unwrap_err()
+                .to_string()
+                .contains("size mismatch")
+        );
     }
 
     #[test]
     fn digest_function_mapping() {
-        assert_eq!(DigestFunction::from_proto(0).unwrap(), DigestFunction::Sha256);
-        assert_eq!(DigestFunction::from_proto(1).unwrap(), DigestFunction::Sha256);
+        assert_eq!(
+            DigestFunction::from_proto(0).unwrap(),
+            DigestFunction::Sha256
+        );
+        assert_eq!(
+            DigestFunction::from_proto(1).unwrap(),
+            DigestFunction::Sha256
+        );
         assert!(DigestFunction::from_proto(2).is_err());
         assert!(DigestFunction::from_proto(999).is_err());
-        assert!(DigestFunction::from_resource_segment("blake3").unwrap().is_err());
-        assert!(DigestFunction::from_resource_segment("sha256").unwrap().is_ok());
+        assert!(
+            DigestFunction::from_resource_segment("blake3")
+                .unwrap()
+                .is_err()
+        );
+        assert!(
+            DigestFunction::from_resource_segment("sha256")
+                .unwrap()
+                .is_ok()
+        );
         assert!(DigestFunction::from_resource_segment("abc").is_none());
     }
 }

@@ -7,6 +7,7 @@
 //! - [`service`]: one thin gRPC adapter per REAPI service (and Outpost's Admin).
 //! - [`store`]: the [`store::BlobStore`] / [`store::ActionResultStore`] layers:
 //!   local RocksDB store, LRU index, blob files, action-result completeness.
+//! - [`context`]: per-request instance name and forwardable headers.
 //! - [`digest`]: validated digests and incremental hashing.
 //! - [`resource`]: ByteStream resource-name parsing.
 //! - [`error`]: the crate's error type and its one mapping to gRPC status.
@@ -14,6 +15,7 @@
 
 pub mod client;
 pub mod config;
+pub mod context;
 pub mod digest;
 pub mod error;
 pub mod resource;

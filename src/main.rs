@@ -74,7 +74,9 @@ struct StatsArgs {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
         .with_writer(std::io::stderr)
         .init();
     let runtime = tokio::runtime::Runtime::new()?;
@@ -126,8 +128,17 @@ async fn stats(args: StatsArgs) -> anyhow::Result<()> {
         .get_stats(GetStatsRequest {})
         .await?
         .into_inner();
-    let pct = |a: u64, b: u64| if b == 0 { 0.0 } else { 100.0 * a as f64 / b as f64 };
-    println!("outpost {} at {}, up {}s", s.version, args.server, s.uptime_seconds);
+    let pct = |a: u64, b: u64| {
+        if b == 0 {
+            0.0
+        } else {
+            100.0 * a as f64 / b as f64
+        }
+    };
+    println!(
+        "outpost {} at {}, up {}s",
+        s.version, args.server, s.uptime_seconds
+    );
     println!(
         "blobs:           {} ({} of {} quota, {:.1}%)",
         s.blob_count,

@@ -86,7 +86,12 @@ fn split_instance<'a>(name: &str, segments: &'a [&'a str]) -> Result<(String, &'
     let pos = segments
         .iter()
         .position(|s| matches!(*s, "blobs" | "uploads" | "compressed-blobs"))
-        .ok_or_else(|| malformed(name, "no `blobs/`, `compressed-blobs/` or `uploads/` segment"))?;
+        .ok_or_else(|| {
+            malformed(
+                name,
+                "no `blobs/`, `compressed-blobs/` or `uploads/` segment",
+            )
+        })?;
     let instance_segments = &segments[..pos];
     if instance_segments.iter().any(|s| s.is_empty()) {
         return Err(malformed(name, "empty instance-name segment"));
@@ -110,20 +115,31 @@ fn parse_blob_part<'a>(
     let (compressor, rest) = match rest {
         ["blobs", rest @ ..] => (None, rest),
         ["compressed-blobs", compressor, rest @ ..] => (Some((*compressor).to_string()), rest),
-        _ => return Err(malformed(name, "expected `blobs/` or `compressed-blobs/{compressor}/`")),
+        _ => {
+            return Err(malformed(
+                name,
+                "expected `blobs/` or `compressed-blobs/{compressor}/`",
+            ));
+        }
     };
-    let (function, rest) = match rest.first().map(|s| DigestFunction::from_resource_segment(s)) {
+    let (function, rest) = match rest
+        .first()
+        .map(|s| DigestFunction::from_resource_segment(s))
+    {
         Some(Some(function)) => (function?, &rest[1..]),
         _ => (DigestFunction::Sha256, rest),
     };
     let [hash, size, tail @ ..] = rest else {
         return Err(malformed(name, "expected `{hash}/{size}`"));
     };
-    let size: i64 = size
-        .parse()
-        .map_err(|_| malformed(name, &format!("size {size:?} is not a non-negative integer")))?;
-    let digest = Digest::parse(function, hash, size)
-        .map_err(|e| malformed(name, &e.to_string()))?;
+    let size: i64 = size.parse().map_err(|_| {
+        malformed(
+            name,
+            &format!("size {size:?} is not a non-negative integer"),
+        )
+    })?;
+    let digest =
+        Digest::parse(function, hash, size).map_err(|e| malformed(name, &e.to_string()))?;
     Ok((
         ResourceName {
             instance,

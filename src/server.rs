@@ -104,11 +104,17 @@ impl RunningServer {
             let stats = stats.clone();
             tokio::task::spawn_blocking(move || LocalStore::open(options, stats))
                 .await?
-                .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?
+                .with_context(|| {
+                    format!("cannot open the store in {}", config.data_dir.display())
+                })?
         };
         let blobs: Arc<dyn BlobStore> = Arc::new(local.clone());
         let results: Arc<dyn ActionResultStore> = Arc::new(local.clone());
-        let actions = Arc::new(CompleteActionResults::new(results, blobs.clone(), stats.clone()));
+        let actions = Arc::new(CompleteActionResults::new(
+            results,
+            blobs.clone(),
+            stats.clone(),
+        ));
         let backend = Backend {
             blobs,
             actions,
@@ -154,7 +160,10 @@ impl RunningServer {
                 let _ = std::fs::remove_file(&path);
                 result
             });
-            tracing::info!("serving REAPI on unix://{}", config.unix_socket.as_ref().expect("set").display());
+            tracing::info!(
+                "serving REAPI on unix://{}",
+                config.unix_socket.as_ref().expect("set").display()
+            );
         }
         Ok(RunningServer {
             addr,
@@ -177,7 +186,9 @@ impl RunningServer {
         .await;
         match drained {
             Ok(result) => result?,
-            Err(_) => tracing::warn!("calls still running after {DRAIN_TIMEOUT:?}; stopping anyway"),
+            Err(_) => {
+                tracing::warn!("calls still running after {DRAIN_TIMEOUT:?}; stopping anyway")
+            }
         }
         self.local.flush()?;
         Ok(())

@@ -9,8 +9,10 @@ use bazel_remote_apis::build::bazel::remote::execution::v2::{
     action_cache_server::ActionCache,
 };
 use bytes::Bytes;
+use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 
+use crate::context::RequestContext;
 use crate::digest::{Digest, DigestFunction};
 use crate::error::{Error, Result};
 use crate::service::Backend;
@@ -32,14 +34,19 @@ impl ActionCacheService {
         ActionCacheService { backend }
     }
 
-    async fn get(&self, req: GetActionResultRequest) -> Result<ActionResult> {
+    async fn get(
+        &self,
+        metadata: &MetadataMap,
+        req: GetActionResultRequest,
+    ) -> Result<ActionResult> {
         let function = DigestFunction::from_proto(req.digest_function)?;
         let key = ActionKey {
             instance: req.instance_name.clone(),
             action: Digest::from_proto(function, req.action_digest.as_ref())?,
         };
+        let ctx = RequestContext::from_metadata(key.instance.clone(), metadata);
         let stats = &self.backend.stats;
-        let Some(mut result) = self.backend.actions.get_action_result(&key).await? else {
+        let Some(mut result) = self.backend.actions.get_action_result(&ctx, &key).await? else {
             Stats::add(&stats.action_cache_misses, 1);
             return Err(Error::NotFound(format!(
                 "no action result for {} in instance {:?}",
@@ -47,13 +54,14 @@ impl ActionCacheService {
             )));
         };
         Stats::add(&stats.action_cache_hits, 1);
-        self.inline(function, &req, &mut result).await?;
+        self.inline(&ctx, function, &req, &mut result).await?;
         Ok(result)
     }
 
     /// Fills in the contents the client asked to have inlined, within budget.
     async fn inline(
         &self,
+        ctx: &RequestContext,
         function: DigestFunction,
         req: &GetActionResultRequest,
         result: &mut ActionResult,
@@ -72,42 +80,52 @@ impl ActionCacheService {
         if req.inline_stdout
             && let Some(d) = take(&result.stdout_digest)?
         {
-            result.stdout_raw = read_to_bytes(blobs, &d).await?.to_vec();
+            result.stdout_raw = read_to_bytes(blobs, ctx, &d).await?.to_vec();
         }
         if req.inline_stderr
             && let Some(d) = take(&result.stderr_digest)?
         {
-            result.stderr_raw = read_to_bytes(blobs, &d).await?.to_vec();
+            result.stderr_raw = read_to_bytes(blobs, ctx, &d).await?.to_vec();
         }
         for file in &mut result.output_files {
             if req.inline_output_files.contains(&file.path)
                 && let Some(d) = take(&file.digest)?
             {
-                file.contents = read_to_bytes(blobs, &d).await?.to_vec();
+                file.contents = read_to_bytes(blobs, ctx, &d).await?.to_vec();
             }
         }
         Ok(())
     }
 
-    async fn update(&self, req: UpdateActionResultRequest) -> Result<ActionResult> {
+    async fn update(
+        &self,
+        metadata: &MetadataMap,
+        req: UpdateActionResultRequest,
+    ) -> Result<ActionResult> {
         let function = DigestFunction::from_proto(req.digest_function)?;
         let key = ActionKey {
             instance: req.instance_name,
             action: Digest::from_proto(function, req.action_digest.as_ref())?,
         };
+        let ctx = RequestContext::from_metadata(key.instance.clone(), metadata);
         let mut result = req
             .action_result
             .ok_or_else(|| Error::InvalidArgument("action_result is missing".into()))?;
-        self.move_inlined_into_cas(function, &mut result).await?;
+        self.move_inlined_into_cas(&ctx, function, &mut result)
+            .await?;
         // Every digest must parse, so a stored result is always usable.
         crate::store::complete::check_digests(function, &result)?;
-        self.backend.actions.put_action_result(&key, &result).await?;
+        self.backend
+            .actions
+            .put_action_result(&ctx, &key, &result)
+            .await?;
         Ok(result)
     }
 
     /// Stores inlined contents in the CAS and clears them from `result`.
     async fn move_inlined_into_cas(
         &self,
+        ctx: &RequestContext,
         function: DigestFunction,
         result: &mut ActionResult,
     ) -> Result<()> {
@@ -128,7 +146,7 @@ impl ActionCacheService {
             if let Some(claimed) = digest.as_ref() {
                 crate::digest::verify(&Digest::from_proto(function, Some(claimed))?, &actual)?;
             }
-            write_bytes(blobs, &actual, data).await?;
+            write_bytes(blobs, ctx, &actual, data).await?;
             *digest = Some(actual.to_proto());
         }
         Ok(())
@@ -141,13 +159,15 @@ impl ActionCache for ActionCacheService {
         &self,
         request: Request<GetActionResultRequest>,
     ) -> std::result::Result<Response<ActionResult>, Status> {
-        Ok(Response::new(self.get(request.into_inner()).await?))
+        let (metadata, _, req) = request.into_parts();
+        Ok(Response::new(self.get(&metadata, req).await?))
     }
 
     async fn update_action_result(
         &self,
         request: Request<UpdateActionResultRequest>,
     ) -> std::result::Result<Response<ActionResult>, Status> {
-        Ok(Response::new(self.update(request.into_inner()).await?))
+        let (metadata, _, req) = request.into_parts();
+        Ok(Response::new(self.update(&metadata, req).await?))
     }
 }

@@ -12,8 +12,10 @@ use bazel_remote_apis::google::bytestream::{
 };
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
+use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::context::RequestContext;
 use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::resource::ResourceName;
@@ -79,12 +81,18 @@ impl ByteStreamService {
         parked.get(resource).map(|p| p.writer.committed_size())
     }
 
-    async fn exists(&self, digest: &Digest) -> Result<bool> {
-        Ok(self.backend.blobs.find_missing(&[*digest]).await?.is_empty())
+    async fn exists(&self, ctx: &RequestContext, digest: &Digest) -> Result<bool> {
+        Ok(self
+            .backend
+            .blobs
+            .find_missing(ctx, &[*digest])
+            .await?
+            .is_empty())
     }
 
-    async fn read_stream(&self, req: ReadRequest) -> Result<ReadStream> {
+    async fn read_stream(&self, metadata: &MetadataMap, req: ReadRequest) -> Result<ReadStream> {
         let name = ResourceName::parse_read(&req.resource_name)?;
+        let ctx = RequestContext::from_metadata(name.instance.clone(), metadata);
         unsupported_compression(&name)?;
         if req.read_offset < 0 {
             return Err(Error::OutOfRange(format!(
@@ -101,7 +109,12 @@ impl ByteStreamService {
         let stream = self
             .backend
             .blobs
-            .read(&name.digest, req.read_offset as u64, req.read_limit as u64)
+            .read(
+                &ctx,
+                &name.digest,
+                req.read_offset as u64,
+                req.read_limit as u64,
+            )
             .await?;
         Ok(Box::pin(stream.flat_map(|chunk| {
             futures::stream::iter(match chunk {
@@ -111,7 +124,11 @@ impl ByteStreamService {
         })))
     }
 
-    async fn write_blob(&self, mut stream: Streaming<WriteRequest>) -> Result<WriteResponse> {
+    async fn write_blob(
+        &self,
+        metadata: &MetadataMap,
+        mut stream: Streaming<WriteRequest>,
+    ) -> Result<WriteResponse> {
         let first = match stream.message().await {
             Ok(Some(first)) => first,
             Ok(None) => return Err(Error::InvalidArgument("empty Write stream".into())),
@@ -121,7 +138,8 @@ impl ByteStreamService {
         let name = ResourceName::parse_write(&resource)?;
         unsupported_compression(&name)?;
         let digest = name.digest;
-        if self.exists(&digest).await? {
+        let ctx = RequestContext::from_metadata(name.instance.clone(), metadata);
+        if self.exists(&ctx, &digest).await? {
             // Early completion: the blob is already here.
             self.unpark(&resource);
             return Ok(WriteResponse {
@@ -129,7 +147,7 @@ impl ByteStreamService {
             });
         }
         let mut writer = match (first.write_offset, self.unpark(&resource)) {
-            (0, _) => self.backend.blobs.begin_write(&digest).await?,
+            (0, _) => self.backend.blobs.begin_write(&ctx, &digest).await?,
             (offset, Some(writer)) if offset as u64 == writer.committed_size() => writer,
             (offset, parked) => {
                 let committed = parked.as_ref().map_or(0, |w| w.committed_size());
@@ -187,9 +205,14 @@ impl ByteStreamService {
         }
     }
 
-    async fn query(&self, req: QueryWriteStatusRequest) -> Result<QueryWriteStatusResponse> {
+    async fn query(
+        &self,
+        metadata: &MetadataMap,
+        req: QueryWriteStatusRequest,
+    ) -> Result<QueryWriteStatusResponse> {
         let name = ResourceName::parse_write(&req.resource_name)?;
-        if self.exists(&name.digest).await? {
+        let ctx = RequestContext::from_metadata(name.instance.clone(), metadata);
+        if self.exists(&ctx, &name.digest).await? {
             return Ok(QueryWriteStatusResponse {
                 committed_size: name.digest.size as i64,
                 complete: true,
@@ -226,20 +249,23 @@ impl ByteStream for ByteStreamService {
         &self,
         request: Request<ReadRequest>,
     ) -> std::result::Result<Response<ReadStream>, Status> {
-        Ok(Response::new(self.read_stream(request.into_inner()).await?))
+        let (metadata, _, req) = request.into_parts();
+        Ok(Response::new(self.read_stream(&metadata, req).await?))
     }
 
     async fn write(
         &self,
         request: Request<Streaming<WriteRequest>>,
     ) -> std::result::Result<Response<WriteResponse>, Status> {
-        Ok(Response::new(self.write_blob(request.into_inner()).await?))
+        let (metadata, _, stream) = request.into_parts();
+        Ok(Response::new(self.write_blob(&metadata, stream).await?))
     }
 
     async fn query_write_status(
         &self,
         request: Request<QueryWriteStatusRequest>,
     ) -> std::result::Result<Response<QueryWriteStatusResponse>, Status> {
-        Ok(Response::new(self.query(request.into_inner()).await?))
+        let (metadata, _, req) = request.into_parts();
+        Ok(Response::new(self.query(&metadata, req).await?))
     }
 }

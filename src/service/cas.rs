@@ -13,8 +13,10 @@ use bytes::Bytes;
 use futures::Stream;
 use prost::Message;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 
+use crate::context::RequestContext;
 use crate::digest::{Digest, DigestFunction};
 use crate::error::{Error, Result, ok_rpc_status};
 use crate::service::Backend;
@@ -48,20 +50,29 @@ impl CasService {
         Ok(())
     }
 
-    async fn find_missing(&self, req: FindMissingBlobsRequest) -> Result<FindMissingBlobsResponse> {
+    async fn find_missing(
+        &self,
+        metadata: &MetadataMap,
+        req: FindMissingBlobsRequest,
+    ) -> Result<FindMissingBlobsResponse> {
         let function = DigestFunction::from_proto(req.digest_function)?;
         let digests = req
             .blob_digests
             .iter()
             .map(|d| Digest::parse(function, &d.hash, d.size_bytes))
             .collect::<Result<Vec<_>>>()?;
-        let missing = self.backend.blobs.find_missing(&digests).await?;
+        let ctx = RequestContext::from_metadata(req.instance_name, metadata);
+        let missing = self.backend.blobs.find_missing(&ctx, &digests).await?;
         Ok(FindMissingBlobsResponse {
             missing_blob_digests: missing.iter().map(Digest::to_proto).collect(),
         })
     }
 
-    async fn batch_update(&self, req: BatchUpdateBlobsRequest) -> Result<BatchUpdateBlobsResponse> {
+    async fn batch_update(
+        &self,
+        metadata: &MetadataMap,
+        req: BatchUpdateBlobsRequest,
+    ) -> Result<BatchUpdateBlobsResponse> {
         let function = DigestFunction::from_proto(req.digest_function)?;
         let total: u64 = req.requests.iter().map(|r| r.data.len() as u64).sum();
         self.check_batch_size(total, "BatchUpdateBlobs request")?;
@@ -85,7 +96,8 @@ impl CasService {
             }
             verdicts.push((r.digest, parsed.map(|_| ())));
         }
-        let results = self.backend.blobs.write_many(blobs).await;
+        let ctx = RequestContext::from_metadata(req.instance_name, metadata);
+        let results = self.backend.blobs.write_many(&ctx, blobs).await;
         for (pos, result) in positions.into_iter().zip(results) {
             verdicts[pos].1 = result;
         }
@@ -103,7 +115,11 @@ impl CasService {
         })
     }
 
-    async fn batch_read(&self, req: BatchReadBlobsRequest) -> Result<BatchReadBlobsResponse> {
+    async fn batch_read(
+        &self,
+        metadata: &MetadataMap,
+        req: BatchReadBlobsRequest,
+    ) -> Result<BatchReadBlobsResponse> {
         let function = DigestFunction::from_proto(req.digest_function)?;
         let total: u64 = req.digests.iter().map(|d| d.size_bytes.max(0) as u64).sum();
         self.check_batch_size(total, "BatchReadBlobs request")?;
@@ -112,8 +128,12 @@ impl CasService {
             .iter()
             .map(|d| Digest::parse(function, &d.hash, d.size_bytes))
             .collect();
-        let valid: Vec<Digest> = parsed.iter().filter_map(|p| p.as_ref().ok().copied()).collect();
-        let mut reads = self.backend.blobs.read_many(&valid).await.into_iter();
+        let valid: Vec<Digest> = parsed
+            .iter()
+            .filter_map(|p| p.as_ref().ok().copied())
+            .collect();
+        let ctx = RequestContext::from_metadata(req.instance_name, metadata);
+        let mut reads = self.backend.blobs.read_many(&ctx, &valid).await.into_iter();
         let responses = req
             .digests
             .into_iter()
@@ -150,6 +170,7 @@ fn parse_page_token(token: &str) -> Result<usize> {
 /// starting after `skip` of them, in pages of at most `page` directories.
 async fn stream_tree(
     backend: Backend,
+    ctx: RequestContext,
     root: Digest,
     skip: usize,
     page: usize,
@@ -161,7 +182,7 @@ async fn stream_tree(
     let mut current = GetTreeResponse::default();
     let mut current_bytes = 0usize;
     while let Some(digest) = queue.pop_front() {
-        let dir = match read_to_bytes(&*backend.blobs, &digest).await {
+        let dir = match read_to_bytes(&*backend.blobs, &ctx, &digest).await {
             Ok(bytes) => match Directory::decode(bytes) {
                 Ok(dir) => dir,
                 Err(e) => {
@@ -217,21 +238,24 @@ impl ContentAddressableStorage for CasService {
         &self,
         request: Request<FindMissingBlobsRequest>,
     ) -> std::result::Result<Response<FindMissingBlobsResponse>, Status> {
-        Ok(Response::new(self.find_missing(request.into_inner()).await?))
+        let (metadata, _, req) = request.into_parts();
+        Ok(Response::new(self.find_missing(&metadata, req).await?))
     }
 
     async fn batch_update_blobs(
         &self,
         request: Request<BatchUpdateBlobsRequest>,
     ) -> std::result::Result<Response<BatchUpdateBlobsResponse>, Status> {
-        Ok(Response::new(self.batch_update(request.into_inner()).await?))
+        let (metadata, _, req) = request.into_parts();
+        Ok(Response::new(self.batch_update(&metadata, req).await?))
     }
 
     async fn batch_read_blobs(
         &self,
         request: Request<BatchReadBlobsRequest>,
     ) -> std::result::Result<Response<BatchReadBlobsResponse>, Status> {
-        Ok(Response::new(self.batch_read(request.into_inner()).await?))
+        let (metadata, _, req) = request.into_parts();
+        Ok(Response::new(self.batch_read(&metadata, req).await?))
     }
 
     type GetTreeStream = TreeStream;
@@ -240,9 +264,10 @@ impl ContentAddressableStorage for CasService {
         &self,
         request: Request<GetTreeRequest>,
     ) -> std::result::Result<Response<Self::GetTreeStream>, Status> {
-        let req = request.into_inner();
+        let (metadata, _, req) = request.into_parts();
         let function = DigestFunction::from_proto(req.digest_function)?;
         let root = Digest::from_proto(function, req.root_digest.as_ref())?;
+        let ctx = RequestContext::from_metadata(req.instance_name, &metadata);
         let skip = parse_page_token(&req.page_token)?;
         if req.page_size < 0 {
             return Err(Error::InvalidArgument("page_size must not be negative".into()).into());
@@ -251,11 +276,17 @@ impl ContentAddressableStorage for CasService {
             0 => DEFAULT_TREE_PAGE,
             n => n.min(MAX_TREE_PAGE),
         };
-        if self.backend.blobs.find_missing(&[root]).await?.contains(&root) {
+        if self
+            .backend
+            .blobs
+            .find_missing(&ctx, &[root])
+            .await?
+            .contains(&root)
+        {
             return Err(Error::NotFound(format!("root directory {root} not found")).into());
         }
         let (tx, rx) = tokio::sync::mpsc::channel(4);
-        tokio::spawn(stream_tree(self.backend.clone(), root, skip, page, tx));
+        tokio::spawn(stream_tree(self.backend.clone(), ctx, root, skip, page, tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -288,6 +319,8 @@ impl ContentAddressableStorage for CasService {
         &self,
         _request: Request<tonic::Streaming<re::RegisterChunkMappingRequest>>,
     ) -> std::result::Result<Response<re::RegisterChunkMappingResponse>, Status> {
-        Err(Status::unimplemented("RegisterChunkMapping is not supported"))
+        Err(Status::unimplemented(
+            "RegisterChunkMapping is not supported",
+        ))
     }
 }

@@ -14,6 +14,7 @@ use async_trait::async_trait;
 use bazel_remote_apis::build::bazel::remote::execution::v2::{ActionResult, Directory, Tree};
 use prost::Message;
 
+use crate::context::RequestContext;
 use crate::digest::{Digest, DigestFunction};
 use crate::error::{Error, Result};
 use crate::stats::Stats;
@@ -48,6 +49,7 @@ impl CompleteActionResults {
 /// hierarchies. Err(NotFound) if a Tree or Directory itself is missing.
 pub async fn referenced_blobs<B: BlobStore + ?Sized>(
     blobs: &B,
+    ctx: &RequestContext,
     function: DigestFunction,
     result: &ActionResult,
 ) -> Result<Vec<Digest>> {
@@ -56,20 +58,23 @@ pub async fn referenced_blobs<B: BlobStore + ?Sized>(
     for file in &result.output_files {
         out.push(Digest::from_proto(function, file.digest.as_ref())?);
     }
-    for digest in [&result.stdout_digest, &result.stderr_digest].into_iter().flatten() {
+    for digest in [&result.stdout_digest, &result.stderr_digest]
+        .into_iter()
+        .flatten()
+    {
         out.push(parse(digest)?);
     }
     for dir in &result.output_directories {
         if let Some(tree_digest) = &dir.tree_digest {
             let tree_digest = parse(tree_digest)?;
-            let tree = Tree::decode(read_to_bytes(blobs, &tree_digest).await?)?;
+            let tree = Tree::decode(read_to_bytes(blobs, ctx, &tree_digest).await?)?;
             out.push(tree_digest);
             for directory in tree.root.iter().chain(tree.children.iter()) {
                 push_files(function, directory, &mut out)?;
             }
         }
         if let Some(root) = &dir.root_directory_digest {
-            walk_directories(blobs, parse(root)?, &mut out).await?;
+            walk_directories(blobs, ctx, parse(root)?, &mut out).await?;
         }
     }
     Ok(out)
@@ -85,6 +90,7 @@ fn push_files(function: DigestFunction, dir: &Directory, out: &mut Vec<Digest>) 
 /// Adds a Directory hierarchy (the Directory blobs and their files) to `out`.
 async fn walk_directories<B: BlobStore + ?Sized>(
     blobs: &B,
+    ctx: &RequestContext,
     root: Digest,
     out: &mut Vec<Digest>,
 ) -> Result<()> {
@@ -94,7 +100,7 @@ async fn walk_directories<B: BlobStore + ?Sized>(
         if !seen.insert(digest) {
             continue;
         }
-        let dir = Directory::decode(read_to_bytes(blobs, &digest).await?)?;
+        let dir = Directory::decode(read_to_bytes(blobs, ctx, &digest).await?)?;
         out.push(digest);
         push_files(digest.function, &dir, out)?;
         for child in &dir.directories {
@@ -106,12 +112,17 @@ async fn walk_directories<B: BlobStore + ?Sized>(
 
 #[async_trait]
 impl ActionResultStore for CompleteActionResults {
-    async fn get_action_result(&self, key: &ActionKey) -> Result<Option<ActionResult>> {
-        let Some(result) = self.results.get_action_result(key).await? else {
+    async fn get_action_result(
+        &self,
+        ctx: &RequestContext,
+        key: &ActionKey,
+    ) -> Result<Option<ActionResult>> {
+        let Some(result) = self.results.get_action_result(ctx, key).await? else {
             return Ok(None);
         };
-        let missing = match referenced_blobs(&*self.blobs, key.action.function, &result).await {
-            Ok(digests) => self.blobs.find_missing(&digests).await?,
+        let referenced = referenced_blobs(&*self.blobs, ctx, key.action.function, &result).await;
+        let missing = match referenced {
+            Ok(digests) => self.blobs.find_missing(ctx, &digests).await?,
             Err(Error::NotFound(why)) => {
                 tracing::debug!("action result {} is incomplete: {why}", key.action);
                 vec![key.action]
@@ -128,16 +139,21 @@ impl ActionResultStore for CompleteActionResults {
             missing[0]
         );
         Stats::add(&self.stats.stale_action_results, 1);
-        self.results.remove_action_result(key).await?;
+        self.results.remove_action_result(ctx, key).await?;
         Ok(None)
     }
 
-    async fn put_action_result(&self, key: &ActionKey, result: &ActionResult) -> Result<()> {
-        self.results.put_action_result(key, result).await
+    async fn put_action_result(
+        &self,
+        ctx: &RequestContext,
+        key: &ActionKey,
+        result: &ActionResult,
+    ) -> Result<()> {
+        self.results.put_action_result(ctx, key, result).await
     }
 
-    async fn remove_action_result(&self, key: &ActionKey) -> Result<()> {
-        self.results.remove_action_result(key).await
+    async fn remove_action_result(&self, ctx: &RequestContext, key: &ActionKey) -> Result<()> {
+        self.results.remove_action_result(ctx, key).await
     }
 }
 
@@ -145,11 +161,13 @@ impl ActionResultStore for CompleteActionResults {
 /// a stored result can always be checked and served.
 pub fn check_digests(function: DigestFunction, result: &ActionResult) -> Result<()> {
     for file in &result.output_files {
-        Digest::from_proto(function, file.digest.as_ref()).map_err(|e| {
-            Error::InvalidArgument(format!("output file {:?}: {e}", file.path))
-        })?;
+        Digest::from_proto(function, file.digest.as_ref())
+            .map_err(|e| Error::InvalidArgument(format!("output file {:?}: {e}", file.path)))?;
     }
-    for digest in [&result.stdout_digest, &result.stderr_digest].into_iter().flatten() {
+    for digest in [&result.stdout_digest, &result.stderr_digest]
+        .into_iter()
+        .flatten()
+    {
         Digest::from_proto(function, Some(digest))?;
     }
     for dir in &result.output_directories {
@@ -159,7 +177,10 @@ pub fn check_digests(function: DigestFunction, result: &ActionResult) -> Result<
                 dir.path
             )));
         }
-        for digest in [&dir.tree_digest, &dir.root_directory_digest].into_iter().flatten() {
+        for digest in [&dir.tree_digest, &dir.root_directory_digest]
+            .into_iter()
+            .flatten()
+        {
             Digest::from_proto(function, Some(digest))?;
         }
     }

@@ -275,7 +275,10 @@ mod tests {
     #[test]
     fn oversized_reservation_is_refused() {
         let mut index = Index::new(10);
-        assert!(matches!(index.reserve(11), Err(Error::ResourceExhausted(_))));
+        assert!(matches!(
+            index.reserve(11),
+            Err(Error::ResourceExhausted(_))
+        ));
     }
 
     #[test]

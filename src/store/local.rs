@@ -21,8 +21,11 @@ use bazel_remote_apis::build::bazel::remote::execution::v2::ActionResult;
 use bytes::Bytes;
 use futures::stream;
 use prost::Message;
-use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, DB, IteratorMode, Options, WriteBatch, WriteOptions};
+use rocksdb::{
+    ColumnFamily, ColumnFamilyDescriptor, DB, IteratorMode, Options, WriteBatch, WriteOptions,
+};
 
+use crate::context::RequestContext;
 use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::stats::Stats;
@@ -142,7 +145,9 @@ fn open_db(path: &Path) -> Result<DB> {
 
 impl Inner {
     fn cf(&self, name: &str) -> &ColumnFamily {
-        self.db.cf_handle(name).expect("column family created at open")
+        self.db
+            .cf_handle(name)
+            .expect("column family created at open")
     }
 
     pub(crate) fn lock_index(&self) -> MutexGuard<'_, Index> {
@@ -224,7 +229,11 @@ impl Inner {
         Stats::add(&self.stats.evicted_entries, victims.len() as u64);
         Stats::add(&self.stats.evicted_bytes, bytes);
         if !victims.is_empty() {
-            tracing::debug!(entries = victims.len(), bytes, "evicted to stay under quota");
+            tracing::debug!(
+                entries = victims.len(),
+                bytes,
+                "evicted to stay under quota"
+            );
         }
         Ok(())
     }
@@ -401,7 +410,7 @@ fn not_found(digest: &Digest) -> Error {
 
 #[async_trait]
 impl BlobStore for LocalStore {
-    async fn find_missing(&self, digests: &[Digest]) -> Result<Vec<Digest>> {
+    async fn find_missing(&self, _ctx: &RequestContext, digests: &[Digest]) -> Result<Vec<Digest>> {
         let keys: Vec<Vec<u8>> = digests.iter().map(blob_key).collect();
         let found = self.inner.touch_many(&keys)?;
         Ok(digests
@@ -412,7 +421,13 @@ impl BlobStore for LocalStore {
             .collect())
     }
 
-    async fn read(&self, digest: &Digest, offset: u64, limit: u64) -> Result<ChunkStream> {
+    async fn read(
+        &self,
+        _ctx: &RequestContext,
+        digest: &Digest,
+        offset: u64,
+        limit: u64,
+    ) -> Result<ChunkStream> {
         if offset > digest.size {
             return Err(Error::OutOfRange(format!(
                 "read offset {offset} is beyond the end of blob {digest}"
@@ -448,11 +463,19 @@ impl BlobStore for LocalStore {
         result
     }
 
-    async fn begin_write(&self, digest: &Digest) -> Result<Box<dyn BlobWriter>> {
+    async fn begin_write(
+        &self,
+        _ctx: &RequestContext,
+        digest: &Digest,
+    ) -> Result<Box<dyn BlobWriter>> {
         Ok(Box::new(LocalWriter::new(&self.inner, *digest)?))
     }
 
-    async fn write_many(&self, blobs: Vec<(Digest, Bytes)>) -> Vec<Result<()>> {
+    async fn write_many(
+        &self,
+        ctx: &RequestContext,
+        blobs: Vec<(Digest, Bytes)>,
+    ) -> Vec<Result<()>> {
         let mut results: Vec<Result<()>> = Vec::with_capacity(blobs.len());
         let mut small = Vec::new();
         for (i, (expected, data)) in blobs.iter().enumerate() {
@@ -473,7 +496,7 @@ impl BlobStore for LocalStore {
         }
         for (i, (digest, data)) in blobs.into_iter().enumerate() {
             if results[i].is_ok() && digest.size > self.inner.inline_limit {
-                results[i] = crate::store::write_bytes(self, &digest, data).await;
+                results[i] = crate::store::write_bytes(self, ctx, &digest, data).await;
             }
         }
         results
@@ -481,7 +504,13 @@ impl BlobStore for LocalStore {
 }
 
 impl LocalStore {
-    fn read_inline(&self, digest: &Digest, key: &[u8], offset: u64, end: u64) -> Result<ChunkStream> {
+    fn read_inline(
+        &self,
+        digest: &Digest,
+        key: &[u8],
+        offset: u64,
+        end: u64,
+    ) -> Result<ChunkStream> {
         let value = self
             .inner
             .db
@@ -499,19 +528,33 @@ impl LocalStore {
 
 #[async_trait]
 impl ActionResultStore for LocalStore {
-    async fn get_action_result(&self, key: &ActionKey) -> Result<Option<ActionResult>> {
+    async fn get_action_result(
+        &self,
+        _ctx: &RequestContext,
+        key: &ActionKey,
+    ) -> Result<Option<ActionResult>> {
         let key = action_key(key);
         if self.inner.touch_many(std::slice::from_ref(&key))?[0].is_none() {
             return Ok(None);
         }
-        let Some(bytes) = self.inner.db.get_pinned_cf(self.inner.cf(CF_ACTIONS), &key)? else {
-            self.inner.forget_broken(&key, "action result without bytes");
+        let Some(bytes) = self
+            .inner
+            .db
+            .get_pinned_cf(self.inner.cf(CF_ACTIONS), &key)?
+        else {
+            self.inner
+                .forget_broken(&key, "action result without bytes");
             return Ok(None);
         };
         Ok(Some(ActionResult::decode(&*bytes)?))
     }
 
-    async fn put_action_result(&self, key: &ActionKey, result: &ActionResult) -> Result<()> {
+    async fn put_action_result(
+        &self,
+        _ctx: &RequestContext,
+        key: &ActionKey,
+        result: &ActionResult,
+    ) -> Result<()> {
         let key = action_key(key);
         let bytes = result.encode_to_vec();
         let reservation = self.inner.reserve(bytes.len() as u64)?;
@@ -530,7 +573,7 @@ impl ActionResultStore for LocalStore {
         Ok(())
     }
 
-    async fn remove_action_result(&self, key: &ActionKey) -> Result<()> {
+    async fn remove_action_result(&self, _ctx: &RequestContext, key: &ActionKey) -> Result<()> {
         let key = action_key(key);
         let mut index = self.inner.lock_index();
         match index.remove(&key) {

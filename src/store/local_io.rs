@@ -131,7 +131,11 @@ impl BlobWriter for LocalWriter {
         self.hasher.update(&data);
         match &mut self.sink {
             Sink::Memory(buf) => buf.extend_from_slice(&data),
-            Sink::File(tmp) => tmp.file.as_mut().expect("open until commit").write_all(&data)?,
+            Sink::File(tmp) => tmp
+                .file
+                .as_mut()
+                .expect("open until commit")
+                .write_all(&data)?,
         }
         Ok(())
     }
@@ -182,7 +186,9 @@ pub(crate) fn file_stream(
         Err(e) => return Err(e.into()),
     };
     if file.metadata()?.len() != digest.size {
-        return Err(Error::NotFound(format!("blob {digest} file has the wrong size")));
+        return Err(Error::NotFound(format!(
+            "blob {digest} file has the wrong size"
+        )));
     }
     file.seek(SeekFrom::Start(offset))?;
     let state = Some((file, offset, pin));

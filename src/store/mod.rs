@@ -11,11 +11,11 @@
 //! - [`complete`]: the action-cache decorator that hides results whose outputs are gone.
 
 pub mod complete;
-pub mod keys;
-pub mod local_io;
 pub mod files;
 pub mod index;
+pub mod keys;
 pub mod local;
+pub mod local_io;
 
 use async_trait::async_trait;
 use bazel_remote_apis::build::bazel::remote::execution::v2::ActionResult;
@@ -23,6 +23,7 @@ use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use futures::stream::BoxStream;
 
+use crate::context::RequestContext;
 use crate::digest::Digest;
 use crate::error::{Error, Result};
 
@@ -33,30 +34,44 @@ pub type ChunkStream = BoxStream<'static, Result<Bytes>>;
 #[async_trait]
 pub trait BlobStore: Send + Sync + 'static {
     /// Returns the digests in `digests` that this store cannot serve, in order.
-    async fn find_missing(&self, digests: &[Digest]) -> Result<Vec<Digest>>;
+    async fn find_missing(&self, ctx: &RequestContext, digests: &[Digest]) -> Result<Vec<Digest>>;
 
     /// Streams bytes `[offset, offset + limit)` of a blob (`limit` 0 = to the end).
     /// NOT_FOUND if the blob is absent, OUT_OF_RANGE if `offset > size`.
-    async fn read(&self, digest: &Digest, offset: u64, limit: u64) -> Result<ChunkStream>;
+    async fn read(
+        &self,
+        ctx: &RequestContext,
+        digest: &Digest,
+        offset: u64,
+        limit: u64,
+    ) -> Result<ChunkStream>;
 
     /// Starts a write of one blob; nothing is visible until the writer's
     /// `commit` has verified the data against `digest`.
-    async fn begin_write(&self, digest: &Digest) -> Result<Box<dyn BlobWriter>>;
+    async fn begin_write(
+        &self,
+        ctx: &RequestContext,
+        digest: &Digest,
+    ) -> Result<Box<dyn BlobWriter>>;
 
     /// Reads several whole blobs (meant for small ones), one result per digest.
-    async fn read_many(&self, digests: &[Digest]) -> Vec<Result<Bytes>> {
+    async fn read_many(&self, ctx: &RequestContext, digests: &[Digest]) -> Vec<Result<Bytes>> {
         let mut out = Vec::with_capacity(digests.len());
         for digest in digests {
-            out.push(read_to_bytes(self, digest).await);
+            out.push(read_to_bytes(self, ctx, digest).await);
         }
         out
     }
 
     /// Writes several whole blobs, one result per blob. Each is verified.
-    async fn write_many(&self, blobs: Vec<(Digest, Bytes)>) -> Vec<Result<()>> {
+    async fn write_many(
+        &self,
+        ctx: &RequestContext,
+        blobs: Vec<(Digest, Bytes)>,
+    ) -> Vec<Result<()>> {
         let mut out = Vec::with_capacity(blobs.len());
         for (digest, data) in blobs {
-            out.push(write_bytes(self, &digest, data).await);
+            out.push(write_bytes(self, ctx, &digest, data).await);
         }
         out
     }
@@ -78,8 +93,12 @@ pub trait BlobWriter: Send {
 
 /// Reads a whole blob into memory. Use only where the size is known to be small
 /// (Directory and Tree messages, batch reads).
-pub async fn read_to_bytes<S: BlobStore + ?Sized>(store: &S, digest: &Digest) -> Result<Bytes> {
-    let mut stream = store.read(digest, 0, 0).await?;
+pub async fn read_to_bytes<S: BlobStore + ?Sized>(
+    store: &S,
+    ctx: &RequestContext,
+    digest: &Digest,
+) -> Result<Bytes> {
+    let mut stream = store.read(ctx, digest, 0, 0).await?;
     let mut buf = BytesMut::with_capacity(digest.size as usize);
     while let Some(chunk) = stream.next().await {
         buf.extend_from_slice(&chunk?);
@@ -97,10 +116,11 @@ pub async fn read_to_bytes<S: BlobStore + ?Sized>(store: &S, digest: &Digest) ->
 /// Writes a whole in-memory blob through a [`BlobWriter`].
 pub async fn write_bytes<S: BlobStore + ?Sized>(
     store: &S,
+    ctx: &RequestContext,
     digest: &Digest,
     data: Bytes,
 ) -> Result<()> {
-    let mut writer = store.begin_write(digest).await?;
+    let mut writer = store.begin_write(ctx, digest).await?;
     writer.write(data).await?;
     writer.commit().await
 }
@@ -118,11 +138,20 @@ pub struct ActionKey {
 #[async_trait]
 pub trait ActionResultStore: Send + Sync + 'static {
     /// The stored result, or `None`.
-    async fn get_action_result(&self, key: &ActionKey) -> Result<Option<ActionResult>>;
+    async fn get_action_result(
+        &self,
+        ctx: &RequestContext,
+        key: &ActionKey,
+    ) -> Result<Option<ActionResult>>;
 
     /// Stores `result` (callers strip inlined contents first).
-    async fn put_action_result(&self, key: &ActionKey, result: &ActionResult) -> Result<()>;
+    async fn put_action_result(
+        &self,
+        ctx: &RequestContext,
+        key: &ActionKey,
+        result: &ActionResult,
+    ) -> Result<()>;
 
     /// Forgets a result (e.g. because its outputs are gone).
-    async fn remove_action_result(&self, key: &ActionKey) -> Result<()>;
+    async fn remove_action_result(&self, ctx: &RequestContext, key: &ActionKey) -> Result<()>;
 }
