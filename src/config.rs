@@ -8,6 +8,8 @@ use std::str::FromStr;
 
 use serde::Deserialize;
 
+use crate::config_upstream::{MetricsSection, UpstreamConfig, UpstreamSection};
+
 /// Default TCP listen address: loopback only.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8980";
 /// Default byte quota of the local store.
@@ -75,6 +77,12 @@ pub struct FileConfig {
     /// `[store]`: the local store.
     #[serde(default)]
     pub store: StoreSection,
+    /// `[upstream]`: the remote REAPI cluster to proxy (none: standalone cache).
+    #[serde(default)]
+    pub upstream: UpstreamSection,
+    /// `[metrics]`: the Prometheus endpoint.
+    #[serde(default)]
+    pub metrics: MetricsSection,
 }
 
 /// `[server]` keys.
@@ -120,6 +128,10 @@ pub struct Overrides {
     pub data_dir: Option<PathBuf>,
     /// `--quota`.
     pub quota: Option<ByteSize>,
+    /// `--upstream`.
+    pub upstream: Option<String>,
+    /// `--metrics-listen`.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// The resolved configuration the server runs with.
@@ -139,6 +151,10 @@ pub struct Config {
     pub fsync: bool,
     /// Advertised `max_batch_total_size_bytes`.
     pub max_batch_total_size_bytes: u64,
+    /// The upstream to proxy, if any.
+    pub upstream: Option<UpstreamConfig>,
+    /// Where to serve Prometheus metrics, if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl FileConfig {
@@ -175,6 +191,16 @@ impl Config {
                  has no authentication yet; pass --allow-remote (or `allow_remote = true`) to do it anyway"
             );
         }
+        let metrics_listen = flags.metrics_listen.or(file.metrics.listen);
+        if let Some(addr) = metrics_listen
+            && !addr.ip().is_loopback()
+            && !allow_remote
+        {
+            anyhow::bail!(
+                "refusing to serve metrics on {addr}: not loopback; pass --allow-remote to do it anyway"
+            );
+        }
+        let upstream = UpstreamConfig::resolve(file.upstream, flags.upstream)?;
         let data_dir = flags
             .data_dir
             .or(file.store.data_dir)
@@ -219,6 +245,8 @@ impl Config {
             inline_limit,
             fsync: file.store.fsync.unwrap_or(false),
             max_batch_total_size_bytes: max_batch,
+            upstream,
+            metrics_listen,
         })
     }
 
@@ -232,6 +260,8 @@ impl Config {
             inline_limit: DEFAULT_INLINE_LIMIT,
             fsync: false,
             max_batch_total_size_bytes: DEFAULT_MAX_BATCH,
+            upstream: None,
+            metrics_listen: None,
         }
     }
 }
@@ -243,7 +273,20 @@ mod tests {
     #[test]
     fn example_config_parses_and_sets_every_key() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.toml");
+        // The example reads one header value from this variable.
+        // SAFETY: set once, before anything reads the environment concurrently.
+        unsafe { std::env::set_var("BUILDBUDDY_API_KEY", "example-key") };
         let file = FileConfig::load(&path).unwrap();
+        assert!(file.upstream.endpoint.is_some());
+        assert!(file.upstream.ca_file.is_some());
+        assert!(file.upstream.client_cert.is_some() && file.upstream.client_key.is_some());
+        assert!(!file.upstream.instance_names.is_empty());
+        assert_eq!(file.upstream.headers.len(), 2);
+        assert!(file.upstream.forward_client_headers.is_some());
+        assert!(file.upstream.connect_timeout.is_some() && file.upstream.rpc_timeout.is_some());
+        assert!(file.upstream.max_concurrent_calls.is_some());
+        assert!(file.upstream.existence_ttl.is_some() && file.upstream.max_attempts.is_some());
+        assert!(file.metrics.listen.is_some());
         assert!(file.server.listen.is_some());
         assert!(file.server.allow_remote.is_some());
         assert!(file.server.unix_socket.is_some());

@@ -35,6 +35,21 @@ impl RequestContext {
         }
     }
 
+    /// Requests with equal keys may share one upstream call: same instance,
+    /// same credentials. Request metadata (per action) is not part of it.
+    pub fn group_key(&self) -> String {
+        let mut key = self.instance.clone();
+        for entry in self.headers.iter() {
+            if let KeyAndValueRef::Ascii(name, value) = entry {
+                key.push('\0');
+                key.push_str(name.as_str());
+                key.push('=');
+                key.push_str(value.to_str().unwrap_or("?"));
+            }
+        }
+        key
+    }
+
     /// Captures the end-to-end headers of an incoming call.
     pub fn from_metadata(instance: impl Into<String>, incoming: &MetadataMap) -> Self {
         let mut headers = MetadataMap::new();

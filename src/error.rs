@@ -30,6 +30,15 @@ pub enum Error {
     /// A dependency (disk, upstream) is temporarily unavailable.
     #[error("{0}")]
     Unavailable(String),
+    /// The caller's credentials were refused (by the upstream).
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The caller may not do this (says the upstream).
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// A deadline expired before the work finished.
+    #[error("{0}")]
+    DeadlineExceeded(String),
     /// A bug or an unexpected storage failure.
     #[error("internal error: {0}")]
     Internal(String),
@@ -49,7 +58,31 @@ impl Error {
             Error::ResourceExhausted(_) => Code::ResourceExhausted,
             Error::Unimplemented(_) => Code::Unimplemented,
             Error::Unavailable(_) => Code::Unavailable,
+            Error::Unauthenticated(_) => Code::Unauthenticated,
+            Error::PermissionDenied(_) => Code::PermissionDenied,
+            Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
             Error::Internal(_) => Code::Internal,
+        }
+    }
+
+    /// Maps a status from the upstream to the error reported to our client,
+    /// keeping the code where it means the same thing here.
+    pub fn from_upstream(status: &tonic::Status) -> Self {
+        let msg = format!("upstream: {}", status.message());
+        match status.code() {
+            Code::InvalidArgument => Error::InvalidArgument(msg),
+            Code::NotFound => Error::NotFound(msg),
+            Code::OutOfRange => Error::OutOfRange(msg),
+            Code::FailedPrecondition => Error::FailedPrecondition(msg),
+            Code::ResourceExhausted => Error::ResourceExhausted(msg),
+            Code::Unimplemented => Error::Unimplemented(msg),
+            Code::Unauthenticated => Error::Unauthenticated(msg),
+            Code::PermissionDenied => Error::PermissionDenied(msg),
+            Code::DeadlineExceeded => Error::DeadlineExceeded(msg),
+            Code::Unavailable | Code::Cancelled | Code::Aborted | Code::Unknown => {
+                Error::Unavailable(msg)
+            }
+            _ => Error::Internal(msg),
         }
     }
 

@@ -7,14 +7,17 @@
 //! - [`service`]: one thin gRPC adapter per REAPI service (and Outpost's Admin).
 //! - [`store`]: the [`store::BlobStore`] / [`store::ActionResultStore`] layers:
 //!   local RocksDB store, LRU index, blob files, action-result completeness.
+//! - [`config_upstream`]: the `[upstream]` and `[metrics]` sections.
 //! - [`context`]: per-request instance name and forwardable headers.
 //! - [`digest`]: validated digests and incremental hashing.
 //! - [`resource`]: ByteStream resource-name parsing.
 //! - [`error`]: the crate's error type and its one mapping to gRPC status.
-//! - [`stats`]: counters behind `outpost stats`.
+//! - [`stats`]: counters behind `outpost stats` and `/metrics`.
+//! - [`upstream`]: the upstream connection, health, and request batching.
 
 pub mod client;
 pub mod config;
+pub mod config_upstream;
 pub mod context;
 pub mod digest;
 pub mod error;
@@ -23,6 +26,7 @@ pub mod server;
 pub mod service;
 pub mod stats;
 pub mod store;
+pub mod upstream;
 
 /// Generated code for Outpost's own Admin service (proto/outpost/admin/v1).
 pub mod admin_proto {

@@ -22,6 +22,7 @@ Examples:
   outpost serve                              # 127.0.0.1:8980, data in ~/.cache/outpost, 10 GiB
   outpost serve --quota 50GiB --data-dir /srv/outpost
   outpost serve --config /etc/outpost.toml   # see config.example.toml for every key
+  outpost serve --upstream grpcs://remote.example.com:443   # cache in front of a cluster
   bazel build --remote_cache=grpc://127.0.0.1:8980 //...
   outpost stats
 
@@ -62,6 +63,13 @@ struct ServeArgs {
     /// Do not listen on a unix socket.
     #[arg(long)]
     no_unix_socket: bool,
+    /// Proxy this upstream REAPI server: grpc://HOST:PORT or grpcs://HOST:PORT
+    /// (TLS, headers and more in the config file's [upstream] section).
+    #[arg(long, value_name = "URL")]
+    upstream: Option<String>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9980).
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Args)]
@@ -98,6 +106,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         no_unix_socket: args.no_unix_socket,
         data_dir: args.data_dir,
         quota: args.quota,
+        upstream: args.upstream,
+        metrics_listen: args.metrics_listen,
     };
     let config = Config::resolve(file, flags)?;
     tracing::info!(

@@ -22,6 +22,8 @@ use tonic::transport::server::{Router, TcpIncoming};
 
 use crate::admin_proto::admin_server::AdminServer;
 use crate::config::Config;
+use crate::config_upstream::UpstreamConfig;
+use crate::context::RequestContext;
 use crate::service::Backend;
 use crate::service::action_cache::ActionCacheService;
 use crate::service::admin::AdminService;
@@ -30,8 +32,13 @@ use crate::service::capabilities::CapabilitiesService;
 use crate::service::cas::CasService;
 use crate::stats::Stats;
 use crate::store::complete::CompleteActionResults;
+use crate::store::existence_cache::ExistenceCache;
 use crate::store::local::{LocalStore, LocalStoreOptions};
+use crate::store::proxy::ProxyStore;
+use crate::store::proxy_ac::ProxyActionCache;
+use crate::store::upstream::UpstreamStore;
 use crate::store::{ActionResultStore, BlobStore};
+use crate::upstream::Upstream;
 
 /// HTTP/2 flow-control windows and frame size. tonic's defaults cap uploads
 /// at ~0.1 GB/s on loopback; these were measured to give >1 GB/s both ways
@@ -108,8 +115,14 @@ impl RunningServer {
                     format!("cannot open the store in {}", config.data_dir.display())
                 })?
         };
-        let blobs: Arc<dyn BlobStore> = Arc::new(local.clone());
-        let results: Arc<dyn ActionResultStore> = Arc::new(local.clone());
+        let (blobs, results, upstream) = match &config.upstream {
+            None => {
+                let blobs: Arc<dyn BlobStore> = Arc::new(local.clone());
+                let results: Arc<dyn ActionResultStore> = Arc::new(local.clone());
+                (blobs, results, None)
+            }
+            Some(upstream_config) => proxy_stack(upstream_config, &local, &stats)?,
+        };
         let actions = Arc::new(CompleteActionResults::new(
             results,
             blobs.clone(),
@@ -122,7 +135,10 @@ impl RunningServer {
             max_batch_total_size_bytes: config.max_batch_total_size_bytes,
         };
         let services = Services {
-            capabilities: Arc::new(CapabilitiesService::new(config.max_batch_total_size_bytes)),
+            capabilities: Arc::new(CapabilitiesService::new(
+                config.max_batch_total_size_bytes,
+                upstream,
+            )),
             cas: Arc::new(CasService::new(backend.clone())),
             bytestream: Arc::new(ByteStreamService::new(backend.clone())),
             action_cache: Arc::new(ActionCacheService::new(backend)),
@@ -211,6 +227,45 @@ impl RunningServer {
         }
         self.stop().await
     }
+}
+
+/// Digests the existence cache remembers at most (~100 bytes each).
+const EXISTENCE_CACHE_CAPACITY: usize = 1 << 20;
+
+type Stack = (
+    Arc<dyn BlobStore>,
+    Arc<dyn ActionResultStore>,
+    Option<Arc<Upstream>>,
+);
+
+/// The caching-proxy stack: local store → (existence cache → upstream).
+fn proxy_stack(
+    config: &UpstreamConfig,
+    local: &LocalStore,
+    stats: &Arc<Stats>,
+) -> anyhow::Result<Stack> {
+    let upstream = Arc::new(Upstream::new(config.clone(), stats.clone())?);
+    let upstream_store = Arc::new(UpstreamStore::new(upstream.clone()));
+    let cached: Arc<dyn BlobStore> = Arc::new(ExistenceCache::new(
+        upstream_store.clone(),
+        config.existence_ttl,
+        EXISTENCE_CACHE_CAPACITY,
+        stats.clone(),
+    ));
+    let blobs = Arc::new(ProxyStore::new(local.clone(), cached, stats.clone()));
+    let results = Arc::new(ProxyActionCache::new(
+        Arc::new(local.clone()),
+        upstream_store,
+    ));
+    let probe = upstream.clone();
+    tokio::spawn(async move {
+        match probe.capabilities(&RequestContext::default()).await {
+            Ok(_) => tracing::info!("upstream {} answered GetCapabilities", probe.config().uri),
+            Err(e) => tracing::warn!("upstream {}: {e}", probe.config().uri),
+        }
+    });
+    tracing::info!("proxying upstream {}", config.uri);
+    Ok((blobs, results, Some(upstream)))
 }
 
 /// Binds the unix socket (replacing a stale socket file), readable and

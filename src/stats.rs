@@ -1,9 +1,58 @@
-//! Process-wide counters behind `outpost stats`.
+//! Process-wide counters behind `outpost stats` and `/metrics`.
 //!
 //! Plain atomics: every layer bumps the counters it owns, and the admin
-//! service reads a snapshot. Later a Prometheus endpoint can read the same.
+//! service and the metrics endpoint read snapshots.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Upstream RPC methods, for per-method counters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UpstreamMethod {
+    /// ContentAddressableStorage.FindMissingBlobs
+    FindMissingBlobs,
+    /// ContentAddressableStorage.BatchReadBlobs
+    BatchReadBlobs,
+    /// ContentAddressableStorage.BatchUpdateBlobs
+    BatchUpdateBlobs,
+    /// ByteStream.Read
+    ByteStreamRead,
+    /// ByteStream.Write
+    ByteStreamWrite,
+    /// ActionCache.GetActionResult
+    GetActionResult,
+    /// ActionCache.UpdateActionResult
+    UpdateActionResult,
+    /// Capabilities.GetCapabilities
+    GetCapabilities,
+}
+
+impl UpstreamMethod {
+    /// Every method, in counter order.
+    pub const ALL: [UpstreamMethod; 8] = [
+        UpstreamMethod::FindMissingBlobs,
+        UpstreamMethod::BatchReadBlobs,
+        UpstreamMethod::BatchUpdateBlobs,
+        UpstreamMethod::ByteStreamRead,
+        UpstreamMethod::ByteStreamWrite,
+        UpstreamMethod::GetActionResult,
+        UpstreamMethod::UpdateActionResult,
+        UpstreamMethod::GetCapabilities,
+    ];
+
+    /// The gRPC method name.
+    pub fn name(self) -> &'static str {
+        match self {
+            UpstreamMethod::FindMissingBlobs => "FindMissingBlobs",
+            UpstreamMethod::BatchReadBlobs => "BatchReadBlobs",
+            UpstreamMethod::BatchUpdateBlobs => "BatchUpdateBlobs",
+            UpstreamMethod::ByteStreamRead => "ByteStream.Read",
+            UpstreamMethod::ByteStreamWrite => "ByteStream.Write",
+            UpstreamMethod::GetActionResult => "GetActionResult",
+            UpstreamMethod::UpdateActionResult => "UpdateActionResult",
+            UpstreamMethod::GetCapabilities => "GetCapabilities",
+        }
+    }
+}
 
 /// Counters since start-up. Each field says which layer bumps it.
 #[derive(Debug, Default)]
@@ -28,6 +77,38 @@ pub struct Stats {
     pub digest_mismatches: AtomicU64,
     /// Action results dropped because an output was gone (completeness check).
     pub stale_action_results: AtomicU64,
+    /// Upstream calls started, by [`UpstreamMethod`] (upstream client).
+    pub upstream_calls: [AtomicU64; 8],
+    /// Upstream calls that failed after retries (upstream client).
+    pub upstream_errors: AtomicU64,
+    /// Upstream call attempts that were retried (upstream client).
+    pub upstream_retries: AtomicU64,
+    /// Blob bytes sent to the upstream (upstream store).
+    pub upstream_bytes_sent: AtomicU64,
+    /// Blob bytes received from the upstream (upstream store).
+    pub upstream_bytes_received: AtomicU64,
+    /// Digests answered from the existence cache, without asking upstream.
+    pub existence_cache_hits: AtomicU64,
+    /// Digests the existence cache had to ask the upstream about.
+    pub existence_cache_misses: AtomicU64,
+    /// Reads that joined a fetch already in flight (single-flight).
+    pub single_flight_joins: AtomicU64,
+    /// Fetches from the upstream into the local store (read-through).
+    pub upstream_fetches: AtomicU64,
+    /// Blobs the proxy uploaded from its own store because the upstream lacked them.
+    pub uploads_from_local: AtomicU64,
+    /// FindMissingBlobs calls sent upstream by the batcher, and digests in them.
+    pub fmb_batches: AtomicU64,
+    /// Digests in those batched FindMissingBlobs calls.
+    pub fmb_batched_digests: AtomicU64,
+    /// BatchReadBlobs calls sent upstream by the batcher.
+    pub read_batches: AtomicU64,
+    /// Blobs in those batched BatchReadBlobs calls.
+    pub read_batched_blobs: AtomicU64,
+    /// BatchUpdateBlobs calls sent upstream by the batcher.
+    pub write_batches: AtomicU64,
+    /// Blobs in those batched BatchUpdateBlobs calls.
+    pub write_batched_blobs: AtomicU64,
 }
 
 impl Stats {
@@ -39,5 +120,23 @@ impl Stats {
     /// Reads a counter.
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
+    }
+
+    /// Counts one upstream call of `method`.
+    pub fn upstream_call(&self, method: UpstreamMethod) {
+        let i = UpstreamMethod::ALL
+            .iter()
+            .position(|m| *m == method)
+            .expect("every method is in ALL");
+        Stats::add(&self.upstream_calls[i], 1);
+    }
+
+    /// Upstream calls of `method` so far.
+    pub fn upstream_calls_of(&self, method: UpstreamMethod) -> u64 {
+        let i = UpstreamMethod::ALL
+            .iter()
+            .position(|m| *m == method)
+            .expect("every method is in ALL");
+        Stats::get(&self.upstream_calls[i])
     }
 }

@@ -1,4 +1,11 @@
 //! GetCapabilities: what this server offers, for any instance name.
+//!
+//! Standalone, Outpost answers with its own cache capabilities. In front of
+//! an upstream it answers with the intersection: never a digest function,
+//! compressor or feature the upstream lacks, and its own batch limit only
+//! where it is smaller than the upstream's.
+
+use std::sync::Arc;
 
 use bazel_remote_apis::build::bazel::remote::execution::v2::{
     ActionCacheUpdateCapabilities, CacheCapabilities, ExecutionCapabilities,
@@ -8,7 +15,9 @@ use bazel_remote_apis::build::bazel::remote::execution::v2::{
 use bazel_remote_apis::build::bazel::semver::SemVer;
 use tonic::{Request, Response, Status};
 
+use crate::context::RequestContext;
 use crate::digest::DigestFunction;
+use crate::upstream::Upstream;
 
 /// Lowest REAPI version served: 2.0, so that Bazel 4.x connects.
 pub const LOW_API_VERSION: (i32, i32) = (2, 0);
@@ -17,37 +26,26 @@ pub const LOW_API_VERSION: (i32, i32) = (2, 0);
 /// `root_directory_digest` completeness checks (2.3).
 pub const HIGH_API_VERSION: (i32, i32) = (2, 3);
 
-/// Serves the cache capabilities of a standalone Outpost (execution disabled).
+/// Serves the capabilities of this Outpost (execution disabled for now).
 pub struct CapabilitiesService {
     max_batch_total_size_bytes: u64,
+    upstream: Option<Arc<Upstream>>,
 }
 
 impl CapabilitiesService {
-    /// Advertises `max_batch_total_size_bytes` to clients.
-    pub fn new(max_batch_total_size_bytes: u64) -> Self {
+    /// Advertises `max_batch_total_size_bytes`, narrowed by the upstream's
+    /// capabilities when there is an upstream.
+    pub fn new(max_batch_total_size_bytes: u64, upstream: Option<Arc<Upstream>>) -> Self {
         CapabilitiesService {
             max_batch_total_size_bytes,
+            upstream,
         }
     }
-}
 
-fn semver((major, minor): (i32, i32)) -> SemVer {
-    SemVer {
-        major,
-        minor,
-        patch: 0,
-        prerelease: String::new(),
-    }
-}
-
-#[tonic::async_trait]
-impl Capabilities for CapabilitiesService {
-    async fn get_capabilities(
-        &self,
-        _request: Request<GetCapabilitiesRequest>,
-    ) -> Result<Response<ServerCapabilities>, Status> {
+    /// Outpost's own capabilities.
+    fn own(&self) -> ServerCapabilities {
         let sha256 = DigestFunction::Sha256.to_proto();
-        Ok(Response::new(ServerCapabilities {
+        ServerCapabilities {
             cache_capabilities: Some(CacheCapabilities {
                 digest_functions: vec![sha256],
                 action_cache_update_capabilities: Some(ActionCacheUpdateCapabilities {
@@ -69,6 +67,106 @@ impl Capabilities for CapabilitiesService {
             deprecated_api_version: None,
             low_api_version: Some(semver(LOW_API_VERSION)),
             high_api_version: Some(semver(HIGH_API_VERSION)),
-        }))
+        }
+    }
+}
+
+fn semver((major, minor): (i32, i32)) -> SemVer {
+    SemVer {
+        major,
+        minor,
+        patch: 0,
+        prerelease: String::new(),
+    }
+}
+
+/// Narrows our capabilities to what the upstream also offers.
+pub fn merge(mut own: ServerCapabilities, upstream: &ServerCapabilities) -> ServerCapabilities {
+    if let (Some(ours), Some(theirs)) = (&mut own.cache_capabilities, &upstream.cache_capabilities)
+    {
+        // Servers from before REAPI 2.1 list no digest functions: SHA-256.
+        let theirs_fns = if theirs.digest_functions.is_empty() {
+            vec![DigestFunction::Sha256.to_proto()]
+        } else {
+            theirs.digest_functions.clone()
+        };
+        ours.digest_functions.retain(|f| theirs_fns.contains(f));
+        if theirs.max_batch_total_size_bytes > 0 {
+            ours.max_batch_total_size_bytes = ours
+                .max_batch_total_size_bytes
+                .min(theirs.max_batch_total_size_bytes);
+        }
+        ours.action_cache_update_capabilities = Some(ActionCacheUpdateCapabilities {
+            update_enabled: theirs
+                .action_cache_update_capabilities
+                .as_ref()
+                .is_some_and(|c| c.update_enabled),
+        });
+        ours.symlink_absolute_path_strategy = theirs.symlink_absolute_path_strategy;
+        if theirs.max_cas_blob_size_bytes > 0 {
+            ours.max_cas_blob_size_bytes = theirs.max_cas_blob_size_bytes;
+        }
+    }
+    if let Some(high) = &upstream.high_api_version {
+        let ours = own
+            .high_api_version
+            .as_ref()
+            .map_or((0, 0), |v| (v.major, v.minor));
+        if (high.major, high.minor) < ours && (high.major, high.minor) >= LOW_API_VERSION {
+            own.high_api_version = Some(semver((high.major, high.minor)));
+        }
+    }
+    own
+}
+
+#[tonic::async_trait]
+impl Capabilities for CapabilitiesService {
+    async fn get_capabilities(
+        &self,
+        request: Request<GetCapabilitiesRequest>,
+    ) -> Result<Response<ServerCapabilities>, Status> {
+        let own = self.own();
+        let Some(upstream) = &self.upstream else {
+            return Ok(Response::new(own));
+        };
+        let (metadata, _, req) = request.into_parts();
+        let ctx = RequestContext::from_metadata(req.instance_name, &metadata);
+        match upstream.capabilities(&ctx).await {
+            Ok(theirs) => Ok(Response::new(merge(own, &theirs))),
+            Err(e) => {
+                // Clients refuse to start on an error here; our own cache-only
+                // answer is safe (SHA-256, no compression, no execution).
+                tracing::warn!("cannot get the upstream's capabilities: {e}");
+                Ok(Response::new(own))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merge_never_advertises_more_than_the_upstream() {
+        let ours = CapabilitiesService::new(4 << 20, None).own();
+        let mut theirs = ours.clone();
+        let cache = theirs.cache_capabilities.as_mut().unwrap();
+        cache.digest_functions = vec![9]; // BLAKE3 only
+        cache.max_batch_total_size_bytes = 1 << 20;
+        cache.action_cache_update_capabilities = None;
+        theirs.high_api_version = Some(semver((2, 1)));
+        let merged = merge(ours, &theirs);
+        let cache = merged.cache_capabilities.unwrap();
+        assert!(cache.digest_functions.is_empty());
+        assert_eq!(cache.max_batch_total_size_bytes, 1 << 20);
+        assert!(
+            !cache
+                .action_cache_update_capabilities
+                .unwrap()
+                .update_enabled
+        );
+        assert_eq!(merged.high_api_version.unwrap().minor, 1);
+        assert!(!merged.execution_capabilities.unwrap().exec_enabled);
     }
 }

@@ -9,13 +9,21 @@
 //! - [`index`]: the in-memory LRU index with pins and quota accounting.
 //! - [`files`]: large blobs as files beside RocksDB.
 //! - [`complete`]: the action-cache decorator that hides results whose outputs are gone.
+//! - [`upstream`]: the upstream server as a store, with request batching.
+//! - [`existence_cache`]: remembers digests the upstream is known to hold.
+//! - [`proxy`]: local store in front of the upstream (read-through, write-through).
+//! - [`proxy_ac`]: the same for the action cache.
 
 pub mod complete;
+pub mod existence_cache;
 pub mod files;
 pub mod index;
 pub mod keys;
 pub mod local;
 pub mod local_io;
+pub mod proxy;
+pub mod proxy_ac;
+pub mod upstream;
 
 use async_trait::async_trait;
 use bazel_remote_apis::build::bazel::remote::execution::v2::ActionResult;

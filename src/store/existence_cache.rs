@@ -1,0 +1,178 @@
+//! A decorator that remembers which digests a store (the upstream) is known
+//! to hold, so that repeated FindMissingBlobs checks cost no round trip.
+//!
+//! A digest is remembered for `ttl` after the store confirmed it (in a
+//! FindMissingBlobs answer, a successful write or a read). The TTL must stay
+//! below the upstream's minimum retention, so a remembered blob is really
+//! still there. Memory is bounded by an LRU of `capacity` entries.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use lru::LruCache;
+
+use crate::context::RequestContext;
+use crate::digest::Digest;
+use crate::error::Result;
+use crate::stats::Stats;
+use crate::store::{BlobStore, BlobWriter, ChunkStream};
+
+/// Remembers confirmed digests of an inner store for a while.
+pub struct ExistenceCache {
+    inner: Arc<dyn BlobStore>,
+    ttl: Duration,
+    /// (hash of instance name, digest) → when the store confirmed it.
+    known: Arc<Mutex<LruCache<(u64, Digest), Instant>>>,
+    stats: Arc<Stats>,
+}
+
+fn instance_key(ctx: &RequestContext) -> u64 {
+    let mut h = DefaultHasher::new();
+    ctx.instance.hash(&mut h);
+    h.finish()
+}
+
+impl ExistenceCache {
+    /// Caches existence for `inner`, at most `capacity` digests for `ttl`.
+    pub fn new(
+        inner: Arc<dyn BlobStore>,
+        ttl: Duration,
+        capacity: usize,
+        stats: Arc<Stats>,
+    ) -> Self {
+        let capacity = std::num::NonZeroUsize::new(capacity.max(1)).expect("non-zero");
+        ExistenceCache {
+            inner,
+            ttl,
+            known: Arc::new(Mutex::new(LruCache::new(capacity))),
+            stats,
+        }
+    }
+
+    /// Records that the inner store holds `digests`.
+    pub fn note_present(&self, ctx: &RequestContext, digests: impl IntoIterator<Item = Digest>) {
+        note(&self.known, instance_key(ctx), digests);
+    }
+}
+
+fn note(
+    known: &Mutex<LruCache<(u64, Digest), Instant>>,
+    instance: u64,
+    digests: impl IntoIterator<Item = Digest>,
+) {
+    let now = Instant::now();
+    let mut known = known.lock().unwrap_or_else(|e| e.into_inner());
+    for d in digests {
+        known.put((instance, d), now);
+    }
+}
+
+#[async_trait]
+impl BlobStore for ExistenceCache {
+    async fn find_missing(&self, ctx: &RequestContext, digests: &[Digest]) -> Result<Vec<Digest>> {
+        let instance = instance_key(ctx);
+        let unknown: Vec<Digest> = {
+            let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+            digests
+                .iter()
+                .filter(|d| match known.get(&(instance, **d)) {
+                    Some(at) if at.elapsed() < self.ttl => false,
+                    Some(_) => {
+                        known.pop(&(instance, **d));
+                        true
+                    }
+                    None => true,
+                })
+                .copied()
+                .collect()
+        };
+        Stats::add(
+            &self.stats.existence_cache_hits,
+            (digests.len() - unknown.len()) as u64,
+        );
+        Stats::add(&self.stats.existence_cache_misses, unknown.len() as u64);
+        if unknown.is_empty() {
+            return Ok(Vec::new());
+        }
+        let missing = self.inner.find_missing(ctx, &unknown).await?;
+        let missing_set: std::collections::HashSet<&Digest> = missing.iter().collect();
+        self.note_present(
+            ctx,
+            unknown.iter().filter(|d| !missing_set.contains(d)).copied(),
+        );
+        Ok(missing)
+    }
+
+    async fn read(
+        &self,
+        ctx: &RequestContext,
+        digest: &Digest,
+        offset: u64,
+        limit: u64,
+    ) -> Result<ChunkStream> {
+        let stream = self.inner.read(ctx, digest, offset, limit).await?;
+        self.note_present(ctx, [*digest]);
+        Ok(stream)
+    }
+
+    async fn begin_write(
+        &self,
+        ctx: &RequestContext,
+        digest: &Digest,
+    ) -> Result<Box<dyn BlobWriter>> {
+        Ok(Box::new(NotingWriter {
+            inner: self.inner.begin_write(ctx, digest).await?,
+            known: self.known.clone(),
+            instance: instance_key(ctx),
+            digest: *digest,
+        }))
+    }
+
+    async fn read_many(&self, ctx: &RequestContext, digests: &[Digest]) -> Vec<Result<Bytes>> {
+        let results = self.inner.read_many(ctx, digests).await;
+        let found = digests.iter().zip(&results).filter(|(_, r)| r.is_ok());
+        self.note_present(ctx, found.map(|(d, _)| *d));
+        results
+    }
+
+    async fn write_many(
+        &self,
+        ctx: &RequestContext,
+        blobs: Vec<(Digest, Bytes)>,
+    ) -> Vec<Result<()>> {
+        let digests: Vec<Digest> = blobs.iter().map(|(d, _)| *d).collect();
+        let results = self.inner.write_many(ctx, blobs).await;
+        let stored = digests.iter().zip(&results).filter(|(_, r)| r.is_ok());
+        self.note_present(ctx, stored.map(|(d, _)| *d));
+        results
+    }
+}
+
+/// Notes the digest as present once the inner write commits.
+struct NotingWriter {
+    inner: Box<dyn BlobWriter>,
+    known: Arc<Mutex<LruCache<(u64, Digest), Instant>>>,
+    instance: u64,
+    digest: Digest,
+}
+
+#[async_trait]
+impl BlobWriter for NotingWriter {
+    async fn write(&mut self, data: Bytes) -> Result<()> {
+        self.inner.write(data).await
+    }
+
+    fn committed_size(&self) -> u64 {
+        self.inner.committed_size()
+    }
+
+    async fn commit(self: Box<Self>) -> Result<()> {
+        self.inner.commit().await?;
+        note(&self.known, self.instance, [self.digest]);
+        Ok(())
+    }
+}

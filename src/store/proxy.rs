@@ -1,0 +1,369 @@
+//! The caching proxy CAS: the local store in front of the upstream.
+//!
+//! - Reads are served locally when possible; a miss is fetched from the
+//!   upstream once (single-flight: concurrent readers of the same blob join
+//!   the fetch in flight), verified, stored locally, then served locally.
+//!   Small blobs are fetched through the upstream store's BatchReadBlobs
+//!   batcher, so misses that arrive together share one call.
+//! - FindMissingBlobs answers for the upstream, where the work runs. Blobs
+//!   the upstream lacks but the local store holds are uploaded by the proxy
+//!   and reported present, so the client does not send them again.
+//! - Writes are verified and stored locally and written through to the
+//!   upstream; a write succeeds only once both have the blob.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use futures::future::{BoxFuture, FutureExt, Shared};
+use futures::{StreamExt, TryStreamExt};
+
+use crate::context::RequestContext;
+use crate::digest::Digest;
+use crate::error::{Error, Result};
+use crate::stats::Stats;
+use crate::store::local::LocalStore;
+use crate::store::{BlobStore, BlobWriter, ChunkStream};
+
+/// Blobs up to this size travel in Batch* calls; larger ones over ByteStream.
+const SMALL_BLOB: u64 = 1 << 20;
+/// Large blobs uploaded from the local store at once during FindMissingBlobs.
+const PARALLEL_UPLOADS: usize = 4;
+
+type Flight = Shared<BoxFuture<'static, Result<()>>>;
+
+/// Local store + upstream, as one CAS.
+pub struct ProxyStore {
+    local: LocalStore,
+    /// The upstream CAS (normally behind an existence cache).
+    upstream: Arc<dyn BlobStore>,
+    /// Fetches in flight, by digest.
+    flights: Arc<Mutex<HashMap<Digest, Flight>>>,
+    stats: Arc<Stats>,
+}
+
+impl ProxyStore {
+    /// Proxies `upstream` through `local`.
+    pub fn new(local: LocalStore, upstream: Arc<dyn BlobStore>, stats: Arc<Stats>) -> Self {
+        ProxyStore {
+            local,
+            upstream,
+            flights: Arc::new(Mutex::new(HashMap::new())),
+            stats,
+        }
+    }
+
+    /// Whether the local store could hold a blob of this size at all.
+    fn fits_locally(&self, digest: &Digest) -> bool {
+        digest.size <= self.local.occupancy().1
+    }
+
+    /// Brings a blob into the local store, sharing a fetch already in flight.
+    async fn fetch(&self, ctx: &RequestContext, digest: &Digest) -> Result<()> {
+        let flight = {
+            let mut flights = self.flights.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(flight) = flights.get(digest) {
+                Stats::add(&self.stats.single_flight_joins, 1);
+                flight.clone()
+            } else {
+                let flight = self.start_fetch(ctx, digest);
+                flights.insert(*digest, flight.clone());
+                flight
+            }
+        };
+        flight.await
+    }
+
+    /// Spawns the transfer, so it finishes even if the first reader leaves.
+    fn start_fetch(&self, ctx: &RequestContext, digest: &Digest) -> Flight {
+        let (local, upstream, flights) = (
+            self.local.clone(),
+            self.upstream.clone(),
+            self.flights.clone(),
+        );
+        let (ctx, digest) = (ctx.clone(), *digest);
+        Stats::add(&self.stats.upstream_fetches, 1);
+        let task = tokio::spawn(async move {
+            let result = fetch_into(&local, &*upstream, &ctx, &digest).await;
+            flights
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&digest);
+            if let Err(e) = &result {
+                tracing::debug!("fetching {digest} from upstream failed: {e}");
+            }
+            result
+        });
+        async move {
+            task.await
+                .map_err(|e| Error::Internal(format!("fetch task failed: {e}")))?
+        }
+        .boxed()
+        .shared()
+    }
+
+    /// Uploads blobs the local store holds to the upstream; returns the ones
+    /// that could not be uploaded.
+    async fn upload_from_local(&self, ctx: &RequestContext, digests: Vec<Digest>) -> Vec<Digest> {
+        let (small, large): (Vec<Digest>, Vec<Digest>) =
+            digests.into_iter().partition(|d| d.size <= SMALL_BLOB);
+        let mut failed = Vec::new();
+        if !small.is_empty() {
+            let reads = self.local.read_many(ctx, &small).await;
+            let mut blobs = Vec::new();
+            for (d, r) in small.iter().zip(reads) {
+                match r {
+                    Ok(data) => blobs.push((*d, data)),
+                    Err(_) => failed.push(*d),
+                }
+            }
+            let digests: Vec<Digest> = blobs.iter().map(|(d, _)| *d).collect();
+            let results = self.upstream.write_many(ctx, blobs).await;
+            for (d, r) in digests.into_iter().zip(results) {
+                match r {
+                    Ok(()) => Stats::add(&self.stats.uploads_from_local, 1),
+                    Err(e) => {
+                        tracing::debug!("uploading {d} from the local store failed: {e}");
+                        failed.push(d);
+                    }
+                }
+            }
+        }
+        let outcomes: Vec<(Digest, Result<()>)> = futures::stream::iter(large)
+            .map(|d| async move { (d, copy_blob(&self.local, &*self.upstream, ctx, &d).await) })
+            .buffer_unordered(PARALLEL_UPLOADS)
+            .collect()
+            .await;
+        for (d, r) in outcomes {
+            match r {
+                Ok(()) => Stats::add(&self.stats.uploads_from_local, 1),
+                Err(e) => {
+                    tracing::debug!("uploading {d} from the local store failed: {e}");
+                    failed.push(d);
+                }
+            }
+        }
+        failed
+    }
+}
+
+/// Streams one blob from `from` into `to` (which verifies it).
+async fn copy_blob(
+    from: &dyn BlobStore,
+    to: &dyn BlobStore,
+    ctx: &RequestContext,
+    digest: &Digest,
+) -> Result<()> {
+    let mut stream = from.read(ctx, digest, 0, 0).await?;
+    let mut writer = to.begin_write(ctx, digest).await?;
+    while let Some(chunk) = stream.try_next().await? {
+        writer.write(chunk).await?;
+    }
+    writer.commit().await
+}
+
+/// Fetches one blob from the upstream into the local store.
+async fn fetch_into(
+    local: &LocalStore,
+    upstream: &dyn BlobStore,
+    ctx: &RequestContext,
+    digest: &Digest,
+) -> Result<()> {
+    if digest.size <= SMALL_BLOB {
+        let data = upstream
+            .read_many(ctx, std::slice::from_ref(digest))
+            .await
+            .pop()
+            .expect("one result per digest")?;
+        return local
+            .write_many(ctx, vec![(*digest, data)])
+            .await
+            .pop()
+            .expect("one result per blob");
+    }
+    copy_blob(upstream, local, ctx, digest).await
+}
+
+#[async_trait]
+impl BlobStore for ProxyStore {
+    async fn find_missing(&self, ctx: &RequestContext, digests: &[Digest]) -> Result<Vec<Digest>> {
+        let missing_upstream = self.upstream.find_missing(ctx, digests).await?;
+        if missing_upstream.is_empty() {
+            return Ok(missing_upstream);
+        }
+        let missing_locally: HashSet<Digest> = self
+            .local
+            .find_missing(ctx, &missing_upstream)
+            .await?
+            .into_iter()
+            .collect();
+        let held: Vec<Digest> = missing_upstream
+            .iter()
+            .filter(|d| !missing_locally.contains(d))
+            .copied()
+            .collect();
+        let failed: HashSet<Digest> = self
+            .upload_from_local(ctx, held)
+            .await
+            .into_iter()
+            .collect();
+        Ok(missing_upstream
+            .into_iter()
+            .filter(|d| missing_locally.contains(d) || failed.contains(d))
+            .collect())
+    }
+
+    async fn read(
+        &self,
+        ctx: &RequestContext,
+        digest: &Digest,
+        offset: u64,
+        limit: u64,
+    ) -> Result<ChunkStream> {
+        match self.local.read(ctx, digest, offset, limit).await {
+            Err(Error::NotFound(_)) => {}
+            other => return other,
+        }
+        if !self.fits_locally(digest) {
+            return self.upstream.read(ctx, digest, offset, limit).await;
+        }
+        self.fetch(ctx, digest).await?;
+        match self.local.read(ctx, digest, offset, limit).await {
+            // Evicted again under heavy pressure: stream from upstream.
+            Err(Error::NotFound(_)) => self.upstream.read(ctx, digest, offset, limit).await,
+            other => other,
+        }
+    }
+
+    async fn begin_write(
+        &self,
+        ctx: &RequestContext,
+        digest: &Digest,
+    ) -> Result<Box<dyn BlobWriter>> {
+        let local = if self.fits_locally(digest) {
+            Some(self.local.begin_write(ctx, digest).await?)
+        } else {
+            None
+        };
+        let upstream = if digest.size <= SMALL_BLOB {
+            Sink::Buffer(BytesMut::with_capacity(digest.size as usize))
+        } else {
+            Sink::Stream(self.upstream.begin_write(ctx, digest).await?)
+        };
+        Ok(Box::new(ProxyWriter {
+            ctx: ctx.clone(),
+            digest: *digest,
+            local,
+            upstream,
+            upstream_store: self.upstream.clone(),
+            written: 0,
+        }))
+    }
+
+    async fn read_many(&self, ctx: &RequestContext, digests: &[Digest]) -> Vec<Result<Bytes>> {
+        let mut results = self.local.read_many(ctx, digests).await;
+        let misses: Vec<usize> = (0..digests.len())
+            .filter(|&i| matches!(results[i], Err(Error::NotFound(_))))
+            .collect();
+        let fetched = futures::future::join_all(misses.iter().map(|&i| async move {
+            self.fetch(ctx, &digests[i]).await?;
+            crate::store::read_to_bytes(&self.local, ctx, &digests[i]).await
+        }))
+        .await;
+        for (i, r) in misses.into_iter().zip(fetched) {
+            results[i] = r;
+        }
+        results
+    }
+
+    async fn write_many(
+        &self,
+        ctx: &RequestContext,
+        blobs: Vec<(Digest, Bytes)>,
+    ) -> Vec<Result<()>> {
+        let mut results = self.local.write_many(ctx, blobs.clone()).await;
+        let (positions, verified): (Vec<usize>, Vec<(Digest, Bytes)>) = blobs
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| results[*i].is_ok())
+            .unzip();
+        let upstream_results = self.upstream.write_many(ctx, verified).await;
+        for (i, r) in positions.into_iter().zip(upstream_results) {
+            results[i] = r;
+        }
+        results
+    }
+}
+
+/// Where a proxied write sends the upstream's copy.
+enum Sink {
+    /// Small blob: buffered, sent in a batched BatchUpdateBlobs on commit.
+    Buffer(BytesMut),
+    /// Large blob: streamed to the upstream alongside the local write.
+    Stream(Box<dyn BlobWriter>),
+}
+
+/// Writes one blob to the local store and the upstream together.
+struct ProxyWriter {
+    ctx: RequestContext,
+    digest: Digest,
+    /// `None` when the blob is too large for the local store.
+    local: Option<Box<dyn BlobWriter>>,
+    upstream: Sink,
+    upstream_store: Arc<dyn BlobStore>,
+    written: u64,
+}
+
+#[async_trait]
+impl BlobWriter for ProxyWriter {
+    async fn write(&mut self, data: Bytes) -> Result<()> {
+        if let Some(local) = &mut self.local {
+            local.write(data.clone()).await?;
+        } else if self.written + data.len() as u64 > self.digest.size {
+            return Err(Error::InvalidArgument(format!(
+                "size mismatch for {}: received more than {} bytes",
+                self.digest, self.digest.size
+            )));
+        }
+        match &mut self.upstream {
+            Sink::Buffer(buf) => buf.extend_from_slice(&data),
+            Sink::Stream(upstream) => upstream.write(data.clone()).await?,
+        }
+        self.written += data.len() as u64;
+        Ok(())
+    }
+
+    fn committed_size(&self) -> u64 {
+        self.written
+    }
+
+    async fn commit(self: Box<Self>) -> Result<()> {
+        let ProxyWriter {
+            ctx,
+            digest,
+            local,
+            upstream,
+            upstream_store,
+            ..
+        } = *self;
+        // The local commit verifies the data; nothing goes upstream unverified
+        // (an unfinished upstream stream is cancelled when dropped).
+        match local {
+            Some(local) => local.commit().await?,
+            None => {
+                if let Sink::Buffer(buf) = &upstream {
+                    crate::digest::verify(&digest, &Digest::of(digest.function, buf))?;
+                }
+            }
+        }
+        match upstream {
+            Sink::Buffer(buf) => upstream_store
+                .write_many(&ctx, vec![(digest, buf.freeze())])
+                .await
+                .pop()
+                .expect("one result per blob"),
+            Sink::Stream(upstream) => upstream.commit().await,
+        }
+    }
+}

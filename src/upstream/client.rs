@@ -1,0 +1,289 @@
+//! The upstream connection: one HTTP/2 channel (TLS when `grpcs://`),
+//! configured and forwarded headers, instance-name mapping, a limit on
+//! calls in flight, retries with backoff on UNAVAILABLE, and the upstream's
+//! capabilities.
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bazel_remote_apis::build::bazel::remote::execution::v2::{
+    GetCapabilitiesRequest, ServerCapabilities, action_cache_client::ActionCacheClient,
+    capabilities_client::CapabilitiesClient,
+    content_addressable_storage_client::ContentAddressableStorageClient,
+};
+use bazel_remote_apis::google::bytestream::byte_stream_client::ByteStreamClient;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tonic::metadata::{AsciiMetadataKey, AsciiMetadataValue};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::{Code, Request, Response, Status};
+
+use crate::config_upstream::UpstreamConfig;
+use crate::context::RequestContext;
+use crate::error::{Error, Result};
+use crate::stats::{Stats, UpstreamMethod};
+use crate::upstream::health::Health;
+
+/// Largest message accepted from the upstream.
+const MAX_MESSAGE: usize = 64 << 20;
+/// Capabilities are refreshed after this long.
+const CAPABILITIES_TTL: Duration = Duration::from_secs(300);
+/// First retry delay; doubles per attempt.
+const FIRST_RETRY_DELAY: Duration = Duration::from_millis(100);
+/// Batch limit assumed while the upstream's capabilities are unknown.
+const DEFAULT_UPSTREAM_BATCH: u64 = 4 << 20;
+/// Room left in a batch for message framing and digests.
+const BATCH_OVERHEAD: u64 = 64 << 10;
+
+/// A connection to the upstream REAPI server.
+pub struct Upstream {
+    /// The resolved `[upstream]` settings.
+    config: UpstreamConfig,
+    /// The HTTP/2 channel; connects lazily and reconnects by itself.
+    channel: Channel,
+    /// Configured headers, parsed once (values marked sensitive: never logged).
+    headers: Vec<(AsciiMetadataKey, AsciiMetadataValue)>,
+    /// Bounds calls in flight.
+    permits: Arc<Semaphore>,
+    /// Fail-fast state.
+    health: Health,
+    /// Counters.
+    stats: Arc<Stats>,
+    /// Last capabilities answer and when it was fetched.
+    capabilities: Mutex<Option<(Instant, ServerCapabilities)>>,
+}
+
+impl Upstream {
+    /// Sets up the channel; does not connect until the first call.
+    pub fn new(config: UpstreamConfig, stats: Arc<Stats>) -> anyhow::Result<Self> {
+        let mut endpoint = Endpoint::from_shared(config.uri.clone())
+            .with_context(|| format!("invalid upstream endpoint {}", config.uri))?
+            .connect_timeout(config.connect_timeout)
+            .tcp_nodelay(true)
+            .initial_stream_window_size(16 << 20)
+            .initial_connection_window_size(32 << 20)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(20))
+            .keep_alive_while_idle(true);
+        if config.tls {
+            let mut tls = ClientTlsConfig::new();
+            tls = match &config.ca_file {
+                Some(path) => tls.ca_certificate(Certificate::from_pem(
+                    std::fs::read(path)
+                        .with_context(|| format!("cannot read ca_file {}", path.display()))?,
+                )),
+                None => tls.with_native_roots(),
+            };
+            if let Some((cert, key)) = &config.client_identity {
+                let cert = std::fs::read(cert)
+                    .with_context(|| format!("cannot read client_cert {}", cert.display()))?;
+                let key = std::fs::read(key)
+                    .with_context(|| format!("cannot read client_key {}", key.display()))?;
+                tls = tls.identity(Identity::from_pem(cert, key));
+            }
+            endpoint = endpoint
+                .tls_config(tls)
+                .context("invalid upstream TLS settings")?;
+        }
+        let mut headers = Vec::new();
+        for (name, value) in &config.headers {
+            let key: AsciiMetadataKey = name
+                .parse()
+                .with_context(|| format!("invalid upstream header name {name:?}"))?;
+            let mut value: AsciiMetadataValue = value
+                .parse()
+                .with_context(|| format!("invalid value for upstream header {name:?}"))?;
+            value.set_sensitive(true);
+            headers.push((key, value));
+        }
+        Ok(Upstream {
+            channel: endpoint.connect_lazy(),
+            permits: Arc::new(Semaphore::new(config.max_concurrent_calls)),
+            health: Health::new(&config.uri),
+            headers,
+            stats,
+            capabilities: Mutex::new(None),
+            config,
+        })
+    }
+
+    /// The resolved settings.
+    pub fn config(&self) -> &UpstreamConfig {
+        &self.config
+    }
+
+    /// Counters shared with the rest of the server.
+    pub fn stats(&self) -> &Arc<Stats> {
+        &self.stats
+    }
+
+    /// The upstream instance name for this request.
+    pub fn instance(&self, ctx: &RequestContext) -> String {
+        self.config.map_instance(&ctx.instance).to_string()
+    }
+
+    /// Wraps a message with the forwarded and configured headers.
+    pub fn request<T>(&self, ctx: &RequestContext, message: T) -> Request<T> {
+        let mut request = Request::new(message);
+        if self.config.forward_client_headers {
+            *request.metadata_mut() = ctx.headers.clone();
+        }
+        for (key, value) in &self.headers {
+            request.metadata_mut().insert(key.clone(), value.clone());
+        }
+        request
+    }
+
+    /// Like [`Upstream::request`], with the unary deadline.
+    pub fn unary_request<T>(&self, ctx: &RequestContext, message: T) -> Request<T> {
+        let mut request = self.request(ctx, message);
+        request.set_timeout(self.config.rpc_timeout);
+        request
+    }
+
+    /// A CAS client on the shared channel.
+    pub fn cas(&self) -> ContentAddressableStorageClient<Channel> {
+        ContentAddressableStorageClient::new(self.channel.clone())
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE)
+    }
+
+    /// A ByteStream client on the shared channel.
+    pub fn bytestream(&self) -> ByteStreamClient<Channel> {
+        ByteStreamClient::new(self.channel.clone())
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE)
+    }
+
+    /// An ActionCache client on the shared channel.
+    pub fn action_cache(&self) -> ActionCacheClient<Channel> {
+        ActionCacheClient::new(self.channel.clone())
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE)
+    }
+
+    /// Waits for a call slot, failing fast while the upstream is down.
+    pub async fn permit(&self) -> Result<OwnedSemaphorePermit> {
+        self.health.check()?;
+        self.permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| Error::Internal("upstream permits closed".into()))
+    }
+
+    /// Runs one unary upstream call in a call slot (see [`Upstream::call`]).
+    pub async fn unary<T, F, Fut>(&self, method: UpstreamMethod, call: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = std::result::Result<Response<T>, Status>>,
+    {
+        let _permit = self.permit().await?;
+        self.call(method, call).await
+    }
+
+    /// Runs an upstream call (the caller holds a slot), retrying on
+    /// UNAVAILABLE with exponential backoff, with health tracking and
+    /// counting. `call` is invoked once per attempt.
+    pub async fn call<T, F, Fut>(&self, method: UpstreamMethod, mut call: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = std::result::Result<Response<T>, Status>>,
+    {
+        self.health.check()?;
+        let mut delay = FIRST_RETRY_DELAY;
+        let mut attempt = 1;
+        loop {
+            self.stats.upstream_call(method);
+            match call().await {
+                Ok(response) => {
+                    self.health.succeeded();
+                    return Ok(response.into_inner());
+                }
+                Err(status) => {
+                    let retryable = status.code() == Code::Unavailable;
+                    if retryable && attempt < self.config.max_attempts {
+                        Stats::add(&self.stats.upstream_retries, 1);
+                        tracing::debug!(
+                            "upstream {} attempt {attempt} failed: {}; retrying in {delay:?}",
+                            method.name(),
+                            status.message()
+                        );
+                        tokio::time::sleep(delay).await;
+                        delay *= 2;
+                        attempt += 1;
+                        continue;
+                    }
+                    self.record_failure(&status);
+                    return Err(Error::from_upstream(&status));
+                }
+            }
+        }
+    }
+
+    /// Notes a failed call: UNAVAILABLE marks the upstream down.
+    pub fn record_failure(&self, status: &Status) {
+        if status.code() == Code::Unavailable {
+            self.health.failed(status.message());
+        } else {
+            self.health.succeeded();
+        }
+        if status.code() != Code::NotFound {
+            Stats::add(&self.stats.upstream_errors, 1);
+        }
+    }
+
+    /// Notes a successful streaming call.
+    pub fn record_success(&self) {
+        self.health.succeeded();
+    }
+
+    /// The upstream's capabilities (cached, refreshed after a few minutes).
+    pub async fn capabilities(&self, ctx: &RequestContext) -> Result<ServerCapabilities> {
+        if let Some((at, caps)) = &*self.capabilities.lock().unwrap_or_else(|e| e.into_inner())
+            && at.elapsed() < CAPABILITIES_TTL
+        {
+            return Ok(caps.clone());
+        }
+        let instance = self.instance(ctx);
+        let caps = self
+            .unary(UpstreamMethod::GetCapabilities, || {
+                let request = self.unary_request(
+                    ctx,
+                    GetCapabilitiesRequest {
+                        instance_name: instance.clone(),
+                    },
+                );
+                let mut client = CapabilitiesClient::new(self.channel.clone());
+                async move { client.get_capabilities(request).await }
+            })
+            .await?;
+        *self.capabilities.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((Instant::now(), caps.clone()));
+        Ok(caps)
+    }
+
+    /// The capabilities last fetched, if any (never calls the upstream).
+    pub fn cached_capabilities(&self) -> Option<ServerCapabilities> {
+        self.capabilities
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|(_, caps)| caps.clone())
+    }
+
+    /// Bytes of blob data that fit in one Batch* call to the upstream.
+    pub fn batch_limit(&self) -> u64 {
+        let advertised = self
+            .cached_capabilities()
+            .and_then(|c| c.cache_capabilities)
+            .map(|c| c.max_batch_total_size_bytes)
+            .filter(|&n| n > 0)
+            .map_or(DEFAULT_UPSTREAM_BATCH, |n| n as u64);
+        // Even an unlimited upstream is bound by gRPC's default 4 MiB messages.
+        advertised
+            .min(DEFAULT_UPSTREAM_BATCH)
+            .saturating_sub(BATCH_OVERHEAD)
+    }
+}

@@ -1,0 +1,12 @@
+//! Talking to the one upstream REAPI cluster.
+//!
+//! - [`client`]: the connection (TLS, headers, instance mapping), concurrency
+//!   limit, retries with backoff, and capabilities.
+//! - [`health`]: fail fast while the upstream is down, recover by itself.
+//! - [`batcher`]: group commit that merges concurrent requests into few calls.
+
+pub mod batcher;
+pub mod client;
+pub mod health;
+
+pub use client::Upstream;
