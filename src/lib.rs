@@ -10,6 +10,7 @@
 //! - [`config_upstream`]: the `[upstream]` and `[metrics]` sections.
 //! - [`context`]: per-request instance name and forwardable headers.
 //! - [`digest`]: validated digests and incremental hashing.
+//! - [`metrics`]: Prometheus text at `/metrics`.
 //! - [`resource`]: ByteStream resource-name parsing.
 //! - [`error`]: the crate's error type and its one mapping to gRPC status.
 //! - [`stats`]: counters behind `outpost stats` and `/metrics`.
@@ -21,6 +22,7 @@ pub mod config_upstream;
 pub mod context;
 pub mod digest;
 pub mod error;
+pub mod metrics;
 pub mod resource;
 pub mod server;
 pub mod service;

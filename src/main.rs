@@ -178,6 +178,59 @@ async fn stats(args: StatsArgs) -> anyhow::Result<()> {
         s.evicted_blobs,
         human_bytes(s.evicted_bytes)
     );
+    if s.upstream.is_empty() {
+        println!("upstream:        none (standalone cache)");
+        return Ok(());
+    }
+    let avg = |n: u64, calls: u64| {
+        if calls == 0 {
+            0.0
+        } else {
+            n as f64 / calls as f64
+        }
+    };
+    println!("upstream:        {}", s.upstream);
+    let calls: Vec<String> = s
+        .upstream_calls
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(m, n)| format!("{m} {n}"))
+        .collect();
+    println!(
+        "  calls:         {} ({} failed)",
+        if calls.is_empty() {
+            "none".to_string()
+        } else {
+            calls.join(", ")
+        },
+        s.upstream_errors
+    );
+    println!(
+        "  bytes:         {} sent, {} received",
+        human_bytes(s.upstream_bytes_sent),
+        human_bytes(s.upstream_bytes_received)
+    );
+    println!(
+        "  existence:     {} digests answered from cache, {} asked upstream",
+        s.existence_cache_hits, s.existence_cache_misses
+    );
+    println!(
+        "  fetches:       {} into the local store, {} reads joined one in flight",
+        s.upstream_fetches, s.single_flight_joins
+    );
+    println!(
+        "  uploads:       {} blobs sent from the local store",
+        s.uploads_from_local
+    );
+    println!(
+        "  batching:      FindMissingBlobs {} calls (avg {:.1} digests), BatchRead {} (avg {:.1}), BatchUpdate {} (avg {:.1})",
+        s.fmb_batches,
+        avg(s.fmb_batched_digests, s.fmb_batches),
+        s.read_batches,
+        avg(s.read_batched_blobs, s.read_batches),
+        s.write_batches,
+        avg(s.write_batched_blobs, s.write_batches)
+    );
     Ok(())
 }
 

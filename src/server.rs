@@ -123,11 +123,11 @@ impl RunningServer {
             }
             Some(upstream_config) => proxy_stack(upstream_config, &local, &stats)?,
         };
-        let actions = Arc::new(CompleteActionResults::new(
-            results,
-            blobs.clone(),
-            stats.clone(),
-        ));
+        let local_blobs: Arc<dyn BlobStore> = Arc::new(local.clone());
+        let actions = Arc::new(
+            CompleteActionResults::new(results, blobs.clone(), stats.clone())
+                .with_fallback(local_blobs),
+        );
         let backend = Backend {
             blobs,
             actions,
@@ -142,7 +142,11 @@ impl RunningServer {
             cas: Arc::new(CasService::new(backend.clone())),
             bytestream: Arc::new(ByteStreamService::new(backend.clone())),
             action_cache: Arc::new(ActionCacheService::new(backend)),
-            admin: Arc::new(AdminService::new(local.clone(), stats)),
+            admin: Arc::new(AdminService::new(
+                local.clone(),
+                stats.clone(),
+                config.upstream.as_ref().map(|u| u.uri.clone()),
+            )),
             max_message: config.max_batch_total_size_bytes as usize + (1 << 20),
         };
 
@@ -162,6 +166,17 @@ impl RunningServer {
                 .context("TCP server failed")
         });
         tracing::info!("serving REAPI on grpc://{addr}");
+
+        if let Some(addr) = config.metrics_listen {
+            let listener = crate::metrics::bind(addr).await?;
+            let (stats, local) = (stats.clone(), local.clone());
+            tasks.spawn(crate::metrics::serve(
+                listener,
+                stats,
+                local,
+                shutdown.clone(),
+            ));
+        }
 
         if let Some(path) = &config.unix_socket {
             let incoming = bind_unix(path)?;

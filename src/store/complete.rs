@@ -26,6 +26,9 @@ pub struct CompleteActionResults {
     results: Arc<dyn ActionResultStore>,
     /// Where their outputs must be present.
     blobs: Arc<dyn BlobStore>,
+    /// Checked instead when `blobs` is unavailable (the upstream is down):
+    /// the local store, so local hits keep being served.
+    fallback: Option<Arc<dyn BlobStore>>,
     /// Counts results dropped as stale.
     stats: Arc<Stats>,
 }
@@ -40,8 +43,34 @@ impl CompleteActionResults {
         CompleteActionResults {
             results,
             blobs,
+            fallback: None,
             stats,
         }
+    }
+
+    /// Also accepts results whose outputs `fallback` holds when the main
+    /// blob store is unavailable.
+    pub fn with_fallback(mut self, fallback: Arc<dyn BlobStore>) -> Self {
+        self.fallback = Some(fallback);
+        self
+    }
+}
+
+/// The blobs `result` references that `blobs` lacks (the action digest
+/// stands for a missing Tree or Directory).
+async fn missing_outputs(
+    blobs: &dyn BlobStore,
+    ctx: &RequestContext,
+    key: &ActionKey,
+    result: &ActionResult,
+) -> Result<Vec<Digest>> {
+    match referenced_blobs(blobs, ctx, key.action.function, result).await {
+        Ok(digests) => blobs.find_missing(ctx, &digests).await,
+        Err(Error::NotFound(why)) => {
+            tracing::debug!("action result {} is incomplete: {why}", key.action);
+            Ok(vec![key.action])
+        }
+        Err(e) => Err(e),
     }
 }
 
@@ -120,14 +149,16 @@ impl ActionResultStore for CompleteActionResults {
         let Some(result) = self.results.get_action_result(ctx, key).await? else {
             return Ok(None);
         };
-        let referenced = referenced_blobs(&*self.blobs, ctx, key.action.function, &result).await;
-        let missing = match referenced {
-            Ok(digests) => self.blobs.find_missing(ctx, &digests).await?,
-            Err(Error::NotFound(why)) => {
-                tracing::debug!("action result {} is incomplete: {why}", key.action);
-                vec![key.action]
+        let missing = match missing_outputs(&*self.blobs, ctx, key, &result).await {
+            Err(Error::Unavailable(why)) if self.fallback.is_some() => {
+                tracing::debug!(
+                    "checking {} against the local store only: {why}",
+                    key.action
+                );
+                let local = self.fallback.as_deref().expect("checked");
+                missing_outputs(local, ctx, key, &result).await?
             }
-            Err(e) => return Err(e),
+            other => other?,
         };
         if missing.is_empty() {
             return Ok(Some(result));
