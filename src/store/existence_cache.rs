@@ -176,3 +176,63 @@ impl BlobWriter for NotingWriter {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::memory::{MemoryStore, count};
+
+    fn cache(inner: Arc<MemoryStore>, ttl: Duration) -> ExistenceCache {
+        ExistenceCache::new(inner, ttl, 1000, Arc::new(Stats::default()))
+    }
+
+    #[tokio::test]
+    async fn repeated_checks_within_the_ttl_cost_no_inner_call() {
+        let inner = Arc::new(MemoryStore::default());
+        let present = inner.insert(b"present");
+        let absent = Digest::of(crate::digest::DigestFunction::Sha256, b"absent");
+        let cache = cache(inner.clone(), Duration::from_secs(60));
+        let ctx = RequestContext::for_instance("i");
+        for _ in 0..3 {
+            assert_eq!(
+                cache.find_missing(&ctx, &[present, absent]).await.unwrap(),
+                vec![absent]
+            );
+        }
+        // First call asks about both; later calls only about the absent one.
+        assert_eq!(count(&inner.find_missing_calls), 3);
+        assert_eq!(count(&inner.find_missing_digests), 4);
+        // Another instance name is asked separately.
+        let other = RequestContext::for_instance("j");
+        cache.find_missing(&other, &[present]).await.unwrap();
+        assert_eq!(count(&inner.find_missing_digests), 5);
+    }
+
+    #[tokio::test]
+    async fn entries_expire_after_the_ttl() {
+        let inner = Arc::new(MemoryStore::default());
+        let present = inner.insert(b"present");
+        let cache = cache(inner.clone(), Duration::from_millis(50));
+        let ctx = RequestContext::default();
+        cache.find_missing(&ctx, &[present]).await.unwrap();
+        cache.find_missing(&ctx, &[present]).await.unwrap();
+        assert_eq!(count(&inner.find_missing_calls), 1);
+        tokio::time::sleep(Duration::from_millis(80)).await;
+        cache.find_missing(&ctx, &[present]).await.unwrap();
+        assert_eq!(count(&inner.find_missing_calls), 2);
+    }
+
+    #[tokio::test]
+    async fn committed_writes_are_remembered() {
+        let inner = Arc::new(MemoryStore::default());
+        let cache = cache(inner.clone(), Duration::from_secs(60));
+        let ctx = RequestContext::default();
+        let data = Bytes::from_static(b"new blob");
+        let d = Digest::of(crate::digest::DigestFunction::Sha256, &data);
+        crate::store::write_bytes(&cache, &ctx, &d, data)
+            .await
+            .unwrap();
+        assert!(cache.find_missing(&ctx, &[d]).await.unwrap().is_empty());
+        assert_eq!(count(&inner.find_missing_calls), 0);
+    }
+}

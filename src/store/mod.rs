@@ -21,6 +21,8 @@ pub mod index;
 pub mod keys;
 pub mod local;
 pub mod local_io;
+#[cfg(test)]
+pub mod memory;
 pub mod proxy;
 pub mod proxy_ac;
 pub mod upstream;

@@ -367,3 +367,147 @@ impl BlobWriter for ProxyWriter {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::digest::DigestFunction;
+    use crate::store::local::LocalStoreOptions;
+    use crate::store::memory::{MemoryStore, count};
+    use std::time::Duration;
+
+    fn local(dir: &std::path::Path) -> LocalStore {
+        let options = LocalStoreOptions {
+            dir: dir.to_path_buf(),
+            quota_bytes: 1 << 30,
+            inline_limit: 1 << 20,
+            sync: false,
+        };
+        LocalStore::open(options, Arc::new(Stats::default())).unwrap()
+    }
+
+    fn blob(len: usize, seed: u8) -> Bytes {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_reads_of_a_missing_blob_share_one_fetch() {
+        let dir = tempfile::tempdir().unwrap();
+        let upstream = Arc::new(MemoryStore::default());
+        *upstream.read_delay.lock().unwrap() = Duration::from_millis(100);
+        let data = blob(3 << 20, 1);
+        let d = upstream.insert(&data);
+        let stats = Arc::new(Stats::default());
+        let proxy = Arc::new(ProxyStore::new(
+            local(dir.path()),
+            upstream.clone(),
+            stats.clone(),
+        ));
+        let readers: Vec<_> = (0..50)
+            .map(|_| {
+                let proxy = proxy.clone();
+                tokio::spawn(async move {
+                    let ctx = RequestContext::default();
+                    crate::store::read_to_bytes(&*proxy, &ctx, &d)
+                        .await
+                        .unwrap()
+                })
+            })
+            .collect();
+        for r in readers {
+            assert_eq!(r.await.unwrap(), data);
+        }
+        assert_eq!(count(&upstream.reads), 1, "one upstream transfer");
+        assert_eq!(Stats::get(&stats.upstream_fetches), 1);
+        assert_eq!(Stats::get(&stats.single_flight_joins), 49);
+        // Now local: no further upstream reads.
+        let ctx = RequestContext::default();
+        crate::store::read_to_bytes(&*proxy, &ctx, &d)
+            .await
+            .unwrap();
+        assert_eq!(count(&upstream.reads), 1);
+    }
+
+    #[tokio::test]
+    async fn find_missing_uploads_what_only_the_proxy_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let upstream = Arc::new(MemoryStore::default());
+        let local = local(dir.path());
+        let ctx = RequestContext::default();
+        let small = blob(100, 2);
+        let large = blob(2 << 20, 3);
+        let ds = Digest::of(DigestFunction::Sha256, &small);
+        let dl = Digest::of(DigestFunction::Sha256, &large);
+        let nowhere = Digest::of(DigestFunction::Sha256, b"nowhere");
+        local.write_many(&ctx, vec![(ds, small), (dl, large)]).await;
+        let stats = Arc::new(Stats::default());
+        let proxy = ProxyStore::new(local, upstream.clone(), stats.clone());
+        let missing = proxy.find_missing(&ctx, &[ds, dl, nowhere]).await.unwrap();
+        assert_eq!(missing, vec![nowhere]);
+        assert!(upstream.has(&ds) && upstream.has(&dl));
+        assert_eq!(Stats::get(&stats.uploads_from_local), 2);
+    }
+
+    #[tokio::test]
+    async fn writes_go_to_both_and_bad_data_to_neither() {
+        let dir = tempfile::tempdir().unwrap();
+        let upstream = Arc::new(MemoryStore::default());
+        let proxy = ProxyStore::new(
+            local(dir.path()),
+            upstream.clone(),
+            Arc::new(Stats::default()),
+        );
+        let ctx = RequestContext::default();
+        for len in [10, 3 << 20] {
+            let data = blob(len, 4);
+            let d = Digest::of(DigestFunction::Sha256, &data);
+            crate::store::write_bytes(&proxy, &ctx, &d, data.clone())
+                .await
+                .unwrap();
+            assert!(upstream.has(&d));
+            assert!(
+                proxy
+                    .local
+                    .find_missing(&ctx, &[d])
+                    .await
+                    .unwrap()
+                    .is_empty()
+            );
+            let mut wrong = data.to_vec();
+            wrong[0] ^= 1;
+            let dw = Digest::of(DigestFunction::Sha256, &blob(len, 5));
+            let err = crate::store::write_bytes(&proxy, &ctx, &dw, Bytes::from(wrong)).await;
+            assert!(matches!(err, Err(Error::InvalidArgument(_))), "{err:?}");
+            assert!(!upstream.has(&dw));
+        }
+    }
+
+    #[tokio::test]
+    async fn local_hits_are_served_while_the_upstream_is_down() {
+        let dir = tempfile::tempdir().unwrap();
+        let upstream = Arc::new(MemoryStore::default());
+        let proxy = ProxyStore::new(
+            local(dir.path()),
+            upstream.clone(),
+            Arc::new(Stats::default()),
+        );
+        let ctx = RequestContext::default();
+        let data = blob(1000, 6);
+        let d = Digest::of(DigestFunction::Sha256, &data);
+        crate::store::write_bytes(&proxy, &ctx, &d, data.clone())
+            .await
+            .unwrap();
+        upstream
+            .down
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(
+            crate::store::read_to_bytes(&proxy, &ctx, &d).await.unwrap(),
+            data
+        );
+        let other = Digest::of(DigestFunction::Sha256, b"elsewhere");
+        let err = crate::store::read_to_bytes(&proxy, &ctx, &other).await;
+        assert!(matches!(err, Err(Error::Unavailable(_))), "{err:?}");
+    }
+}
