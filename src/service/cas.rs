@@ -1,6 +1,6 @@
 //! ContentAddressableStorage: FindMissingBlobs, Batch{Update,Read}Blobs, GetTree.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::HashSet;
 use std::pin::Pin;
 
 use bazel_remote_apis::build::bazel::remote::execution::v2::{
@@ -20,7 +20,6 @@ use crate::context::RequestContext;
 use crate::digest::{Digest, DigestFunction};
 use crate::error::{Error, Result, ok_rpc_status};
 use crate::service::Backend;
-use crate::store::read_to_bytes;
 
 /// Directories per GetTree page when the client does not ask for a size.
 const DEFAULT_TREE_PAGE: usize = 1000;
@@ -168,6 +167,8 @@ fn parse_page_token(token: &str) -> Result<usize> {
 
 /// Streams the directories under `root` breadth-first, deduplicated,
 /// starting after `skip` of them, in pages of at most `page` directories.
+/// Each level of the tree is read with one `read_many`, so through the
+/// upstream proxy a tree costs one round trip per level, not per directory.
 async fn stream_tree(
     backend: Backend,
     ctx: RequestContext,
@@ -176,58 +177,65 @@ async fn stream_tree(
     page: usize,
     tx: tokio::sync::mpsc::Sender<std::result::Result<GetTreeResponse, Status>>,
 ) {
-    let mut queue = VecDeque::from([root]);
+    if let Err(e) = walk_tree(&backend, &ctx, root, skip, page, &tx).await {
+        let _ = tx.send(Err(e.into())).await;
+    }
+}
+
+async fn walk_tree(
+    backend: &Backend,
+    ctx: &RequestContext,
+    root: Digest,
+    skip: usize,
+    page: usize,
+    tx: &tokio::sync::mpsc::Sender<std::result::Result<GetTreeResponse, Status>>,
+) -> Result<()> {
+    let mut level = vec![root];
     let mut seen = HashSet::from([root]);
     let mut position = 0usize;
     let mut current = GetTreeResponse::default();
     let mut current_bytes = 0usize;
-    while let Some(digest) = queue.pop_front() {
-        let dir = match read_to_bytes(&*backend.blobs, &ctx, &digest).await {
-            Ok(bytes) => match Directory::decode(bytes) {
-                Ok(dir) => dir,
-                Err(e) => {
-                    let _ = tx.send(Err(Error::from(e).into())).await;
-                    return;
-                }
-            },
-            // The spec: return the part of the tree that is present.
-            Err(Error::NotFound(_)) if digest != root => continue,
-            Err(e) => {
-                let _ = tx.send(Err(e.into())).await;
-                return;
-            }
-        };
-        for child in &dir.directories {
-            match Digest::from_proto(root.function, child.digest.as_ref()) {
-                Ok(d) if seen.insert(d) => queue.push_back(d),
-                Ok(_) => {}
-                Err(e) => {
-                    let _ = tx.send(Err(e.into())).await;
-                    return;
-                }
-            }
-        }
-        position += 1;
-        if position <= skip {
-            continue;
-        }
-        current_bytes += dir.encoded_len();
-        current.directories.push(dir);
-        if current.directories.len() >= page || current_bytes >= MAX_TREE_PAGE_BYTES {
-            current.next_page_token = if queue.is_empty() {
-                String::new()
-            } else {
-                position.to_string()
+    while !level.is_empty() {
+        let reads = backend.blobs.read_many(ctx, &level).await;
+        let mut next = Vec::new();
+        for (i, (digest, read)) in level.iter().zip(reads).enumerate() {
+            let dir = match read {
+                Ok(bytes) => Directory::decode(bytes)?,
+                // The spec: return the part of the tree that is present.
+                Err(Error::NotFound(_)) if *digest != root => continue,
+                Err(e) => return Err(e),
             };
-            if tx.send(Ok(std::mem::take(&mut current))).await.is_err() {
-                return;
+            for child in &dir.directories {
+                let d = Digest::from_proto(root.function, child.digest.as_ref())?;
+                if seen.insert(d) {
+                    next.push(d);
+                }
             }
-            current_bytes = 0;
+            position += 1;
+            if position <= skip {
+                continue;
+            }
+            current_bytes += dir.encoded_len();
+            current.directories.push(dir);
+            if current.directories.len() >= page || current_bytes >= MAX_TREE_PAGE_BYTES {
+                let more = i + 1 < level.len() || !next.is_empty();
+                current.next_page_token = if more {
+                    position.to_string()
+                } else {
+                    String::new()
+                };
+                if tx.send(Ok(std::mem::take(&mut current))).await.is_err() {
+                    return Ok(());
+                }
+                current_bytes = 0;
+            }
         }
+        level = next;
     }
     if !current.directories.is_empty() || position <= skip {
         let _ = tx.send(Ok(current)).await;
     }
+    Ok(())
 }
 
 type TreeStream = Pin<Box<dyn Stream<Item = std::result::Result<GetTreeResponse, Status>> + Send>>;
