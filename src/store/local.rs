@@ -307,22 +307,31 @@ impl Inner {
         Ok(())
     }
 
-    /// Commits many verified small blobs in one write batch.
+    /// Commits many verified small blobs in one write batch. Room is reserved
+    /// only for blobs not stored yet; the others are just marked used, so
+    /// uploading them again evicts nothing.
     fn commit_inline_batch(self: &Arc<Self>, blobs: &[(Digest, Bytes)]) -> Result<()> {
-        if blobs.is_empty() {
+        let mut seen = std::collections::HashSet::with_capacity(blobs.len());
+        let new: Vec<&(Digest, Bytes)> = {
+            let mut index = self.lock_index();
+            blobs
+                .iter()
+                .filter(|(d, _)| index.touch(&blob_key(d)).is_none() && seen.insert(*d))
+                .collect()
+        };
+        if new.is_empty() {
             return Ok(());
         }
-        let total: u64 = blobs.iter().map(|(d, _)| d.size).sum();
+        let total: u64 = new.iter().map(|(d, _)| d.size).sum();
         let reservation = self.reserve(total)?;
         let mut index = self.lock_index();
         let now = now_secs();
         let mut batch = WriteBatch::default();
-        let mut fresh = Vec::with_capacity(blobs.len());
-        let mut seen = std::collections::HashSet::with_capacity(blobs.len());
-        for (digest, data) in blobs {
+        let mut fresh = Vec::with_capacity(new.len());
+        for (digest, data) in new {
             let key = blob_key(digest);
-            if index.touch(&key).is_some() || !seen.insert(*digest) {
-                continue;
+            if index.touch(&key).is_some() {
+                continue; // a concurrent write stored it meanwhile
             }
             let entry = Entry {
                 kind: EntryKind::InlineBlob,

@@ -15,6 +15,7 @@ use crate::error::{Error, Result};
 use crate::stats::Stats;
 use crate::store::files::FileArea;
 use crate::store::index::Index;
+use crate::store::keys::blob_key;
 use crate::store::local::{Inner, PinGuard};
 use crate::store::{BlobWriter, ChunkStream};
 
@@ -78,6 +79,8 @@ pub(crate) enum Payload {
 enum Sink {
     Memory(BytesMut),
     File(TempFile),
+    /// The blob is already stored (or is the empty blob): only verify.
+    Discard,
 }
 
 /// Writes one blob into the local store, hashing as it goes.
@@ -86,15 +89,17 @@ pub(crate) struct LocalWriter {
     digest: Digest,
     hasher: Hasher,
     sink: Sink,
-    /// `None` for the empty blob, which is never stored.
+    /// `None` when nothing will be stored: the blob is already there, or empty.
     reservation: Option<Reservation>,
 }
 
 impl LocalWriter {
-    /// Reserves quota (evicting if needed) and opens the sink.
+    /// Reserves quota (evicting if needed) and opens the sink. A blob that is
+    /// already stored needs no room, so writing it again evicts nothing.
     pub(crate) fn new(inner: &Arc<Inner>, digest: Digest) -> Result<Self> {
-        let (sink, reservation) = if digest.size == 0 {
-            (Sink::Memory(BytesMut::new()), None)
+        let present = digest.size == 0 || inner.lock_index().touch(&blob_key(&digest)).is_some();
+        let (sink, reservation) = if present {
+            (Sink::Discard, None)
         } else {
             let reservation = inner.reserve(digest.size)?;
             let sink = if digest.size <= inner.inline_limit {
@@ -136,6 +141,7 @@ impl BlobWriter for LocalWriter {
                 .as_mut()
                 .expect("open until commit")
                 .write_all(&data)?,
+            Sink::Discard => {}
         }
         Ok(())
     }
@@ -157,11 +163,12 @@ impl BlobWriter for LocalWriter {
             return Err(e);
         }
         let Some(reservation) = reservation else {
-            return Ok(()); // the empty blob is always present
+            return Ok(()); // already stored, or the empty blob
         };
         let payload = match sink {
             Sink::Memory(buf) => Payload::Inline(buf.freeze()),
             Sink::File(tmp) => Payload::File(tmp),
+            Sink::Discard => unreachable!("a discarding writer holds no reservation"),
         };
         inner.commit_blob(&digest, payload, reservation)
     }

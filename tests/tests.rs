@@ -1,0 +1,19 @@
+//! Black-box tests: each starts a real Outpost (in process on 127.0.0.1:0, or
+//! the `outpost` binary where a separate process is needed) and talks REAPI to
+//! it over gRPC. One file per topic in `tests/suite/`; the shared fixture is
+//! in `tests/common/`.
+
+mod common;
+
+mod suite {
+    mod action_cache;
+    mod bad_input;
+    mod bytestream;
+    mod capabilities;
+    mod cas;
+    mod crash;
+    mod eviction;
+    mod large_blob;
+    mod persistence;
+    mod unix_socket;
+}
