@@ -5,14 +5,19 @@
 //! FindMissingBlobs answer, a successful write or a read). The TTL must stay
 //! below the upstream's minimum retention, so a remembered blob is really
 //! still there. Memory is bounded by an LRU of `capacity` entries.
+//!
+//! A digest that is already being asked about (by a concurrent call) is not
+//! asked again: the later caller waits for that answer.
 
 use std::collections::hash_map::DefaultHasher;
+use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use futures::future::{BoxFuture, FutureExt, Shared};
 use lru::LruCache;
 
 use crate::context::RequestContext;
@@ -21,12 +26,20 @@ use crate::error::Result;
 use crate::stats::Stats;
 use crate::store::{BlobStore, BlobWriter, ChunkStream};
 
+/// One question to the inner store: the digests it said were missing.
+type Answer = Shared<BoxFuture<'static, Result<Arc<HashSet<Digest>>>>>;
+
+/// Known digests: (hash of instance name, digest) → when confirmed.
+type Known = Arc<Mutex<LruCache<(u64, Digest), Instant>>>;
+
 /// Remembers confirmed digests of an inner store for a while.
 pub struct ExistenceCache {
     inner: Arc<dyn BlobStore>,
     ttl: Duration,
     /// (hash of instance name, digest) → when the store confirmed it.
-    known: Arc<Mutex<LruCache<(u64, Digest), Instant>>>,
+    known: Known,
+    /// Digests being asked about right now, and the question's answer.
+    asking: Arc<Mutex<HashMap<(u64, Digest), Answer>>>,
     stats: Arc<Stats>,
 }
 
@@ -49,6 +62,7 @@ impl ExistenceCache {
             inner,
             ttl,
             known: Arc::new(Mutex::new(LruCache::new(capacity))),
+            asking: Arc::new(Mutex::new(HashMap::new())),
             stats,
         }
     }
@@ -57,13 +71,34 @@ impl ExistenceCache {
     pub fn note_present(&self, ctx: &RequestContext, digests: impl IntoIterator<Item = Digest>) {
         note(&self.known, instance_key(ctx), digests);
     }
+
+    /// Asks the inner store about `digests`; the answer is shared with
+    /// concurrent callers and recorded in the cache.
+    fn ask(&self, ctx: &RequestContext, instance: u64, digests: Vec<Digest>) -> Answer {
+        let (inner, known, asking) = (self.inner.clone(), self.known.clone(), self.asking.clone());
+        let ctx = ctx.clone();
+        async move {
+            let result = inner.find_missing(&ctx, &digests).await;
+            {
+                let mut asking = asking.lock().unwrap_or_else(|e| e.into_inner());
+                for d in &digests {
+                    asking.remove(&(instance, *d));
+                }
+            }
+            let missing: HashSet<Digest> = result?.into_iter().collect();
+            note(
+                &known,
+                instance,
+                digests.into_iter().filter(|d| !missing.contains(d)),
+            );
+            Ok(Arc::new(missing))
+        }
+        .boxed()
+        .shared()
+    }
 }
 
-fn note(
-    known: &Mutex<LruCache<(u64, Digest), Instant>>,
-    instance: u64,
-    digests: impl IntoIterator<Item = Digest>,
-) {
+fn note(known: &Known, instance: u64, digests: impl IntoIterator<Item = Digest>) {
     let now = Instant::now();
     let mut known = known.lock().unwrap_or_else(|e| e.into_inner());
     for d in digests {
@@ -75,35 +110,51 @@ fn note(
 impl BlobStore for ExistenceCache {
     async fn find_missing(&self, ctx: &RequestContext, digests: &[Digest]) -> Result<Vec<Digest>> {
         let instance = instance_key(ctx);
-        let unknown: Vec<Digest> = {
+        // Which question answers each digest that is not known to be present.
+        let mut pending: HashMap<Digest, Answer> = HashMap::new();
+        let mut mine = Vec::new();
+        {
             let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
-            digests
-                .iter()
-                .filter(|d| match known.get(&(instance, **d)) {
-                    Some(at) if at.elapsed() < self.ttl => false,
+            let mut asking = self.asking.lock().unwrap_or_else(|e| e.into_inner());
+            for d in digests {
+                if pending.contains_key(d) || mine.contains(d) {
+                    continue;
+                }
+                match known.get(&(instance, *d)) {
+                    Some(at) if at.elapsed() < self.ttl => continue,
                     Some(_) => {
-                        known.pop(&(instance, **d));
-                        true
+                        known.pop(&(instance, *d));
                     }
-                    None => true,
-                })
-                .copied()
-                .collect()
-        };
+                    None => {}
+                }
+                match asking.get(&(instance, *d)) {
+                    Some(answer) => {
+                        pending.insert(*d, answer.clone());
+                    }
+                    None => mine.push(*d),
+                }
+            }
+            if !mine.is_empty() {
+                let answer = self.ask(ctx, instance, mine.clone());
+                for d in &mine {
+                    asking.insert((instance, *d), answer.clone());
+                    pending.insert(*d, answer.clone());
+                }
+            }
+        }
         Stats::add(
             &self.stats.existence_cache_hits,
-            (digests.len() - unknown.len()) as u64,
+            (digests.len() - mine.len()) as u64,
         );
-        Stats::add(&self.stats.existence_cache_misses, unknown.len() as u64);
-        if unknown.is_empty() {
-            return Ok(Vec::new());
+        Stats::add(&self.stats.existence_cache_misses, mine.len() as u64);
+        let mut missing = Vec::new();
+        for d in digests {
+            if let Some(answer) = pending.get(d)
+                && answer.clone().await?.contains(d)
+            {
+                missing.push(*d);
+            }
         }
-        let missing = self.inner.find_missing(ctx, &unknown).await?;
-        let missing_set: std::collections::HashSet<&Digest> = missing.iter().collect();
-        self.note_present(
-            ctx,
-            unknown.iter().filter(|d| !missing_set.contains(d)).copied(),
-        );
         Ok(missing)
     }
 
@@ -155,7 +206,7 @@ impl BlobStore for ExistenceCache {
 /// Notes the digest as present once the inner write commits.
 struct NotingWriter {
     inner: Box<dyn BlobWriter>,
-    known: Arc<Mutex<LruCache<(u64, Digest), Instant>>>,
+    known: Known,
     instance: u64,
     digest: Digest,
 }
@@ -206,6 +257,32 @@ mod tests {
         let other = RequestContext::for_instance("j");
         cache.find_missing(&other, &[present]).await.unwrap();
         assert_eq!(count(&inner.find_missing_digests), 5);
+    }
+
+    #[tokio::test]
+    async fn concurrent_checks_share_one_question() {
+        let inner = Arc::new(MemoryStore::default());
+        *inner.read_delay.lock().unwrap() = Duration::from_millis(50);
+        let digests: Vec<Digest> = (0..100u32)
+            .map(|i| inner.insert(&i.to_le_bytes()))
+            .collect();
+        let cache = Arc::new(cache(inner.clone(), Duration::from_secs(60)));
+        let tasks: Vec<_> = (0..20)
+            .map(|_| {
+                let (cache, digests) = (cache.clone(), digests.clone());
+                tokio::spawn(async move {
+                    cache
+                        .find_missing(&RequestContext::default(), &digests)
+                        .await
+                        .unwrap()
+                })
+            })
+            .collect();
+        for t in tasks {
+            assert!(t.await.unwrap().is_empty());
+        }
+        assert_eq!(count(&inner.find_missing_calls), 1);
+        assert_eq!(count(&inner.find_missing_digests), 100);
     }
 
     #[tokio::test]

@@ -30,7 +30,7 @@ pub struct MemoryStore {
     pub read_many_calls: AtomicU64,
     /// When set, every call fails UNAVAILABLE.
     pub down: std::sync::atomic::AtomicBool,
-    /// Delay added to reads.
+    /// Delay added to reads and existence checks.
     pub read_delay: Mutex<Duration>,
 }
 
@@ -77,6 +77,7 @@ impl BlobStore for MemoryStore {
         self.find_missing_calls.fetch_add(1, Ordering::SeqCst);
         self.find_missing_digests
             .fetch_add(digests.len() as u64, Ordering::SeqCst);
+        self.delay().await;
         let blobs = self.blobs.lock().unwrap();
         Ok(digests
             .iter()

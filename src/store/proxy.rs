@@ -182,7 +182,20 @@ async fn fetch_into(
             .pop()
             .expect("one result per blob");
     }
-    copy_blob(upstream, local, ctx, digest).await
+    // The local writer verifies; a mismatch here is the upstream's fault,
+    // not the client's, so it must not come back as INVALID_ARGUMENT.
+    let corrupt = |e: Error| match e {
+        Error::InvalidArgument(why) => {
+            Error::Unavailable(format!("upstream sent corrupt data for {digest}: {why}"))
+        }
+        e => e,
+    };
+    let mut stream = upstream.read(ctx, digest, 0, 0).await?;
+    let mut writer = local.begin_write(ctx, digest).await?;
+    while let Some(chunk) = stream.try_next().await? {
+        writer.write(chunk).await.map_err(corrupt)?;
+    }
+    writer.commit().await.map_err(corrupt)
 }
 
 #[async_trait]

@@ -16,7 +16,6 @@ use bazel_remote_apis::build::bazel::remote::execution::v2::{
 };
 use bazel_remote_apis::google::bytestream::{ReadRequest, WriteRequest, WriteResponse};
 use bytes::Bytes;
-use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
@@ -29,6 +28,7 @@ use crate::stats::{Stats, UpstreamMethod};
 use crate::store::{ActionKey, ActionResultStore, BlobStore, BlobWriter, ChunkStream};
 use crate::upstream::Upstream;
 use crate::upstream::batcher::{Batcher, Limits};
+use crate::upstream::client::is_transient;
 
 /// Digests per FindMissingBlobs call (about 0.8 MB of request).
 const FMB_MAX_DIGESTS: usize = 10_000;
@@ -348,34 +348,46 @@ impl BlobStore for UpstreamStore {
         offset: u64,
         limit: u64,
     ) -> Result<ChunkStream> {
-        let up = &self.upstream;
-        let permit = up.permit().await?;
-        let message = ReadRequest {
-            resource_name: read_resource(&up.instance(ctx), digest),
-            read_offset: offset as i64,
-            read_limit: limit as i64,
+        let end = match limit {
+            0 => digest.size,
+            n => digest.size.min(offset.saturating_add(n)),
         };
-        let stream = up
-            .call(UpstreamMethod::ByteStreamRead, || {
-                let mut bytestream = up.bytestream();
-                let request = up.request(ctx, message.clone());
-                async move { bytestream.read(request).await }
-            })
-            .await?;
-        let up = up.clone();
-        Ok(Box::pin(stream.map(move |message| {
-            let _permit = &permit;
-            match message {
-                Ok(m) => {
-                    Stats::add(&up.stats().upstream_bytes_received, m.data.len() as u64);
-                    Ok(Bytes::from(m.data))
+        let permit = self.upstream.permit().await?;
+        let reader = ResumingRead {
+            upstream: self.upstream.clone(),
+            ctx: ctx.clone(),
+            digest: *digest,
+            position: offset,
+            end,
+            resumes: 0,
+        };
+        let first = reader.open().await?;
+        let state = Some((reader, first, permit));
+        Ok(Box::pin(futures::stream::unfold(
+            state,
+            |state| async move {
+                let (mut reader, mut stream, permit) = state?;
+                loop {
+                    match stream.message().await {
+                        Ok(Some(message)) => {
+                            let n = message.data.len() as u64;
+                            reader.position += n;
+                            Stats::add(&reader.upstream.stats().upstream_bytes_received, n);
+                            let chunk = Ok(Bytes::from(message.data));
+                            return Some((chunk, Some((reader, stream, permit))));
+                        }
+                        Ok(None) => return None,
+                        Err(status) => {
+                            reader.upstream.record_error(&status);
+                            match reader.resume(&status).await {
+                                Ok(next) => stream = next,
+                                Err(e) => return Some((Err(e), None)),
+                            }
+                        }
+                    }
                 }
-                Err(status) => {
-                    up.record_failure(&status);
-                    Err(Error::from_upstream(&status))
-                }
-            }
-        })))
+            },
+        )))
     }
 
     async fn begin_write(
@@ -408,6 +420,61 @@ impl BlobStore for UpstreamStore {
     }
 }
 
+/// Most times a broken upstream read is resumed at the byte it stopped at.
+const MAX_READ_RESUMES: u32 = 3;
+
+/// A ByteStream read from the upstream that picks up where it stopped when
+/// the stream breaks.
+struct ResumingRead {
+    upstream: Arc<Upstream>,
+    ctx: RequestContext,
+    digest: Digest,
+    /// The next byte to receive.
+    position: u64,
+    /// One past the last byte wanted.
+    end: u64,
+    resumes: u32,
+}
+
+impl ResumingRead {
+    /// Starts a Read for `[position, end)` (with the usual retries).
+    async fn open(
+        &self,
+    ) -> Result<tonic::Streaming<bazel_remote_apis::google::bytestream::ReadResponse>> {
+        let up = &self.upstream;
+        let message = ReadRequest {
+            resource_name: read_resource(&up.instance(&self.ctx), &self.digest),
+            read_offset: self.position as i64,
+            read_limit: (self.end - self.position) as i64,
+        };
+        up.call(UpstreamMethod::ByteStreamRead, || {
+            let mut bytestream = up.bytestream();
+            let request = up.request(&self.ctx, message.clone());
+            async move { bytestream.read(request).await }
+        })
+        .await
+    }
+
+    /// After a mid-stream failure: a new Read from the current position, if
+    /// the failure is transient and resumes are left.
+    async fn resume(
+        &mut self,
+        status: &Status,
+    ) -> Result<tonic::Streaming<bazel_remote_apis::google::bytestream::ReadResponse>> {
+        if !is_transient(status) || self.resumes >= MAX_READ_RESUMES || self.position >= self.end {
+            return Err(Error::from_upstream(status));
+        }
+        self.resumes += 1;
+        tracing::debug!(
+            "upstream read of {} broke at byte {}: {}; resuming",
+            self.digest,
+            self.position,
+            status.message()
+        );
+        self.open().await
+    }
+}
+
 /// A ByteStream upload to the upstream, fed chunk by chunk.
 struct UpstreamWriter {
     upstream: Arc<Upstream>,
@@ -421,6 +488,7 @@ struct UpstreamWriter {
 
 impl UpstreamWriter {
     async fn start(up: &Arc<Upstream>, ctx: &RequestContext, digest: &Digest) -> Result<Self> {
+        up.check_health()?;
         let permit = up.permit().await?;
         up.stats().upstream_call(UpstreamMethod::ByteStreamWrite);
         let (tx, rx) = mpsc::channel(4);
@@ -483,16 +551,13 @@ impl BlobWriter for UpstreamWriter {
             .await
             .map_err(|e| Error::Internal(format!("upstream write task failed: {e}")))?;
         match result {
-            Ok(response) if response.committed_size == self.digest.size as i64 => {
-                self.upstream.record_success();
-                Ok(())
-            }
+            Ok(response) if response.committed_size == self.digest.size as i64 => Ok(()),
             Ok(response) => Err(Error::Unavailable(format!(
                 "upstream committed {} of {} bytes of {}",
                 response.committed_size, self.digest.size, self.digest
             ))),
             Err(status) => {
-                self.upstream.record_failure(&status);
+                self.upstream.record_error(&status);
                 Err(Error::from_upstream(&status))
             }
         }

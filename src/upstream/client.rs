@@ -36,6 +36,20 @@ const DEFAULT_UPSTREAM_BATCH: u64 = 4 << 20;
 /// Room left in a batch for message framing and digests.
 const BATCH_OVERHEAD: u64 = 64 << 10;
 
+/// Whether a failed call may succeed if tried again: UNAVAILABLE, and the
+/// `Unknown` / `Cancelled` that tonic reports when a connection breaks.
+pub fn is_transient(status: &Status) -> bool {
+    match status.code() {
+        Code::Unavailable => true,
+        Code::Unknown | Code::Cancelled => {
+            status.message().contains("transport error")
+                || status.message().contains("connection")
+                || status.message().contains("h2 protocol error")
+        }
+        _ => false,
+    }
+}
+
 /// A connection to the upstream REAPI server.
 pub struct Upstream {
     /// The resolved `[upstream]` settings.
@@ -163,9 +177,8 @@ impl Upstream {
             .max_encoding_message_size(MAX_MESSAGE)
     }
 
-    /// Waits for a call slot, failing fast while the upstream is down.
+    /// Waits for a call slot.
     pub async fn permit(&self) -> Result<OwnedSemaphorePermit> {
-        self.health.check()?;
         self.permits
             .clone()
             .acquire_owned()
@@ -183,9 +196,15 @@ impl Upstream {
         self.call(method, call).await
     }
 
-    /// Runs an upstream call (the caller holds a slot), retrying on
-    /// UNAVAILABLE with exponential backoff, with health tracking and
-    /// counting. `call` is invoked once per attempt.
+    /// UNAVAILABLE while the upstream is known to be down (see [`Health`]).
+    pub fn check_health(&self) -> Result<()> {
+        self.health.check()
+    }
+
+    /// Runs an upstream call (the caller holds a slot): fails fast while the
+    /// upstream is down, retries transient failures with exponential
+    /// backoff, tracks health and counts. `call` is invoked once per attempt;
+    /// every call made through here is idempotent, so retrying is safe.
     pub async fn call<T, F, Fut>(&self, method: UpstreamMethod, mut call: F) -> Result<T>
     where
         F: FnMut() -> Fut,
@@ -202,8 +221,8 @@ impl Upstream {
                     return Ok(response.into_inner());
                 }
                 Err(status) => {
-                    let retryable = status.code() == Code::Unavailable;
-                    if retryable && attempt < self.config.max_attempts {
+                    let transient = is_transient(&status);
+                    if transient && attempt < self.config.max_attempts {
                         Stats::add(&self.stats.upstream_retries, 1);
                         tracing::debug!(
                             "upstream {} attempt {attempt} failed: {}; retrying in {delay:?}",
@@ -215,28 +234,26 @@ impl Upstream {
                         attempt += 1;
                         continue;
                     }
-                    self.record_failure(&status);
+                    if transient {
+                        // Still failing after the retries: the upstream is down.
+                        self.health.failed(status.message());
+                    } else {
+                        // It answered, so it is up; the error is the call's.
+                        self.health.succeeded();
+                    }
+                    self.record_error(&status);
                     return Err(Error::from_upstream(&status));
                 }
             }
         }
     }
 
-    /// Notes a failed call: UNAVAILABLE marks the upstream down.
-    pub fn record_failure(&self, status: &Status) {
-        if status.code() == Code::Unavailable {
-            self.health.failed(status.message());
-        } else {
-            self.health.succeeded();
-        }
+    /// Counts a failed upstream call or stream. A broken stream does not
+    /// mark the upstream down; the next call finds out.
+    pub fn record_error(&self, status: &Status) {
         if status.code() != Code::NotFound {
             Stats::add(&self.stats.upstream_errors, 1);
         }
-    }
-
-    /// Notes a successful streaming call.
-    pub fn record_success(&self) {
-        self.health.succeeded();
     }
 
     /// The upstream's capabilities (cached, refreshed after a few minutes).
