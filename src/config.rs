@@ -8,7 +8,9 @@ use std::str::FromStr;
 
 use serde::Deserialize;
 
-use crate::config_upstream::{MetricsSection, UpstreamConfig, UpstreamSection};
+use crate::config_upstream::{
+    MetricsSection, PrefetchConfig, PrefetchSection, UpstreamConfig, UpstreamSection,
+};
 
 /// Default TCP listen address: loopback only.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8980";
@@ -83,6 +85,9 @@ pub struct FileConfig {
     /// `[metrics]`: the Prometheus endpoint.
     #[serde(default)]
     pub metrics: MetricsSection,
+    /// `[prefetch]`: pulling finished actions' outputs ahead of the client.
+    #[serde(default)]
+    pub prefetch: PrefetchSection,
 }
 
 /// `[server]` keys.
@@ -155,6 +160,8 @@ pub struct Config {
     pub upstream: Option<UpstreamConfig>,
     /// Where to serve Prometheus metrics, if anywhere.
     pub metrics_listen: Option<SocketAddr>,
+    /// Output prefetch settings (used with an upstream).
+    pub prefetch: PrefetchConfig,
 }
 
 impl FileConfig {
@@ -247,6 +254,7 @@ impl Config {
             max_batch_total_size_bytes: max_batch,
             upstream,
             metrics_listen,
+            prefetch: PrefetchConfig::resolve(file.prefetch),
         })
     }
 
@@ -262,6 +270,7 @@ impl Config {
             max_batch_total_size_bytes: DEFAULT_MAX_BATCH,
             upstream: None,
             metrics_listen: None,
+            prefetch: PrefetchConfig::resolve(PrefetchSection::default()),
         }
     }
 }
@@ -287,6 +296,11 @@ mod tests {
         assert!(file.upstream.max_concurrent_calls.is_some());
         assert!(file.upstream.existence_ttl.is_some() && file.upstream.max_attempts.is_some());
         assert!(file.metrics.listen.is_some());
+        let p = &file.prefetch;
+        assert!(
+            p.enabled.is_some() && p.max_blob_size.is_some() && p.max_bytes_in_flight.is_some()
+        );
+        assert!(p.parallel_fetches.is_some() && p.queue_depth.is_some());
         assert!(file.server.listen.is_some());
         assert!(file.server.allow_remote.is_some());
         assert!(file.server.unix_socket.is_some());

@@ -88,6 +88,52 @@ pub struct UpstreamSection {
     pub max_attempts: Option<u32>,
 }
 
+/// `[prefetch]` as written in the file.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrefetchSection {
+    /// Prefetch the outputs of finished actions (with an upstream).
+    pub enabled: Option<bool>,
+    /// Blobs larger than this are left for the client to pull.
+    pub max_blob_size: Option<crate::config::ByteSize>,
+    /// Bytes being prefetched at once, across all actions.
+    pub max_bytes_in_flight: Option<crate::config::ByteSize>,
+    /// Blob fetches at once per action.
+    pub parallel_fetches: Option<usize>,
+    /// Finished actions waiting for prefetch; more are dropped (and counted).
+    pub queue_depth: Option<usize>,
+}
+
+/// The resolved prefetch settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PrefetchConfig {
+    /// Prefetch at all.
+    pub enabled: bool,
+    /// Size limit per blob.
+    pub max_blob_size: u64,
+    /// Bytes in flight across all prefetches.
+    pub max_bytes_in_flight: u64,
+    /// Fetches at once per action.
+    pub parallel_fetches: usize,
+    /// Queue length in actions.
+    pub queue_depth: usize,
+}
+
+impl PrefetchConfig {
+    /// Applies defaults: on, 1 GiB per blob, 256 MiB in flight, 16 fetches, 1,000 actions.
+    pub fn resolve(section: PrefetchSection) -> Self {
+        PrefetchConfig {
+            enabled: section.enabled.unwrap_or(true),
+            max_blob_size: section.max_blob_size.map_or(1 << 30, |b| b.0),
+            max_bytes_in_flight: section
+                .max_bytes_in_flight
+                .map_or(256 << 20, |b| b.0.max(1)),
+            parallel_fetches: section.parallel_fetches.unwrap_or(16).max(1),
+            queue_depth: section.queue_depth.unwrap_or(1000).max(1),
+        }
+    }
+}
+
 /// `[metrics]` as written in the file.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -4,6 +4,7 @@
 //! - [`client`]: connecting to a server (stats, tests, benches).
 //! - [`config`]: defaults, TOML file and flags merged into one [`config::Config`].
 //! - [`server`]: builds the store stack and services; TCP + unix socket; shutdown.
+//! - [`stack`]: which store layers and services each mode (standalone, proxy) uses.
 //! - [`service`]: one thin gRPC adapter per REAPI service (and Outpost's Admin).
 //! - [`store`]: the [`store::BlobStore`] / [`store::ActionResultStore`] layers:
 //!   local RocksDB store, LRU index, blob files, action-result completeness.
@@ -11,7 +12,9 @@
 //! - [`context`]: per-request instance name and forwardable headers.
 //! - [`digest`]: validated digests and incremental hashing.
 //! - [`metrics`]: Prometheus text at `/metrics`.
+//! - [`prefetch`]: pulling finished actions' outputs into the local store.
 //! - [`resource`]: ByteStream resource-name parsing.
+//! - [`execution`]: input lists, MISSING preconditions, finished Operations.
 //! - [`error`]: the crate's error type and its one mapping to gRPC status.
 //! - [`stats`]: counters behind `outpost stats` and `/metrics`.
 //! - [`upstream`]: the upstream connection, health, and request batching.
@@ -22,10 +25,13 @@ pub mod config_upstream;
 pub mod context;
 pub mod digest;
 pub mod error;
+pub mod execution;
 pub mod metrics;
+pub mod prefetch;
 pub mod resource;
 pub mod server;
 pub mod service;
+pub mod stack;
 pub mod stats;
 pub mod store;
 pub mod upstream;

@@ -11,8 +11,10 @@ use anyhow::Context;
 use bazel_remote_apis::build::bazel::remote::execution::v2::{
     action_cache_server::ActionCacheServer, capabilities_server::CapabilitiesServer,
     content_addressable_storage_server::ContentAddressableStorageServer,
+    execution_server::ExecutionServer,
 };
 use bazel_remote_apis::google::bytestream::byte_stream_server::ByteStreamServer;
+use bazel_remote_apis::google::longrunning::operations_server::OperationsServer;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::task::JoinSet;
 use tokio_stream::wrappers::UnixListenerStream;
@@ -22,23 +24,19 @@ use tonic::transport::server::{Router, TcpIncoming};
 
 use crate::admin_proto::admin_server::AdminServer;
 use crate::config::Config;
-use crate::config_upstream::UpstreamConfig;
-use crate::context::RequestContext;
 use crate::service::Backend;
 use crate::service::action_cache::ActionCacheService;
 use crate::service::admin::AdminService;
 use crate::service::bytestream::ByteStreamService;
 use crate::service::capabilities::CapabilitiesService;
 use crate::service::cas::CasService;
+use crate::service::execution::ExecutionService;
+use crate::service::operations::OperationsService;
+use crate::stack::Stack;
 use crate::stats::Stats;
+use crate::store::BlobStore;
 use crate::store::complete::CompleteActionResults;
-use crate::store::existence_cache::ExistenceCache;
 use crate::store::local::{LocalStore, LocalStoreOptions};
-use crate::store::proxy::ProxyStore;
-use crate::store::proxy_ac::ProxyActionCache;
-use crate::store::upstream::UpstreamStore;
-use crate::store::{ActionResultStore, BlobStore};
-use crate::upstream::Upstream;
 
 /// HTTP/2 flow-control windows and frame size. tonic's defaults cap uploads
 /// at ~0.1 GB/s on loopback; these were measured to give >1 GB/s both ways
@@ -56,6 +54,9 @@ struct Services {
     cas: Arc<CasService>,
     bytestream: Arc<ByteStreamService>,
     action_cache: Arc<ActionCacheService>,
+    /// Execution and Operations passthrough (proxy mode only).
+    execution: Option<Arc<ExecutionService>>,
+    operations: Option<Arc<OperationsService>>,
     admin: Arc<AdminService>,
     /// Decoding limit for Batch* requests: the batch limit plus framing room.
     max_message: usize,
@@ -85,6 +86,12 @@ impl Services {
                     .max_encoding_message_size(max),
             )
             .add_service(AdminServer::from_arc(self.admin.clone()))
+            .add_optional_service(self.execution.clone().map(|e| {
+                ExecutionServer::from_arc(e)
+                    .max_decoding_message_size(max)
+                    .max_encoding_message_size(max)
+            }))
+            .add_optional_service(self.operations.clone().map(OperationsServer::from_arc))
     }
 }
 
@@ -115,14 +122,17 @@ impl RunningServer {
                     format!("cannot open the store in {}", config.data_dir.display())
                 })?
         };
-        let (blobs, results, upstream) = match &config.upstream {
-            None => {
-                let blobs: Arc<dyn BlobStore> = Arc::new(local.clone());
-                let results: Arc<dyn ActionResultStore> = Arc::new(local.clone());
-                (blobs, results, None)
-            }
-            Some(upstream_config) => proxy_stack(upstream_config, &local, &stats)?,
+        let stack = match &config.upstream {
+            None => Stack::standalone(&local),
+            Some(_) => Stack::proxy(config, &local, &stats)?,
         };
+        let Stack {
+            blobs,
+            results,
+            upstream,
+            execution,
+            operations,
+        } = stack;
         let local_blobs: Arc<dyn BlobStore> = Arc::new(local.clone());
         let actions = Arc::new(
             CompleteActionResults::new(results, blobs.clone(), stats.clone())
@@ -142,6 +152,8 @@ impl RunningServer {
             cas: Arc::new(CasService::new(backend.clone())),
             bytestream: Arc::new(ByteStreamService::new(backend.clone())),
             action_cache: Arc::new(ActionCacheService::new(backend)),
+            execution,
+            operations,
             admin: Arc::new(AdminService::new(
                 local.clone(),
                 stats.clone(),
@@ -242,45 +254,6 @@ impl RunningServer {
         }
         self.stop().await
     }
-}
-
-/// Digests the existence cache remembers at most (~100 bytes each).
-const EXISTENCE_CACHE_CAPACITY: usize = 1 << 20;
-
-type Stack = (
-    Arc<dyn BlobStore>,
-    Arc<dyn ActionResultStore>,
-    Option<Arc<Upstream>>,
-);
-
-/// The caching-proxy stack: local store → (existence cache → upstream).
-fn proxy_stack(
-    config: &UpstreamConfig,
-    local: &LocalStore,
-    stats: &Arc<Stats>,
-) -> anyhow::Result<Stack> {
-    let upstream = Arc::new(Upstream::new(config.clone(), stats.clone())?);
-    let upstream_store = Arc::new(UpstreamStore::new(upstream.clone()));
-    let cached: Arc<dyn BlobStore> = Arc::new(ExistenceCache::new(
-        upstream_store.clone(),
-        config.existence_ttl,
-        EXISTENCE_CACHE_CAPACITY,
-        stats.clone(),
-    ));
-    let blobs = Arc::new(ProxyStore::new(local.clone(), cached, stats.clone()));
-    let results = Arc::new(ProxyActionCache::new(
-        Arc::new(local.clone()),
-        upstream_store,
-    ));
-    let probe = upstream.clone();
-    tokio::spawn(async move {
-        match probe.capabilities(&RequestContext::default()).await {
-            Ok(_) => tracing::info!("upstream {} answered GetCapabilities", probe.config().uri),
-            Err(e) => tracing::warn!("upstream {}: {e}", probe.config().uri),
-        }
-    });
-    tracing::info!("proxying upstream {}", config.uri);
-    Ok((blobs, results, Some(upstream)))
 }
 
 /// Binds the unix socket (replacing a stale socket file), readable and

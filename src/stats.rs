@@ -24,11 +24,17 @@ pub enum UpstreamMethod {
     UpdateActionResult,
     /// Capabilities.GetCapabilities
     GetCapabilities,
+    /// Execution.Execute
+    Execute,
+    /// Execution.WaitExecution
+    WaitExecution,
+    /// google.longrunning.Operations (any method)
+    Operations,
 }
 
 impl UpstreamMethod {
     /// Every method, in counter order.
-    pub const ALL: [UpstreamMethod; 8] = [
+    pub const ALL: [UpstreamMethod; 11] = [
         UpstreamMethod::FindMissingBlobs,
         UpstreamMethod::BatchReadBlobs,
         UpstreamMethod::BatchUpdateBlobs,
@@ -37,6 +43,9 @@ impl UpstreamMethod {
         UpstreamMethod::GetActionResult,
         UpstreamMethod::UpdateActionResult,
         UpstreamMethod::GetCapabilities,
+        UpstreamMethod::Execute,
+        UpstreamMethod::WaitExecution,
+        UpstreamMethod::Operations,
     ];
 
     /// The gRPC method name.
@@ -50,6 +59,9 @@ impl UpstreamMethod {
             UpstreamMethod::GetActionResult => "GetActionResult",
             UpstreamMethod::UpdateActionResult => "UpdateActionResult",
             UpstreamMethod::GetCapabilities => "GetCapabilities",
+            UpstreamMethod::Execute => "Execute",
+            UpstreamMethod::WaitExecution => "WaitExecution",
+            UpstreamMethod::Operations => "Operations",
         }
     }
 }
@@ -78,7 +90,7 @@ pub struct Stats {
     /// Action results dropped because an output was gone (completeness check).
     pub stale_action_results: AtomicU64,
     /// Upstream calls started, by [`UpstreamMethod`] (upstream client).
-    pub upstream_calls: [AtomicU64; 8],
+    pub upstream_calls: [AtomicU64; 11],
     /// Upstream calls that failed after retries (upstream client).
     pub upstream_errors: AtomicU64,
     /// Upstream call attempts that were retried (upstream client).
@@ -109,6 +121,28 @@ pub struct Stats {
     pub write_batches: AtomicU64,
     /// Blobs in those batched BatchUpdateBlobs calls.
     pub write_batched_blobs: AtomicU64,
+    /// Execute calls forwarded upstream (execution service).
+    pub executions: AtomicU64,
+    /// Times a broken Operation stream was reattached with WaitExecution.
+    pub execution_reattaches: AtomicU64,
+    /// Executions retried after uploading inputs the upstream reported missing.
+    pub missing_input_repairs: AtomicU64,
+    /// Blobs uploaded from the local store to repair missing inputs.
+    pub repaired_blobs: AtomicU64,
+    /// Action results whose outputs were queued for prefetch.
+    pub prefetch_jobs: AtomicU64,
+    /// Prefetch jobs dropped because the queue was full.
+    pub prefetch_dropped: AtomicU64,
+    /// Blobs fetched into the local store by prefetch.
+    pub prefetched_blobs: AtomicU64,
+    /// Bytes fetched into the local store by prefetch.
+    pub prefetched_bytes: AtomicU64,
+    /// Blobs skipped by prefetch (over the size limit).
+    pub prefetch_skipped: AtomicU64,
+    /// Client reads served from prefetched data (first read of each blob).
+    pub prefetch_hits: AtomicU64,
+    /// Prefetched bytes evicted before any client read them.
+    pub prefetch_wasted_bytes: AtomicU64,
 }
 
 impl Stats {

@@ -1,9 +1,10 @@
 //! GetCapabilities: what this server offers, for any instance name.
 //!
-//! Standalone, Outpost answers with its own cache capabilities. In front of
-//! an upstream it answers with the intersection: never a digest function,
-//! compressor or feature the upstream lacks, and its own batch limit only
-//! where it is smaller than the upstream's.
+//! Standalone, Outpost answers with its own cache capabilities and execution
+//! disabled. In front of an upstream it answers with the intersection: never
+//! a digest function, compressor or feature the upstream lacks, its own batch
+//! limit only where it is smaller than the upstream's, and execution exactly
+//! as the upstream offers it (Execute is forwarded).
 
 use std::sync::Arc;
 
@@ -26,7 +27,7 @@ pub const LOW_API_VERSION: (i32, i32) = (2, 0);
 /// `root_directory_digest` completeness checks (2.3).
 pub const HIGH_API_VERSION: (i32, i32) = (2, 3);
 
-/// Serves the capabilities of this Outpost (execution disabled for now).
+/// Serves the capabilities of this Outpost.
 pub struct CapabilitiesService {
     max_batch_total_size_bytes: u64,
     upstream: Option<Arc<Upstream>>,
@@ -106,6 +107,13 @@ pub fn merge(mut own: ServerCapabilities, upstream: &ServerCapabilities) -> Serv
         if theirs.max_cas_blob_size_bytes > 0 {
             ours.max_cas_blob_size_bytes = theirs.max_cas_blob_size_bytes;
         }
+    }
+    // Execution is forwarded, so it is offered exactly as the upstream does.
+    if let Some(theirs) = &upstream.execution_capabilities {
+        let mut exec = theirs.clone();
+        let ours = DigestFunction::Sha256.to_proto();
+        exec.digest_functions.retain(|f| *f == ours);
+        own.execution_capabilities = Some(exec);
     }
     if let Some(high) = &upstream.high_api_version {
         let ours = own

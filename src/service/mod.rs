@@ -8,6 +8,8 @@ pub mod admin;
 pub mod bytestream;
 pub mod capabilities;
 pub mod cas;
+pub mod execution;
+pub mod operations;
 
 use std::sync::Arc;
 

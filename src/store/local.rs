@@ -76,7 +76,12 @@ pub(crate) struct Inner {
     pub(crate) inline_limit: u64,
     /// Commit write options (sync or not).
     write_opts: WriteOptions,
+    /// Told about every blob evicted to make room (prefetch bookkeeping).
+    eviction_listener: Mutex<Option<EvictionListener>>,
 }
+
+/// Called with each blob evicted to stay under the quota.
+pub type EvictionListener = Arc<dyn Fn(&Digest, u64) + Send + Sync>;
 
 fn now_secs() -> u64 {
     SystemTime::now()
@@ -101,6 +106,7 @@ impl LocalStore {
             stats,
             inline_limit: options.inline_limit,
             write_opts,
+            eviction_listener: Mutex::new(None),
         };
         inner.load()?;
         Ok(LocalStore {
@@ -112,6 +118,15 @@ impl LocalStore {
     pub fn occupancy(&self) -> (Occupancy, u64) {
         let index = self.inner.lock_index();
         (index.occupancy(), index.quota())
+    }
+
+    /// Registers the function told about evicted blobs (one at a time).
+    pub fn set_eviction_listener(&self, listener: EvictionListener) {
+        *self
+            .inner
+            .eviction_listener
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(listener);
     }
 
     /// Flushes memtables so a clean shutdown leaves a short WAL to replay.
@@ -225,6 +240,18 @@ impl Inner {
     /// Deletes evicted entries' bytes and counts them as evictions.
     fn delete_victims(&self, victims: Vec<(Vec<u8>, Entry)>) -> Result<()> {
         self.delete_entries(&victims)?;
+        let listener = self
+            .eviction_listener
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(listener) = listener {
+            for (key, entry) in &victims {
+                if let Some(digest) = parse_blob_key(key) {
+                    listener(&digest, entry.size);
+                }
+            }
+        }
         let bytes: u64 = victims.iter().map(|(_, e)| e.size).sum();
         Stats::add(&self.stats.evicted_entries, victims.len() as u64);
         Stats::add(&self.stats.evicted_bytes, bytes);

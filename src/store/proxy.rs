@@ -10,6 +10,9 @@
 //!   and reported present, so the client does not send them again.
 //! - Writes are verified and stored locally and written through to the
 //!   upstream; a write succeeds only once both have the blob.
+//! - Prefetch brings blobs a client is about to read (outputs of a finished
+//!   action) into the local store through the same single-flight, and counts
+//!   how many of them were read (hits) or evicted unread (waste).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -18,6 +21,7 @@ use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use futures::future::{BoxFuture, FutureExt, Shared};
 use futures::{StreamExt, TryStreamExt};
+use lru::LruCache;
 
 use crate::context::RequestContext;
 use crate::digest::Digest;
@@ -30,6 +34,11 @@ use crate::store::{BlobStore, BlobWriter, ChunkStream};
 const SMALL_BLOB: u64 = 1 << 20;
 /// Large blobs uploaded from the local store at once during FindMissingBlobs.
 const PARALLEL_UPLOADS: usize = 4;
+/// Prefetched blobs remembered until first read or eviction (for metrics).
+const PREFETCHED_MEMORY: usize = 1 << 20;
+
+/// Prefetched blobs not read yet: digest → size.
+type Prefetched = Arc<Mutex<LruCache<Digest, u64>>>;
 
 type Flight = Shared<BoxFuture<'static, Result<()>>>;
 
@@ -40,17 +49,73 @@ pub struct ProxyStore {
     upstream: Arc<dyn BlobStore>,
     /// Fetches in flight, by digest.
     flights: Arc<Mutex<HashMap<Digest, Flight>>>,
+    /// Prefetched blobs no client has read yet.
+    prefetched: Prefetched,
     stats: Arc<Stats>,
 }
 
 impl ProxyStore {
     /// Proxies `upstream` through `local`.
     pub fn new(local: LocalStore, upstream: Arc<dyn BlobStore>, stats: Arc<Stats>) -> Self {
+        let capacity = std::num::NonZeroUsize::new(PREFETCHED_MEMORY).expect("non-zero");
+        let prefetched: Prefetched = Arc::new(Mutex::new(LruCache::new(capacity)));
+        let (unread, counters) = (prefetched.clone(), stats.clone());
+        local.set_eviction_listener(Arc::new(move |digest, size| {
+            if unread
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pop(digest)
+                .is_some()
+            {
+                Stats::add(&counters.prefetch_wasted_bytes, size);
+            }
+        }));
         ProxyStore {
             local,
             upstream,
             flights: Arc::new(Mutex::new(HashMap::new())),
+            prefetched,
             stats,
+        }
+    }
+
+    /// Brings `digests` into the local store (those not there yet), through
+    /// the same single-flight as client reads, at most `parallel` at a time.
+    /// Returns the number of blobs and bytes fetched.
+    pub async fn prefetch(
+        &self,
+        ctx: &RequestContext,
+        digests: &[Digest],
+        parallel: usize,
+    ) -> Result<(u64, u64)> {
+        let missing = self.local.find_missing(ctx, digests).await?;
+        let fetched: Vec<(Digest, Result<()>)> = futures::stream::iter(missing)
+            .map(|d| async move { (d, self.fetch(ctx, &d).await) })
+            .buffer_unordered(parallel.max(1))
+            .collect()
+            .await;
+        let (mut blobs, mut bytes) = (0, 0);
+        let mut unread = self.prefetched.lock().unwrap_or_else(|e| e.into_inner());
+        for (d, result) in fetched {
+            match result {
+                Ok(()) => {
+                    unread.put(d, d.size);
+                    blobs += 1;
+                    bytes += d.size;
+                }
+                Err(e) => tracing::debug!("prefetch of {d} failed: {e}"),
+            }
+        }
+        Stats::add(&self.stats.prefetched_blobs, blobs);
+        Stats::add(&self.stats.prefetched_bytes, bytes);
+        Ok((blobs, bytes))
+    }
+
+    /// Counts a client's first read of a prefetched blob.
+    fn note_local_read(&self, digest: &Digest) {
+        let mut unread = self.prefetched.lock().unwrap_or_else(|e| e.into_inner());
+        if unread.pop(digest).is_some() {
+            Stats::add(&self.stats.prefetch_hits, 1);
         }
     }
 
@@ -105,7 +170,11 @@ impl ProxyStore {
 
     /// Uploads blobs the local store holds to the upstream; returns the ones
     /// that could not be uploaded.
-    async fn upload_from_local(&self, ctx: &RequestContext, digests: Vec<Digest>) -> Vec<Digest> {
+    pub async fn upload_from_local(
+        &self,
+        ctx: &RequestContext,
+        digests: Vec<Digest>,
+    ) -> Vec<Digest> {
         let (small, large): (Vec<Digest>, Vec<Digest>) =
             digests.into_iter().partition(|d| d.size <= SMALL_BLOB);
         let mut failed = Vec::new();
@@ -236,6 +305,10 @@ impl BlobStore for ProxyStore {
     ) -> Result<ChunkStream> {
         match self.local.read(ctx, digest, offset, limit).await {
             Err(Error::NotFound(_)) => {}
+            Ok(stream) => {
+                self.note_local_read(digest);
+                return Ok(stream);
+            }
             other => return other,
         }
         if !self.fits_locally(digest) {
@@ -276,6 +349,11 @@ impl BlobStore for ProxyStore {
 
     async fn read_many(&self, ctx: &RequestContext, digests: &[Digest]) -> Vec<Result<Bytes>> {
         let mut results = self.local.read_many(ctx, digests).await;
+        for (d, r) in digests.iter().zip(&results) {
+            if r.is_ok() {
+                self.note_local_read(d);
+            }
+        }
         let misses: Vec<usize> = (0..digests.len())
             .filter(|&i| matches!(results[i], Err(Error::NotFound(_))))
             .collect();

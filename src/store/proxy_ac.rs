@@ -4,7 +4,8 @@
 //! lookup costs no round trip; the completeness decorator above this layer
 //! checks the outputs (locally or upstream) before anything is served. An
 //! update goes to the upstream first, then locally. Removing (a result whose
-//! outputs are gone) only forgets the local copy.
+//! outputs are gone) only forgets the local copy. An upstream hit also
+//! queues its outputs for prefetch: the client is about to download them.
 
 use std::sync::Arc;
 
@@ -13,18 +14,28 @@ use bazel_remote_apis::build::bazel::remote::execution::v2::ActionResult;
 
 use crate::context::RequestContext;
 use crate::error::Result;
+use crate::prefetch::Prefetcher;
 use crate::store::{ActionKey, ActionResultStore};
 
 /// Local action cache in front of the upstream's.
 pub struct ProxyActionCache {
     local: Arc<dyn ActionResultStore>,
     upstream: Arc<dyn ActionResultStore>,
+    prefetcher: Option<Arc<Prefetcher>>,
 }
 
 impl ProxyActionCache {
-    /// Caches `upstream`'s results in `local`.
-    pub fn new(local: Arc<dyn ActionResultStore>, upstream: Arc<dyn ActionResultStore>) -> Self {
-        ProxyActionCache { local, upstream }
+    /// Caches `upstream`'s results in `local`, prefetching their outputs.
+    pub fn new(
+        local: Arc<dyn ActionResultStore>,
+        upstream: Arc<dyn ActionResultStore>,
+        prefetcher: Option<Arc<Prefetcher>>,
+    ) -> Self {
+        ProxyActionCache {
+            local,
+            upstream,
+            prefetcher,
+        }
     }
 }
 
@@ -51,6 +62,9 @@ impl ActionResultStore for ProxyActionCache {
             return Ok(None);
         };
         strip_inlined(&mut result);
+        if let Some(prefetcher) = &self.prefetcher {
+            prefetcher.submit(ctx, key.action.function, &result);
+        }
         self.local.put_action_result(ctx, key, &result).await?;
         Ok(Some(result))
     }

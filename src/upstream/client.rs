@@ -12,8 +12,10 @@ use bazel_remote_apis::build::bazel::remote::execution::v2::{
     GetCapabilitiesRequest, ServerCapabilities, action_cache_client::ActionCacheClient,
     capabilities_client::CapabilitiesClient,
     content_addressable_storage_client::ContentAddressableStorageClient,
+    execution_client::ExecutionClient,
 };
 use bazel_remote_apis::google::bytestream::byte_stream_client::ByteStreamClient;
+use bazel_remote_apis::google::longrunning::operations_client::OperationsClient;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::metadata::{AsciiMetadataKey, AsciiMetadataValue};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
@@ -166,6 +168,20 @@ impl Upstream {
     /// A ByteStream client on the shared channel.
     pub fn bytestream(&self) -> ByteStreamClient<Channel> {
         ByteStreamClient::new(self.channel.clone())
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE)
+    }
+
+    /// An Execution client on the shared channel.
+    pub fn execution(&self) -> ExecutionClient<Channel> {
+        ExecutionClient::new(self.channel.clone())
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE)
+    }
+
+    /// A google.longrunning Operations client on the shared channel.
+    pub fn operations(&self) -> OperationsClient<Channel> {
+        OperationsClient::new(self.channel.clone())
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE)
     }

@@ -1,0 +1,102 @@
+//! Assembles the store layers and services for the configured mode:
+//! standalone (the local store alone) or caching proxy (local store in front
+//! of an upstream, with execution passthrough and prefetch).
+
+use std::sync::Arc;
+
+use crate::config::Config;
+use crate::context::RequestContext;
+use crate::prefetch::Prefetcher;
+use crate::service::execution::ExecutionService;
+use crate::service::operations::OperationsService;
+use crate::stats::Stats;
+use crate::store::existence_cache::ExistenceCache;
+use crate::store::local::LocalStore;
+use crate::store::proxy::ProxyStore;
+use crate::store::proxy_ac::ProxyActionCache;
+use crate::store::upstream::UpstreamStore;
+use crate::store::{ActionResultStore, BlobStore};
+use crate::upstream::Upstream;
+
+/// Digests the existence cache remembers at most (~100 bytes each).
+const EXISTENCE_CACHE_CAPACITY: usize = 1 << 20;
+
+/// The layers the services are built on.
+pub struct Stack {
+    /// The CAS the services use.
+    pub blobs: Arc<dyn BlobStore>,
+    /// The action cache (before the completeness check is added).
+    pub results: Arc<dyn ActionResultStore>,
+    /// The upstream connection, when proxying.
+    pub upstream: Option<Arc<Upstream>>,
+    /// Execution passthrough, when proxying.
+    pub execution: Option<Arc<ExecutionService>>,
+    /// Operations passthrough, when proxying.
+    pub operations: Option<Arc<OperationsService>>,
+}
+
+impl Stack {
+    /// The local store alone.
+    pub fn standalone(local: &LocalStore) -> Self {
+        Stack {
+            blobs: Arc::new(local.clone()),
+            results: Arc::new(local.clone()),
+            upstream: None,
+            execution: None,
+            operations: None,
+        }
+    }
+
+    /// The caching proxy: local store → existence cache → upstream.
+    pub fn proxy(config: &Config, local: &LocalStore, stats: &Arc<Stats>) -> anyhow::Result<Self> {
+        let upstream_config = config
+            .upstream
+            .as_ref()
+            .expect("proxy mode has an upstream");
+        let upstream = Arc::new(Upstream::new(upstream_config.clone(), stats.clone())?);
+        let upstream_store = Arc::new(UpstreamStore::new(upstream.clone()));
+        let cached: Arc<dyn BlobStore> = Arc::new(ExistenceCache::new(
+            upstream_store.clone(),
+            upstream_config.existence_ttl,
+            EXISTENCE_CACHE_CAPACITY,
+            stats.clone(),
+        ));
+        let proxy = Arc::new(ProxyStore::new(local.clone(), cached, stats.clone()));
+        let prefetcher = config.prefetch.enabled.then(|| {
+            Arc::new(Prefetcher::start(
+                proxy.clone(),
+                config.prefetch.clone(),
+                stats.clone(),
+            ))
+        });
+        let local_results: Arc<dyn ActionResultStore> = Arc::new(local.clone());
+        let results = Arc::new(ProxyActionCache::new(
+            local_results.clone(),
+            upstream_store,
+            prefetcher.clone(),
+        ));
+        let execution = Arc::new(ExecutionService::new(
+            upstream.clone(),
+            proxy.clone(),
+            local_results,
+            prefetcher,
+            stats.clone(),
+        ));
+        let operations = Arc::new(OperationsService::new(upstream.clone()));
+        let probe = upstream.clone();
+        tokio::spawn(async move {
+            match probe.capabilities(&RequestContext::default()).await {
+                Ok(_) => tracing::info!("upstream {} answered GetCapabilities", probe.config().uri),
+                Err(e) => tracing::warn!("upstream {}: {e}", probe.config().uri),
+            }
+        });
+        tracing::info!("proxying upstream {}", upstream_config.uri);
+        Ok(Stack {
+            blobs: proxy,
+            results,
+            upstream: Some(upstream),
+            execution: Some(execution),
+            operations: Some(operations),
+        })
+    }
+}
