@@ -222,6 +222,23 @@ async fn stats(args: StatsArgs) -> anyhow::Result<()> {
         "  uploads:       {} blobs sent from the local store",
         s.uploads_from_local
     );
+    let m = |name: &str| s.metrics.get(name).copied().unwrap_or(0);
+    println!(
+        "  execution:     {} forwarded, {} reattached, {} repaired ({} blobs)",
+        m("outpost_executions_total"),
+        m("outpost_execution_reattaches_total"),
+        m("outpost_missing_input_repairs_total"),
+        m("outpost_repaired_blobs_total")
+    );
+    println!(
+        "  prefetch:      {} actions, {} blobs ({}), {} read by clients, {} wasted, {} dropped",
+        m("outpost_prefetch_jobs_total"),
+        m("outpost_prefetched_blobs_total"),
+        human_bytes(m("outpost_prefetched_bytes_total")),
+        m("outpost_prefetch_hits_total"),
+        human_bytes(m("outpost_prefetch_wasted_bytes_total")),
+        m("outpost_prefetch_dropped_total")
+    );
     println!(
         "  batching:      FindMissingBlobs {} calls (avg {:.1} digests), BatchRead {} (avg {:.1}), BatchUpdate {} (avg {:.1})",
         s.fmb_batches,

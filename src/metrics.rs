@@ -46,8 +46,43 @@ fn gauge(name: &'static str, help: &'static str, value: u64) -> Sample {
     }
 }
 
+/// Every metric as (name with labels, value), for `outpost stats`.
+pub fn values(stats: &Stats, local: &LocalStore) -> Vec<(String, u64)> {
+    samples(stats, local)
+        .into_iter()
+        .map(|s| match s.label {
+            Some((k, v)) => (format!("{}{{{k}=\"{v}\"}}", s.name), s.value),
+            None => (s.name.to_string(), s.value),
+        })
+        .collect()
+}
+
 /// Renders all metrics as Prometheus text.
 pub fn render(stats: &Stats, local: &LocalStore) -> String {
+    let mut out = String::new();
+    let mut last = "";
+    for s in samples(stats, local) {
+        if s.name != last {
+            let _ = writeln!(
+                out,
+                "# HELP {} {}\n# TYPE {} {}",
+                s.name, s.help, s.name, s.kind
+            );
+            last = s.name;
+        }
+        match s.label {
+            Some((k, v)) => {
+                let _ = writeln!(out, "{}{{{k}=\"{v}\"}} {}", s.name, s.value);
+            }
+            None => {
+                let _ = writeln!(out, "{} {}", s.name, s.value);
+            }
+        }
+    }
+    out
+}
+
+fn samples(stats: &Stats, local: &LocalStore) -> Vec<Sample> {
     let (occupancy, quota) = local.occupancy();
     let g = Stats::get;
     let mut samples = vec![
@@ -196,6 +231,61 @@ pub fn render(stats: &Stats, local: &LocalStore) -> String {
             "Blobs in batched BatchUpdateBlobs calls.",
             g(&stats.write_batched_blobs),
         ),
+        counter(
+            "outpost_executions_total",
+            "Execute calls forwarded upstream.",
+            g(&stats.executions),
+        ),
+        counter(
+            "outpost_execution_reattaches_total",
+            "Broken Operation streams reattached with WaitExecution.",
+            g(&stats.execution_reattaches),
+        ),
+        counter(
+            "outpost_missing_input_repairs_total",
+            "Executions retried after uploading inputs the upstream lacked.",
+            g(&stats.missing_input_repairs),
+        ),
+        counter(
+            "outpost_repaired_blobs_total",
+            "Blobs uploaded from the local store to repair missing inputs.",
+            g(&stats.repaired_blobs),
+        ),
+        counter(
+            "outpost_prefetch_jobs_total",
+            "Finished actions whose outputs were queued for prefetch.",
+            g(&stats.prefetch_jobs),
+        ),
+        counter(
+            "outpost_prefetch_dropped_total",
+            "Prefetch jobs dropped because the queue was full.",
+            g(&stats.prefetch_dropped),
+        ),
+        counter(
+            "outpost_prefetched_blobs_total",
+            "Blobs fetched into the local store by prefetch.",
+            g(&stats.prefetched_blobs),
+        ),
+        counter(
+            "outpost_prefetched_bytes_total",
+            "Bytes fetched into the local store by prefetch.",
+            g(&stats.prefetched_bytes),
+        ),
+        counter(
+            "outpost_prefetch_skipped_total",
+            "Output blobs not prefetched (over max_blob_size).",
+            g(&stats.prefetch_skipped),
+        ),
+        counter(
+            "outpost_prefetch_hits_total",
+            "Client reads served from prefetched blobs (first read each).",
+            g(&stats.prefetch_hits),
+        ),
+        counter(
+            "outpost_prefetch_wasted_bytes_total",
+            "Prefetched bytes evicted before any client read them.",
+            g(&stats.prefetch_wasted_bytes),
+        ),
     ];
     for method in UpstreamMethod::ALL {
         samples.push(Sample {
@@ -206,27 +296,7 @@ pub fn render(stats: &Stats, local: &LocalStore) -> String {
             value: stats.upstream_calls_of(method),
         });
     }
-    let mut out = String::new();
-    let mut last = "";
-    for s in samples {
-        if s.name != last {
-            let _ = writeln!(
-                out,
-                "# HELP {} {}\n# TYPE {} {}",
-                s.name, s.help, s.name, s.kind
-            );
-            last = s.name;
-        }
-        match s.label {
-            Some((k, v)) => {
-                let _ = writeln!(out, "{}{{{k}=\"{v}\"}} {}", s.name, s.value);
-            }
-            None => {
-                let _ = writeln!(out, "{} {}", s.name, s.value);
-            }
-        }
-    }
-    out
+    samples
 }
 
 /// Binds the metrics port (so a bad address fails at start-up).

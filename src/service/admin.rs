@@ -75,6 +75,7 @@ impl Admin for AdminService {
             read_batched_blobs: Stats::get(&s.read_batched_blobs),
             write_batches: Stats::get(&s.write_batches),
             write_batched_blobs: Stats::get(&s.write_batched_blobs),
+            metrics: crate::metrics::values(s, &self.local).into_iter().collect(),
         }))
     }
 }
