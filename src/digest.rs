@@ -165,6 +165,15 @@ impl Digest {
         hex::encode(self.hash_bytes())
     }
 
+    /// One past the last byte a read of `limit` bytes from `offset` covers
+    /// (ByteStream: a `limit` of 0 means to the end).
+    pub fn read_end(&self, offset: u64, limit: u64) -> u64 {
+        match limit {
+            0 => self.size,
+            n => self.size.min(offset.saturating_add(n)),
+        }
+    }
+
     /// True for the empty blob, which every CAS always holds.
     pub fn is_empty_blob(&self) -> bool {
         self.size == 0 && *self == Digest::of(self.function, &[])

@@ -469,10 +469,7 @@ impl BlobStore for LocalStore {
                 "read offset {offset} is beyond the end of blob {digest}"
             )));
         }
-        let end = match limit {
-            0 => digest.size,
-            n => digest.size.min(offset.saturating_add(n)),
-        };
+        let end = digest.read_end(offset, limit);
         if digest.is_empty_blob() {
             return Ok(Box::pin(stream::empty()));
         }

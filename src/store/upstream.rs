@@ -348,10 +348,7 @@ impl BlobStore for UpstreamStore {
         offset: u64,
         limit: u64,
     ) -> Result<ChunkStream> {
-        let end = match limit {
-            0 => digest.size,
-            n => digest.size.min(offset.saturating_add(n)),
-        };
+        let end = digest.read_end(offset, limit);
         let permit = self.upstream.permit().await?;
         let reader = ResumingRead {
             upstream: self.upstream.clone(),
