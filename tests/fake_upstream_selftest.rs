@@ -1,15 +1,27 @@
 //! Self-tests of the fake REAPI upstream in `tests/common/fake_upstream.rs`:
 //! it must store and verify like a real server, count what it sees, and
-//! inject latency, errors and outages on demand. Talks to it over gRPC with
-//! the plain `bazel-remote-apis` clients.
+//! inject latency, errors and outages on demand; its Execution and
+//! Operations services (`tests/common/fake_execution.rs`) must run actions
+//! deterministically, report missing inputs, and break, fail and cancel
+//! streams on demand. Talks to it over gRPC with the plain
+//! `bazel-remote-apis` clients.
 
 #[path = "common/fake_upstream.rs"]
 mod fake_upstream;
 
 use std::time::{Duration, Instant};
 
-use fake_upstream::{FakeUpstream, Method, NetMode, REQUEST_METADATA_HEADER, bs, digest_of, re};
+use std::collections::BTreeSet;
+
+use bazel_remote_apis::google::longrunning as lr;
+use fake_upstream::{
+    EXECUTE_METADATA_TYPE, EXECUTE_RESPONSE_TYPE, ErrorDelivery, FakeUpstream, Method, NetMode,
+    PRECONDITION_FAILURE_TYPE, PreconditionFailure, REQUEST_METADATA_HEADER, StreamEnd, TestAction,
+    bs, digest_of, missing_digests, missing_digests_of, operation_metadata, operation_response,
+    operation_stage, output_content, re, status_details, stdio_content,
+};
 use prost::Message;
+use re::execution_stage::Value as Stage;
 use tonic::Code;
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
@@ -658,4 +670,797 @@ async fn tree_and_action_cache() {
         .unwrap_err();
     assert_eq!(err.code(), Code::Unimplemented);
     assert_eq!(up.count(Method::SplitBlob), 1);
+}
+
+// ---------------------------------------------------------------- execution
+
+type Exec = re::execution_client::ExecutionClient<Channel>;
+type Ops = lr::operations_client::OperationsClient<Channel>;
+
+fn exec(ch: &Channel) -> Exec {
+    Exec::new(ch.clone()).max_decoding_message_size(64 << 20)
+}
+
+/// Every Operation of a stream until it ends, and how it ended.
+async fn drain(
+    mut stream: tonic::Streaming<lr::Operation>,
+) -> (Vec<lr::Operation>, Result<(), tonic::Status>) {
+    let mut out = Vec::new();
+    loop {
+        match stream.message().await {
+            Ok(Some(op)) => out.push(op),
+            Ok(None) => return (out, Ok(())),
+            Err(e) => return (out, Err(e)),
+        }
+    }
+}
+
+async fn execute_all(
+    ch: &Channel,
+    req: re::ExecuteRequest,
+) -> Result<Vec<lr::Operation>, tonic::Status> {
+    let stream = exec(ch).execute(req).await?.into_inner();
+    let (ops, end) = drain(stream).await;
+    end?;
+    Ok(ops)
+}
+
+fn stages(ops: &[lr::Operation]) -> Vec<Stage> {
+    ops.iter()
+        .map(|o| operation_stage(o).expect("ExecuteOperationMetadata"))
+        .collect()
+}
+
+fn set_of(digests: &[re::Digest]) -> BTreeSet<(String, i64)> {
+    digests
+        .iter()
+        .map(|d| (d.hash.clone(), d.size_bytes))
+        .collect()
+}
+
+#[tokio::test]
+async fn execute_runs_actions_and_caches_results() {
+    let up = FakeUpstream::start().await;
+    assert!(
+        !up.capabilities()
+            .execution_capabilities
+            .unwrap()
+            .exec_enabled
+    );
+    up.set_execution_enabled(true);
+    let ch = up.channel().await;
+    let caps = Caps::new(ch.clone())
+        .get_capabilities(re::GetCapabilitiesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(caps.execution_capabilities.unwrap().exec_enabled);
+
+    let action = TestAction::new(
+        &["gen", "x"],
+        &["out/a.bin", "out/dir"],
+        &[("src/in.txt", b"input"), ("top.txt", b"top")],
+    );
+    up.put_test_action(&action);
+    up.set_directory_outputs(&["out/dir"]);
+    up.set_output_size("out/a.bin", 300_000);
+    up.set_stdio_sizes(64, 0);
+
+    let meta = re::RequestMetadata {
+        action_id: "act-1".into(),
+        tool_invocation_id: "inv-1".into(),
+        ..Default::default()
+    };
+    let mut req = tonic::Request::new(re::ExecuteRequest {
+        inline_stdout: true,
+        ..action.request("main")
+    });
+    req.metadata_mut()
+        .insert("authorization", "Bearer tok".parse().unwrap());
+    req.metadata_mut().insert_bin(
+        REQUEST_METADATA_HEADER,
+        MetadataValue::from_bytes(&meta.encode_to_vec()),
+    );
+    let (ops, end) = drain(exec(&ch).execute(req).await.unwrap().into_inner()).await;
+    end.unwrap();
+    assert_eq!(
+        stages(&ops),
+        vec![Stage::Queued, Stage::Executing, Stage::Completed]
+    );
+    assert!(ops.iter().all(|o| o.name == "operations/1"));
+    assert_eq!(
+        ops.iter().map(|o| o.done).collect::<Vec<_>>(),
+        vec![false, false, true]
+    );
+    let m = operation_metadata(&ops[1]).unwrap();
+    assert_eq!(m.action_digest.as_ref(), Some(&action.digest));
+    assert_eq!(m.stdout_stream_name, "operations/1/streams/stdout");
+    assert_eq!(
+        ops[2].metadata.as_ref().unwrap().type_url,
+        EXECUTE_METADATA_TYPE
+    );
+    match &ops[2].result {
+        Some(lr::operation::Result::Response(any)) => {
+            assert_eq!(any.type_url, EXECUTE_RESPONSE_TYPE)
+        }
+        other => panic!("expected a response, got {other:?}"),
+    }
+    let resp = operation_response(&ops[2]).unwrap();
+    assert!(!resp.cached_result);
+    assert_eq!(resp.status.as_ref().unwrap().code, 0);
+    let result = resp.result.unwrap();
+    assert_eq!(result.exit_code, 0);
+
+    // Output file: deterministic bytes, stored in the CAS.
+    assert_eq!(result.output_files.len(), 1);
+    let f = &result.output_files[0];
+    assert_eq!(f.path, "out/a.bin");
+    let want = output_content(&action.digest, "out/a.bin", 300_000);
+    assert_eq!(f.digest.as_ref(), Some(&digest_of(&want)));
+    assert_eq!(up.blob(f.digest.as_ref().unwrap()).unwrap(), want);
+    assert!(f.contents.is_empty(), "not asked to inline");
+
+    // Output directory: Tree blob, every Directory and file stored.
+    assert_eq!(result.output_directories.len(), 1);
+    let od = &result.output_directories[0];
+    assert_eq!(od.path, "out/dir");
+    let tree = re::Tree::decode(up.blob(od.tree_digest.as_ref().unwrap()).unwrap()).unwrap();
+    let root = tree.root.unwrap();
+    assert_eq!(
+        od.root_directory_digest.as_ref(),
+        Some(&digest_of(&root.encode_to_vec()))
+    );
+    assert!(up.has_blob(od.root_directory_digest.as_ref().unwrap()));
+    assert_eq!(root.files[0].name, "file.bin");
+    assert_eq!(
+        up.blob(root.files[0].digest.as_ref().unwrap()).unwrap(),
+        output_content(&action.digest, "out/dir/file.bin", 1000)
+    );
+    assert_eq!(root.directories[0].name, "sub");
+    assert_eq!(tree.children.len(), 1);
+    assert!(up.has_blob(root.directories[0].digest.as_ref().unwrap()));
+    let nested = &tree.children[0].files[0];
+    assert_eq!(nested.name, "nested.bin");
+    assert_eq!(
+        up.blob(nested.digest.as_ref().unwrap()).unwrap(),
+        output_content(&action.digest, "out/dir/sub/nested.bin", 500)
+    );
+
+    // stdout inlined as asked and stored; stderr empty.
+    let stdout = stdio_content(&action.digest, "stdout", 64);
+    assert_eq!(result.stdout_raw, stdout);
+    assert_eq!(result.stdout_digest, Some(digest_of(&stdout)));
+    assert_eq!(result.stderr_digest, Some(digest_of(b"")));
+
+    // Cached in the AC (without inlined data), under the instance name.
+    let stored = up.action_result("main", &action.digest).unwrap();
+    assert!(stored.stdout_raw.is_empty());
+    assert_eq!(stored.output_files, result.output_files);
+    assert!(up.action_result("", &action.digest).is_none());
+
+    // Recorded: the request, its headers, its operation.
+    let rec = up.last_execute_request().unwrap();
+    assert_eq!(rec.request.action_digest.as_ref(), Some(&action.digest));
+    assert!(rec.request.inline_stdout);
+    assert_eq!(rec.operation.as_deref(), Some("operations/1"));
+    assert_eq!(
+        rec.headers.get("authorization").unwrap().to_str().unwrap(),
+        "Bearer tok"
+    );
+    let call = up.last_call(Method::Execute).unwrap();
+    assert_eq!(call.id, rec.call_id);
+    assert_eq!(call.request_metadata(), Some(meta));
+    assert_eq!(call.instance_name, "main");
+    assert_eq!(call.code, Some(Code::Ok));
+    assert_eq!(up.executions_started(), 1);
+    assert_eq!(up.executions_completed(), 1);
+
+    // Again: one done Operation from the cache.
+    let ops = execute_all(&ch, action.request("main")).await.unwrap();
+    assert_eq!(ops.len(), 1);
+    assert!(ops[0].done);
+    assert_eq!(ops[0].name, "operations/2");
+    let resp = operation_response(&ops[0]).unwrap();
+    assert!(resp.cached_result);
+    assert_eq!(resp.result.unwrap().output_files, result.output_files);
+    assert_eq!(up.execution_cache_hits(), 1);
+    assert_eq!(up.executions_started(), 1);
+
+    // skip_cache_lookup runs it again, with the same outputs.
+    let ops = execute_all(
+        &ch,
+        re::ExecuteRequest {
+            skip_cache_lookup: true,
+            ..action.request("main")
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(ops.len(), 3);
+    let again = operation_response(&ops[2]).unwrap().result.unwrap();
+    assert_eq!(again.output_files, result.output_files);
+    assert_eq!(again.output_directories, result.output_directories);
+    assert_eq!(up.executions_started(), 2);
+    assert_eq!(up.count(Method::Execute), 3);
+    assert_eq!(
+        up.operation_names(),
+        vec!["operations/1", "operations/2", "operations/3"]
+    );
+
+    // do_not_cache: executed, not cached; a non-zero exit is not cached either.
+    let nocache = action.clone().do_not_cache();
+    up.put_test_action(&nocache);
+    execute_all(&ch, nocache.request("main")).await.unwrap();
+    assert!(up.action_result("main", &nocache.digest).is_none());
+    let failing = action.clone().salted(b"fail");
+    up.put_test_action(&failing);
+    up.set_exit_code(3);
+    let ops = execute_all(&ch, failing.request("main")).await.unwrap();
+    let r = operation_response(ops.last().unwrap()).unwrap();
+    assert_eq!(r.result.unwrap().exit_code, 3);
+    assert!(up.action_result("main", &failing.digest).is_none());
+
+    // reset_stats clears records and counters, not the operations.
+    up.reset_stats();
+    assert!(up.execute_requests().is_empty());
+    assert_eq!(up.executions_started(), 0);
+    assert_eq!(up.operation_names().len(), 5);
+}
+
+#[tokio::test]
+async fn legacy_outputs_and_inlining() {
+    let up = FakeUpstream::start().await;
+    let ch = up.channel().await;
+    let action = TestAction::new(&["cc"], &[], &[("a.c", b"int x;")])
+        .with_legacy_outputs(&["a.o", "b.o"], &["gen"]);
+    up.put_test_action(&action);
+    up.set_default_output_size(10);
+    up.set_directory_layout(&[("only.txt", 7)]);
+    up.set_root_directory_digests(false);
+    let ops = execute_all(
+        &ch,
+        re::ExecuteRequest {
+            inline_output_files: vec!["b.o".into()],
+            inline_stderr: true,
+            ..action.request("")
+        },
+    )
+    .await
+    .unwrap();
+    let result = operation_response(ops.last().unwrap())
+        .unwrap()
+        .result
+        .unwrap();
+    let paths: Vec<_> = result
+        .output_files
+        .iter()
+        .map(|f| f.path.as_str())
+        .collect();
+    assert_eq!(paths, vec!["a.o", "b.o"]);
+    assert!(result.output_files[0].contents.is_empty());
+    assert_eq!(
+        result.output_files[1].contents,
+        output_content(&action.digest, "b.o", 10)
+    );
+    assert_eq!(
+        result.stderr_raw,
+        stdio_content(&action.digest, "stderr", 20)
+    );
+    let od = &result.output_directories[0];
+    assert_eq!(od.path, "gen");
+    assert!(od.root_directory_digest.is_none());
+    let tree = re::Tree::decode(up.blob(od.tree_digest.as_ref().unwrap()).unwrap()).unwrap();
+    let root = tree.root.unwrap();
+    assert_eq!(root.files.len(), 1);
+    assert_eq!(root.files[0].digest.as_ref().unwrap().size_bytes, 7);
+    assert!(tree.children.is_empty());
+    assert!(up.has_blob(&digest_of(&root.encode_to_vec())));
+}
+
+#[tokio::test]
+async fn missing_inputs_are_reported_as_precondition_failures() {
+    let up = FakeUpstream::start().await;
+    let ch = up.channel().await;
+    let action = TestAction::new(
+        &["link"],
+        &["out"],
+        &[
+            ("lib/a.a", b"aaaa"),
+            ("lib/deep/b.a", b"bb"),
+            ("main.o", b"main"),
+        ],
+    );
+    let lib_dir = {
+        // the Directory of lib/: its digest is what a server reports missing
+        let deep = re::Directory {
+            files: vec![re::FileNode {
+                name: "b.a".into(),
+                digest: Some(digest_of(b"bb")),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let lib = re::Directory {
+            files: vec![re::FileNode {
+                name: "a.a".into(),
+                digest: Some(digest_of(b"aaaa")),
+                ..Default::default()
+            }],
+            directories: vec![re::DirectoryNode {
+                name: "deep".into(),
+                digest: Some(digest_of(&deep.encode_to_vec())),
+            }],
+            ..Default::default()
+        };
+        digest_of(&lib.encode_to_vec())
+    };
+    assert!(action.blob_digests().contains(&lib_dir));
+
+    // Nothing uploaded: only the Action is reported (nothing else is known).
+    let err = execute_all(&ch, action.request("")).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert_eq!(missing_digests_of(&err), vec![action.digest.clone()]);
+    let details = status_details(&err).unwrap();
+    assert_eq!(details.code, Code::FailedPrecondition as i32);
+    assert_eq!(details.details[0].type_url, PRECONDITION_FAILURE_TYPE);
+    let pf = PreconditionFailure::decode(details.details[0].value.as_slice()).unwrap();
+    assert_eq!(pf.violations[0].r#type, "MISSING");
+    assert_eq!(
+        pf.violations[0].subject,
+        format!("blobs/{}/{}", action.digest.hash, action.digest.size_bytes)
+    );
+    assert_eq!(
+        up.last_call(Method::Execute).unwrap().code,
+        Some(Code::FailedPrecondition)
+    );
+
+    // Everything but the Command, lib/ (so nothing below it is seen) and main.o.
+    for (d, data) in &action.blobs {
+        if *d != action.command_digest && *d != lib_dir && *d != digest_of(b"main") {
+            up.put_blob_unchecked(d, data.clone());
+        }
+    }
+    let err = execute_all(&ch, action.request("")).await.unwrap_err();
+    let want = set_of(&[
+        action.command_digest.clone(),
+        lib_dir.clone(),
+        digest_of(b"main"),
+    ]);
+    assert_eq!(set_of(&missing_digests_of(&err)), want);
+    assert_eq!(missing_digests_of(&err).len(), 3);
+
+    // The same, delivered in the done Operation.
+    up.set_missing_input_delivery(ErrorDelivery::ResponseStatus);
+    let ops = execute_all(&ch, action.request("")).await.unwrap();
+    assert_eq!(ops.len(), 1);
+    assert!(ops[0].done);
+    let status = operation_response(&ops[0]).unwrap().status.unwrap();
+    assert_eq!(status.code, Code::FailedPrecondition as i32);
+    assert_eq!(set_of(&missing_digests(&status)), want);
+    up.set_missing_input_delivery(ErrorDelivery::OperationError);
+    let ops = execute_all(&ch, action.request("")).await.unwrap();
+    match &ops[0].result {
+        Some(lr::operation::Result::Error(status)) => {
+            assert_eq!(set_of(&missing_digests(status)), want)
+        }
+        other => panic!("expected Operation.error, got {other:?}"),
+    }
+    assert_eq!(up.missing_input_rejections(), 4);
+    assert_eq!(up.executions_started(), 0);
+
+    // Upload lib/ only: now its subtree is walked and deep/ is found present.
+    up.put_test_action(&action);
+    assert!(up.remove_blob(&digest_of(b"bb")));
+    up.set_missing_input_delivery(ErrorDelivery::GrpcError);
+    let err = execute_all(&ch, action.request("")).await.unwrap_err();
+    assert_eq!(missing_digests_of(&err), vec![digest_of(b"bb")]);
+    up.put_blob(&b"bb"[..]);
+    execute_all(&ch, action.request("")).await.unwrap();
+    assert_eq!(up.executions_started(), 1);
+}
+
+#[tokio::test]
+async fn broken_streams_reattach_with_wait_execution() {
+    let up = FakeUpstream::start().await;
+    let ch = up.channel().await;
+    let action = TestAction::new(&["slow"], &["o"], &[]);
+    up.put_test_action(&action);
+    up.set_execution_delay(Duration::from_millis(200));
+
+    // Execute ends cleanly after QUEUED, without done.
+    up.break_streams(Method::Execute, 1, 1, StreamEnd::Eof);
+    let (ops, end) = drain(
+        exec(&ch)
+            .execute(action.request(""))
+            .await
+            .unwrap()
+            .into_inner(),
+    )
+    .await;
+    end.unwrap();
+    assert_eq!(stages(&ops), vec![Stage::Queued]);
+    let name = ops[0].name.clone();
+    let call = up.last_call(Method::Execute).unwrap();
+    assert!(call.injected);
+    // WaitExecution: the current state, then the rest.
+    let (ops, end) = drain(
+        exec(&ch)
+            .wait_execution(re::WaitExecutionRequest { name: name.clone() })
+            .await
+            .unwrap()
+            .into_inner(),
+    )
+    .await;
+    end.unwrap();
+    assert_eq!(stages(&ops), vec![Stage::Executing, Stage::Completed]);
+    assert!(ops.iter().all(|o| o.name == name));
+    assert!(operation_response(&ops[1]).unwrap().result.is_some());
+    assert_eq!(up.count(Method::WaitExecution), 1);
+    assert_eq!(
+        up.last_call(Method::WaitExecution).unwrap().instance_name,
+        ""
+    );
+    // WaitExecution of a done operation: just the final state.
+    let ops = drain(
+        exec(&ch)
+            .wait_execution(re::WaitExecutionRequest { name: name.clone() })
+            .await
+            .unwrap()
+            .into_inner(),
+    )
+    .await
+    .0;
+    assert_eq!(ops.len(), 1);
+    assert!(ops[0].done);
+
+    // Execute breaks with UNAVAILABLE before anything; WaitExecution breaks
+    // too after one message; a second WaitExecution completes.
+    let again = action.clone().salted(b"2");
+    up.put_test_action(&again);
+    up.break_streams(Method::Execute, 1, 0, StreamEnd::Error(Code::Unavailable));
+    up.break_streams(
+        Method::WaitExecution,
+        1,
+        1,
+        StreamEnd::Error(Code::Unavailable),
+    );
+    let (ops, end) = drain(
+        exec(&ch)
+            .execute(again.request(""))
+            .await
+            .unwrap()
+            .into_inner(),
+    )
+    .await;
+    assert!(ops.is_empty());
+    assert_eq!(end.unwrap_err().code(), Code::Unavailable);
+    let name = up.last_execute_request().unwrap().operation.unwrap();
+    let (ops, end) = drain(
+        exec(&ch)
+            .wait_execution(re::WaitExecutionRequest { name: name.clone() })
+            .await
+            .unwrap()
+            .into_inner(),
+    )
+    .await;
+    assert_eq!(ops.len(), 1);
+    assert!(!ops[0].done);
+    assert_eq!(end.unwrap_err().code(), Code::Unavailable);
+    let ops = drain(
+        exec(&ch)
+            .wait_execution(re::WaitExecutionRequest { name })
+            .await
+            .unwrap()
+            .into_inner(),
+    )
+    .await
+    .0;
+    assert!(ops.last().unwrap().done);
+    assert_eq!(up.executions_completed(), 2);
+
+    // Names as configured.
+    up.set_operation_name_prefix("main/");
+    let ops = execute_all(&ch, action.request("")).await.unwrap();
+    assert_eq!(ops[0].name, "main/3");
+
+    // Unknown operation.
+    let err = exec(&ch)
+        .wait_execution(re::WaitExecutionRequest {
+            name: "operations/nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+}
+
+#[tokio::test]
+async fn client_cancel_and_cancel_operation() {
+    let up = FakeUpstream::start().await;
+    let ch = up.channel().await;
+    let action = TestAction::new(&["forever"], &["o"], &[]);
+    up.put_test_action(&action);
+    up.hold_executions();
+
+    // The client reads QUEUED and EXECUTING, then goes away.
+    let mut stream = exec(&ch)
+        .execute(action.request(""))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    stream.message().await.unwrap().unwrap();
+    assert_eq!(up.execute_streams_dropped(), 0);
+    drop(stream);
+    assert!(up.wait_execute_dropped(1, Duration::from_secs(5)).await);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while up.last_call(Method::Execute).unwrap().code.is_none() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(
+        up.last_call(Method::Execute).unwrap().code,
+        Some(Code::Cancelled)
+    );
+    // The job itself runs on (as on a real server) until cancelled.
+    assert!(!up.operation(&first.name).unwrap().done);
+
+    // A WaitExecution stream dropped early is counted too.
+    let mut w = exec(&ch)
+        .wait_execution(re::WaitExecutionRequest {
+            name: first.name.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        operation_stage(&w.message().await.unwrap().unwrap()),
+        Some(Stage::Executing)
+    );
+    drop(w);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while up.wait_streams_dropped() == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(up.wait_streams_dropped(), 1);
+
+    // CancelOperation ends it with CANCELLED; a watcher sees that.
+    let watcher = tokio::spawn({
+        let ch = ch.clone();
+        let name = first.name.clone();
+        async move {
+            drain(
+                exec(&ch)
+                    .wait_execution(re::WaitExecutionRequest { name })
+                    .await
+                    .unwrap()
+                    .into_inner(),
+            )
+            .await
+        }
+    });
+    assert!(
+        up.wait_for_calls(Method::WaitExecution, 2, Duration::from_secs(5))
+            .await
+    );
+    let mut ops = Ops::new(ch.clone());
+    ops.cancel_operation(lr::CancelOperationRequest {
+        name: first.name.clone(),
+    })
+    .await
+    .unwrap();
+    let (seen, end) = watcher.await.unwrap();
+    end.unwrap();
+    let last = seen.last().unwrap();
+    assert!(last.done);
+    let status = operation_response(last).unwrap().status.unwrap();
+    assert_eq!(status.code, Code::Cancelled as i32);
+    assert_eq!(up.count(Method::CancelOperation), 1);
+    assert_eq!(up.operations_cancelled(), 1);
+    assert_eq!(up.executions_completed(), 0);
+    up.release_executions();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(
+        up.action_result("", &action.digest).is_none(),
+        "cancelled: no result"
+    );
+    let err = ops
+        .cancel_operation(lr::CancelOperationRequest {
+            name: "operations/999".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+}
+
+#[tokio::test]
+async fn operations_service() {
+    let up = FakeUpstream::start().await;
+    let ch = up.channel().await;
+    let mut ops = Ops::new(ch.clone());
+    let a = TestAction::new(&["a"], &["o"], &[]);
+    let b = a.clone().salted(b"b");
+    up.put_test_action(&a);
+    up.put_test_action(&b);
+    execute_all(&ch, a.request("x")).await.unwrap();
+
+    up.hold_executions();
+    let mut stream = exec(&ch)
+        .execute(b.request("x"))
+        .await
+        .unwrap()
+        .into_inner();
+    let name_b = stream.message().await.unwrap().unwrap().name;
+
+    let got = ops
+        .get_operation(lr::GetOperationRequest {
+            name: "operations/1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(got.done);
+    assert!(operation_response(&got).unwrap().result.is_some());
+    let call = up.last_call(Method::GetOperation).unwrap();
+    assert_eq!(call.instance_name, "x");
+    assert_eq!(call.digests, vec![a.digest.clone()]);
+
+    let list = ops
+        .list_operations(lr::ListOperationsRequest {
+            page_size: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(list.operations.len(), 1);
+    assert_eq!(list.operations[0].name, "operations/1");
+    let rest = ops
+        .list_operations(lr::ListOperationsRequest {
+            page_token: list.next_page_token,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(rest.operations.len(), 1);
+    assert_eq!(rest.operations[0].name, name_b);
+    assert!(rest.next_page_token.is_empty());
+
+    // WaitOperation: returns at its timeout while running, at once when done.
+    let t0 = Instant::now();
+    let running = ops
+        .wait_operation(lr::WaitOperationRequest {
+            name: name_b.clone(),
+            timeout: Some(bazel_remote_apis::google::protobuf::Duration {
+                seconds: 0,
+                nanos: 100_000_000,
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!running.done);
+    assert!(t0.elapsed() >= Duration::from_millis(90));
+    let waiter = tokio::spawn({
+        let mut ops = ops.clone();
+        let name = name_b.clone();
+        async move {
+            ops.wait_operation(lr::WaitOperationRequest {
+                name,
+                timeout: None,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    up.release_executions();
+    assert!(waiter.await.unwrap().done);
+    let (rest, end) = drain(stream).await;
+    end.unwrap();
+    assert!(rest.last().unwrap().done);
+    assert_eq!(up.operation_history(&name_b).len(), 3);
+
+    ops.delete_operation(lr::DeleteOperationRequest {
+        name: "operations/1".into(),
+    })
+    .await
+    .unwrap();
+    assert_eq!(up.operation_names(), vec![name_b.clone()]);
+    let err = ops
+        .get_operation(lr::GetOperationRequest {
+            name: "operations/1".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert_eq!(up.count(Method::GetOperation), 2);
+    assert_eq!(up.count(Method::ListOperations), 2);
+    assert_eq!(up.count(Method::WaitOperation), 2);
+    assert_eq!(up.count(Method::DeleteOperation), 1);
+}
+
+#[tokio::test]
+async fn execution_failures_delays_and_faults() {
+    let up = FakeUpstream::start().await;
+    let ch = up.channel().await;
+    let action = TestAction::new(&["x"], &["o"], &[]);
+    up.put_test_action(&action);
+    let req = || re::ExecuteRequest {
+        skip_cache_lookup: true,
+        ..action.request("")
+    };
+
+    // In ExecuteResponse.status, after the stages.
+    up.fail_next_executions(
+        1,
+        Code::DeadlineExceeded,
+        "too slow",
+        ErrorDelivery::ResponseStatus,
+    );
+    let ops = execute_all(&ch, req()).await.unwrap();
+    assert_eq!(
+        stages(&ops),
+        vec![Stage::Queued, Stage::Executing, Stage::Completed]
+    );
+    let resp = operation_response(&ops[2]).unwrap();
+    assert_eq!(
+        resp.status.as_ref().unwrap().code,
+        Code::DeadlineExceeded as i32
+    );
+    assert_eq!(resp.status.unwrap().message, "too slow");
+    assert!(resp.result.is_none());
+    assert!(up.action_result("", &action.digest).is_none());
+
+    // As Operation.error.
+    up.fail_next_executions(1, Code::Internal, "boom", ErrorDelivery::OperationError);
+    let ops = execute_all(&ch, req()).await.unwrap();
+    assert!(matches!(
+        &ops.last().unwrap().result,
+        Some(lr::operation::Result::Error(s)) if s.code == Code::Internal as i32
+    ));
+
+    // As a gRPC error on the call.
+    up.fail_next_executions(
+        1,
+        Code::ResourceExhausted,
+        "no workers",
+        ErrorDelivery::GrpcError,
+    );
+    let err = execute_all(&ch, req()).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert_eq!(err.message(), "no workers");
+    let call = up.last_call(Method::Execute).unwrap();
+    assert_eq!(call.code, Some(Code::ResourceExhausted));
+    assert!(call.injected);
+
+    // The generic faults apply to the new methods as well.
+    up.fail_next_of(Method::Execute, 1, Code::Unavailable);
+    assert_eq!(
+        execute_all(&ch, req()).await.unwrap_err().code(),
+        Code::Unavailable
+    );
+    up.fail_next_of(Method::GetOperation, 1, Code::Unavailable);
+    let err = Ops::new(ch.clone())
+        .get_operation(lr::GetOperationRequest {
+            name: "operations/1".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+
+    // Delays: QUEUED and EXECUTING last as long as configured.
+    up.set_queue_delay(Duration::from_millis(100));
+    up.set_execution_delay(Duration::from_millis(150));
+    let t0 = Instant::now();
+    let ops = execute_all(&ch, req()).await.unwrap();
+    assert!(t0.elapsed() >= Duration::from_millis(250));
+    assert!(ops.last().unwrap().done);
+    assert_eq!(up.count(Method::Execute), 5);
+    assert_eq!(
+        up.executions_started(),
+        3,
+        "two failed before a job was made"
+    );
+    assert!(up.action_result("", &action.digest).is_some());
 }

@@ -3,7 +3,9 @@
 //! [`FakeUpstream::start`] serves Capabilities, ContentAddressableStorage,
 //! ByteStream and ActionCache (tonic, the `bazel-remote-apis` server traits)
 //! on `127.0.0.1:0`, with blobs and action results in memory. Uploads are
-//! verified (SHA-256 and size) before they are stored.
+//! verified (SHA-256 and size) before they are stored. It also serves
+//! Execution (Execute, WaitExecution) and google.longrunning Operations with
+//! deterministic fake outputs: see `fake_execution.rs` (a child module).
 //!
 //! What tests get from it:
 //! - **Call log**: every call, per [`Method`], with its instance name, the
@@ -26,6 +28,11 @@
 //!   parked, which makes single-flight and batching tests deterministic.
 //! - **Capabilities** are configurable (batch limit, digest functions,
 //!   action-cache updates) and enforced (Batch* over the limit are refused).
+//! - **Execution** (`fake_execution.rs`): Execute runs actions from the CAS
+//!   with deterministic outputs and caches the results; missing inputs give
+//!   FAILED_PRECONDITION with MISSING violations; delays, held jobs, broken
+//!   streams (reattach with WaitExecution), injected failures, CancelOperation
+//!   and counters of streams the client dropped; [`TestAction`] builds actions.
 //! - **Seeding**: [`FakeUpstream::put_blob`], [`FakeUpstream::put_message`],
 //!   [`FakeUpstream::put_blob_unchecked`] (e.g. corrupt data),
 //!   [`FakeUpstream::put_action_result`], and the matching getters.
@@ -70,6 +77,16 @@ use re::content_addressable_storage_server::{
 };
 use re::digest_function::Value as DigestFunction;
 
+#[path = "fake_execution.rs"]
+mod fake_execution;
+#[allow(unused_imports)]
+pub use fake_execution::{
+    EXECUTE_METADATA_TYPE, EXECUTE_RESPONSE_TYPE, ErrorDelivery, ExecuteRecord,
+    PRECONDITION_FAILURE_TYPE, PreconditionFailure, StreamEnd, TestAction, Violation,
+    missing_digests, missing_digests_of, missing_status, operation_metadata, operation_response,
+    operation_stage, output_content, pack_any, rpc_to_status, status_details, stdio_content,
+};
+
 /// gRPC message limit of the fake, both ways: large enough that Batch* limits
 /// are enforced by the fake's own check (with a clear message), not by tonic.
 const MAX_MESSAGE: usize = 64 << 20;
@@ -97,10 +114,17 @@ pub enum Method {
     QueryWriteStatus,
     GetActionResult,
     UpdateActionResult,
+    Execute,
+    WaitExecution,
+    GetOperation,
+    ListOperations,
+    DeleteOperation,
+    CancelOperation,
+    WaitOperation,
 }
 
 impl Method {
-    pub const ALL: [Method; 14] = [
+    pub const ALL: [Method; 21] = [
         Method::GetCapabilities,
         Method::FindMissingBlobs,
         Method::BatchUpdateBlobs,
@@ -115,6 +139,13 @@ impl Method {
         Method::QueryWriteStatus,
         Method::GetActionResult,
         Method::UpdateActionResult,
+        Method::Execute,
+        Method::WaitExecution,
+        Method::GetOperation,
+        Method::ListOperations,
+        Method::DeleteOperation,
+        Method::CancelOperation,
+        Method::WaitOperation,
     ];
 
     /// The gRPC method name.
@@ -134,6 +165,13 @@ impl Method {
             Method::QueryWriteStatus => "QueryWriteStatus",
             Method::GetActionResult => "GetActionResult",
             Method::UpdateActionResult => "UpdateActionResult",
+            Method::Execute => "Execute",
+            Method::WaitExecution => "WaitExecution",
+            Method::GetOperation => "GetOperation",
+            Method::ListOperations => "ListOperations",
+            Method::DeleteOperation => "DeleteOperation",
+            Method::CancelOperation => "CancelOperation",
+            Method::WaitOperation => "WaitOperation",
         }
     }
 
@@ -161,7 +199,8 @@ pub struct Call {
     pub headers: MetadataMap,
     /// The digests the call named, in request order: FindMissingBlobs and
     /// Batch*: every entry; Read/Write/QueryWriteStatus: the blob; GetTree:
-    /// the root; ActionCache: the action digest.
+    /// the root; ActionCache and Execute: the action digest; WaitExecution
+    /// and Operations calls: the operation's action digest (if it is known).
     pub digests: Vec<re::Digest>,
     /// Payload received: blob bytes (BatchUpdateBlobs, Write), encoded
     /// ActionResult (UpdateActionResult); 0 otherwise.
@@ -399,6 +438,7 @@ struct Shared {
     net: Mutex<Net>,
     counters: Arc<NetCounters>,
     conn_tx: mpsc::Sender<io::Result<Conn>>,
+    exec: fake_execution::ExecState,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -1557,8 +1597,10 @@ impl FakeUpstream {
             }),
             counters: Arc::default(),
             conn_tx,
+            exec: Default::default(),
         });
         let svc = Svc { s: s.clone() };
+        let (execution, operations) = fake_execution::services(svc.clone());
         let router = Server::builder()
             .initial_stream_window_size(16 << 20)
             .initial_connection_window_size(32 << 20)
@@ -1578,7 +1620,9 @@ impl FakeUpstream {
                 ActionCacheServer::new(svc)
                     .max_decoding_message_size(MAX_MESSAGE)
                     .max_encoding_message_size(MAX_MESSAGE),
-            );
+            )
+            .add_service(execution)
+            .add_service(operations);
         let server = tokio::spawn(async move {
             let _ = router
                 .serve_with_incoming(ReceiverStream::new(conn_rx))
@@ -1856,7 +1900,8 @@ impl FakeUpstream {
         self.s.max_in_flight.load(Ordering::Acquire)
     }
 
-    /// Clears the call log and every counter (not the store or faults).
+    /// Clears the call log, the Execute records and every counter (not the
+    /// store, operations or faults).
     pub fn reset_stats(&self) {
         lock(&self.s.log).calls.clear();
         self.s
@@ -1866,6 +1911,7 @@ impl FakeUpstream {
         c.tcp_in.store(0, Ordering::Relaxed);
         c.tcp_out.store(0, Ordering::Relaxed);
         c.connections.store(0, Ordering::Relaxed);
+        self.s.exec.reset_stats();
     }
 
     /// One line per method: calls, payload bytes in/out (for test output).
