@@ -96,6 +96,10 @@ struct Forwarder {
     action: Option<Digest>,
     /// Whether a MISSING repair was already tried.
     repaired: bool,
+    /// The Action and Command digests: what to upload when the upstream
+    /// refuses with FAILED_PRECONDITION but names no blob (BuildGrid does so
+    /// for a missing Action or Command).
+    essentials: Vec<Digest>,
 }
 
 impl Forwarder {
@@ -166,7 +170,10 @@ impl Forwarder {
     async fn open_execute(&mut self) -> Result<Streaming<Operation>, Status> {
         match self.open(None).await {
             Err(status) if status.code() == Code::FailedPrecondition => {
-                let missing = missing_blobs_in_status(&status, self.function);
+                let mut missing = missing_blobs_in_status(&status, self.function);
+                if missing.is_empty() {
+                    missing = self.essentials.clone();
+                }
                 if self.repair(missing).await {
                     self.open(None).await
                 } else {
@@ -340,8 +347,11 @@ impl Execution for ExecutionService {
         Stats::add(&shared.stats.executions, 1);
         // Make sure the upstream has every input; what is still missing
         // afterwards is reported by the upstream itself.
+        let mut essentials = vec![action];
         match action_inputs(&*shared.proxy, &ctx, &action).await {
             Ok((_, inputs)) => {
+                // action_inputs lists the Action, then the Command, first.
+                essentials.extend(inputs.get(1).copied());
                 if let Err(e) = shared.proxy.find_missing(&ctx, &inputs).await {
                     tracing::debug!("input check for {action} failed: {e}");
                 }
@@ -357,6 +367,7 @@ impl Execution for ExecutionService {
             request: Some(req),
             action: Some(action),
             repaired: false,
+            essentials,
         };
         let stream = forwarder.open_execute().await?;
         Ok(Response::new(self.forward(forwarder, stream)))
@@ -376,6 +387,7 @@ impl Execution for ExecutionService {
             request: None,
             action: None,
             repaired: false,
+            essentials: Vec::new(),
         };
         let stream = forwarder.open(Some(&req.name)).await?;
         Ok(Response::new(self.forward(forwarder, stream)))
