@@ -65,10 +65,14 @@ impl Error {
         }
     }
 
-    /// Maps a status from the upstream to the error reported to our client,
-    /// keeping the code where it means the same thing here.
-    pub fn from_upstream(status: &tonic::Status) -> Self {
-        let msg = format!("upstream: {}", status.message());
+    /// Maps a status from the upstream at `endpoint` to the error reported to
+    /// our client, keeping the code where it means the same thing here.
+    pub fn from_upstream(endpoint: &str, status: &tonic::Status) -> Self {
+        let msg = format!("upstream {endpoint}: {}", status.message());
+        if is_timeout(status) {
+            // To our client an upstream that does not answer is unavailable.
+            return Error::Unavailable(format!("{msg} (no answer within the rpc_timeout)"));
+        }
         match status.code() {
             Code::InvalidArgument => Error::InvalidArgument(msg),
             Code::NotFound => Error::NotFound(msg),
@@ -94,6 +98,13 @@ impl Error {
             details: Vec::new(),
         }
     }
+}
+
+/// Whether a status means our own deadline for the call expired (tonic
+/// reports a client-side timeout as CANCELLED "Timeout expired").
+pub fn is_timeout(status: &tonic::Status) -> bool {
+    status.code() == Code::DeadlineExceeded
+        || (status.code() == Code::Cancelled && status.message().contains("Timeout expired"))
 }
 
 /// An OK per-entry status for Batch* responses.

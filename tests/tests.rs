@@ -13,7 +13,9 @@ mod suite {
     mod cas;
     mod crash;
     mod eviction;
+    mod execution;
     mod large_blob;
     mod persistence;
+    mod proxy;
     mod unix_socket;
 }

@@ -205,9 +205,57 @@ async fn flush_find_missing(
         .collect())
 }
 
+/// Splits items into runs whose total weight fits `limit` (an item heavier
+/// than `limit` goes alone), keeping order.
+fn split_by_weight<T>(items: Vec<T>, limit: u64, weight: impl Fn(&T) -> u64) -> Vec<Vec<T>> {
+    let mut runs: Vec<Vec<T>> = Vec::new();
+    let mut current = Vec::new();
+    let mut total = 0;
+    for item in items {
+        let w = weight(&item);
+        if !current.is_empty() && total + w > limit {
+            runs.push(std::mem::take(&mut current));
+            total = 0;
+        }
+        total += w;
+        current.push(item);
+    }
+    if !current.is_empty() {
+        runs.push(current);
+    }
+    runs
+}
+
+/// BatchReadBlobs for merged reads, in calls within the upstream's limit
+/// (looked up now: the capabilities may have arrived since start-up).
 async fn flush_reads(
     up: &Upstream,
     ctx: RequestContext,
+    digests: Vec<Digest>,
+) -> Result<Vec<Result<Bytes>>> {
+    let mut out = Vec::with_capacity(digests.len());
+    for run in split_by_weight(digests, up.batch_limit(), |d| d.size) {
+        out.extend(flush_reads_within_limit(up, &ctx, run).await?);
+    }
+    Ok(out)
+}
+
+/// BatchUpdateBlobs for merged writes, in calls within the upstream's limit.
+async fn flush_writes(
+    up: &Upstream,
+    ctx: RequestContext,
+    blobs: Vec<(Digest, Bytes)>,
+) -> Result<Vec<Result<()>>> {
+    let mut out = Vec::with_capacity(blobs.len());
+    for run in split_by_weight(blobs, up.batch_limit(), |(d, _)| d.size) {
+        out.extend(flush_writes_within_limit(up, &ctx, run).await?);
+    }
+    Ok(out)
+}
+
+async fn flush_reads_within_limit(
+    up: &Upstream,
+    ctx: &RequestContext,
     digests: Vec<Digest>,
 ) -> Result<Vec<Result<Bytes>>> {
     let stats = up.stats();
@@ -222,7 +270,7 @@ async fn flush_reads(
             .collect()
     };
     let message = BatchReadBlobsRequest {
-        instance_name: up.instance(&ctx),
+        instance_name: up.instance(ctx),
         digests: unique.iter().map(Digest::to_proto).collect(),
         acceptable_compressors: vec![],
         digest_function: digests[0].function.to_proto(),
@@ -230,7 +278,7 @@ async fn flush_reads(
     let response = up
         .unary(UpstreamMethod::BatchReadBlobs, || {
             let mut cas = up.cas();
-            let request = up.unary_request(&ctx, message.clone());
+            let request = up.unary_request(ctx, message.clone());
             async move { cas.batch_read_blobs(request).await }
         })
         .await?;
@@ -243,10 +291,7 @@ async fn flush_reads(
             Ok(Bytes::from(r.data))
         } else {
             let status = r.status.unwrap_or_default();
-            Err(Error::from_upstream(&Status::new(
-                Code::from_i32(status.code),
-                status.message,
-            )))
+            Err(up.error(&Status::new(Code::from_i32(status.code), status.message)))
         };
         found.insert((d.hash, d.size_bytes), result);
     }
@@ -266,9 +311,9 @@ async fn flush_reads(
         .collect())
 }
 
-async fn flush_writes(
+async fn flush_writes_within_limit(
     up: &Upstream,
-    ctx: RequestContext,
+    ctx: &RequestContext,
     blobs: Vec<(Digest, Bytes)>,
 ) -> Result<Vec<Result<()>>> {
     let stats = up.stats();
@@ -276,7 +321,7 @@ async fn flush_writes(
     Stats::add(&stats.write_batched_blobs, blobs.len() as u64);
     let bytes: u64 = blobs.iter().map(|(d, _)| d.size).sum();
     let message = BatchUpdateBlobsRequest {
-        instance_name: up.instance(&ctx),
+        instance_name: up.instance(ctx),
         requests: blobs
             .iter()
             .map(|(d, data)| batch_update_blobs_request::Request {
@@ -290,7 +335,7 @@ async fn flush_writes(
     let response = up
         .unary(UpstreamMethod::BatchUpdateBlobs, || {
             let mut cas = up.cas();
-            let request = up.unary_request(&ctx, message.clone());
+            let request = up.unary_request(ctx, message.clone());
             async move { cas.batch_update_blobs(request).await }
         })
         .await?;
@@ -302,10 +347,7 @@ async fn flush_writes(
         let result = if status.code == Code::Ok as i32 {
             Ok(())
         } else {
-            Err(Error::from_upstream(&Status::new(
-                Code::from_i32(status.code),
-                status.message,
-            )))
+            Err(up.error(&Status::new(Code::from_i32(status.code), status.message)))
         };
         statuses.insert((d.hash, d.size_bytes), result);
     }
@@ -364,8 +406,18 @@ impl BlobStore for UpstreamStore {
             state,
             |state| async move {
                 let (mut reader, mut stream, permit) = state?;
+                let idle = reader.upstream.config().rpc_timeout;
                 loop {
-                    match stream.message().await {
+                    // A stream silent for a whole rpc_timeout counts as broken.
+                    let next = tokio::time::timeout(idle, stream.message())
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(Status::unavailable(format!(
+                                "upstream sent no data for {}s",
+                                idle.as_secs_f32()
+                            )))
+                        });
+                    match next {
                         Ok(Some(message)) => {
                             let n = message.data.len() as u64;
                             reader.position += n;
@@ -398,10 +450,26 @@ impl BlobStore for UpstreamStore {
     }
 
     async fn read_many(&self, ctx: &RequestContext, digests: &[Digest]) -> Vec<Result<Bytes>> {
-        match self.reads.submit(ctx, digests.to_vec()).await {
-            Ok(results) => results,
-            Err(e) => digests.iter().map(|_| Err(e.clone())).collect(),
+        // Blobs too big for one BatchReadBlobs come over ByteStream.
+        let limit = self.upstream.batch_limit();
+        let small: Vec<Digest> = digests
+            .iter()
+            .filter(|d| d.size <= limit)
+            .copied()
+            .collect();
+        let mut batched = match self.reads.submit(ctx, small.clone()).await {
+            Ok(results) => results.into_iter(),
+            Err(e) => vec![Err(e); small.len()].into_iter(),
+        };
+        let mut out = Vec::with_capacity(digests.len());
+        for d in digests {
+            if d.size <= limit {
+                out.push(batched.next().expect("one result per small digest"));
+            } else {
+                out.push(crate::store::read_to_bytes(self, ctx, d).await);
+            }
         }
+        out
     }
 
     async fn write_many(
@@ -409,11 +477,26 @@ impl BlobStore for UpstreamStore {
         ctx: &RequestContext,
         blobs: Vec<(Digest, Bytes)>,
     ) -> Vec<Result<()>> {
-        let n = blobs.len();
-        match self.writes.submit(ctx, blobs).await {
+        // Blobs too big for one BatchUpdateBlobs go over ByteStream.
+        let limit = self.upstream.batch_limit();
+        let (small, large): (Vec<_>, Vec<_>) = blobs
+            .into_iter()
+            .enumerate()
+            .partition(|(_, (d, _))| d.size <= limit);
+        let mut out: Vec<Result<()>> = Vec::new();
+        out.resize_with(small.len() + large.len(), || Ok(()));
+        let (positions, small): (Vec<usize>, Vec<(Digest, Bytes)>) = small.into_iter().unzip();
+        let results = match self.writes.submit(ctx, small).await {
             Ok(results) => results,
-            Err(e) => (0..n).map(|_| Err(e.clone())).collect(),
+            Err(e) => vec![Err(e); positions.len()],
+        };
+        for (i, r) in positions.into_iter().zip(results) {
+            out[i] = r;
         }
+        for (i, (d, data)) in large {
+            out[i] = crate::store::write_bytes(self, ctx, &d, data).await;
+        }
+        out
     }
 }
 
@@ -444,10 +527,17 @@ impl ResumingRead {
             read_offset: self.position as i64,
             read_limit: (self.end - self.position) as i64,
         };
+        // The deadline covers the call's start only: the stream itself may
+        // legitimately take longer than rpc_timeout.
+        let timeout = up.config().rpc_timeout;
         up.call(UpstreamMethod::ByteStreamRead, || {
             let mut bytestream = up.bytestream();
             let request = up.request(&self.ctx, message.clone());
-            async move { bytestream.read(request).await }
+            async move {
+                tokio::time::timeout(timeout, bytestream.read(request))
+                    .await
+                    .unwrap_or_else(|_| Err(Status::deadline_exceeded("Timeout expired")))
+            }
         })
         .await
     }
@@ -459,7 +549,7 @@ impl ResumingRead {
         status: &Status,
     ) -> Result<tonic::Streaming<bazel_remote_apis::google::bytestream::ReadResponse>> {
         if !is_transient(status) || self.resumes >= MAX_READ_RESUMES || self.position >= self.end {
-            return Err(Error::from_upstream(status));
+            return Err(self.upstream.error(status));
         }
         self.resumes += 1;
         tracing::debug!(
@@ -520,10 +610,21 @@ impl UpstreamWriter {
             finish_write: finish,
             data,
         };
-        if tx.send(message).await.is_err() {
-            // The call ended: either early completion or an error; commit tells.
-            self.tx = None;
-            return Ok(());
+        let timeout = self.upstream.config().rpc_timeout;
+        match tokio::time::timeout(timeout, tx.send(message)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => {
+                // The call ended: either early completion or an error; commit tells.
+                self.tx = None;
+                return Ok(());
+            }
+            Err(_) => {
+                return Err(Error::DeadlineExceeded(format!(
+                    "upstream {} accepted no data for {}s",
+                    self.upstream.config().uri,
+                    timeout.as_secs_f32()
+                )));
+            }
         }
         self.sent += len;
         Stats::add(&self.upstream.stats().upstream_bytes_sent, len);
@@ -544,8 +645,17 @@ impl BlobWriter for UpstreamWriter {
     async fn commit(mut self: Box<Self>) -> Result<()> {
         self.send(Vec::new(), true).await?;
         self.tx = None;
-        let result = (&mut self.call)
+        let timeout = self.upstream.config().rpc_timeout;
+        let result = tokio::time::timeout(timeout, &mut self.call)
             .await
+            .map_err(|_| {
+                Error::DeadlineExceeded(format!(
+                    "upstream {} did not confirm the write of {} within {}s",
+                    self.upstream.config().uri,
+                    self.digest,
+                    timeout.as_secs_f32()
+                ))
+            })?
             .map_err(|e| Error::Internal(format!("upstream write task failed: {e}")))?;
         match result {
             Ok(response) if response.committed_size == self.digest.size as i64 => Ok(()),
@@ -555,7 +665,7 @@ impl BlobWriter for UpstreamWriter {
             ))),
             Err(status) => {
                 self.upstream.record_error(&status);
-                Err(Error::from_upstream(&status))
+                Err(self.upstream.error(&status))
             }
         }
     }

@@ -23,7 +23,7 @@ use tonic::{Code, Request, Response, Status};
 
 use crate::config_upstream::UpstreamConfig;
 use crate::context::RequestContext;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, is_timeout};
 use crate::stats::{Stats, UpstreamMethod};
 use crate::upstream::health::Health;
 
@@ -40,7 +40,11 @@ const BATCH_OVERHEAD: u64 = 64 << 10;
 
 /// Whether a failed call may succeed if tried again: UNAVAILABLE, and the
 /// `Unknown` / `Cancelled` that tonic reports when a connection breaks.
+/// (A timeout is not: the call already waited its full deadline.)
 pub fn is_transient(status: &Status) -> bool {
+    if is_timeout(status) {
+        return false;
+    }
     match status.code() {
         Code::Unavailable => true,
         Code::Unknown | Code::Cancelled => {
@@ -250,18 +254,25 @@ impl Upstream {
                         attempt += 1;
                         continue;
                     }
-                    if transient {
-                        // Still failing after the retries: the upstream is down.
+                    if transient || is_timeout(&status) {
+                        // Unreachable after the retries, or silent for a whole
+                        // deadline: treat it as down so later calls fail fast.
                         self.health.failed(status.message());
                     } else {
                         // It answered, so it is up; the error is the call's.
                         self.health.succeeded();
                     }
                     self.record_error(&status);
-                    return Err(Error::from_upstream(&status));
+                    return Err(self.error(&status));
                 }
             }
         }
+    }
+
+    /// The error our client gets for an upstream status: same meaning, and a
+    /// message naming the upstream.
+    pub fn error(&self, status: &Status) -> Error {
+        Error::from_upstream(&self.config.uri, status)
     }
 
     /// Counts a failed upstream call or stream. A broken stream does not

@@ -3,6 +3,9 @@
 //! ([`ServerProcess`]), and small REAPI client helpers. Tests compute digests
 //! with `sha2` themselves, so they do not trust the code under test.
 
+pub mod fake_upstream;
+
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -114,6 +117,11 @@ impl TestServer {
             dir,
             channel,
         }
+    }
+
+    /// The TCP address it serves on (for clients with their own connection).
+    pub fn addr(&self) -> SocketAddr {
+        self.server.addr
     }
 
     /// The store's directory.
