@@ -45,6 +45,9 @@ use crate::upstream::client::is_transient;
 const MAX_REATTACHES: u32 = 5;
 /// Attempts to open an Execute/WaitExecution call on transient errors.
 const OPEN_ATTEMPTS: u32 = 3;
+/// MISSING-input repairs per execution: an upstream may report a lost
+/// Directory first and the files below it only after it got the Directory.
+const MAX_REPAIRS: u32 = 3;
 
 type OperationStream = Pin<Box<dyn Stream<Item = Result<Operation, Status>> + Send>>;
 
@@ -94,8 +97,8 @@ struct Forwarder {
     request: Option<ExecuteRequest>,
     /// The action, when known up front.
     action: Option<Digest>,
-    /// Whether a MISSING repair was already tried.
-    repaired: bool,
+    /// MISSING repairs done so far.
+    repairs: u32,
     /// The Action and Command digests: what to upload when the upstream
     /// refuses with FAILED_PRECONDITION but names no blob (BuildGrid does so
     /// for a missing Action or Command).
@@ -142,10 +145,10 @@ impl Forwarder {
 
     /// Uploads blobs the upstream reported missing; true if worth retrying.
     async fn repair(&mut self, missing: Vec<Digest>) -> bool {
-        if self.repaired || self.request.is_none() || missing.is_empty() {
+        if self.repairs >= MAX_REPAIRS || self.request.is_none() || missing.is_empty() {
             return false;
         }
-        self.repaired = true;
+        self.repairs += 1;
         let wanted = missing.len();
         let failed = self
             .shared
@@ -166,21 +169,22 @@ impl Forwarder {
         uploaded > 0
     }
 
-    /// Opens Execute, repairing MISSING inputs once if the call fails so.
+    /// Opens Execute, repairing MISSING inputs (a few rounds at most) while
+    /// the call fails so and each round has something to upload.
     async fn open_execute(&mut self) -> Result<Streaming<Operation>, Status> {
-        match self.open(None).await {
-            Err(status) if status.code() == Code::FailedPrecondition => {
-                let mut missing = missing_blobs_in_status(&status, self.function);
-                if missing.is_empty() {
-                    missing = self.essentials.clone();
+        loop {
+            match self.open(None).await {
+                Err(status) if status.code() == Code::FailedPrecondition => {
+                    let mut missing = missing_blobs_in_status(&status, self.function);
+                    if missing.is_empty() {
+                        missing = self.essentials.clone();
+                    }
+                    if !self.repair(missing).await {
+                        return Err(status);
+                    }
                 }
-                if self.repair(missing).await {
-                    self.open(None).await
-                } else {
-                    Err(status)
-                }
+                other => return other,
             }
-            other => other,
         }
     }
 
@@ -254,7 +258,7 @@ impl Forwarder {
     }
 
     /// For a final Operation that failed with MISSING inputs: repair and
-    /// execute again (once). `None` when there is nothing to retry.
+    /// execute again (a few rounds at most). `None` when there is nothing to retry.
     async fn retry_if_missing(
         &mut self,
         op: &Operation,
@@ -267,7 +271,7 @@ impl Forwarder {
         if !self.repair(missing).await {
             return None;
         }
-        Some(self.open(None).await)
+        Some(self.open_execute().await)
     }
 
     /// Caches a successful result locally and queues its outputs for prefetch.
@@ -366,7 +370,7 @@ impl Execution for ExecutionService {
             function,
             request: Some(req),
             action: Some(action),
-            repaired: false,
+            repairs: 0,
             essentials,
         };
         let stream = forwarder.open_execute().await?;
@@ -386,7 +390,7 @@ impl Execution for ExecutionService {
             function: DigestFunction::Sha256,
             request: None,
             action: None,
-            repaired: false,
+            repairs: 0,
             essentials: Vec::new(),
         };
         let stream = forwarder.open(Some(&req.name)).await?;

@@ -80,30 +80,44 @@ impl ProxyStore {
     }
 
     /// Brings `digests` into the local store (those not there yet), through
-    /// the same single-flight as client reads, at most `parallel` at a time.
-    /// Returns the number of blobs and bytes fetched.
+    /// the same single-flight as client reads: small ones in batched calls,
+    /// large ones at most `parallel` at a time. Only transfers this call
+    /// started count as prefetched; a client read joining one is a hit.
+    /// Returns the number of blobs and bytes it fetched.
     pub async fn prefetch(
         &self,
         ctx: &RequestContext,
         digests: &[Digest],
         parallel: usize,
     ) -> Result<(u64, u64)> {
-        let missing = self.local.find_missing(ctx, digests).await?;
-        let fetched: Vec<(Digest, Result<()>)> = futures::stream::iter(missing)
-            .map(|d| async move { (d, self.fetch(ctx, &d).await) })
-            .buffer_unordered(parallel.max(1))
-            .collect()
-            .await;
+        let mut seen = HashSet::new();
+        let unique: Vec<Digest> = digests
+            .iter()
+            .filter(|d| seen.insert(**d))
+            .copied()
+            .collect();
+        let missing = self.local.find_missing(ctx, &unique).await?;
+        let (small, large): (Vec<Digest>, Vec<Digest>) =
+            missing.into_iter().partition(|d| d.size <= SMALL_BLOB);
+        let mut claimed = self.claim(ctx, &small, true);
+        for chunk in large.chunks(parallel.max(1)) {
+            claimed.extend(self.claim(ctx, chunk, true));
+        }
         let (mut blobs, mut bytes) = (0, 0);
-        let mut unread = self.prefetched.lock().unwrap_or_else(|e| e.into_inner());
-        for (d, result) in fetched {
+        for (d, (flight, started)) in small.iter().chain(&large).zip(claimed) {
+            let result = flight.await;
+            if !started {
+                continue;
+            }
             match result {
                 Ok(()) => {
-                    unread.put(d, d.size);
                     blobs += 1;
                     bytes += d.size;
                 }
-                Err(e) => tracing::debug!("prefetch of {d} failed: {e}"),
+                Err(e) => {
+                    self.unread().pop(d);
+                    tracing::debug!("prefetch of {d} failed: {e}");
+                }
             }
         }
         Stats::add(&self.stats.prefetched_blobs, blobs);
@@ -111,10 +125,13 @@ impl ProxyStore {
         Ok((blobs, bytes))
     }
 
+    fn unread(&self) -> std::sync::MutexGuard<'_, LruCache<Digest, u64>> {
+        self.prefetched.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Counts a client's first read of a prefetched blob.
     fn note_local_read(&self, digest: &Digest) {
-        let mut unread = self.prefetched.lock().unwrap_or_else(|e| e.into_inner());
-        if unread.pop(digest).is_some() {
+        if self.unread().pop(digest).is_some() {
             Stats::add(&self.stats.prefetch_hits, 1);
         }
     }
@@ -126,46 +143,103 @@ impl ProxyStore {
 
     /// Brings a blob into the local store, sharing a fetch already in flight.
     async fn fetch(&self, ctx: &RequestContext, digest: &Digest) -> Result<()> {
-        let flight = {
-            let mut flights = self.flights.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(flight) = flights.get(digest) {
-                Stats::add(&self.stats.single_flight_joins, 1);
-                flight.clone()
-            } else {
-                let flight = self.start_fetch(ctx, digest);
-                flights.insert(*digest, flight.clone());
-                flight
-            }
-        };
+        let (flight, _) = self
+            .claim(ctx, std::slice::from_ref(digest), false)
+            .remove(0);
         flight.await
     }
 
-    /// Spawns the transfer, so it finishes even if the first reader leaves.
-    fn start_fetch(&self, ctx: &RequestContext, digest: &Digest) -> Flight {
+    /// Returns a flight per digest (and whether this call started it): a
+    /// fetch already in flight is joined; the others start now, the small
+    /// ones together in one batched upstream read. Prefetched transfers are
+    /// marked unread when they start, so a client joining one counts as a hit.
+    fn claim(
+        &self,
+        ctx: &RequestContext,
+        digests: &[Digest],
+        prefetch: bool,
+    ) -> Vec<(Flight, bool)> {
+        let mut flights = self.flights.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<Option<(Flight, bool)>> = vec![None; digests.len()];
+        let mut group: Vec<(usize, Digest)> = Vec::new();
+        for (i, d) in digests.iter().enumerate() {
+            if let Some(flight) = flights.get(d) {
+                Stats::add(&self.stats.single_flight_joins, 1);
+                out[i] = Some((flight.clone(), false));
+            } else if d.size <= SMALL_BLOB {
+                if !group.iter().any(|(_, g)| g == d) {
+                    group.push((i, *d));
+                }
+            } else {
+                let flight = self.start_fetch(ctx, vec![*d]).remove(0);
+                flights.insert(*d, flight.clone());
+                out[i] = Some((flight, true));
+            }
+        }
+        if !group.is_empty() {
+            let started = self.start_fetch(ctx, group.iter().map(|(_, d)| *d).collect());
+            for ((i, d), flight) in group.into_iter().zip(started) {
+                flights.insert(d, flight.clone());
+                out[i] = Some((flight, true));
+            }
+        }
+        drop(flights);
+        let mut result = Vec::with_capacity(digests.len());
+        for (i, d) in digests.iter().enumerate() {
+            // A digest repeated in `digests` shares its first occurrence's flight.
+            let entry = match out[i].take() {
+                Some(entry) => entry,
+                None => {
+                    let first = digests.iter().position(|x| x == d).expect("present");
+                    (result_flight(&result, first), false)
+                }
+            };
+            if prefetch && entry.1 {
+                self.unread().put(*d, d.size);
+            }
+            result.push(entry);
+        }
+        result
+    }
+
+    /// Spawns one transfer for `digests` (several only when all are small,
+    /// then as one batched read), so it finishes even if the first reader
+    /// leaves. Returns one flight per digest.
+    fn start_fetch(&self, ctx: &RequestContext, digests: Vec<Digest>) -> Vec<Flight> {
         let (local, upstream, flights) = (
             self.local.clone(),
             self.upstream.clone(),
             self.flights.clone(),
         );
-        let (ctx, digest) = (ctx.clone(), *digest);
-        Stats::add(&self.stats.upstream_fetches, 1);
+        let ctx = ctx.clone();
+        Stats::add(&self.stats.upstream_fetches, digests.len() as u64);
+        let wanted = digests.clone();
         let task = tokio::spawn(async move {
-            let result = fetch_into(&local, &*upstream, &ctx, &digest).await;
-            flights
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&digest);
-            if let Err(e) = &result {
-                tracing::debug!("fetching {digest} from upstream failed: {e}");
+            let results = fetch_into(&local, &*upstream, &ctx, &wanted).await;
+            let mut flights = flights.lock().unwrap_or_else(|e| e.into_inner());
+            for (d, r) in wanted.iter().zip(&results) {
+                flights.remove(d);
+                if let Err(e) = r {
+                    tracing::debug!("fetching {d} from upstream failed: {e}");
+                }
             }
-            result
+            results
         });
-        async move {
+        let all: Shared<BoxFuture<'static, Result<Arc<Vec<Result<()>>>>>> = async move {
             task.await
-                .map_err(|e| Error::Internal(format!("fetch task failed: {e}")))?
+                .map(Arc::new)
+                .map_err(|e| Error::Internal(format!("fetch task failed: {e}")))
         }
         .boxed()
-        .shared()
+        .shared();
+        (0..digests.len())
+            .map(|i| {
+                let all = all.clone();
+                async move { all.await.and_then(|results| results[i].clone()) }
+                    .boxed()
+                    .shared()
+            })
+            .collect()
     }
 
     /// Uploads blobs the local store holds to the upstream; returns the ones
@@ -232,25 +306,49 @@ async fn copy_blob(
     writer.commit().await
 }
 
-/// Fetches one blob from the upstream into the local store.
+/// Fetches blobs from the upstream into the local store: one blob over
+/// ByteStream, or several small ones in one batched read. One result each.
 async fn fetch_into(
+    local: &LocalStore,
+    upstream: &dyn BlobStore,
+    ctx: &RequestContext,
+    digests: &[Digest],
+) -> Vec<Result<()>> {
+    if let [digest] = digests
+        && digest.size > SMALL_BLOB
+    {
+        return vec![fetch_large(local, upstream, ctx, digest).await];
+    }
+    let reads = upstream.read_many(ctx, digests).await;
+    let mut results: Vec<Result<()>> = Vec::with_capacity(digests.len());
+    let mut fetched = Vec::new();
+    let mut positions = Vec::new();
+    for (i, (d, read)) in digests.iter().zip(reads).enumerate() {
+        match read {
+            Ok(data) => {
+                fetched.push((*d, data));
+                positions.push(i);
+                results.push(Ok(()));
+            }
+            Err(e) => results.push(Err(e)),
+        }
+    }
+    for (i, stored) in positions
+        .into_iter()
+        .zip(local.write_many(ctx, fetched).await)
+    {
+        results[i] = stored;
+    }
+    results
+}
+
+/// Streams one large blob from the upstream into the local store.
+async fn fetch_large(
     local: &LocalStore,
     upstream: &dyn BlobStore,
     ctx: &RequestContext,
     digest: &Digest,
 ) -> Result<()> {
-    if digest.size <= SMALL_BLOB {
-        let data = upstream
-            .read_many(ctx, std::slice::from_ref(digest))
-            .await
-            .pop()
-            .expect("one result per digest")?;
-        return local
-            .write_many(ctx, vec![(*digest, data)])
-            .await
-            .pop()
-            .expect("one result per blob");
-    }
     // The local writer verifies; a mismatch here is the upstream's fault,
     // not the client's, so it must not come back as INVALID_ARGUMENT.
     let corrupt = |e: Error| match e {
@@ -265,6 +363,11 @@ async fn fetch_into(
         writer.write(chunk).await.map_err(corrupt)?;
     }
     writer.commit().await.map_err(corrupt)
+}
+
+/// The flight already chosen for position `i`.
+fn result_flight(chosen: &[(Flight, bool)], i: usize) -> Flight {
+    chosen[i].0.clone()
 }
 
 #[async_trait]
@@ -357,10 +460,14 @@ impl BlobStore for ProxyStore {
         let misses: Vec<usize> = (0..digests.len())
             .filter(|&i| matches!(results[i], Err(Error::NotFound(_))))
             .collect();
-        let fetched = futures::future::join_all(misses.iter().map(|&i| async move {
-            self.fetch(ctx, &digests[i]).await?;
-            crate::store::read_to_bytes(&self.local, ctx, &digests[i]).await
-        }))
+        let wanted: Vec<Digest> = misses.iter().map(|&i| digests[i]).collect();
+        let flights = self.claim(ctx, &wanted, false);
+        let fetched = futures::future::join_all(wanted.iter().zip(flights).map(
+            |(d, (flight, _))| async move {
+                flight.await?;
+                crate::store::read_to_bytes(&self.local, ctx, d).await
+            },
+        ))
         .await;
         for (i, r) in misses.into_iter().zip(fetched) {
             results[i] = r;

@@ -697,9 +697,6 @@ async fn missing_inputs_are_repaired_from_the_local_store() {
 }
 
 #[tokio::test]
-#[ignore = "bug: a lost Directory and a file below it take two MISSING rounds; \
-            Outpost repairs once, so the client gets FAILED_PRECONDITION \
-            although Outpost holds every input"]
 async fn a_lost_subtree_is_repaired_too() {
     let fake = FakeUpstream::start().await;
     let server = proxy(&fake).await;
@@ -930,9 +927,6 @@ async fn outputs_are_prefetched_and_then_read_locally() {
 }
 
 #[tokio::test]
-#[ignore = "bug: a directory output's files are prefetched twice (Tree and \
-            root_directory_digest walk): prefetched_blobs/bytes overcount and \
-            single_flight_joins counts prefetch joining itself"]
 async fn prefetch_counts_each_blob_once() {
     let fake = FakeUpstream::start().await;
     let server = proxy(&fake).await;
