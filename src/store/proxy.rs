@@ -41,6 +41,8 @@ const PREFETCHED_MEMORY: usize = 1 << 20;
 type Prefetched = Arc<Mutex<LruCache<Digest, u64>>>;
 
 type Flight = Shared<BoxFuture<'static, Result<()>>>;
+/// One transfer of several blobs: a result per blob.
+type GroupFlight = Shared<BoxFuture<'static, Result<Arc<Vec<Result<()>>>>>>;
 
 /// Local store + upstream, as one CAS.
 pub struct ProxyStore {
@@ -225,7 +227,7 @@ impl ProxyStore {
             }
             results
         });
-        let all: Shared<BoxFuture<'static, Result<Arc<Vec<Result<()>>>>>> = async move {
+        let all: GroupFlight = async move {
             task.await
                 .map(Arc::new)
                 .map_err(|e| Error::Internal(format!("fetch task failed: {e}")))
