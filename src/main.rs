@@ -24,13 +24,15 @@ Examples:
   outpost serve --config /etc/outpost.toml   # see config.example.toml for every key
   outpost serve --upstream grpcs://remote.example.com:443   # cache in front of a cluster
   bazel build --remote_cache=grpc://127.0.0.1:8980 //...
+  bazel build --remote_executor=grpc://127.0.0.1:8980 //...   # with an executing --upstream
   outpost stats
 
 Logging: set RUST_LOG (e.g. RUST_LOG=debug or RUST_LOG=outpost=trace); default info.";
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the cache server (Capabilities, CAS, ByteStream, ActionCache).
+    /// Run the server: a local REAPI cache, or with --upstream a caching proxy
+    /// (and execution passthrough) in front of a remote cluster.
     ///
     /// Listens on loopback TCP and on a unix socket in the data directory.
     /// Stops gracefully on Ctrl-C or SIGTERM: in-flight calls finish and the
