@@ -12,17 +12,18 @@
 //! Workload: `ACTIONS` actions, each with a few small inputs seeded in the
 //! fake directly and 1–3 outputs of log-uniform sizes (4 KiB–4 MiB). Every run
 //! salts the actions, so each run executes fresh actions with fresh output
-//! bytes. `JOBS` actions are in flight at once over one channel; each one is:
-//! Execute, wait for the done Operation, optionally "think" (sleep), then read
-//! every output plus stdout/stderr (BatchReadBlobs for blobs ≤ 1 MiB,
+//! bytes (and fresh input bytes, so the proxy starts every run without them).
+//! `JOBS` actions are in flight at once over one channel; each one is:
+//! FindMissingBlobs of its inputs (as Bazel does; all present), Execute,
+//! wait for the done Operation, optionally "think" (sleep `THINK_MS`), then
+//! read every output plus stdout/stderr (BatchReadBlobs for blobs ≤ 1 MiB,
 //! ByteStream Read above), verified against its digest.
 //!
-//! Measured per action: Execute start → done ("exec") and read start → all
-//! outputs held ("read"); per run: wall time, bytes on the WAN (relay
-//! counters) and the proxy's upstream calls and prefetch counters.
+//! Measured per action: FindMissingBlobs start → done Operation ("exec") and
+//! read start → all outputs held ("read"); per run: wall time, bytes on the
+//! WAN (relay counters) and the proxy's upstream calls and prefetch counters.
 //!
 //! Run: `cargo bench --bench wan_exec`. Knobs: see benches/README.md.
-#![allow(clippy::too_many_arguments)]
 
 #[path = "../tests/common/fake_upstream.rs"]
 mod fake_upstream;
@@ -106,7 +107,7 @@ impl Settings {
             },
         };
         let thinks = std::env::var("OUTPOST_WANX_THINK_MS")
-            .unwrap_or_else(|_| "0,2000".into())
+            .unwrap_or_else(|_| "0,1000,2000".into())
             .split(',')
             .map(|v| {
                 v.trim()
@@ -191,10 +192,18 @@ fn workload(s: &Settings) -> Vec<ActionSpec> {
 
 fn test_action(spec: &ActionSpec, i: usize, salt: &str) -> TestAction {
     let outs: Vec<&str> = spec.outputs.iter().map(|(p, _)| p.as_str()).collect();
+    // Fresh input bytes per run: every run finds the proxy in the same state
+    // (it has never seen this action's inputs; the upstream has them all).
+    let data: Vec<Vec<u8>> = spec
+        .inputs
+        .iter()
+        .map(|(_, d)| [salt.as_bytes(), d].concat())
+        .collect();
     let inputs: Vec<(&str, &[u8])> = spec
         .inputs
         .iter()
-        .map(|(p, d)| (p.as_str(), d.as_slice()))
+        .zip(&data)
+        .map(|((p, _), d)| (p.as_str(), d.as_slice()))
         .collect();
     let arg = format!("cc-{i}");
     TestAction::new(&[&arg], &outs, &inputs).salted(salt.as_bytes())
@@ -226,6 +235,23 @@ impl Client {
             .unwrap_or(4 * MIB)
             .min(4 * MIB);
         Ok(Client { channel, max_batch })
+    }
+
+    /// What Bazel does before Execute: FindMissingBlobs of the Action, the
+    /// Command and the whole input tree (all present: seeded upstream).
+    async fn find_missing(&self, action: &TestAction) -> anyhow::Result<()> {
+        let missing = re::content_addressable_storage_client::ContentAddressableStorageClient::new(
+            self.channel.clone(),
+        )
+        .find_missing_blobs(re::FindMissingBlobsRequest {
+            blob_digests: action.blob_digests(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .missing_blob_digests;
+        ensure!(missing.is_empty(), "{} inputs missing", missing.len());
+        Ok(())
     }
 
     async fn execute(&self, action: &TestAction) -> anyhow::Result<re::ActionResult> {
@@ -373,6 +399,7 @@ async fn run_actions(
             let actions = actions.clone();
             async move {
                 let start = Instant::now();
+                client.find_missing(&actions[i]).await?;
                 let result = client.execute(&actions[i]).await?;
                 let done = Instant::now();
                 tokio::time::sleep(think).await;
