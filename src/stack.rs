@@ -55,12 +55,13 @@ impl Stack {
             .expect("proxy mode has an upstream");
         let upstream = Arc::new(Upstream::new(upstream_config.clone(), stats.clone())?);
         let upstream_store = Arc::new(UpstreamStore::new(upstream.clone()));
-        let cached: Arc<dyn BlobStore> = Arc::new(ExistenceCache::new(
+        let existence = Arc::new(ExistenceCache::new(
             upstream_store.clone(),
             upstream_config.existence_ttl,
             EXISTENCE_CACHE_CAPACITY,
             stats.clone(),
         ));
+        let cached: Arc<dyn BlobStore> = existence.clone();
         let proxy = Arc::new(ProxyStore::new(local.clone(), cached, stats.clone()));
         let prefetcher = config.prefetch.enabled.then(|| {
             Arc::new(Prefetcher::start(
@@ -80,6 +81,7 @@ impl Stack {
             proxy.clone(),
             local_results,
             prefetcher,
+            existence,
             stats.clone(),
         ));
         let operations = Arc::new(OperationsService::new(upstream.clone()));

@@ -35,6 +35,7 @@ use crate::execution::{
 };
 use crate::prefetch::Prefetcher;
 use crate::stats::{Stats, UpstreamMethod};
+use crate::store::existence_cache::ExistenceCache;
 use crate::store::proxy::ProxyStore;
 use crate::store::proxy_ac::strip_inlined;
 use crate::store::{ActionKey, ActionResultStore, BlobStore, read_to_bytes};
@@ -63,6 +64,8 @@ struct Shared {
     /// Where finished results are cached (the local store).
     local_results: Arc<dyn ActionResultStore>,
     prefetcher: Option<Arc<Prefetcher>>,
+    /// What the upstream is known to hold (to skip redundant input checks).
+    existence: Arc<ExistenceCache>,
     stats: Arc<Stats>,
 }
 
@@ -74,6 +77,7 @@ impl ExecutionService {
         proxy: Arc<ProxyStore>,
         local_results: Arc<dyn ActionResultStore>,
         prefetcher: Option<Arc<Prefetcher>>,
+        existence: Arc<ExistenceCache>,
         stats: Arc<Stats>,
     ) -> Self {
         ExecutionService {
@@ -82,6 +86,7 @@ impl ExecutionService {
                 proxy,
                 local_results,
                 prefetcher,
+                existence,
                 stats,
             }),
         }
@@ -350,18 +355,23 @@ impl Execution for ExecutionService {
         let shared = &self.shared;
         Stats::add(&shared.stats.executions, 1);
         // Make sure the upstream has every input; what is still missing
-        // afterwards is reported by the upstream itself.
+        // afterwards is reported by the upstream itself. If the upstream
+        // confirmed the Action within the existence TTL, the client has just
+        // checked its whole input set through us (as Bazel does before every
+        // Execute): walking the tree again would only cost round trips.
         let mut essentials = vec![action];
-        match action_inputs(&*shared.proxy, &ctx, &action).await {
-            Ok((_, inputs)) => {
-                // action_inputs lists the Action, then the Command, first.
-                essentials.extend(inputs.get(1).copied());
-                if let Err(e) = shared.proxy.find_missing(&ctx, &inputs).await {
-                    tracing::debug!("input check for {action} failed: {e}");
+        if !shared.existence.knows(&ctx, &action) {
+            match action_inputs(&*shared.proxy, &ctx, &action).await {
+                Ok((_, inputs)) => {
+                    // action_inputs lists the Action, then the Command, first.
+                    essentials.extend(inputs.get(1).copied());
+                    if let Err(e) = shared.proxy.find_missing(&ctx, &inputs).await {
+                        tracing::debug!("input check for {action} failed: {e}");
+                    }
                 }
+                Err(Error::Unavailable(why)) => return Err(Status::unavailable(why)),
+                Err(e) => tracing::debug!("cannot list the inputs of {action}: {e}"),
             }
-            Err(Error::Unavailable(why)) => return Err(Status::unavailable(why)),
-            Err(e) => tracing::debug!("cannot list the inputs of {action}: {e}"),
         }
         req.instance_name = shared.upstream.instance(&ctx);
         let mut forwarder = Forwarder {

@@ -67,6 +67,14 @@ impl ExistenceCache {
         }
     }
 
+    /// Whether the inner store confirmed `digest` within the TTL (no call).
+    pub fn knows(&self, ctx: &RequestContext, digest: &Digest) -> bool {
+        let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        known
+            .get(&(instance_key(ctx), *digest))
+            .is_some_and(|at| at.elapsed() < self.ttl)
+    }
+
     /// Records that the inner store holds `digests`.
     pub fn note_present(&self, ctx: &RequestContext, digests: impl IntoIterator<Item = Digest>) {
         note(&self.known, instance_key(ctx), digests);
