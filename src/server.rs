@@ -45,7 +45,7 @@ const STREAM_WINDOW: u32 = 16 << 20;
 const CONNECTION_WINDOW: u32 = 32 << 20;
 const MAX_FRAME: u32 = 1 << 20;
 /// How long shutdown waits for in-flight calls before it stops waiting.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The shared service objects; each listener gets a router over the same ones.
 #[derive(Clone)]
