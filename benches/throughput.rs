@@ -1215,10 +1215,11 @@ async fn bench_find_missing(
 // ---------------------------------------------------------------- main
 
 fn main() -> anyhow::Result<()> {
-    // `cargo bench` passes `--bench`; `cargo test --benches` passes nothing
-    // useful either. With `--list` or a filter for another bench, do nothing.
+    // `cargo bench` passes `--bench`. Under `cargo test --benches` (no
+    // `--bench`) or `--list`, do nothing rather than run for minutes.
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.iter().any(|a| a == "--list") {
+    if args.iter().any(|a| a == "--list") || !args.iter().any(|a| a == "--bench") {
+        eprintln!("throughput: run it with `cargo bench --bench throughput`");
         return Ok(());
     }
     let settings = Settings::from_env()?;
