@@ -230,7 +230,9 @@ impl RunningServer {
         match drained {
             Ok(result) => result?,
             Err(_) => {
-                tracing::warn!("calls still running after {DRAIN_TIMEOUT:?}; stopping anyway")
+                tracing::warn!(
+                    "calls or connections still open after {DRAIN_TIMEOUT:?}; stopping anyway"
+                )
             }
         }
         self.local.flush()?;
