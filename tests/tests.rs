@@ -17,5 +17,6 @@ mod suite {
     mod large_blob;
     mod persistence;
     mod proxy;
+    mod tls;
     mod unix_socket;
 }
