@@ -80,12 +80,27 @@ impl FileArea {
         Ok(())
     }
 
-    /// Deletes the committed file of `digest`, if any.
+    /// Deletes the committed file of `digest`, if any. The file is renamed
+    /// into `tmp/` at once (so the blob is gone from `blobs/`), and unlinked
+    /// on the blocking pool when there is one: unlinking a large file takes
+    /// tens of milliseconds, and callers hold the index lock.
     pub fn remove(&self, digest: &Digest) -> Result<()> {
-        match fs::remove_file(self.path_for(digest)) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
-            _ => Ok(()),
+        let n = self.next_tmp.fetch_add(1, Ordering::Relaxed);
+        let trash = self.tmp_dir.join(format!("evicted-{n}"));
+        match fs::rename(self.path_for(digest), &trash) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e.into()),
+            Ok(()) => {}
         }
+        let unlink = move || {
+            // Leftovers are removed with the rest of tmp/ at the next start.
+            let _ = fs::remove_file(&trash);
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(unlink)),
+            Err(_) => unlink(),
+        }
+        Ok(())
     }
 
     /// Lists every committed file as (digest, path). Files whose names do not
