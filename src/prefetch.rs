@@ -19,6 +19,7 @@ use crate::digest::{Digest, DigestFunction};
 use crate::stats::Stats;
 use crate::store::complete::referenced_blobs;
 use crate::store::proxy::ProxyStore;
+use crate::upstream::batcher::split_by_weight;
 
 /// Finished actions' results whose outputs to fetch.
 struct Job {
@@ -105,37 +106,8 @@ async fn run(
         .partition(|d| d.size <= config.max_blob_size);
     Stats::add(&stats.prefetch_skipped, skipped.len() as u64);
     // Fetch in groups that fit the bytes-in-flight budget.
-    let mut group = Vec::new();
-    let mut group_bytes = 0u64;
-    for d in wanted {
-        if !group.is_empty() && group_bytes + d.size > config.max_bytes_in_flight {
-            fetch_group(
-                proxy,
-                config,
-                budget,
-                budget_mib,
-                &job.ctx,
-                &group,
-                group_bytes,
-            )
-            .await;
-            group.clear();
-            group_bytes = 0;
-        }
-        group_bytes += d.size;
-        group.push(d);
-    }
-    if !group.is_empty() {
-        fetch_group(
-            proxy,
-            config,
-            budget,
-            budget_mib,
-            &job.ctx,
-            &group,
-            group_bytes,
-        )
-        .await;
+    for group in split_by_weight(wanted, config.max_bytes_in_flight, |d| d.size) {
+        fetch_group(proxy, config, budget, budget_mib, &job.ctx, &group).await;
     }
 }
 
@@ -146,8 +118,8 @@ async fn fetch_group(
     budget_mib: u32,
     ctx: &RequestContext,
     group: &[Digest],
-    bytes: u64,
 ) {
+    let bytes: u64 = group.iter().map(|d| d.size).sum();
     let need = (bytes.div_ceil(MIB).max(1) as u32).min(budget_mib);
     let Ok(_permits) = budget.acquire_many(need).await else {
         return;

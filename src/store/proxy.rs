@@ -186,14 +186,14 @@ impl ProxyStore {
             }
         }
         drop(flights);
-        let mut result = Vec::with_capacity(digests.len());
+        let mut result: Vec<(Flight, bool)> = Vec::with_capacity(digests.len());
         for (i, d) in digests.iter().enumerate() {
             // A digest repeated in `digests` shares its first occurrence's flight.
             let entry = match out[i].take() {
                 Some(entry) => entry,
                 None => {
                     let first = digests.iter().position(|x| x == d).expect("present");
-                    (result_flight(&result, first), false)
+                    (result[first].0.clone(), false)
                 }
             };
             if prefetch && entry.1 {
@@ -365,11 +365,6 @@ async fn fetch_large(
         writer.write(chunk).await.map_err(corrupt)?;
     }
     writer.commit().await.map_err(corrupt)
-}
-
-/// The flight already chosen for position `i`.
-fn result_flight(chosen: &[(Flight, bool)], i: usize) -> Flight {
-    chosen[i].0.clone()
 }
 
 #[async_trait]

@@ -27,7 +27,7 @@ use crate::error::{Error, Result};
 use crate::stats::{Stats, UpstreamMethod};
 use crate::store::{ActionKey, ActionResultStore, BlobStore, BlobWriter, ChunkStream};
 use crate::upstream::Upstream;
-use crate::upstream::batcher::{Batcher, Limits};
+use crate::upstream::batcher::{Batcher, Limits, split_by_weight};
 use crate::upstream::client::is_transient;
 
 /// Digests per FindMissingBlobs call (about 0.8 MB of request).
@@ -203,27 +203,6 @@ async fn flush_find_missing(
         .iter()
         .map(|d| missing.contains(&(d.hash_hex(), d.size as i64)))
         .collect())
-}
-
-/// Splits items into runs whose total weight fits `limit` (an item heavier
-/// than `limit` goes alone), keeping order.
-fn split_by_weight<T>(items: Vec<T>, limit: u64, weight: impl Fn(&T) -> u64) -> Vec<Vec<T>> {
-    let mut runs: Vec<Vec<T>> = Vec::new();
-    let mut current = Vec::new();
-    let mut total = 0;
-    for item in items {
-        let w = weight(&item);
-        if !current.is_empty() && total + w > limit {
-            runs.push(std::mem::take(&mut current));
-            total = 0;
-        }
-        total += w;
-        current.push(item);
-    }
-    if !current.is_empty() {
-        runs.push(current);
-    }
-    runs
 }
 
 /// BatchReadBlobs for merged reads, in calls within the upstream's limit

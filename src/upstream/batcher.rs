@@ -156,6 +156,27 @@ where
     }
 }
 
+/// Splits items into runs whose total weight fits `limit` (an item heavier
+/// than `limit` goes alone), keeping order.
+pub fn split_by_weight<T>(items: Vec<T>, limit: u64, weight: impl Fn(&T) -> u64) -> Vec<Vec<T>> {
+    let mut runs: Vec<Vec<T>> = Vec::new();
+    let mut current = Vec::new();
+    let mut total = 0;
+    for item in items {
+        let w = weight(&item);
+        if !current.is_empty() && total + w > limit {
+            runs.push(std::mem::take(&mut current));
+            total = 0;
+        }
+        total += w;
+        current.push(item);
+    }
+    if !current.is_empty() {
+        runs.push(current);
+    }
+    runs
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
