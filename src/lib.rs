@@ -17,6 +17,7 @@
 //! - [`execution`]: input lists, MISSING preconditions, finished Operations.
 //! - [`error`]: the crate's error type and its one mapping to gRPC status.
 //! - [`stats`]: counters behind `outpost stats` and `/metrics`.
+//! - [`tasks`]: background tasks that shutdown cancels and drains.
 //! - [`upstream`]: the upstream connection, health, and request batching.
 
 pub mod client;
@@ -34,6 +35,7 @@ pub mod service;
 pub mod stack;
 pub mod stats;
 pub mod store;
+pub mod tasks;
 pub mod upstream;
 
 /// Generated code for Outpost's own Admin service (proto/outpost/admin/v1).

@@ -37,6 +37,7 @@ use crate::stats::Stats;
 use crate::store::BlobStore;
 use crate::store::complete::CompleteActionResults;
 use crate::store::local::{LocalStore, LocalStoreOptions};
+use crate::tasks::Background;
 
 /// HTTP/2 flow-control windows and frame size. tonic's defaults cap uploads
 /// at ~0.1 GB/s on loopback; these were measured to give >1 GB/s both ways
@@ -46,6 +47,9 @@ const CONNECTION_WINDOW: u32 = 32 << 20;
 const MAX_FRAME: u32 = 1 << 20;
 /// How long shutdown waits for in-flight calls before it stops waiting.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long shutdown waits for background work (prefetch, batchers, relays)
+/// after the listeners are closed, before it flushes the store anyway.
+const BACKGROUND_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The shared service objects; each listener gets a router over the same ones.
 #[derive(Clone)]
@@ -101,6 +105,8 @@ pub struct RunningServer {
     pub addr: SocketAddr,
     shutdown: CancellationToken,
     tasks: JoinSet<anyhow::Result<()>>,
+    /// Work spawned outside requests; drained before the store is flushed.
+    background: Background,
     local: LocalStore,
 }
 
@@ -122,9 +128,10 @@ impl RunningServer {
                     format!("cannot open the store in {}", config.data_dir.display())
                 })?
         };
+        let background = Background::new();
         let stack = match &config.upstream {
             None => Stack::standalone(&local),
-            Some(_) => Stack::proxy(config, &local, &stats)?,
+            Some(_) => Stack::proxy(config, &local, &stats, &background)?,
         };
         let Stack {
             blobs,
@@ -212,12 +219,13 @@ impl RunningServer {
             addr,
             shutdown,
             tasks,
+            background,
             local,
         })
     }
 
-    /// Stops accepting calls, lets in-flight ones finish (bounded), and
-    /// flushes the store.
+    /// Stops accepting calls, lets in-flight ones finish (bounded), cancels
+    /// and drains background work (bounded), and flushes the store.
     pub async fn stop(mut self) -> anyhow::Result<()> {
         self.shutdown.cancel();
         let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
@@ -234,6 +242,12 @@ impl RunningServer {
                     "calls or connections still open after {DRAIN_TIMEOUT:?}; stopping anyway"
                 )
             }
+        }
+        let running = self.background.shutdown(BACKGROUND_DRAIN_TIMEOUT).await;
+        if running > 0 {
+            tracing::warn!(
+                "{running} background tasks still running after {BACKGROUND_DRAIN_TIMEOUT:?}; flushing anyway"
+            );
         }
         self.local.flush()?;
         Ok(())

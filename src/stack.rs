@@ -16,6 +16,7 @@ use crate::store::proxy::ProxyStore;
 use crate::store::proxy_ac::ProxyActionCache;
 use crate::store::upstream::UpstreamStore;
 use crate::store::{ActionResultStore, BlobStore};
+use crate::tasks::Background;
 use crate::upstream::Upstream;
 
 /// Digests the existence cache remembers at most (~100 bytes each).
@@ -48,7 +49,12 @@ impl Stack {
     }
 
     /// The caching proxy: local store → existence cache → upstream.
-    pub fn proxy(config: &Config, local: &LocalStore, stats: &Arc<Stats>) -> anyhow::Result<Self> {
+    pub fn proxy(
+        config: &Config,
+        local: &LocalStore,
+        stats: &Arc<Stats>,
+        background: &Background,
+    ) -> anyhow::Result<Self> {
         let upstream_config = config
             .upstream
             .as_ref()
@@ -86,7 +92,7 @@ impl Stack {
         ));
         let operations = Arc::new(OperationsService::new(upstream.clone()));
         let probe = upstream.clone();
-        tokio::spawn(async move {
+        background.spawn(async move {
             match probe.capabilities(&RequestContext::default()).await {
                 Ok(_) => tracing::info!("upstream {} answered GetCapabilities", probe.config().uri),
                 Err(e) => tracing::warn!("upstream {}: {e}", probe.config().uri),
