@@ -1,6 +1,6 @@
 //! Execution passthrough, black-box: an in-process Outpost in front of the
-//! fake upstream (`tests/common/fake_upstream.rs` with its Execution service,
-//! `tests/common/fake_execution.rs`), driven over real gRPC with the plain
+//! test kit's fake upstream (`outpost_testkit::fake` with its Execution
+//! service), driven over real gRPC with the plain
 //! REAPI Execution client. The fake's records and call counts show what
 //! reached the upstream; Outpost's Admin stats show what it did on its own
 //! (repairs, reattaches, prefetch, single-flight joins).

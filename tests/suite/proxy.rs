@@ -1,5 +1,5 @@
 //! The caching proxy, black-box: an in-process Outpost in front of the fake
-//! upstream (`tests/common/fake_upstream.rs`), driven over real gRPC.
+//! upstream (`outpost_testkit::fake`), driven over real gRPC.
 //! Deduplication, batching, write-through, header forwarding and outage
 //! handling are asserted by the fake's call counts; the fake's pause gate
 //! makes the concurrency tests deterministic.

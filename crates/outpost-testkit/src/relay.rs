@@ -13,10 +13,6 @@
 //! A new connection waits one RTT before any byte is forwarded (the TCP
 //! handshake a real WAN would cost); turn that off with
 //! [`WanConfig::model_handshake`].
-//!
-//! Include with `#[path = "wan/relay.rs"] mod relay;` from a file in `benches/`.
-//! Depends on `tokio` and `tokio-util` only.
-#![allow(dead_code)]
 
 use std::io;
 use std::net::SocketAddr;
