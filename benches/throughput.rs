@@ -25,6 +25,8 @@ use bazel_remote_apis::google::bytestream::{
 };
 use futures::StreamExt;
 use outpost::digest::{Digest, DigestFunction};
+use outpost_testkit::client::write_stream;
+use outpost_testkit::env::{env_list, env_opt, env_usize, server_binary};
 use outpost_testkit::{Rng, ServerProcess, pack};
 use tonic::transport::Channel;
 
@@ -58,56 +60,9 @@ struct Settings {
     only: Option<Vec<String>>,
 }
 
-fn env_usize(name: &str, default: usize) -> anyhow::Result<usize> {
-    match std::env::var(name) {
-        Ok(v) => v
-            .trim()
-            .parse()
-            .with_context(|| format!("{name}={v:?} is not a number")),
-        Err(_) => Ok(default),
-    }
-}
-
-fn env_opt(name: &str) -> anyhow::Result<Option<usize>> {
-    std::env::var(name)
-        .ok()
-        .map(|v| {
-            v.trim()
-                .parse()
-                .with_context(|| format!("{name}={v:?} is not a number"))
-        })
-        .transpose()
-}
-
-fn env_list(name: &str, default: &[usize]) -> anyhow::Result<Vec<usize>> {
-    match std::env::var(name) {
-        Ok(v) => v
-            .split(',')
-            .filter(|s| !s.trim().is_empty())
-            .map(|s| {
-                s.trim()
-                    .parse()
-                    .with_context(|| format!("{name}={v:?}: {s:?} is not a number"))
-            })
-            .collect(),
-        Err(_) => Ok(default.to_vec()),
-    }
-}
-
 impl Settings {
     fn from_env() -> anyhow::Result<Self> {
-        let bin = match std::env::var_os("OUTPOST_BENCH_BIN") {
-            Some(path) => PathBuf::from(path),
-            None => match option_env!("CARGO_BIN_EXE_outpost") {
-                Some(path) => PathBuf::from(path),
-                None => {
-                    let target = std::env::var_os("CARGO_TARGET_DIR")
-                        .map(PathBuf::from)
-                        .unwrap_or_else(|| PathBuf::from("target"));
-                    target.join("release").join("outpost")
-                }
-            },
-        };
+        let bin = server_binary("OUTPOST_BENCH_BIN", option_env!("CARGO_BIN_EXE_outpost"));
         let size_mib = env_usize("OUTPOST_BENCH_SIZE_MIB", 256)?.max(1);
         let settings = Settings {
             reps: env_usize("OUTPOST_BENCH_REPS", 5)?.max(1),
@@ -596,19 +551,7 @@ async fn bytestream_write(
 ) -> anyhow::Result<()> {
     let size = data.len();
     let name = write_name(digest, upload);
-    let requests = futures::stream::iter((0..size).step_by(chunk).map(move |offset| {
-        let end = (offset + chunk).min(size);
-        WriteRequest {
-            resource_name: if offset == 0 {
-                name.clone()
-            } else {
-                String::new()
-            },
-            write_offset: offset as i64,
-            finish_write: end == size,
-            data: data[offset..end].to_vec(),
-        }
-    }));
+    let requests = write_stream(name, data, chunk);
     let response = client.write(requests).await?.into_inner();
     ensure!(
         response.committed_size == size as i64,

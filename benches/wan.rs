@@ -49,6 +49,8 @@ use futures::{StreamExt, TryStreamExt};
 use outpost::admin_proto::admin_client::AdminClient;
 use outpost::admin_proto::{GetStatsRequest, GetStatsResponse};
 use outpost::digest::{Digest, DigestFunction, Hasher};
+use outpost_testkit::client::write_stream;
+use outpost_testkit::env::{env_u64, env_usize, server_binary};
 use outpost_testkit::metrics::scrape;
 use outpost_testkit::relay::{Relay, WanConfig};
 use outpost_testkit::workload::{BATCH_ENTRY_OVERHEAD, mix};
@@ -121,33 +123,9 @@ struct Settings {
     proxy_config: Option<PathBuf>,
 }
 
-fn env_u64(name: &str, default: u64) -> anyhow::Result<u64> {
-    match std::env::var(name) {
-        Ok(v) => v
-            .trim()
-            .parse()
-            .with_context(|| format!("{name}={v:?} is not a number")),
-        Err(_) => Ok(default),
-    }
-}
-
-fn env_usize(name: &str, default: usize) -> anyhow::Result<usize> {
-    Ok(env_u64(name, default as u64)? as usize)
-}
-
 impl Settings {
     fn from_env() -> anyhow::Result<Self> {
-        let bin = match std::env::var_os("OUTPOST_WAN_BIN") {
-            Some(path) => PathBuf::from(path),
-            None => match option_env!("CARGO_BIN_EXE_outpost") {
-                Some(path) => PathBuf::from(path),
-                None => std::env::var_os("CARGO_TARGET_DIR")
-                    .map(PathBuf::from)
-                    .unwrap_or_else(|| PathBuf::from("target"))
-                    .join("release")
-                    .join("outpost"),
-            },
-        };
+        let bin = server_binary("OUTPOST_WAN_BIN", option_env!("CARGO_BIN_EXE_outpost"));
         let only = match std::env::var("OUTPOST_WAN_ONLY") {
             Ok(v) => v
                 .split(',')
@@ -746,19 +724,7 @@ impl Client {
         let name = write_name(&digest, upload);
         let size = data.len();
         let data = Arc::new(data);
-        let requests = futures::stream::iter((0..size).step_by(WRITE_CHUNK).map(move |offset| {
-            let end = (offset + WRITE_CHUNK).min(size);
-            WriteRequest {
-                resource_name: if offset == 0 {
-                    name.clone()
-                } else {
-                    String::new()
-                },
-                write_offset: offset as i64,
-                finish_write: end == size,
-                data: data[offset..end].to_vec(),
-            }
-        }));
+        let requests = write_stream(name, data, WRITE_CHUNK);
         let response = self
             .bytestream
             .clone()

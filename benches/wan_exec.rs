@@ -36,6 +36,7 @@ use anyhow::{Context, bail, ensure};
 use futures::{StreamExt, TryStreamExt};
 use outpost::admin_proto::GetStatsRequest;
 use outpost::admin_proto::admin_client::AdminClient;
+use outpost_testkit::env::{env_u64, server_binary};
 use outpost_testkit::fake::{FakeUpstream, TestAction, operation_response};
 use outpost_testkit::metrics::scrape;
 use outpost_testkit::relay::{Relay, WanConfig};
@@ -79,29 +80,9 @@ impl Target {
     }
 }
 
-fn env_u64(name: &str, default: u64) -> anyhow::Result<u64> {
-    match std::env::var(name) {
-        Ok(v) => v
-            .trim()
-            .parse()
-            .with_context(|| format!("{name}={v:?} is not a number")),
-        Err(_) => Ok(default),
-    }
-}
-
 impl Settings {
     fn from_env() -> anyhow::Result<Self> {
-        let bin = match std::env::var_os("OUTPOST_WAN_BIN") {
-            Some(path) => PathBuf::from(path),
-            None => match option_env!("CARGO_BIN_EXE_outpost") {
-                Some(path) => PathBuf::from(path),
-                None => std::env::var_os("CARGO_TARGET_DIR")
-                    .map(PathBuf::from)
-                    .unwrap_or_else(|| PathBuf::from("target"))
-                    .join("release")
-                    .join("outpost"),
-            },
-        };
+        let bin = server_binary("OUTPOST_WAN_BIN", option_env!("CARGO_BIN_EXE_outpost"));
         let thinks = std::env::var("OUTPOST_WANX_THINK_MS")
             .unwrap_or_else(|_| "0,1000,2000".into())
             .split(',')

@@ -138,6 +138,34 @@ pub fn write_requests(
     out
 }
 
+/// The WriteRequests that upload `data` whole in `chunk`-byte pieces,
+/// made one at a time as the stream is polled (no copy of the whole blob up
+/// front); the resource name goes in the first one only.
+pub fn write_stream<D>(
+    resource: String,
+    data: D,
+    chunk: usize,
+) -> impl futures::Stream<Item = bs::WriteRequest> + Send + 'static
+where
+    D: std::ops::Deref + Send + 'static,
+    D::Target: AsRef<[u8]>,
+{
+    let size = (*data).as_ref().len();
+    futures::stream::iter((0..size).step_by(chunk).map(move |offset| {
+        let end = (offset + chunk).min(size);
+        bs::WriteRequest {
+            resource_name: if offset == 0 {
+                resource.clone()
+            } else {
+                String::new()
+            },
+            write_offset: offset as i64,
+            finish_write: end == size,
+            data: (*data).as_ref()[offset..end].to_vec(),
+        }
+    }))
+}
+
 /// Sends `requests` as one Write call and returns `committed_size`.
 pub async fn write(bs: &mut ByteStream, requests: Vec<bs::WriteRequest>) -> Result<i64, Status> {
     Ok(bs

@@ -12,11 +12,13 @@
 //!   batch packing ([`pack`]) and [`human_bytes`].
 //! - [`client`]: REAPI client helpers (resource names, ByteStream reads and
 //!   writes, batch calls) over a plain tonic channel.
+//! - [`env`](mod@env): bench knobs from environment variables.
 //! - [`metrics`]: a scrape of the server's Prometheus page.
 //! - [`relay`]: a WAN simulator (delay and bandwidth per direction) for the
 //!   WAN benches.
 
 pub mod client;
+pub mod env;
 pub mod fake;
 pub mod metrics;
 pub mod process;

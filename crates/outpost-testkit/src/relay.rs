@@ -80,6 +80,7 @@ impl WanConfig {
         cfg
     }
 
+    /// The round-trip time the link adds.
     pub fn rtt(&self) -> Duration {
         self.one_way_delay * 2
     }
@@ -202,6 +203,7 @@ impl Relay {
         self.shared.connections.load(Ordering::Relaxed)
     }
 
+    /// Zeroes the delivered-byte counters (between runs).
     pub fn reset_counters(&self) {
         self.shared.up.delivered.store(0, Ordering::Relaxed);
         self.shared.down.delivered.store(0, Ordering::Relaxed);

@@ -107,6 +107,22 @@ fn parse_resource(name: &str, write: bool) -> Result<Resource, Status> {
     })
 }
 
+impl Shared {
+    /// A resource name the fake can serve: parsed, uncompressed, with an
+    /// advertised digest function and a well-formed digest.
+    fn checked_resource(&self, name: &str, write: bool) -> Result<Resource, Status> {
+        let res = parse_resource(name, write)?;
+        if res.compressed {
+            return Err(Status::unimplemented(
+                "fake upstream: compressed-blobs are not supported",
+            ));
+        }
+        self.check_function(res.function)?;
+        check_digest(&res.digest, res.function)?;
+        Ok(res)
+    }
+}
+
 impl Svc {
     /// Write after the prologue: appends to the partial upload of `name`.
     async fn write_inner(
@@ -116,14 +132,7 @@ impl Svc {
         first: bs::WriteRequest,
         stream: &mut Streaming<bs::WriteRequest>,
     ) -> Result<bs::WriteResponse, Status> {
-        let res = parse_resource(name, true)?;
-        if res.compressed {
-            return Err(Status::unimplemented(
-                "fake upstream: compressed-blobs are not supported",
-            ));
-        }
-        self.s.check_function(res.function)?;
-        check_digest(&res.digest, res.function)?;
+        let res = self.s.checked_resource(name, true)?;
         let size = res.digest.size_bytes;
         if self.s.has(&res.digest) {
             lock(&self.s.data).uploads.remove(name);
@@ -227,14 +236,7 @@ impl bs::byte_stream_server::ByteStream for Svc {
     ) -> Result<Response<Self::ReadStream>, Status> {
         let (guard, req) = self.s.enter(Method::Read, request).await?;
         let checked = (|| {
-            let res = parse_resource(&req.resource_name, false)?;
-            if res.compressed {
-                return Err(Status::unimplemented(
-                    "fake upstream: compressed-blobs are not supported",
-                ));
-            }
-            self.s.check_function(res.function)?;
-            check_digest(&res.digest, res.function)?;
+            let res = self.s.checked_resource(&req.resource_name, false)?;
             let size = res.digest.size_bytes;
             if req.read_offset < 0 || req.read_offset > size {
                 return Err(Status::out_of_range(format!(

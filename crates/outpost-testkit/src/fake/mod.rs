@@ -37,14 +37,14 @@
 //!   [`FakeUpstream::put_blob_unchecked`] (e.g. corrupt data),
 //!   [`FakeUpstream::put_action_result`], and the matching getters.
 //!
-//!
-//! Every RPC goes through one prologue ([`call`]): the call is logged, waits
+//! Every RPC goes through one prologue (`call`): the call is logged, waits
 //! while paused, sleeps the latency and may fail with an injected fault
-//! before the handler runs.
+//! before its handler runs; no handler repeats any of that.
 //!
 //! # Layout
 //! - `method`: [`Method`], the RPCs the fake serves.
-//! - `call`: the shared prologue, faults, latency and the pause gate.
+//! - `call`: the shared prologue and what each request type logs.
+//! - `control`: latency, faults and the pause gate that the prologue applies.
 //! - `log`: the call log and its queries.
 //! - `state`: blobs, action results, partial uploads; seeding.
 //! - `net`: the listener and connections that outages stall or reset.

@@ -2,7 +2,7 @@
 //! for the fake upstream. It shares the
 //! fake's CAS, action cache, call log, faults, latency and pause gate (every
 //! call is logged under its own [`Method`]), and adds control methods to
-//! [`FakeUpstream`].
+//! [`FakeUpstream`](super::FakeUpstream).
 //!
 //! # What Execute does
 //! 1. `skip_cache_lookup == false` and the action cache holds a result for
@@ -11,14 +11,14 @@
 //!    and files) must be in the fake's CAS. Otherwise FAILED_PRECONDITION
 //!    with a `google.rpc.PreconditionFailure` detail holding one violation per
 //!    missing blob (`type` "MISSING", `subject` "blobs/{hash}/{size}"),
-//!    delivered as configured ([`FakeUpstream::set_missing_input_delivery`]):
+//!    delivered as configured ([`FakeUpstream::set_missing_input_delivery`](super::FakeUpstream::set_missing_input_delivery)):
 //!    a gRPC error on the call (default) or in the final Operation.
 //! 3. Otherwise a job "runs" in the background, independent of the client's
 //!    stream: stage QUEUED, EXECUTING (after the queue delay), then done
 //!    (after the execution delay). Outputs are deterministic
 //!    ([`output_content`]): each output file's bytes depend only on the
 //!    action digest and the path; output directories hold
-//!    [`FakeUpstream::set_directory_layout`] files. The outputs, stdout and
+//!    [`FakeUpstream::set_directory_layout`](super::FakeUpstream::set_directory_layout) files. The outputs, stdout and
 //!    stderr, a Tree blob and every Directory of each output directory are
 //!    stored in the CAS; the ActionResult is stored in the action cache
 //!    (unless `do_not_cache` or a non-zero exit code) and returned in an
@@ -37,7 +37,7 @@
 //! failures delivered as gRPC error / ExecuteResponse.status /
 //! Operation.error, and counters of streams the client dropped before done.
 //! Execution is served whatever the capabilities say; they advertise
-//! `exec_enabled = false` until [`FakeUpstream::set_execution_enabled`].
+//! `exec_enabled = false` until [`FakeUpstream::set_execution_enabled`](super::FakeUpstream::set_execution_enabled).
 
 //!
 //! # Layout
@@ -46,7 +46,7 @@
 //! - `job`: input checks, the job that "runs", its outputs.
 //! - `stream`: streaming an operation's states; cancelling.
 //! - `service`: the Execution and Operations services.
-//! - `controls`: the [`FakeUpstream`] methods that steer execution.
+//! - `controls`: the [`FakeUpstream`](super::FakeUpstream) methods that steer execution.
 
 mod action;
 mod controls;
@@ -103,7 +103,7 @@ pub enum StreamEnd {
 /// One Execute request as the fake received it.
 #[derive(Clone, Debug)]
 pub struct ExecuteRecord {
-    /// The [`Call::id`] of the Execute call in the call log.
+    /// The [`Call::id`](super::Call::id) of the Execute call in the call log.
     pub call_id: u64,
     /// The request as received.
     pub request: re::ExecuteRequest,
