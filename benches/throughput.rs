@@ -20,9 +20,7 @@ use bazel_remote_apis::build::bazel::remote::execution::v2::{
     GetCapabilitiesRequest, batch_update_blobs_request, capabilities_client::CapabilitiesClient,
     content_addressable_storage_client::ContentAddressableStorageClient,
 };
-use bazel_remote_apis::google::bytestream::{
-    ReadRequest, WriteRequest, byte_stream_client::ByteStreamClient,
-};
+use bazel_remote_apis::google::bytestream::{ReadRequest, byte_stream_client::ByteStreamClient};
 use futures::StreamExt;
 use outpost::digest::{Digest, DigestFunction};
 use outpost_testkit::client::write_stream;

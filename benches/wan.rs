@@ -42,9 +42,7 @@ use bazel_remote_apis::build::bazel::remote::execution::v2::{
     capabilities_client::CapabilitiesClient,
     content_addressable_storage_client::ContentAddressableStorageClient,
 };
-use bazel_remote_apis::google::bytestream::{
-    ReadRequest, WriteRequest, byte_stream_client::ByteStreamClient,
-};
+use bazel_remote_apis::google::bytestream::{ReadRequest, byte_stream_client::ByteStreamClient};
 use futures::{StreamExt, TryStreamExt};
 use outpost::admin_proto::admin_client::AdminClient;
 use outpost::admin_proto::{GetStatsRequest, GetStatsResponse};

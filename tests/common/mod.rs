@@ -3,16 +3,20 @@
 //! ([`spawn_server`]), and the test kit's REAPI client helpers. Tests compute
 //! digests with `sha2` themselves, so they do not trust the code under test.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use outpost::admin_proto::GetStatsResponse;
 use outpost::config::Config;
+use outpost::config_upstream::{UpstreamConfig, UpstreamSection};
 use outpost::server::RunningServer;
 use tonic::Code;
 use tonic::transport::Channel;
 
 pub use outpost_testkit::client::*;
 pub use outpost_testkit::fake as fake_upstream;
+use outpost_testkit::fake::{FakeUpstream, Method};
 pub use outpost_testkit::{Rng, ServerProcess, blob, bs, digest, re, sha256_hex};
 
 /// Outpost's Admin service (stats).
@@ -33,6 +37,38 @@ pub async fn stats(clients: &impl Clients) -> GetStatsResponse {
         .await
         .expect("GetStats")
         .into_inner()
+}
+
+/// An Outpost proxying `fake`, with its upstream settings and configuration
+/// adjusted. Returns once the start-up capabilities probe has been answered,
+/// so it never lands in a test's counts after `reset_stats`.
+pub async fn start_proxy(
+    fake: &FakeUpstream,
+    adjust: impl FnOnce(&mut UpstreamConfig),
+    adjust_config: impl FnOnce(&mut Config),
+) -> TestServer {
+    let mut upstream = UpstreamConfig::resolve(UpstreamSection::default(), Some(fake.url()))
+        .expect("valid upstream settings")
+        .expect("an upstream is configured");
+    adjust(&mut upstream);
+    let server = TestServer::start_with(|c| {
+        c.upstream = Some(upstream);
+        adjust_config(c);
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !fake
+        .calls_of(Method::GetCapabilities)
+        .iter()
+        .any(|c| c.code.is_some())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the proxy never asked the upstream for its capabilities"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    server
 }
 
 /// A real server running inside the test process over a temporary store.
