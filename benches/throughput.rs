@@ -11,29 +11,26 @@
 //! Quick: `OUTPOST_BENCH_REPS=3 OUTPOST_BENCH_SIZE_MIB=64 cargo bench --bench throughput`
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail, ensure};
+use anyhow::{Context, ensure};
 use bazel_remote_apis::build::bazel::remote::execution::v2::{
     self as re, BatchReadBlobsRequest, BatchUpdateBlobsRequest, FindMissingBlobsRequest,
     GetCapabilitiesRequest, batch_update_blobs_request, capabilities_client::CapabilitiesClient,
     content_addressable_storage_client::ContentAddressableStorageClient,
 };
-use bazel_remote_apis::google::bytestream::{
-    ReadRequest, WriteRequest, byte_stream_client::ByteStreamClient,
-};
+use bazel_remote_apis::google::bytestream::{ReadRequest, byte_stream_client::ByteStreamClient};
 use futures::StreamExt;
 use outpost::digest::{Digest, DigestFunction};
+use outpost_testkit::client::write_stream;
+use outpost_testkit::env::{env_list, env_opt, env_usize, server_binary};
+use outpost_testkit::{Rng, ServerProcess, pack};
 use tonic::transport::Channel;
 
 /// Largest gRPC message the benchmark's clients accept or send: a full
 /// 4 MiB batch plus per-entry framing, with room to spare.
 const CLIENT_MAX_MESSAGE: usize = 16 << 20;
-/// Per-entry allowance for digest and framing when packing batches, so a
-/// batch stays under the limit even for servers that count the whole message.
-const BATCH_ENTRY_OVERHEAD: u64 = 100;
 
 // ---------------------------------------------------------------- settings
 
@@ -61,56 +58,9 @@ struct Settings {
     only: Option<Vec<String>>,
 }
 
-fn env_usize(name: &str, default: usize) -> anyhow::Result<usize> {
-    match std::env::var(name) {
-        Ok(v) => v
-            .trim()
-            .parse()
-            .with_context(|| format!("{name}={v:?} is not a number")),
-        Err(_) => Ok(default),
-    }
-}
-
-fn env_opt(name: &str) -> anyhow::Result<Option<usize>> {
-    std::env::var(name)
-        .ok()
-        .map(|v| {
-            v.trim()
-                .parse()
-                .with_context(|| format!("{name}={v:?} is not a number"))
-        })
-        .transpose()
-}
-
-fn env_list(name: &str, default: &[usize]) -> anyhow::Result<Vec<usize>> {
-    match std::env::var(name) {
-        Ok(v) => v
-            .split(',')
-            .filter(|s| !s.trim().is_empty())
-            .map(|s| {
-                s.trim()
-                    .parse()
-                    .with_context(|| format!("{name}={v:?}: {s:?} is not a number"))
-            })
-            .collect(),
-        Err(_) => Ok(default.to_vec()),
-    }
-}
-
 impl Settings {
     fn from_env() -> anyhow::Result<Self> {
-        let bin = match std::env::var_os("OUTPOST_BENCH_BIN") {
-            Some(path) => PathBuf::from(path),
-            None => match option_env!("CARGO_BIN_EXE_outpost") {
-                Some(path) => PathBuf::from(path),
-                None => {
-                    let target = std::env::var_os("CARGO_TARGET_DIR")
-                        .map(PathBuf::from)
-                        .unwrap_or_else(|| PathBuf::from("target"));
-                    target.join("release").join("outpost")
-                }
-            },
-        };
+        let bin = server_binary("OUTPOST_BENCH_BIN", option_env!("CARGO_BIN_EXE_outpost"));
         let size_mib = env_usize("OUTPOST_BENCH_SIZE_MIB", 256)?.max(1);
         let settings = Settings {
             reps: env_usize("OUTPOST_BENCH_REPS", 5)?.max(1),
@@ -159,14 +109,14 @@ impl Settings {
 
 // ---------------------------------------------------------------- server
 
-/// The `outpost serve` child process; stopped (SIGTERM, then SIGKILL) on drop.
-struct ServerProcess {
-    child: Child,
-    target: String,
+/// The `outpost serve` child and its temporary data directory (the child is
+/// stopped first: fields drop in order).
+struct Server {
+    process: ServerProcess,
     dir: tempfile::TempDir,
 }
 
-impl ServerProcess {
+impl Server {
     fn start(settings: &Settings) -> anyhow::Result<Self> {
         ensure!(
             settings.bin.exists(),
@@ -184,64 +134,20 @@ impl ServerProcess {
                 .prefix("outpost-bench-")
                 .tempdir()?,
         };
-        // Ask the OS for a free port; the tiny race with other processes is fine here.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let listen = format!("127.0.0.1:{port}");
-        let child = Command::new(&settings.bin)
-            .args(["serve", "--listen", &listen, "--data-dir"])
-            .arg(dir.path())
-            .args(["--no-unix-socket", "--quota", &settings.quota.to_string()])
-            .env(
-                "RUST_LOG",
-                std::env::var("OUTPOST_BENCH_SERVER_LOG").unwrap_or("warn".into()),
-            )
-            .stdin(Stdio::null())
-            .spawn()
+        let process = ServerProcess::command(&settings.bin, dir.path())
+            .args(["--quota", &settings.quota.to_string()])
+            .rust_log(&std::env::var("OUTPOST_BENCH_SERVER_LOG").unwrap_or("warn".into()))
+            .start()
             .with_context(|| format!("cannot start {}", settings.bin.display()))?;
-        let mut server = ServerProcess {
-            child,
-            target: format!("grpc://{listen}"),
-            dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(&listen).is_err() {
-            if let Some(status) = server.child.try_wait()? {
-                bail!("outpost serve exited early: {status}");
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "outpost serve did not listen within 30 s"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(server)
+        Ok(Server { process, dir })
     }
 
     fn pid(&self) -> u32 {
-        self.child.id()
+        self.process.pid()
     }
 
     fn data_dir(&self) -> &std::path::Path {
         self.dir.path()
-    }
-}
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -563,32 +469,6 @@ fn print_table(rows: &[Row], settings: &Settings) {
 
 // ---------------------------------------------------------------- data
 
-/// xorshift64*: fast, incompressible enough for a cache that does not compress.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn fill(&mut self, buf: &mut [u8]) {
-        let mut chunks = buf.chunks_exact_mut(8);
-        for chunk in &mut chunks {
-            chunk.copy_from_slice(&self.next().to_le_bytes());
-        }
-        let rest = chunks.into_remainder();
-        let last = self.next().to_le_bytes();
-        rest.copy_from_slice(&last[..rest.len()]);
-    }
-}
-
 fn sha256(data: &[u8]) -> Digest {
     Digest::of(DigestFunction::Sha256, data)
 }
@@ -669,19 +549,7 @@ async fn bytestream_write(
 ) -> anyhow::Result<()> {
     let size = data.len();
     let name = write_name(digest, upload);
-    let requests = futures::stream::iter((0..size).step_by(chunk).map(move |offset| {
-        let end = (offset + chunk).min(size);
-        WriteRequest {
-            resource_name: if offset == 0 {
-                name.clone()
-            } else {
-                String::new()
-            },
-            write_offset: offset as i64,
-            finish_write: end == size,
-            data: data[offset..end].to_vec(),
-        }
-    }));
+    let requests = write_stream(name, data, chunk);
     let response = client.write(requests).await?.into_inner();
     ensure!(
         response.committed_size == size as i64,
@@ -725,23 +593,6 @@ async fn bytestream_read(
         ensure!(h.finish() == *digest, "Read returned different bytes");
     }
     Ok(messages)
-}
-
-/// Splits blobs into batches whose total stays within `max_batch`.
-fn pack<T>(items: Vec<T>, max_batch: u64, size: impl Fn(&T) -> u64) -> Vec<Vec<T>> {
-    let mut batches = vec![Vec::new()];
-    let mut total = 0u64;
-    for item in items {
-        let n = size(&item) + BATCH_ENTRY_OVERHEAD;
-        if total + n > max_batch && !batches.last().expect("never empty").is_empty() {
-            batches.push(Vec::new());
-            total = 0;
-        }
-        total += n;
-        batches.last_mut().expect("never empty").push(item);
-    }
-    batches.retain(|b| !b.is_empty());
-    batches
 }
 
 fn small_blobs(count: usize, size: usize, seed: u64) -> Vec<(Digest, Vec<u8>)> {
@@ -808,10 +659,10 @@ impl FileBaseline {
 async fn bench_bytestream(
     settings: &Settings,
     clients: &mut Clients,
-    server: Option<&ServerProcess>,
+    server: Option<&Server>,
     rows: &mut Vec<Row>,
 ) -> anyhow::Result<()> {
-    let pid = server.map(ServerProcess::pid);
+    let pid = server.map(Server::pid);
     let mut baseline = match server {
         Some(server) => Some(FileBaseline::new(server.data_dir(), settings.quota)?),
         None => None,
@@ -1226,12 +1077,12 @@ fn main() -> anyhow::Result<()> {
     let (server, target) = match &settings.server {
         Some(target) => (None, target.clone()),
         None => {
-            let server = ServerProcess::start(&settings)?;
-            let target = server.target.clone();
+            let server = Server::start(&settings)?;
+            let target = server.process.url();
             (Some(server), target)
         }
     };
-    let pid = server.as_ref().map(ServerProcess::pid);
+    let pid = server.as_ref().map(Server::pid);
     eprintln!(
         "server {target} (pid {pid:?}, binary {}); client runtime: {}",
         settings.bin.display(),

@@ -3,7 +3,7 @@
 //! proxy, cold (empty proxy) and warm (second run through the same proxy).
 //!
 //! Processes: the upstream is a standalone `outpost serve` (the real binary);
-//! the WAN is the relay in `benches/wan/relay.rs` (40 ms RTT, 50 Mbit/s per
+//! the WAN is the relay in `crates/outpost-testkit/src/relay.rs` (40 ms RTT, 50 Mbit/s per
 //! direction by default) in front of it; the proxy is a second `outpost serve
 //! --upstream grpc://RELAY`. The upstream is seeded directly (not across the
 //! WAN) with every blob of the build and its action results, as if another
@@ -26,13 +26,10 @@
 //!
 //! Run: `cargo bench --bench wan`. Knobs (environment): see benches/README.md.
 
-#[path = "wan/relay.rs"]
-mod relay;
-
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -45,20 +42,22 @@ use bazel_remote_apis::build::bazel::remote::execution::v2::{
     capabilities_client::CapabilitiesClient,
     content_addressable_storage_client::ContentAddressableStorageClient,
 };
-use bazel_remote_apis::google::bytestream::{
-    ReadRequest, WriteRequest, byte_stream_client::ByteStreamClient,
-};
+use bazel_remote_apis::google::bytestream::{ReadRequest, byte_stream_client::ByteStreamClient};
 use futures::{StreamExt, TryStreamExt};
 use outpost::admin_proto::admin_client::AdminClient;
 use outpost::admin_proto::{GetStatsRequest, GetStatsResponse};
 use outpost::digest::{Digest, DigestFunction, Hasher};
-use relay::{Relay, WanConfig};
+use outpost_testkit::client::write_stream;
+use outpost_testkit::env::{env_u64, env_usize, server_binary};
+use outpost_testkit::metrics::scrape;
+use outpost_testkit::relay::{Relay, WanConfig};
+use outpost_testkit::workload::{BATCH_ENTRY_OVERHEAD, mix};
+use outpost_testkit::{Rng, ServerProcess, blob, human_bytes, pack};
 use tonic::transport::Channel;
 
 /// Largest gRPC message the clients accept or send (a 4 MiB batch + framing).
 const CLIENT_MAX_MESSAGE: usize = 16 << 20;
 /// Per-entry allowance for digest and framing when packing batches.
-const BATCH_ENTRY_OVERHEAD: u64 = 100;
 /// ByteStream Write chunk.
 const WRITE_CHUNK: usize = 64 << 10;
 /// Run-to-run noise allowed when checking "cold no slower than direct": both
@@ -122,33 +121,9 @@ struct Settings {
     proxy_config: Option<PathBuf>,
 }
 
-fn env_u64(name: &str, default: u64) -> anyhow::Result<u64> {
-    match std::env::var(name) {
-        Ok(v) => v
-            .trim()
-            .parse()
-            .with_context(|| format!("{name}={v:?} is not a number")),
-        Err(_) => Ok(default),
-    }
-}
-
-fn env_usize(name: &str, default: usize) -> anyhow::Result<usize> {
-    Ok(env_u64(name, default as u64)? as usize)
-}
-
 impl Settings {
     fn from_env() -> anyhow::Result<Self> {
-        let bin = match std::env::var_os("OUTPOST_WAN_BIN") {
-            Some(path) => PathBuf::from(path),
-            None => match option_env!("CARGO_BIN_EXE_outpost") {
-                Some(path) => PathBuf::from(path),
-                None => std::env::var_os("CARGO_TARGET_DIR")
-                    .map(PathBuf::from)
-                    .unwrap_or_else(|| PathBuf::from("target"))
-                    .join("release")
-                    .join("outpost"),
-            },
-        };
+        let bin = server_binary("OUTPOST_WAN_BIN", option_env!("CARGO_BIN_EXE_outpost"));
         let only = match std::env::var("OUTPOST_WAN_ONLY") {
             Ok(v) => v
                 .split(',')
@@ -207,55 +182,6 @@ impl Settings {
 
 // ---------------------------------------------------------------- data
 
-/// xorshift64*: fast, incompressible enough for a cache that does not compress.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Rng(mix(seed) | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    /// Uniform in [0, 1).
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    /// Log-uniform in [lo, hi).
-    fn log_uniform(&mut self, lo: u64, hi: u64) -> u64 {
-        let (a, b) = ((lo as f64).ln(), (hi as f64).ln());
-        (a + self.unit() * (b - a)).exp() as u64
-    }
-
-    fn fill(&mut self, buf: &mut [u8]) {
-        let mut chunks = buf.chunks_exact_mut(8);
-        for chunk in &mut chunks {
-            chunk.copy_from_slice(&self.next().to_le_bytes());
-        }
-        let rest = chunks.into_remainder();
-        let last = self.next().to_le_bytes();
-        rest.copy_from_slice(&last[..rest.len()]);
-    }
-}
-
-/// splitmix64 finaliser: turns structured seeds into independent ones.
-fn mix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
-}
-
 fn seed_of(parts: &[u64]) -> u64 {
     parts
         .iter()
@@ -264,9 +190,7 @@ fn seed_of(parts: &[u64]) -> u64 {
 
 /// The bytes of a blob: a pure function of its seed and size.
 fn blob_data(seed: u64, size: u64) -> Vec<u8> {
-    let mut data = vec![0u8; size as usize];
-    Rng::new(seed).fill(&mut data);
-    data
+    blob(seed, size as usize)
 }
 
 fn sha256(data: &[u8]) -> Digest {
@@ -567,23 +491,6 @@ fn write_name(d: &Digest, n: u64) -> String {
     )
 }
 
-/// Splits items into batches whose total stays within `max_batch`.
-fn pack<T>(items: Vec<T>, max_batch: u64, size: impl Fn(&T) -> u64) -> Vec<Vec<T>> {
-    let mut batches: Vec<Vec<T>> = vec![Vec::new()];
-    let mut total = 0u64;
-    for item in items {
-        let n = size(&item) + BATCH_ENTRY_OVERHEAD;
-        if total + n > max_batch && !batches.last().expect("never empty").is_empty() {
-            batches.push(Vec::new());
-            total = 0;
-        }
-        total += n;
-        batches.last_mut().expect("never empty").push(item);
-    }
-    batches.retain(|b| !b.is_empty());
-    batches
-}
-
 impl Client {
     async fn connect(target: &str, s: &Settings, counters: Arc<Counters>) -> anyhow::Result<Self> {
         let channel = outpost::client::connect(target).await?;
@@ -815,19 +722,7 @@ impl Client {
         let name = write_name(&digest, upload);
         let size = data.len();
         let data = Arc::new(data);
-        let requests = futures::stream::iter((0..size).step_by(WRITE_CHUNK).map(move |offset| {
-            let end = (offset + WRITE_CHUNK).min(size);
-            WriteRequest {
-                resource_name: if offset == 0 {
-                    name.clone()
-                } else {
-                    String::new()
-                },
-                write_offset: offset as i64,
-                finish_write: end == size,
-                data: data[offset..end].to_vec(),
-            }
-        }));
+        let requests = write_stream(name, data, WRITE_CHUNK);
         let response = self
             .bytestream
             .clone()
@@ -1012,12 +907,10 @@ async fn seed(target: &str, workload: &Arc<Workload>, s: &Arc<Settings>) -> anyh
 
 // ---------------------------------------------------------------- processes
 
-/// An `outpost serve` child process; stopped (SIGTERM, then SIGKILL) on drop.
+/// An `outpost serve` child and its temporary data directory (the child is
+/// stopped first: fields drop in order).
 struct Server {
-    child: Child,
-    addr: SocketAddr,
-    /// The Prometheus endpoint, when started with `--metrics-listen`.
-    metrics: Option<SocketAddr>,
+    process: ServerProcess,
     _dir: tempfile::TempDir,
 }
 
@@ -1031,45 +924,21 @@ impl Server {
         let dir = tempfile::Builder::new()
             .prefix(&format!("outpost-wan-{name}-"))
             .tempdir()?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
-        let child = Command::new(&s.bin)
-            .arg("serve")
-            .args(["--listen", &addr.to_string(), "--data-dir"])
-            .arg(dir.path())
-            .args(["--no-unix-socket", "--quota", &s.quota])
+        let process = ServerProcess::command(&s.bin, dir.path())
+            .args(["--quota", &s.quota])
             .args(extra)
-            .env(
-                "RUST_LOG",
-                std::env::var("OUTPOST_WAN_SERVER_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stdin(Stdio::null())
-            .spawn()
-            .with_context(|| format!("cannot start {}", s.bin.display()))?;
-        let mut server = Server {
-            child,
-            addr,
-            metrics: None,
-            _dir: dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(addr).is_err() {
-            if let Some(status) = server.child.try_wait()? {
-                bail!("outpost serve ({name}) exited early: {status}");
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "outpost serve ({name}) did not listen within 30 s"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(server)
+            .rust_log(&std::env::var("OUTPOST_WAN_SERVER_LOG").unwrap_or_else(|_| "warn".into()))
+            .start()
+            .with_context(|| format!("outpost serve ({name})"))?;
+        Ok(Server { process, _dir: dir })
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.process.addr()
     }
 
     fn url(&self) -> String {
-        format!("grpc://{}", self.addr)
+        self.process.url()
     }
 
     async fn stats(&self) -> anyhow::Result<GetStatsResponse> {
@@ -1078,43 +947,6 @@ impl Server {
             .get_stats(GetStatsRequest {})
             .await?
             .into_inner())
-    }
-}
-
-/// Samples of a Prometheus text page: `name{labels}` → value.
-async fn scrape(addr: SocketAddr) -> anyhow::Result<BTreeMap<String, f64>> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await?;
-    stream
-        .write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .await?;
-    let mut page = String::new();
-    stream.read_to_string(&mut page).await?;
-    let body = page.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-    Ok(body
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (name, value) = l.rsplit_once(' ')?;
-            Some((name.to_string(), value.parse().ok()?))
-        })
-        .collect())
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -1244,21 +1076,6 @@ fn calls_line(calls: &BTreeMap<String, u64>) -> String {
     }
 }
 
-fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = n as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
-}
-
 fn ratio(a: f64, b: f64) -> String {
     if b == 0.0 {
         "∞".into()
@@ -1366,7 +1183,7 @@ async fn measure(
         Some(p) => Some(p.stats().await?),
         None => None,
     };
-    let metrics_addr = proxy.and_then(|p| p.metrics);
+    let metrics_addr = proxy.and_then(|p| p.process.metrics_addr());
     let metrics_before = match metrics_addr {
         Some(addr) => scrape(addr).await.ok(),
         None => None,
@@ -1509,29 +1326,25 @@ async fn run(s: Arc<Settings>) -> anyhow::Result<()> {
         seeded.action_result_count
     );
 
-    let relay = Relay::start(upstream.addr, s.wan).await?;
-    println!("WAN relay {} → {}", relay.url(), upstream.addr);
+    let relay = Relay::start(upstream.addr(), s.wan).await?;
+    println!("WAN relay {} → {}", relay.url(), upstream.addr());
 
     let mut reports = Vec::new();
     if s.only.contains(&Mode::Direct) {
         reports.push(measure(Mode::Direct, &relay.url(), &relay, None, &workload, &s).await?);
     }
     if s.only.contains(&Mode::Cold) || s.only.contains(&Mode::Warm) {
-        let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
         let mut args = vec![
             "--upstream".to_string(),
             relay.url(),
             "--metrics-listen".into(),
-            format!("127.0.0.1:{metrics_port}"),
+            "127.0.0.1:0".into(),
         ];
         if let Some(config) = &s.proxy_config {
             args.push("--config".into());
             args.push(config.display().to_string());
         }
-        let mut proxy = Server::start(&s, "proxy", &args)?;
-        proxy.metrics = Some(format!("127.0.0.1:{metrics_port}").parse()?);
+        let proxy = Server::start(&s, "proxy", &args)?;
         wait_for_capabilities(&proxy).await?;
         println!("\nproxy {} → upstream {}", proxy.url(), relay.url());
         for mode in [Mode::Cold, Mode::Warm] {

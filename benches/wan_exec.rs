@@ -3,8 +3,8 @@
 //! proxy with and without output prefetch.
 //!
 //! Processes: the upstream is the in-process fake from the tests
-//! (`tests/common/fake_upstream.rs`, which executes actions with deterministic
-//! outputs); the WAN is the relay in `benches/wan/relay.rs` (40 ms RTT,
+//! (`outpost_testkit::fake`, which executes actions with deterministic
+//! outputs); the WAN is the relay in `crates/outpost-testkit/src/relay.rs` (40 ms RTT,
 //! 50 Mbit/s per direction by default) in front of it; the proxy is the real
 //! `outpost serve --upstream grpc://RELAY` binary, once with prefetch on (the
 //! default) and once with `[prefetch] enabled = false` (`--config`).
@@ -25,24 +25,21 @@
 //!
 //! Run: `cargo bench --bench wan_exec`. Knobs: see benches/README.md.
 
-#[path = "../tests/common/fake_upstream.rs"]
-mod fake_upstream;
-#[path = "wan/relay.rs"]
-mod relay;
-
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
-use fake_upstream::{FakeUpstream, TestAction, bs, operation_response, re};
 use futures::{StreamExt, TryStreamExt};
 use outpost::admin_proto::GetStatsRequest;
 use outpost::admin_proto::admin_client::AdminClient;
-use relay::{Relay, WanConfig};
+use outpost_testkit::env::{env_u64, server_binary};
+use outpost_testkit::fake::{FakeUpstream, TestAction, operation_response};
+use outpost_testkit::metrics::scrape;
+use outpost_testkit::relay::{Relay, WanConfig};
+use outpost_testkit::{Rng, ServerProcess, bs, human_bytes, pack, re};
 use sha2::{Digest as _, Sha256};
 use tonic::transport::{Channel, Endpoint};
 
@@ -51,7 +48,6 @@ const MIB: u64 = 1 << 20;
 const CLIENT_MAX_MESSAGE: usize = 64 << 20;
 /// Blobs up to this size are read with BatchReadBlobs, larger with ByteStream.
 const BATCH_BLOB_MAX: u64 = MIB;
-const BATCH_ENTRY_OVERHEAD: u64 = 100;
 
 // ---------------------------------------------------------------- settings
 
@@ -83,29 +79,9 @@ impl Target {
     }
 }
 
-fn env_u64(name: &str, default: u64) -> anyhow::Result<u64> {
-    match std::env::var(name) {
-        Ok(v) => v
-            .trim()
-            .parse()
-            .with_context(|| format!("{name}={v:?} is not a number")),
-        Err(_) => Ok(default),
-    }
-}
-
 impl Settings {
     fn from_env() -> anyhow::Result<Self> {
-        let bin = match std::env::var_os("OUTPOST_WAN_BIN") {
-            Some(path) => PathBuf::from(path),
-            None => match option_env!("CARGO_BIN_EXE_outpost") {
-                Some(path) => PathBuf::from(path),
-                None => std::env::var_os("CARGO_TARGET_DIR")
-                    .map(PathBuf::from)
-                    .unwrap_or_else(|| PathBuf::from("target"))
-                    .join("release")
-                    .join("outpost"),
-            },
-        };
+        let bin = server_binary("OUTPOST_WAN_BIN", option_env!("CARGO_BIN_EXE_outpost"));
         let thinks = std::env::var("OUTPOST_WANX_THINK_MS")
             .unwrap_or_else(|_| "0,1000,2000".into())
             .split(',')
@@ -143,21 +119,6 @@ impl Settings {
 
 // ---------------------------------------------------------------- workload
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn log_uniform(&mut self, lo: u64, hi: u64) -> u64 {
-        let u = (self.next() >> 11) as f64 / (1u64 << 53) as f64;
-        ((lo as f64).ln() + u * ((hi as f64).ln() - (lo as f64).ln())).exp() as u64
-    }
-}
-
 /// One action's shape: output paths (globally unique, so their sizes can be
 /// set in the fake) and inputs.
 struct ActionSpec {
@@ -166,10 +127,10 @@ struct ActionSpec {
 }
 
 fn workload(s: &Settings) -> Vec<ActionSpec> {
-    let mut rng = Rng(s.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+    let mut rng = Rng::new(s.seed);
     (0..s.actions)
         .map(|i| {
-            let n = 1 + (rng.next() % 3) as usize;
+            let n = 1 + (rng.next_u64() % 3) as usize;
             let outputs = (0..n)
                 .map(|j| {
                     (
@@ -180,8 +141,10 @@ fn workload(s: &Settings) -> Vec<ActionSpec> {
                 .collect();
             let inputs = (0..3)
                 .map(|j| {
-                    let len = 1024 + (rng.next() % 4096) as usize;
-                    let data = (0..len).map(|k| (k as u64 ^ rng.next()) as u8).collect();
+                    let len = 1024 + (rng.next_u64() % 4096) as usize;
+                    let data = (0..len)
+                        .map(|k| (k as u64 ^ rng.next_u64()) as u8)
+                        .collect();
                     (format!("src/a{i}/in{j}.c"), data)
                 })
                 .collect();
@@ -279,17 +242,7 @@ impl Client {
         let (small, large): (Vec<_>, Vec<_>) = digests
             .into_iter()
             .partition(|d| (d.size_bytes as u64) <= BATCH_BLOB_MAX);
-        let mut batches: Vec<Vec<re::Digest>> = Vec::new();
-        let mut size = 0;
-        for d in small {
-            let n = d.size_bytes as u64 + BATCH_ENTRY_OVERHEAD;
-            if batches.is_empty() || size + n > self.max_batch {
-                batches.push(Vec::new());
-                size = 0;
-            }
-            size += n;
-            batches.last_mut().expect("a batch").push(d);
-        }
+        let batches = pack(small, self.max_batch, |d| d.size_bytes as u64);
         let mut calls = Vec::new();
         for b in batches {
             calls.push(futures::future::Either::Left(self.batch_read(b)));
@@ -425,10 +378,10 @@ async fn run_actions(
 
 // ---------------------------------------------------------------- processes
 
+/// The proxy under test with its temporary directory (the child is stopped
+/// first: fields drop in order).
 struct Proxy {
-    child: Child,
-    addr: SocketAddr,
-    metrics: SocketAddr,
+    process: ServerProcess,
     _dir: tempfile::TempDir,
 }
 
@@ -442,49 +395,27 @@ impl Proxy {
         let dir = tempfile::Builder::new()
             .prefix("outpost-wanx-proxy-")
             .tempdir()?;
-        let free = || -> anyhow::Result<SocketAddr> {
-            Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
-        };
-        let (addr, metrics) = (free()?, free()?);
-        let mut cmd = Command::new(&s.bin);
-        cmd.arg("serve")
-            .args(["--listen", &addr.to_string(), "--data-dir"])
-            .arg(dir.path().join("data"))
-            .args(["--no-unix-socket", "--quota", "8GiB"])
-            .args(["--upstream", upstream])
-            .args(["--metrics-listen", &metrics.to_string()]);
+        let mut command = ServerProcess::command(&s.bin, dir.path().join("data"))
+            .args(["--quota", "8GiB", "--upstream", upstream])
+            .args(["--metrics-listen", "127.0.0.1:0"]);
         if !prefetch {
             let config = dir.path().join("outpost.toml");
             std::fs::write(&config, "[prefetch]\nenabled = false\n")?;
-            cmd.arg("--config").arg(&config);
+            command = command.arg("--config").arg(&config);
         }
-        let child = cmd
-            .env(
-                "RUST_LOG",
-                std::env::var("OUTPOST_WAN_SERVER_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stdin(Stdio::null())
-            .spawn()
+        let process = command
+            .rust_log(&std::env::var("OUTPOST_WAN_SERVER_LOG").unwrap_or_else(|_| "warn".into()))
+            .start()
             .with_context(|| format!("cannot start {}", s.bin.display()))?;
-        let mut proxy = Proxy {
-            child,
-            addr,
-            metrics,
-            _dir: dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(addr).is_err() {
-            if let Some(status) = proxy.child.try_wait()? {
-                bail!("outpost serve exited early: {status}");
-            }
-            ensure!(Instant::now() < deadline, "outpost serve did not listen");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(proxy)
+        Ok(Proxy { process, _dir: dir })
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.process.addr()
     }
 
     async fn upstream_calls(&self) -> anyhow::Result<BTreeMap<String, u64>> {
-        let channel = outpost::client::connect(&format!("grpc://{}", self.addr)).await?;
+        let channel = outpost::client::connect(&self.process.url()).await?;
         let stats = AdminClient::new(channel)
             .get_stats(GetStatsRequest {})
             .await?
@@ -493,58 +424,22 @@ impl Proxy {
     }
 
     async fn prefetch_metrics(&self) -> anyhow::Result<BTreeMap<String, f64>> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut stream = tokio::net::TcpStream::connect(self.metrics).await?;
-        stream
-            .write_all(
-                format!("GET /metrics HTTP/1.0\r\nHost: {}\r\n\r\n", self.metrics).as_bytes(),
-            )
-            .await?;
-        let mut page = String::new();
-        stream.read_to_string(&mut page).await?;
-        let body = page.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-        Ok(body
-            .lines()
-            .filter(|l| !l.starts_with('#') && l.contains("prefetch"))
-            .filter_map(|l| {
-                let (name, value) = l.rsplit_once(' ')?;
+        let addr = self.process.metrics_addr().context("no metrics address")?;
+        Ok(scrape(addr)
+            .await?
+            .into_iter()
+            .filter(|(name, _)| name.contains("prefetch"))
+            .map(|(name, value)| {
                 let short = name
                     .trim_start_matches("outpost_")
                     .trim_end_matches("_total");
-                Some((short.to_string(), value.parse().ok()?))
+                (short.to_string(), value)
             })
             .collect())
     }
 }
 
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 // ---------------------------------------------------------------- reporting
-
-fn human_bytes(n: u64) -> String {
-    if n >= MIB {
-        format!("{:.1} MiB", n as f64 / MIB as f64)
-    } else if n >= KIB {
-        format!("{:.1} KiB", n as f64 / KIB as f64)
-    } else {
-        format!("{n} B")
-    }
-}
 
 struct Dist {
     mean: f64,
@@ -707,7 +602,7 @@ async fn run(s: Settings) -> anyhow::Result<()> {
                 None => BTreeMap::new(),
             };
             relay.reset_counters();
-            let addr = proxy.as_ref().map_or(relay.addr(), |p| p.addr);
+            let addr = proxy.as_ref().map_or(relay.addr(), |p| p.addr());
             let (wall, bytes_read, timings) = run_actions(addr, Arc::new(actions), s.jobs, think)
                 .await
                 .with_context(|| format!("{} (think {think:?})", target.name()))?;

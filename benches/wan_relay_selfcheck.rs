@@ -1,4 +1,4 @@
-//! Self-check of the WAN simulator in `benches/wan/relay.rs`: measures RTT
+//! Self-check of the WAN simulator in `crates/outpost-testkit/src/relay.rs`: measures RTT
 //! and throughput through the relay against plain TCP servers on loopback and
 //! fails unless each is within ±25% of the configured link.
 //!
@@ -6,14 +6,11 @@
 //! Knobs: `OUTPOST_WAN_RTT_MS` (default 40), `OUTPOST_WAN_MBIT` (default 50),
 //! `OUTPOST_WAN_CHECK_MIB` (bytes per throughput run, default 8).
 
-#[path = "wan/relay.rs"]
-mod relay;
-
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
-use relay::{Relay, WanConfig};
+use outpost_testkit::relay::{Relay, WanConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 

@@ -72,6 +72,11 @@ struct ServeArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9980).
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<std::net::SocketAddr>,
+    /// Once every listener is bound, write their addresses to FILE (atomically)
+    /// as `grpc=ADDR`, `metrics=ADDR`, `unix=PATH` lines: with `--listen
+    /// 127.0.0.1:0` a parent process learns the port without racing for it.
+    #[arg(long, value_name = "FILE")]
+    ready_file: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -119,6 +124,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         human_bytes(config.quota_bytes)
     );
     let server = RunningServer::start(&config).await?;
+    if let Some(path) = &args.ready_file {
+        server.write_ready_file(path)?;
+    }
     server.run_until(shutdown_signal()).await?;
     tracing::info!("stopped");
     Ok(())

@@ -3,7 +3,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -103,6 +103,10 @@ impl Services {
 pub struct RunningServer {
     /// The TCP address actually bound (useful with port 0).
     pub addr: SocketAddr,
+    /// The metrics address actually bound, when metrics are served.
+    pub metrics_addr: Option<SocketAddr>,
+    /// The unix socket served on, if any (for the ready file).
+    unix_socket: Option<PathBuf>,
     shutdown: CancellationToken,
     tasks: JoinSet<anyhow::Result<()>>,
     /// Work spawned outside requests; drained before the store is flushed.
@@ -186,8 +190,10 @@ impl RunningServer {
         });
         tracing::info!("serving REAPI on grpc://{addr}");
 
+        let mut metrics_addr = None;
         if let Some(addr) = config.metrics_listen {
             let listener = crate::metrics::bind(addr).await?;
+            metrics_addr = Some(listener.local_addr()?);
             let (stats, local) = (stats.clone(), local.clone());
             tasks.spawn(crate::metrics::serve(
                 listener,
@@ -217,11 +223,32 @@ impl RunningServer {
         }
         Ok(RunningServer {
             addr,
+            metrics_addr,
+            unix_socket: config.unix_socket.clone(),
             shutdown,
             tasks,
             background,
             local,
         })
+    }
+
+    /// Writes the bound addresses to `path` (`grpc=ADDR`, then `metrics=ADDR`
+    /// and `unix=PATH` when served), atomically: a temporary file renamed into
+    /// place. It exists so that a parent process can start the server on port
+    /// 0 and learn where it listens without racing for a free port.
+    pub fn write_ready_file(&self, path: &Path) -> anyhow::Result<()> {
+        let mut text = format!("grpc={}\n", self.addr);
+        if let Some(addr) = self.metrics_addr {
+            text += &format!("metrics={addr}\n");
+        }
+        if let Some(socket) = &self.unix_socket {
+            text += &format!("unix={}\n", socket.display());
+        }
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(format!(".tmp.{}", std::process::id()));
+        std::fs::write(&tmp, text)
+            .and_then(|()| std::fs::rename(&tmp, path))
+            .with_context(|| format!("cannot write the ready file {}", path.display()))
     }
 
     /// Stops accepting calls, lets in-flight ones finish (bounded), cancels

@@ -1,7 +1,8 @@
 //! Black-box tests: each starts a real Outpost (in process on 127.0.0.1:0, or
 //! the `outpost` binary where a separate process is needed) and talks REAPI to
 //! it over gRPC. One file per topic in `tests/suite/`; the shared fixture is
-//! in `tests/common/`.
+//! in `tests/common/`, the fake upstream and the process harness in
+//! `crates/outpost-testkit`.
 
 mod common;
 
@@ -17,6 +18,7 @@ mod suite {
     mod large_blob;
     mod persistence;
     mod proxy;
+    mod ready_file;
     mod tls;
     mod unix_socket;
 }

@@ -31,7 +31,7 @@ fn upload_data(w: u64, i: u64) -> Vec<u8> {
 async fn kill_9_during_uploads_keeps_every_acknowledged_blob_intact() {
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().join("data");
-    let server = ServerProcess::spawn(&data_dir, &dir.path().join("log-1")).await;
+    let server = spawn_server(&data_dir, &dir.path().join("log-1"));
 
     let attempted = Arc::new(Mutex::new(Vec::new()));
     let acked = Arc::new(Mutex::new(Vec::new()));
@@ -138,7 +138,7 @@ async fn kill_9_during_uploads_keeps_every_acknowledged_blob_intact() {
 
     assert!(has_partial_file(&data_dir));
 
-    let server = ServerProcess::spawn(&data_dir, &dir.path().join("log-2")).await;
+    let server = spawn_server(&data_dir, &dir.path().join("log-2"));
     assert_eq!(
         list_files(&data_dir.join("tmp")),
         Vec::<std::path::PathBuf>::new()

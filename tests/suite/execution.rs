@@ -1,6 +1,6 @@
 //! Execution passthrough, black-box: an in-process Outpost in front of the
-//! fake upstream (`tests/common/fake_upstream.rs` with its Execution service,
-//! `tests/common/fake_execution.rs`), driven over real gRPC with the plain
+//! test kit's fake upstream (`outpost_testkit::fake` with its Execution
+//! service), driven over real gRPC with the plain
 //! REAPI Execution client. The fake's records and call counts show what
 //! reached the upstream; Outpost's Admin stats show what it did on its own
 //! (repairs, reattaches, prefetch, single-flight joins).
@@ -8,8 +8,6 @@
 use std::time::{Duration, Instant};
 
 use bazel_remote_apis::google::longrunning as lr;
-use outpost::config::Config;
-use outpost::config_upstream::{UpstreamConfig, UpstreamSection};
 use prost::Message;
 use re::execution_stage::Value as Stage;
 use tonic::metadata::MetadataValue;
@@ -32,41 +30,9 @@ type Ops = lr::operations_client::OperationsClient<Channel>;
 
 // ---------------------------------------------------------------- fixture
 
-/// An Outpost proxying `fake`, with its upstream settings and configuration
-/// adjusted. Returns once the start-up capabilities probe has been answered,
-/// so it never lands in a test's counts after `reset_stats`.
-async fn proxy_with(
-    fake: &FakeUpstream,
-    adjust: impl FnOnce(&mut UpstreamConfig),
-    adjust_config: impl FnOnce(&mut Config),
-) -> TestServer {
-    let mut upstream = UpstreamConfig::resolve(UpstreamSection::default(), Some(fake.url()))
-        .expect("valid upstream settings")
-        .expect("an upstream is configured");
-    adjust(&mut upstream);
-    let server = TestServer::start_with(|c| {
-        c.upstream = Some(upstream);
-        adjust_config(c);
-    })
-    .await;
-    let deadline = Instant::now() + WAIT;
-    while !fake
-        .calls_of(Method::GetCapabilities)
-        .iter()
-        .any(|c| c.code.is_some())
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the proxy never asked the upstream for its capabilities"
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    server
-}
-
 /// An Outpost with default settings in front of `fake`.
 async fn proxy(fake: &FakeUpstream) -> TestServer {
-    proxy_with(fake, |_| {}, |_| {}).await
+    start_proxy(fake, |_| {}, |_| {}).await
 }
 
 fn exec(server: &TestServer) -> Exec {
@@ -213,7 +179,7 @@ fn keys(digests: &[re::Digest]) -> std::collections::BTreeSet<(String, i64)> {
 async fn execute_streams_operations_and_forwards_every_field_and_header() {
     let fake = FakeUpstream::start().await;
     fake.set_execution_enabled(true);
-    let server = proxy_with(
+    let server = start_proxy(
         &fake,
         |u| {
             u.instance_names.insert(String::new(), "main".into());
@@ -951,7 +917,7 @@ async fn prefetch_counts_each_blob_once() {
 #[tokio::test]
 async fn without_prefetch_the_outputs_are_read_from_upstream() {
     let fake = FakeUpstream::start().await;
-    let server = proxy_with(&fake, |_| {}, |c| c.prefetch.enabled = false).await;
+    let server = start_proxy(&fake, |_| {}, |c| c.prefetch.enabled = false).await;
     let mut out = prepare_outputs(&fake, b"no prefetch");
     let (_, result) = expect_success(execute(&server, out.action.request("")).await);
     out.check(&fake, &result);
@@ -973,7 +939,7 @@ async fn without_prefetch_the_outputs_are_read_from_upstream() {
 #[tokio::test]
 async fn prefetch_skips_blobs_over_max_blob_size() {
     let fake = FakeUpstream::start().await;
-    let server = proxy_with(&fake, |_| {}, |c| c.prefetch.max_blob_size = MIB as u64).await;
+    let server = start_proxy(&fake, |_| {}, |c| c.prefetch.max_blob_size = MIB as u64).await;
     let mut out = prepare_outputs(&fake, b"size limit");
     let (_, result) = expect_success(execute(&server, out.action.request("")).await);
     out.check(&fake, &result);

@@ -15,16 +15,13 @@ const RSS_LIMIT: u64 = 200 << 20;
 
 /// Chunk `i` of the large blob, generated on demand.
 fn chunk(i: usize) -> Vec<u8> {
-    let mut state = 0x51ab_0000 + i as u64;
-    let mut buf = vec![0u8; CHUNK];
-    fill(&mut state, &mut buf);
-    buf
+    Rng::new(0x51ab_0000 + i as u64).bytes(CHUNK)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_512_mib_blob_streams_through_with_bounded_server_memory() {
     let dir = tempfile::tempdir().unwrap();
-    let server = ServerProcess::spawn(&dir.path().join("data"), &dir.path().join("log")).await;
+    let server = spawn_server(&dir.path().join("data"), &dir.path().join("log"));
     let started = Instant::now();
 
     let mut hasher = Sha256::new();

@@ -1,5 +1,5 @@
 //! The caching proxy, black-box: an in-process Outpost in front of the fake
-//! upstream (`tests/common/fake_upstream.rs`), driven over real gRPC.
+//! upstream (`outpost_testkit::fake`), driven over real gRPC.
 //! Deduplication, batching, write-through, header forwarding and outage
 //! handling are asserted by the fake's call counts; the fake's pause gate
 //! makes the concurrency tests deterministic.
@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use outpost::admin_proto::GetStatsResponse;
 use outpost::config::Config;
-use outpost::config_upstream::{UpstreamConfig, UpstreamSection};
+use outpost::config_upstream::UpstreamConfig;
 use prost::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::metadata::MetadataValue;
@@ -40,29 +40,11 @@ async fn proxy_with(
     adjust: impl FnOnce(&mut UpstreamConfig),
     adjust_config: impl FnOnce(&mut Config),
 ) -> TestServer {
-    let mut upstream = UpstreamConfig::resolve(UpstreamSection::default(), Some(fake.url()))
-        .expect("valid upstream settings")
-        .expect("an upstream is configured");
-    upstream.max_attempts = 3;
-    adjust(&mut upstream);
-    let server = TestServer::start_with(|c| {
-        c.upstream = Some(upstream);
-        adjust_config(c);
-    })
-    .await;
-    let deadline = Instant::now() + WAIT;
-    while !fake
-        .calls_of(Method::GetCapabilities)
-        .iter()
-        .any(|c| c.code.is_some())
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the proxy never asked the upstream for its capabilities"
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    server
+    let adjust = |upstream: &mut UpstreamConfig| {
+        upstream.max_attempts = 3;
+        adjust(upstream);
+    };
+    start_proxy(fake, adjust, adjust_config).await
 }
 
 /// Polls the Admin stats until `cond` holds.

@@ -1,63 +1,36 @@
-//! Self-tests of the fake REAPI upstream in `tests/common/fake_upstream.rs`:
+//! Self-tests of the test kit's fake REAPI upstream (`outpost_testkit::fake`):
 //! it must store and verify like a real server, count what it sees, and
 //! inject latency, errors and outages on demand; its Execution and
-//! Operations services (`tests/common/fake_execution.rs`) must run actions
+//! Operations services (`outpost_testkit::fake::execution`) must run actions
 //! deterministically, report missing inputs, and break, fail and cancel
 //! streams on demand. Talks to it over gRPC with the plain
 //! `bazel-remote-apis` clients.
-
-#[path = "common/fake_upstream.rs"]
-mod fake_upstream;
 
 use std::time::{Duration, Instant};
 
 use std::collections::BTreeSet;
 
 use bazel_remote_apis::google::longrunning as lr;
-use fake_upstream::{
+use outpost_testkit::client::{
+    ActionCache, ByteStream, Capabilities as Caps, Cas, Clients, read_name,
+    write_requests as write_reqs,
+};
+use outpost_testkit::fake::{
     EXECUTE_METADATA_TYPE, EXECUTE_RESPONSE_TYPE, ErrorDelivery, FakeUpstream, Method, NetMode,
     PRECONDITION_FAILURE_TYPE, PreconditionFailure, REQUEST_METADATA_HEADER, StreamEnd, TestAction,
-    bs, digest_of, missing_digests, missing_digests_of, operation_metadata, operation_response,
-    operation_stage, output_content, re, status_details, stdio_content,
+    digest_of, missing_digests, missing_digests_of, operation_metadata, operation_response,
+    operation_stage, output_content, status_details, stdio_content,
 };
+use outpost_testkit::{blob, bs, re};
 use prost::Message;
 use re::execution_stage::Value as Stage;
 use tonic::Code;
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 
-type Cas = re::content_addressable_storage_client::ContentAddressableStorageClient<Channel>;
-type ByteStream = bs::byte_stream_client::ByteStreamClient<Channel>;
-type ActionCache = re::action_cache_client::ActionCacheClient<Channel>;
-type Caps = re::capabilities_client::CapabilitiesClient<Channel>;
-
-fn cas(ch: &Channel) -> Cas {
-    Cas::new(ch.clone()).max_decoding_message_size(64 << 20)
-}
-fn bytestream(ch: &Channel) -> ByteStream {
-    ByteStream::new(ch.clone()).max_decoding_message_size(64 << 20)
-}
-
-fn blob(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 fn read_req(instance: &str, d: &re::Digest, offset: i64) -> bs::ReadRequest {
-    let name = format!("blobs/{}/{}", d.hash, d.size_bytes);
     bs::ReadRequest {
-        resource_name: if instance.is_empty() {
-            name
-        } else {
-            format!("{instance}/{name}")
-        },
+        resource_name: read_name(instance, d),
         read_offset: offset,
         read_limit: 0,
     }
@@ -70,31 +43,6 @@ async fn read_all(bs: &mut ByteStream, req: bs::ReadRequest) -> Result<Vec<u8>, 
         out.extend_from_slice(&msg.data);
     }
     Ok(out)
-}
-
-fn write_reqs(
-    name: &str,
-    data: &[u8],
-    offset: usize,
-    chunk: usize,
-    finish: bool,
-) -> Vec<bs::WriteRequest> {
-    let mut out: Vec<bs::WriteRequest> = data[offset..]
-        .chunks(chunk)
-        .enumerate()
-        .map(|(i, piece)| bs::WriteRequest {
-            resource_name: if i == 0 {
-                name.to_string()
-            } else {
-                String::new()
-            },
-            write_offset: (offset + i * chunk) as i64,
-            finish_write: false,
-            data: piece.to_vec(),
-        })
-        .collect();
-    out.last_mut().unwrap().finish_write = finish;
-    out
 }
 
 async fn find_missing(
@@ -123,7 +71,7 @@ async fn stores_serves_and_counts() {
     let absent = digest_of(b"nobody stored this");
 
     // FindMissingBlobs: only the absent one; the empty blob is never missing.
-    let mut c = cas(&ch);
+    let mut c = ch.cas();
     let asked = vec![d_big.clone(), absent.clone(), digest_of(b"")];
     assert_eq!(
         find_missing(&mut c, "", &asked).await.unwrap(),
@@ -180,7 +128,7 @@ async fn stores_serves_and_counts() {
     );
 
     // ByteStream Read, whole and from an offset.
-    let mut b = bytestream(&ch);
+    let mut b = ch.bytestream();
     assert_eq!(
         read_all(&mut b, read_req("", &d_big, 0)).await.unwrap(),
         big
@@ -223,7 +171,7 @@ async fn stores_serves_and_counts() {
 async fn bytestream_write_verifies_and_resumes() {
     let up = FakeUpstream::start().await;
     let ch = up.channel().await;
-    let mut b = bytestream(&ch);
+    let mut b = ch.bytestream();
     let data = blob(2, 200_000);
     let d = digest_of(&data);
     let name = format!(
@@ -312,7 +260,7 @@ async fn records_headers_and_instance_names() {
         REQUEST_METADATA_HEADER,
         MetadataValue::from_bytes(&meta.encode_to_vec()),
     );
-    cas(&ch).find_missing_blobs(req).await.unwrap();
+    ch.cas().find_missing_blobs(req).await.unwrap();
 
     let call = up.last_call(Method::FindMissingBlobs).unwrap();
     assert_eq!(call.instance_name, "team/linux");
@@ -321,7 +269,7 @@ async fn records_headers_and_instance_names() {
         Some("Bearer s3cret")
     );
     assert_eq!(call.request_metadata(), Some(meta));
-    let mut r = bytestream(&ch);
+    let mut r = ch.bytestream();
     let _ = read_all(&mut r, read_req("other/inst", &digest_of(b"a"), 0)).await;
     assert_eq!(
         up.instance_names().into_iter().collect::<Vec<_>>(),
@@ -333,7 +281,7 @@ async fn records_headers_and_instance_names() {
 async fn injects_errors_and_latency() {
     let up = FakeUpstream::start().await;
     let ch = up.channel().await;
-    let mut c = cas(&ch);
+    let mut c = ch.cas();
     let d = [digest_of(b"q")];
 
     up.fail_next(2, Code::Unavailable);
@@ -389,7 +337,8 @@ async fn injects_errors_and_latency() {
     let data = blob(3, 300_000);
     let dd = up.put_blob(data.clone());
     up.abort_next_stream(Method::Read, 100_000, Code::Unavailable);
-    let mut stream = bytestream(&ch)
+    let mut stream = ch
+        .bytestream()
         .read(read_req("", &dd, 0))
         .await
         .unwrap()
@@ -410,7 +359,7 @@ async fn injects_errors_and_latency() {
 async fn goes_down_and_comes_back_on_the_same_port() {
     let up = FakeUpstream::start().await;
     let ch = up.channel().await;
-    let mut c = cas(&ch);
+    let mut c = ch.cas();
     let d = [digest_of(b"z")];
     find_missing(&mut c, "", &d).await.unwrap();
     let addr = up.addr();
@@ -475,7 +424,7 @@ async fn goes_down_and_comes_back_on_the_same_port() {
 async fn blackhole_hangs_calls_until_it_comes_up() {
     let up = FakeUpstream::start().await;
     let ch = up.channel().await;
-    let mut c = cas(&ch);
+    let mut c = ch.cas();
     let d = [digest_of(b"h")];
     find_missing(&mut c, "", &d).await.unwrap();
     up.blackhole().await;
@@ -504,14 +453,14 @@ async fn pause_parks_calls_until_resumed() {
     up.pause_method(Method::Read);
     let tasks: Vec<_> = (0..5)
         .map(|_| {
-            let mut b = bytestream(&ch);
+            let mut b = ch.bytestream();
             let d = d.clone();
             tokio::spawn(async move { read_all(&mut b, read_req("", &d, 0)).await })
         })
         .collect();
     assert!(up.wait_parked(5, Duration::from_secs(5)).await);
     // Other methods are not paused.
-    find_missing(&mut cas(&ch), "", std::slice::from_ref(&d))
+    find_missing(&mut ch.cas(), "", std::slice::from_ref(&d))
         .await
         .unwrap();
     assert_eq!(up.in_flight(), 5);
@@ -546,7 +495,8 @@ async fn capabilities_are_configurable_and_enforced() {
     assert_eq!(caps.low_api_version.unwrap().minor, 0);
 
     let big = up.put_blob(blob(5, 1500));
-    let err = cas(&ch)
+    let err = ch
+        .cas()
         .batch_read_blobs(re::BatchReadBlobsRequest {
             digests: vec![big],
             ..Default::default()
@@ -554,9 +504,10 @@ async fn capabilities_are_configurable_and_enforced() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    let err = find_missing(&mut cas(&ch), "", &[]).await;
+    let err = find_missing(&mut ch.cas(), "", &[]).await;
     assert!(err.is_ok());
-    let err = cas(&ch)
+    let err = ch
+        .cas()
         .find_missing_blobs(re::FindMissingBlobsRequest {
             digest_function: re::digest_function::Value::Sha1 as i32,
             ..Default::default()
@@ -605,7 +556,8 @@ async fn tree_and_action_cache() {
         ..Default::default()
     };
     let root_d = up.put_message(&root);
-    let mut stream = cas(&ch)
+    let mut stream = ch
+        .cas()
         .get_tree(re::GetTreeRequest {
             root_digest: Some(root_d.clone()),
             ..Default::default()
@@ -664,7 +616,8 @@ async fn tree_and_action_cache() {
     assert_eq!(other.code(), Code::NotFound, "results are per instance");
 
     // The chunking RPCs are counted and UNIMPLEMENTED.
-    let err = cas(&ch)
+    let err = ch
+        .cas()
         .split_blob(re::SplitBlobRequest::default())
         .await
         .unwrap_err();

@@ -13,10 +13,6 @@
 //! A new connection waits one RTT before any byte is forwarded (the TCP
 //! handshake a real WAN would cost); turn that off with
 //! [`WanConfig::model_handshake`].
-//!
-//! Include with `#[path = "wan/relay.rs"] mod relay;` from a file in `benches/`.
-//! Depends on `tokio` and `tokio-util` only.
-#![allow(dead_code)]
 
 use std::io;
 use std::net::SocketAddr;
@@ -84,6 +80,7 @@ impl WanConfig {
         cfg
     }
 
+    /// The round-trip time the link adds.
     pub fn rtt(&self) -> Duration {
         self.one_way_delay * 2
     }
@@ -206,6 +203,7 @@ impl Relay {
         self.shared.connections.load(Ordering::Relaxed)
     }
 
+    /// Zeroes the delivered-byte counters (between runs).
     pub fn reset_counters(&self) {
         self.shared.up.delivered.store(0, Ordering::Relaxed);
         self.shared.down.delivered.store(0, Ordering::Relaxed);
