@@ -5,9 +5,8 @@
 //! decorators later. Each layer lives in its own file and can be tested alone.
 //! [`ActionResultStore`] is the same idea for the action cache.
 //!
-//! - [`local`]: the RocksDB-backed store (CAS, action cache, LRU quota).
-//! - [`index`]: the in-memory LRU index with pins and quota accounting.
-//! - [`files`]: large blobs as files beside RocksDB.
+//! - [`local`]: the RocksDB-backed store (CAS, action cache, LRU quota; large
+//!   blobs as files beside RocksDB).
 //! - [`complete`]: the action-cache decorator that hides results whose outputs are gone.
 //! - [`upstream`]: the upstream server as a store, with request batching.
 //! - [`existence_cache`]: remembers digests the upstream is known to hold.
@@ -16,11 +15,7 @@
 
 pub mod complete;
 pub mod existence_cache;
-pub mod files;
-pub mod index;
-pub mod keys;
 pub mod local;
-pub mod local_io;
 #[cfg(test)]
 pub mod memory;
 pub mod proxy;

@@ -5,14 +5,22 @@
 //! verified. A rename is atomic, so a reader never sees a partial file; what
 //! a crash leaves in `tmp/` is deleted at the next start. Files keep the
 //! write amplification at 1× and let reads come straight from the page cache.
+//! Reads stream a file a block at a time on the blocking pool.
 
 use std::fs::{self, File};
-use std::io::Write;
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use bytes::Bytes;
+use futures::stream;
+
 use crate::digest::{Digest, DigestFunction};
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::store::ChunkStream;
+
+/// Size of each block read from a blob file.
+const FILE_READ_BLOCK: usize = 1 << 20;
 
 /// The directory tree that holds file-backed blobs.
 pub struct FileArea {
@@ -56,15 +64,20 @@ impl FileArea {
     }
 
     /// Creates a new, empty temporary file for a write in progress.
-    pub fn create_temp(&self) -> Result<(File, PathBuf)> {
+    pub fn create_temp(&self) -> Result<TempFile> {
         let n = self.next_tmp.fetch_add(1, Ordering::Relaxed);
         let path = self.tmp_dir.join(format!("upload-{n}"));
         let file = File::options().write(true).create_new(true).open(&path)?;
-        Ok((file, path))
+        Ok(TempFile {
+            file: Some(file),
+            path,
+        })
     }
 
-    /// Makes a verified temporary file the committed copy of `digest`.
-    pub fn publish(&self, mut file: File, tmp: &Path, digest: &Digest) -> Result<()> {
+    /// Makes a verified temporary file the committed copy of `digest`. On
+    /// failure the temporary file is deleted.
+    pub fn publish(&self, mut tmp: TempFile, digest: &Digest) -> Result<()> {
+        let mut file = tmp.file.take().expect("temp file is open until publish");
         file.flush()?;
         if self.sync {
             file.sync_all()?;
@@ -73,7 +86,7 @@ impl FileArea {
         let dest = self.path_for(digest);
         let dir = dest.parent().expect("blob paths have a parent");
         fs::create_dir_all(dir)?;
-        fs::rename(tmp, &dest)?;
+        fs::rename(&tmp.path, &dest)?;
         if self.sync {
             File::open(dir)?.sync_all()?;
         }
@@ -127,6 +140,77 @@ impl FileArea {
         }
         Ok(out)
     }
+
+    /// Streams `[offset, end)` of the committed file of `digest` in blocks,
+    /// reading on the blocking pool one block at a time. `guard` (the
+    /// caller's pin) is held until the stream is dropped. NOT_FOUND if the
+    /// file is missing or has the wrong size.
+    pub fn stream<G: Send + 'static>(
+        &self,
+        digest: &Digest,
+        offset: u64,
+        end: u64,
+        guard: G,
+    ) -> Result<ChunkStream> {
+        let path = self.path_for(digest);
+        let mut file = match File::open(&path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::NotFound(format!("blob {digest} file is missing")));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if file.metadata()?.len() != digest.size {
+            return Err(Error::NotFound(format!(
+                "blob {digest} file has the wrong size"
+            )));
+        }
+        file.seek(SeekFrom::Start(offset))?;
+        let state = Some((file, offset, guard));
+        Ok(Box::pin(stream::unfold(state, move |state| async move {
+            let (mut file, pos, guard) = state?;
+            if pos >= end {
+                return None;
+            }
+            let n = (end - pos).min(FILE_READ_BLOCK as u64) as usize;
+            let read = tokio::task::spawn_blocking(move || {
+                let mut buf = vec![0u8; n];
+                file.read_exact(&mut buf).map(|_| (file, buf))
+            })
+            .await;
+            match read {
+                Ok(Ok((file, buf))) => {
+                    Some((Ok(Bytes::from(buf)), Some((file, pos + n as u64, guard))))
+                }
+                Ok(Err(e)) => Some((Err(e.into()), None)),
+                Err(e) => Some((Err(Error::Internal(format!("read task failed: {e}"))), None)),
+            }
+        })))
+    }
+}
+
+/// A temporary file for a write in progress, deleted unless it was renamed
+/// into place by [`FileArea::publish`].
+pub struct TempFile {
+    /// The open file; taken by `publish`.
+    file: Option<File>,
+    /// Its path under `tmp/`.
+    path: PathBuf,
+}
+
+impl TempFile {
+    /// Appends the next piece of the blob.
+    pub fn write_all(&mut self, data: &[u8]) -> Result<()> {
+        let file = self.file.as_mut().expect("open until publish");
+        Ok(file.write_all(data)?)
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        // After a successful rename the path is gone and this is a no-op.
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 fn parse_file_name(function: DigestFunction, path: &Path) -> Option<Digest> {
@@ -145,9 +229,9 @@ mod tests {
         let area = FileArea::open(dir.path(), false).unwrap();
         let data = b"some large blob";
         let digest = Digest::of(DigestFunction::Sha256, data);
-        let (mut file, tmp) = area.create_temp().unwrap();
-        file.write_all(data).unwrap();
-        area.publish(file, &tmp, &digest).unwrap();
+        let mut tmp = area.create_temp().unwrap();
+        tmp.write_all(data).unwrap();
+        area.publish(tmp, &digest).unwrap();
         assert_eq!(fs::read(area.path_for(&digest)).unwrap(), data);
         let listed = area.list().unwrap();
         assert_eq!(listed.len(), 1);
@@ -160,10 +244,48 @@ mod tests {
     fn reopening_clears_uncommitted_writes() {
         let dir = tempfile::tempdir().unwrap();
         let area = FileArea::open(dir.path(), false).unwrap();
-        let (_file, tmp) = area.create_temp().unwrap();
-        assert!(tmp.exists());
+        let tmp = area.create_temp().unwrap();
+        let path = tmp.path.clone();
+        std::mem::forget(tmp); // as if the process died mid-write
+        assert!(path.exists());
         drop(area);
         let _area = FileArea::open(dir.path(), false).unwrap();
-        assert!(!tmp.exists());
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn dropped_temp_file_is_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let area = FileArea::open(dir.path(), false).unwrap();
+        let tmp = area.create_temp().unwrap();
+        let path = tmp.path.clone();
+        drop(tmp);
+        assert!(!path.exists());
+    }
+
+    #[tokio::test]
+    async fn stream_reads_a_range_and_holds_the_guard() {
+        use futures::StreamExt;
+        let dir = tempfile::tempdir().unwrap();
+        let area = FileArea::open(dir.path(), false).unwrap();
+        let data: Vec<u8> = (0..3 * FILE_READ_BLOCK as u32).map(|i| i as u8).collect();
+        let digest = Digest::of(DigestFunction::Sha256, &data);
+        let mut tmp = area.create_temp().unwrap();
+        tmp.write_all(&data).unwrap();
+        area.publish(tmp, &digest).unwrap();
+        let guard = std::sync::Arc::new(());
+        let (offset, end) = (10, 2 * FILE_READ_BLOCK as u64 + 5);
+        let stream = area.stream(&digest, offset, end, guard.clone()).unwrap();
+        assert_eq!(std::sync::Arc::strong_count(&guard), 2);
+        let chunks: Vec<Bytes> = stream.map(|c| c.unwrap()).collect().await;
+        assert_eq!(chunks.concat(), data[offset as usize..end as usize]);
+        assert_eq!(
+            std::sync::Arc::strong_count(&guard),
+            1,
+            "released at the end"
+        );
+        area.remove(&digest).unwrap();
+        let err = area.stream(&digest, 0, 1, ()).err().unwrap();
+        assert!(matches!(err, Error::NotFound(_)));
     }
 }

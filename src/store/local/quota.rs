@@ -1,12 +1,19 @@
-//! The in-memory LRU index of everything the local store holds.
+//! The quota: the in-memory LRU index of everything the local store holds.
 //!
 //! It answers existence checks without touching disk, orders entries by last
 //! use for eviction, counts bytes against the quota, and knows which entries
 //! are pinned (being read) so that eviction skips them. Bytes of writes in
 //! progress are *reserved* up front, so a write never has to evict while it
 //! streams and concurrent writes can never overshoot the quota together.
+//!
+//! [`Index`] is plain data; [`SharedIndex`] puts it behind the lock that also
+//! serialises commits against eviction, and hands out the guards
+//! ([`Reservation`], [`PinGuard`]) that give back what they hold when dropped.
+//! Nothing here touches disk: choosing victims is this module's job, deleting
+//! their bytes is the caller's.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use lru::LruCache;
 
@@ -24,25 +31,7 @@ pub enum EntryKind {
 }
 
 impl EntryKind {
-    /// Stable one-byte tag for the persisted index; never renumber.
-    pub fn tag(self) -> u8 {
-        match self {
-            EntryKind::InlineBlob => 0,
-            EntryKind::FileBlob => 1,
-            EntryKind::ActionResult => 2,
-        }
-    }
-
-    /// Inverse of [`EntryKind::tag`].
-    pub fn from_tag(tag: u8) -> Option<Self> {
-        match tag {
-            0 => Some(EntryKind::InlineBlob),
-            1 => Some(EntryKind::FileBlob),
-            2 => Some(EntryKind::ActionResult),
-            _ => None,
-        }
-    }
-
+    /// Blobs and action results are counted apart in [`Occupancy`].
     fn is_blob(self) -> bool {
         self != EntryKind::ActionResult
     }
@@ -141,7 +130,9 @@ impl Index {
         self.lru.get_mut(key)
     }
 
-    /// Looks an entry up without changing the LRU order.
+    /// Looks an entry up without changing the LRU order (tests check what
+    /// eviction left).
+    #[cfg(test)]
     pub fn peek(&self, key: &[u8]) -> Option<&Entry> {
         self.lru.peek(key)
     }
@@ -214,6 +205,83 @@ impl Index {
             victims.push((key, entry));
         }
         Ok(victims)
+    }
+}
+
+/// The index behind its lock, shared by the store and the guards it hands out.
+#[derive(Clone)]
+pub struct SharedIndex(Arc<Mutex<Index>>);
+
+impl SharedIndex {
+    /// An empty index with a byte quota.
+    pub fn new(quota: u64) -> Self {
+        SharedIndex(Arc::new(Mutex::new(Index::new(quota))))
+    }
+
+    /// Locks the index. Holding the guard also keeps commits and evictions
+    /// of the store from interleaving.
+    pub fn lock(&self) -> MutexGuard<'_, Index> {
+        // A panic while holding the lock leaves the index consistent (every
+        // mutation is a single call), so a poisoned lock is still usable.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Protects `key` from eviction until the guard is dropped.
+    pub fn pin(&self, key: &[u8]) -> PinGuard {
+        self.lock().pin(key);
+        PinGuard {
+            index: self.clone(),
+            key: key.to_vec(),
+        }
+    }
+
+    /// Takes charge of `bytes` already reserved with [`Index::reserve`], so
+    /// they are given back if the write never commits.
+    pub fn reservation(&self, bytes: u64) -> Reservation {
+        Reservation {
+            index: Some(self.clone()),
+            bytes,
+        }
+    }
+}
+
+/// Quota held by a write in progress; given back on drop unless consumed by
+/// the commit that turns it into stored bytes.
+pub struct Reservation {
+    /// Where to give the bytes back; `None` once consumed.
+    index: Option<SharedIndex>,
+    /// The reserved bytes.
+    bytes: u64,
+}
+
+impl Reservation {
+    /// Releases the reservation under a lock the caller already holds (the
+    /// commit that turns it into stored bytes).
+    pub fn consume(mut self, index: &mut Index) {
+        index.release(self.bytes);
+        self.index = None;
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if let Some(index) = self.index.take() {
+            index.lock().release(self.bytes);
+        }
+    }
+}
+
+/// Keeps an entry from being evicted while a reader uses it.
+pub struct PinGuard {
+    /// Where the pin is held.
+    index: SharedIndex,
+    /// The pinned entry.
+    key: Vec<u8>,
+}
+
+impl Drop for PinGuard {
+    fn drop(&mut self) {
+        self.index.lock().unpin(&self.key);
     }
 }
 
@@ -290,5 +358,70 @@ mod tests {
         assert_eq!(index.occupancy().blob_bytes, 20);
         index.remove(b"a");
         assert_eq!(index.occupancy(), Occupancy::default());
+    }
+
+    #[test]
+    fn eviction_skips_pinned_and_takes_oldest_first() {
+        let mut index = Index::new(100);
+        for key in [b"a", b"b", b"c", b"d"] {
+            index.insert(key.to_vec(), blob(25));
+        }
+        index.pin(b"a");
+        let victims = index.evict_until(40).unwrap();
+        let keys: Vec<_> = victims.iter().map(|(k, _)| k.clone()).collect();
+        assert_eq!(keys, vec![b"b".to_vec(), b"c".to_vec(), b"d".to_vec()]);
+        assert_eq!(index.occupancy().blob_bytes, 25);
+    }
+
+    #[test]
+    fn action_results_count_against_the_same_quota() {
+        let mut index = Index::new(100);
+        let action = Entry {
+            kind: EntryKind::ActionResult,
+            size: 70,
+            persisted_atime: 0,
+        };
+        index.insert(b"r".to_vec(), action);
+        index.insert(b"a".to_vec(), blob(20));
+        assert_eq!(index.occupancy().action_count, 1);
+        assert_eq!(index.occupancy().action_bytes, 70);
+        let victims = index.reserve(20).unwrap();
+        assert_eq!(victims[0].0, b"r".to_vec(), "the oldest entry goes first");
+    }
+
+    #[test]
+    fn dropped_reservation_gives_its_bytes_back() {
+        let shared = SharedIndex::new(100);
+        shared.lock().reserve(60).unwrap();
+        let reservation = shared.reservation(60);
+        assert_eq!(shared.lock().occupancy().reserved_bytes, 60);
+        drop(reservation);
+        assert_eq!(shared.lock().occupancy().reserved_bytes, 0);
+    }
+
+    #[test]
+    fn consumed_reservation_is_not_given_back_twice() {
+        let shared = SharedIndex::new(100);
+        shared.lock().reserve(60).unwrap();
+        let reservation = shared.reservation(60);
+        {
+            let mut index = shared.lock();
+            reservation.consume(&mut index);
+            index.insert(b"a".to_vec(), blob(60));
+        }
+        let occupancy = shared.lock().occupancy();
+        assert_eq!(occupancy.reserved_bytes, 0);
+        assert_eq!(occupancy.blob_bytes, 60);
+    }
+
+    #[test]
+    fn pin_guard_protects_until_dropped() {
+        let shared = SharedIndex::new(100);
+        shared.lock().insert(b"a".to_vec(), blob(80));
+        let pin = shared.pin(b"a");
+        assert!(shared.lock().reserve(50).is_err());
+        drop(pin);
+        let victims = shared.lock().reserve(50).unwrap();
+        assert_eq!(victims[0].0, b"a".to_vec());
     }
 }

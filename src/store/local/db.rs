@@ -1,0 +1,315 @@
+//! RocksDB for the local store: its column families, the byte layouts of
+//! keys and index values (see docs/architecture.md), and typed write batches.
+//!
+//! Column families: `index` (every entry's kind, size and last access),
+//! `inline` (small blobs), `actions` (encoded ActionResults). Every key starts
+//! with a one-byte kind and the digest function, so that several digest
+//! functions can share the store without collisions.
+
+use std::path::Path;
+
+use rocksdb::{
+    ColumnFamily, ColumnFamilyDescriptor, DB, DBPinnableSlice, IteratorMode, Options, WriteBatch,
+    WriteOptions,
+};
+
+use super::quota::{Entry, EntryKind};
+use crate::digest::{Digest, DigestFunction};
+use crate::error::Result;
+use crate::store::ActionKey;
+
+const CF_INDEX: &str = "index";
+const CF_INLINE: &str = "inline";
+const CF_ACTIONS: &str = "actions";
+
+/// The local store's RocksDB database.
+pub struct Db {
+    /// The database with its three column families.
+    db: DB,
+    /// Options for commits: synced when the store was opened with `sync`.
+    commit_opts: WriteOptions,
+}
+
+impl Db {
+    /// Opens or creates the database at `path`; `sync` makes every commit
+    /// fsync the write-ahead log.
+    pub fn open(path: &Path, sync: bool) -> Result<Self> {
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        opts.increase_parallelism(2);
+        let mut index_opts = Options::default();
+        index_opts.set_compression_type(rocksdb::DBCompressionType::None);
+        let mut inline_opts = Options::default();
+        // Build outputs are mostly compressed or binary already.
+        inline_opts.set_compression_type(rocksdb::DBCompressionType::None);
+        let mut action_opts = Options::default();
+        action_opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        let cfs = vec![
+            ColumnFamilyDescriptor::new(CF_INDEX, index_opts),
+            ColumnFamilyDescriptor::new(CF_INLINE, inline_opts),
+            ColumnFamilyDescriptor::new(CF_ACTIONS, action_opts),
+        ];
+        let db = DB::open_cf_descriptors(&opts, path, cfs)?;
+        let mut commit_opts = WriteOptions::default();
+        commit_opts.set_sync(sync);
+        Ok(Db { db, commit_opts })
+    }
+
+    fn cf(&self, name: &str) -> &ColumnFamily {
+        self.db
+            .cf_handle(name)
+            .expect("column family created at open")
+    }
+
+    /// Every `index` entry in key order; `None` for a value that does not
+    /// parse (the caller deletes it).
+    pub fn scan_index(&self) -> Result<Vec<(Vec<u8>, Option<Entry>)>> {
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(CF_INDEX), IteratorMode::Start) {
+            let (key, value) = item?;
+            out.push((key.to_vec(), parse_index_value(&value)));
+        }
+        Ok(out)
+    }
+
+    /// The bytes of an inline blob.
+    pub fn inline(&self, key: &[u8]) -> Result<Option<DBPinnableSlice<'_>>> {
+        Ok(self.db.get_pinned_cf(self.cf(CF_INLINE), key)?)
+    }
+
+    /// The encoded ActionResult stored under an action key.
+    pub fn action(&self, key: &[u8]) -> Result<Option<DBPinnableSlice<'_>>> {
+        Ok(self.db.get_pinned_cf(self.cf(CF_ACTIONS), key)?)
+    }
+
+    /// Starts an atomic write.
+    pub fn batch(&self) -> Batch<'_> {
+        Batch {
+            db: self,
+            batch: WriteBatch::default(),
+        }
+    }
+
+    /// Flushes memtables so a clean shutdown leaves a short WAL to replay.
+    pub fn flush(&self) -> Result<()> {
+        for cf in [CF_INDEX, CF_INLINE, CF_ACTIONS] {
+            self.db.flush_cf(self.cf(cf))?;
+        }
+        Ok(())
+    }
+}
+
+/// One atomic RocksDB write, built from typed operations.
+pub struct Batch<'a> {
+    /// The database it is written to (and whose column families it names).
+    db: &'a Db,
+    /// The operations so far.
+    batch: WriteBatch,
+}
+
+impl Batch<'_> {
+    /// Records `entry` in the `index` column family: this is what makes an
+    /// entry exist, so it goes in the same batch as (or after) its bytes.
+    pub fn put_entry(&mut self, key: &[u8], entry: &Entry) {
+        self.batch
+            .put_cf(self.db.cf(CF_INDEX), key, index_value(entry));
+    }
+
+    /// Stores the bytes of a small blob.
+    pub fn put_inline(&mut self, key: &[u8], data: &[u8]) {
+        self.batch.put_cf(self.db.cf(CF_INLINE), key, data);
+    }
+
+    /// Stores an encoded ActionResult.
+    pub fn put_action(&mut self, key: &[u8], bytes: &[u8]) {
+        self.batch.put_cf(self.db.cf(CF_ACTIONS), key, bytes);
+    }
+
+    /// Deletes an entry and its RocksDB bytes (a file blob's file is the
+    /// caller's to remove).
+    pub fn delete(&mut self, key: &[u8], kind: EntryKind) {
+        self.delete_entry(key);
+        match kind {
+            EntryKind::InlineBlob => self.batch.delete_cf(self.db.cf(CF_INLINE), key),
+            EntryKind::ActionResult => self.batch.delete_cf(self.db.cf(CF_ACTIONS), key),
+            EntryKind::FileBlob => {}
+        }
+    }
+
+    /// Deletes only the `index` entry (one that does not parse, or whose
+    /// file is gone).
+    pub fn delete_entry(&mut self, key: &[u8]) {
+        self.batch.delete_cf(self.db.cf(CF_INDEX), key);
+    }
+
+    /// Writes the batch with the store's commit options (fsynced when the
+    /// store was opened with `sync`): for what a client was promised.
+    pub fn commit(self) -> Result<()> {
+        Ok(self.db.db.write_opt(self.batch, &self.db.commit_opts)?)
+    }
+
+    /// Writes the batch never fsynced: for what a power loss may lose
+    /// harmlessly (a refreshed access time, start-up cleanup redone).
+    pub fn write_unsynced(self) -> Result<()> {
+        Ok(self.db.db.write(self.batch)?)
+    }
+}
+
+const BLOB: u8 = b'b';
+const ACTION: u8 = b'a';
+const DIGEST_LEN: usize = 1 + 32 + 8;
+
+fn push_digest(key: &mut Vec<u8>, digest: &Digest) {
+    key.push(digest.function.tag());
+    key.extend_from_slice(&digest.hash);
+    key.extend_from_slice(&digest.size.to_be_bytes());
+}
+
+fn parse_digest(bytes: &[u8]) -> Option<Digest> {
+    let function = DigestFunction::from_tag(*bytes.first()?)?;
+    let hash: [u8; 32] = bytes.get(1..33)?.try_into().ok()?;
+    let size = u64::from_be_bytes(bytes.get(33..41)?.try_into().ok()?);
+    Some(Digest {
+        function,
+        hash,
+        size,
+    })
+}
+
+/// `b` · function · hash · size (big-endian).
+pub fn blob_key(digest: &Digest) -> Vec<u8> {
+    let mut key = Vec::with_capacity(1 + DIGEST_LEN);
+    key.push(BLOB);
+    push_digest(&mut key, digest);
+    key
+}
+
+/// The digest a blob key was made from.
+pub fn parse_blob_key(key: &[u8]) -> Option<Digest> {
+    if key.first() != Some(&BLOB) || key.len() != 1 + DIGEST_LEN {
+        return None;
+    }
+    parse_digest(&key[1..])
+}
+
+/// `a` · function · hash · size · instance name (UTF-8, last so it can be any length).
+pub fn action_key(key: &ActionKey) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1 + DIGEST_LEN + key.instance.len());
+    out.push(ACTION);
+    push_digest(&mut out, &key.action);
+    out.extend_from_slice(key.instance.as_bytes());
+    out
+}
+
+/// Stable one-byte tag of an entry's kind in the persisted index; never renumber.
+fn kind_tag(kind: EntryKind) -> u8 {
+    match kind {
+        EntryKind::InlineBlob => 0,
+        EntryKind::FileBlob => 1,
+        EntryKind::ActionResult => 2,
+    }
+}
+
+/// Inverse of [`kind_tag`].
+fn kind_from_tag(tag: u8) -> Option<EntryKind> {
+    match tag {
+        0 => Some(EntryKind::InlineBlob),
+        1 => Some(EntryKind::FileBlob),
+        2 => Some(EntryKind::ActionResult),
+        _ => None,
+    }
+}
+
+/// Index value: kind · size (u64 BE) · last access (unix seconds, u64 BE).
+fn index_value(entry: &Entry) -> [u8; 17] {
+    let mut out = [0u8; 17];
+    out[0] = kind_tag(entry.kind);
+    out[1..9].copy_from_slice(&entry.size.to_be_bytes());
+    out[9..17].copy_from_slice(&entry.persisted_atime.to_be_bytes());
+    out
+}
+
+/// Inverse of [`index_value`].
+fn parse_index_value(value: &[u8]) -> Option<Entry> {
+    if value.len() != 17 {
+        return None;
+    }
+    Some(Entry {
+        kind: kind_from_tag(value[0])?,
+        size: u64::from_be_bytes(value[1..9].try_into().ok()?),
+        persisted_atime: u64::from_be_bytes(value[9..17].try_into().ok()?),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_round_trip() {
+        let d = Digest::of(DigestFunction::Sha256, b"x");
+        assert_eq!(parse_blob_key(&blob_key(&d)), Some(d));
+        let a = action_key(&ActionKey {
+            instance: "a/b".into(),
+            action: d,
+        });
+        assert_eq!(parse_blob_key(&a), None);
+        assert!(a.ends_with(b"a/b"));
+        let e = Entry {
+            kind: EntryKind::FileBlob,
+            size: 7,
+            persisted_atime: 99,
+        };
+        assert_eq!(parse_index_value(&index_value(&e)), Some(e));
+    }
+
+    #[test]
+    fn layouts_are_stable() {
+        let d = Digest::of(DigestFunction::Sha256, b"x");
+        let key = blob_key(&d);
+        assert_eq!(key.len(), 42);
+        assert_eq!(key[0], b'b');
+        assert_eq!(&key[2..34], &d.hash);
+        assert_eq!(&key[34..], &d.size.to_be_bytes());
+        for (kind, tag) in [
+            (EntryKind::InlineBlob, 0),
+            (EntryKind::FileBlob, 1),
+            (EntryKind::ActionResult, 2),
+        ] {
+            assert_eq!(kind_tag(kind), tag);
+            assert_eq!(kind_from_tag(tag), Some(kind));
+        }
+        assert_eq!(kind_from_tag(3), None);
+        assert_eq!(parse_index_value(&[0; 16]), None);
+    }
+
+    #[test]
+    fn batches_put_read_and_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path(), false).unwrap();
+        let d = Digest::of(DigestFunction::Sha256, b"small");
+        let key = blob_key(&d);
+        let entry = Entry {
+            kind: EntryKind::InlineBlob,
+            size: d.size,
+            persisted_atime: 5,
+        };
+        let mut batch = db.batch();
+        batch.put_inline(&key, b"small");
+        batch.put_entry(&key, &entry);
+        batch.put_entry(b"junk", &entry);
+        batch.commit().unwrap();
+        assert_eq!(&*db.inline(&key).unwrap().unwrap(), b"small");
+        let scanned = db.scan_index().unwrap();
+        assert_eq!(scanned.len(), 2);
+        assert!(scanned.contains(&(key.clone(), Some(entry))));
+
+        let mut batch = db.batch();
+        batch.delete(&key, EntryKind::InlineBlob);
+        batch.delete_entry(b"junk");
+        batch.write_unsynced().unwrap();
+        assert!(db.inline(&key).unwrap().is_none());
+        assert!(db.scan_index().unwrap().is_empty());
+    }
+}

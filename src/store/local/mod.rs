@@ -1,0 +1,384 @@
+//! The local store: CAS blobs and action results in RocksDB (large blobs as
+//! files beside it), under a byte quota with LRU eviction.
+//!
+//! This file is the [`BlobStore`] and [`ActionResultStore`] glue; the pieces
+//! below never import it:
+//!
+//! - [`catalog`]: index, RocksDB and files changed together under the index
+//!   lock (commit, eviction, start-up recovery): the crash-safety rules.
+//! - [`db`]: RocksDB column families, key layouts, typed write batches.
+//! - [`quota`]: the in-memory LRU index with pins and reservations.
+//! - [`files`]: large blobs as files; `tmp/`, rename, unlink, read streams.
+//! - [`writer`]: the [`BlobWriter`]: memory buffer or temp file, hashed as
+//!   the bytes arrive, verified at commit.
+
+mod catalog;
+mod db;
+mod files;
+mod quota;
+mod writer;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bazel_remote_apis::build::bazel::remote::execution::v2::ActionResult;
+use bytes::Bytes;
+use futures::stream;
+
+use self::catalog::Catalog;
+use self::db::{Db, action_key, blob_key};
+use self::files::FileArea;
+use self::writer::{Commit, LocalWriter, Sink};
+use crate::context::RequestContext;
+use crate::digest::Digest;
+use crate::error::{Error, Result};
+use crate::stats::Stats;
+use crate::store::{ActionKey, ActionResultStore, BlobStore, BlobWriter, ChunkStream};
+
+pub use self::catalog::EvictionListener;
+pub use self::quota::Occupancy;
+
+/// How to open a [`LocalStore`].
+#[derive(Clone, Debug)]
+pub struct LocalStoreOptions {
+    /// Directory for RocksDB (`db/`) and blob files (`blobs/`, `tmp/`).
+    pub dir: PathBuf,
+    /// Byte budget for blobs plus action results.
+    pub quota_bytes: u64,
+    /// Blobs up to this size are RocksDB values; larger ones are files.
+    pub inline_limit: u64,
+    /// fsync every commit (survive power loss, not just a killed process).
+    pub sync: bool,
+}
+
+/// The RocksDB-backed store. Cheap to clone; clones share everything.
+#[derive(Clone)]
+pub struct LocalStore {
+    /// Everything stored, shared with the writers this store hands out.
+    catalog: Arc<Catalog>,
+    /// Counters for `outpost stats`.
+    stats: Arc<Stats>,
+    /// Blobs up to this size go inline.
+    inline_limit: u64,
+}
+
+impl LocalStore {
+    /// Opens or creates the store, rebuilds the index and removes debris a
+    /// crash may have left behind.
+    pub fn open(options: LocalStoreOptions, stats: Arc<Stats>) -> Result<Self> {
+        std::fs::create_dir_all(&options.dir)?;
+        let db = Db::open(&options.dir.join("db"), options.sync)?;
+        let files = FileArea::open(&options.dir, options.sync)?;
+        let catalog = Catalog::open(db, files, options.quota_bytes, stats.clone())?;
+        Ok(LocalStore {
+            catalog: Arc::new(catalog),
+            stats,
+            inline_limit: options.inline_limit,
+        })
+    }
+
+    /// Occupancy and quota, for stats.
+    pub fn occupancy(&self) -> (Occupancy, u64) {
+        self.catalog.occupancy()
+    }
+
+    /// Registers the function told about evicted blobs (one at a time).
+    pub fn set_eviction_listener(&self, listener: EvictionListener) {
+        self.catalog.set_eviction_listener(listener);
+    }
+
+    /// Flushes memtables so a clean shutdown leaves a short WAL to replay.
+    pub fn flush(&self) -> Result<()> {
+        self.catalog.flush()
+    }
+}
+
+#[async_trait]
+impl BlobStore for LocalStore {
+    async fn find_missing(&self, _ctx: &RequestContext, digests: &[Digest]) -> Result<Vec<Digest>> {
+        let keys: Vec<Vec<u8>> = digests.iter().map(blob_key).collect();
+        let found = self.catalog.touch_many(&keys)?;
+        Ok(digests
+            .iter()
+            .zip(found)
+            .filter(|(d, f)| f.is_none() && !d.is_empty_blob())
+            .map(|(d, _)| *d)
+            .collect())
+    }
+
+    async fn read(
+        &self,
+        _ctx: &RequestContext,
+        digest: &Digest,
+        offset: u64,
+        limit: u64,
+    ) -> Result<ChunkStream> {
+        if offset > digest.size {
+            return Err(Error::OutOfRange(format!(
+                "read offset {offset} is beyond the end of blob {digest}"
+            )));
+        }
+        let end = digest.read_end(offset, limit);
+        if digest.is_empty_blob() {
+            return Ok(Box::pin(stream::empty()));
+        }
+        let key = blob_key(digest);
+        let Some(entry) = self.catalog.touch(&key)? else {
+            Stats::add(&self.stats.cas_misses, 1);
+            return Err(Error::NotFound(format!("blob {digest} not found")));
+        };
+        let result = self
+            .catalog
+            .read_blob(digest, &key, entry.kind, offset, end);
+        match &result {
+            Ok(_) => Stats::add(&self.stats.cas_hits, 1),
+            Err(Error::NotFound(why)) => {
+                Stats::add(&self.stats.cas_misses, 1);
+                self.catalog.forget_broken(&key, why);
+            }
+            Err(_) => {}
+        }
+        result
+    }
+
+    /// Reserves quota (evicting if needed) and opens the sink. A blob that is
+    /// already stored needs no room, so writing it again evicts nothing.
+    async fn begin_write(
+        &self,
+        _ctx: &RequestContext,
+        digest: &Digest,
+    ) -> Result<Box<dyn BlobWriter>> {
+        let digest = *digest;
+        let stats = self.stats.clone();
+        if digest.size == 0 || self.catalog.mark_used(&blob_key(&digest)) {
+            return Ok(Box::new(LocalWriter::verifying_only(digest, stats)));
+        }
+        let reservation = self.catalog.reserve(digest.size)?;
+        let sink = if digest.size <= self.inline_limit {
+            Sink::memory(digest.size)
+        } else {
+            Sink::File(self.catalog.create_temp()?)
+        };
+        let catalog = self.catalog.clone();
+        let commit: Commit =
+            Box::new(move |payload| catalog.commit_blob(&digest, payload, reservation));
+        Ok(Box::new(LocalWriter::storing(digest, stats, sink, commit)))
+    }
+
+    async fn write_many(
+        &self,
+        ctx: &RequestContext,
+        blobs: Vec<(Digest, Bytes)>,
+    ) -> Vec<Result<()>> {
+        let mut results: Vec<Result<()>> = Vec::with_capacity(blobs.len());
+        let mut small = Vec::new();
+        for (i, (expected, data)) in blobs.iter().enumerate() {
+            let actual = Digest::of(expected.function, data);
+            let verdict = crate::digest::verify(expected, &actual);
+            if verdict.is_err() {
+                Stats::add(&self.stats.digest_mismatches, 1);
+            } else if expected.size <= self.inline_limit && !expected.is_empty_blob() {
+                small.push(i);
+            }
+            results.push(verdict);
+        }
+        let batch: Vec<(Digest, Bytes)> = small.iter().map(|&i| blobs[i].clone()).collect();
+        if let Err(e) = self.catalog.commit_inline_batch(&batch) {
+            for &i in &small {
+                results[i] = Err(e.clone());
+            }
+        }
+        for (i, (digest, data)) in blobs.into_iter().enumerate() {
+            if results[i].is_ok() && digest.size > self.inline_limit {
+                results[i] = crate::store::write_bytes(self, ctx, &digest, data).await;
+            }
+        }
+        results
+    }
+}
+
+#[async_trait]
+impl ActionResultStore for LocalStore {
+    async fn get_action_result(
+        &self,
+        _ctx: &RequestContext,
+        key: &ActionKey,
+    ) -> Result<Option<ActionResult>> {
+        self.catalog.action(&action_key(key))
+    }
+
+    async fn put_action_result(
+        &self,
+        _ctx: &RequestContext,
+        key: &ActionKey,
+        result: &ActionResult,
+    ) -> Result<()> {
+        self.catalog.put_action(action_key(key), result)
+    }
+
+    async fn remove_action_result(&self, _ctx: &RequestContext, key: &ActionKey) -> Result<()> {
+        self.catalog.remove(action_key(key))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::digest::DigestFunction;
+    use crate::store::{read_to_bytes, write_bytes};
+
+    fn open(dir: &Path, quota_bytes: u64, stats: &Arc<Stats>) -> LocalStore {
+        let options = LocalStoreOptions {
+            dir: dir.to_path_buf(),
+            quota_bytes,
+            inline_limit: 100,
+            sync: false,
+        };
+        LocalStore::open(options, stats.clone()).unwrap()
+    }
+
+    fn blob(len: usize, seed: u8) -> (Digest, Bytes) {
+        let data: Bytes = (0..len).map(|i| (i as u8).wrapping_add(seed)).collect();
+        (Digest::of(DigestFunction::Sha256, &data), data)
+    }
+
+    #[tokio::test]
+    async fn inline_and_file_blobs_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let stats = Arc::new(Stats::default());
+        let ctx = RequestContext::default();
+        let (small, small_data) = blob(10, 1);
+        let (large, large_data) = blob(1000, 2);
+        {
+            let store = open(dir.path(), 1 << 20, &stats);
+            write_bytes(&store, &ctx, &small, small_data.clone())
+                .await
+                .unwrap();
+            write_bytes(&store, &ctx, &large, large_data.clone())
+                .await
+                .unwrap();
+            store.flush().unwrap();
+        }
+        let store = open(dir.path(), 1 << 20, &stats);
+        assert_eq!(
+            read_to_bytes(&store, &ctx, &small).await.unwrap(),
+            small_data
+        );
+        assert_eq!(
+            read_to_bytes(&store, &ctx, &large).await.unwrap(),
+            large_data
+        );
+        let (occupancy, quota) = store.occupancy();
+        assert_eq!((occupancy.blob_count, occupancy.blob_bytes), (2, 1010));
+        assert_eq!(quota, 1 << 20);
+    }
+
+    #[tokio::test]
+    async fn start_up_drops_files_and_entries_without_their_other_half() {
+        let dir = tempfile::tempdir().unwrap();
+        let stats = Arc::new(Stats::default());
+        let ctx = RequestContext::default();
+        let (kept, kept_data) = blob(1000, 1);
+        let (gone, gone_data) = blob(1000, 2);
+        let (stray, stray_data) = blob(1000, 3);
+        {
+            let store = open(dir.path(), 1 << 20, &stats);
+            write_bytes(&store, &ctx, &kept, kept_data).await.unwrap();
+            write_bytes(&store, &ctx, &gone, gone_data).await.unwrap();
+        }
+        let files = FileArea::open(dir.path(), false).unwrap();
+        std::fs::remove_file(files.path_for(&gone)).unwrap();
+        let stray_path = files.path_for(&stray);
+        std::fs::create_dir_all(stray_path.parent().unwrap()).unwrap();
+        std::fs::write(&stray_path, &stray_data).unwrap();
+        drop(files);
+
+        let store = open(dir.path(), 1 << 20, &stats);
+        let missing = store.find_missing(&ctx, &[kept, gone, stray]).await;
+        assert_eq!(missing.unwrap(), vec![gone, stray]);
+        assert!(!stray_path.exists(), "an uncommitted file is removed");
+    }
+
+    #[tokio::test]
+    async fn a_blob_whose_file_vanished_is_forgotten_on_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let stats = Arc::new(Stats::default());
+        let ctx = RequestContext::default();
+        let store = open(dir.path(), 1 << 20, &stats);
+        let (d, data) = blob(1000, 1);
+        write_bytes(&store, &ctx, &d, data).await.unwrap();
+        let path = FileArea::open(dir.path(), false).unwrap().path_for(&d);
+        std::fs::remove_file(path).unwrap();
+        let err = store.read(&ctx, &d, 0, 0).await.err().unwrap();
+        assert!(matches!(err, Error::NotFound(_)));
+        assert_eq!(store.find_missing(&ctx, &[d]).await.unwrap(), vec![d]);
+        assert_eq!(store.occupancy().0.blob_count, 0);
+    }
+
+    #[tokio::test]
+    async fn the_eviction_listener_hears_of_evicted_blobs_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let stats = Arc::new(Stats::default());
+        let ctx = RequestContext::default();
+        let store = open(dir.path(), 100, &stats);
+        let heard = Arc::new(Mutex::new(Vec::new()));
+        let sink = heard.clone();
+        store.set_eviction_listener(Arc::new(move |d, size| {
+            sink.lock().unwrap().push((*d, size));
+        }));
+        let (a, a_data) = blob(40, 1);
+        write_bytes(&store, &ctx, &a, a_data).await.unwrap();
+        let key = ActionKey {
+            instance: String::new(),
+            action: a,
+        };
+        let result = ActionResult {
+            exit_code: 1,
+            ..Default::default()
+        };
+        store.put_action_result(&ctx, &key, &result).await.unwrap();
+        let (b, b_data) = blob(99, 2);
+        write_bytes(&store, &ctx, &b, b_data).await.unwrap();
+        assert_eq!(*heard.lock().unwrap(), vec![(a, 40)]);
+        assert_eq!(
+            Stats::get(&stats.evicted_entries),
+            2,
+            "the blob and the result"
+        );
+        assert!(store.get_action_result(&ctx, &key).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn write_many_fails_only_the_bad_blob_and_stores_duplicates_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let stats = Arc::new(Stats::default());
+        let ctx = RequestContext::default();
+        let store = open(dir.path(), 1 << 20, &stats);
+        let (a, a_data) = blob(10, 1);
+        let (b, _) = blob(20, 2);
+        let (large, large_data) = blob(1000, 3);
+        let results = store
+            .write_many(
+                &ctx,
+                vec![
+                    (a, a_data.clone()),
+                    (b, a_data.clone()),
+                    (a, a_data),
+                    (large, large_data),
+                ],
+            )
+            .await;
+        assert!(results[0].is_ok() && results[2].is_ok() && results[3].is_ok());
+        assert!(matches!(results[1], Err(Error::InvalidArgument(_))));
+        assert_eq!(Stats::get(&stats.digest_mismatches), 1);
+        assert_eq!(Stats::get(&stats.blobs_written), 2);
+        assert_eq!(
+            store.find_missing(&ctx, &[a, b, large]).await.unwrap(),
+            vec![b]
+        );
+    }
+}
