@@ -13,7 +13,7 @@
 //! - [`digest`]: validated digests and incremental hashing.
 //! - [`metrics`]: Prometheus text at `/metrics`.
 //! - [`prefetch`]: pulling finished actions' outputs into the local store.
-//! - [`resource`]: ByteStream resource-name parsing.
+//! - [`reapi`]: REAPI domain helpers (ByteStream resource names).
 //! - [`execution`]: input lists, MISSING preconditions, finished Operations.
 //! - [`error`]: the crate's error type and its one mapping to gRPC status.
 //! - [`stats`]: counters behind `outpost stats` and `/metrics`.
@@ -29,7 +29,7 @@ pub mod error;
 pub mod execution;
 pub mod metrics;
 pub mod prefetch;
-pub mod resource;
+pub mod reapi;
 pub mod server;
 pub mod service;
 pub mod stack;

@@ -60,7 +60,7 @@ impl Stack {
             .as_ref()
             .expect("proxy mode has an upstream");
         let upstream = Arc::new(Upstream::new(upstream_config.clone(), stats.clone())?);
-        let upstream_store = Arc::new(UpstreamStore::new(upstream.clone()));
+        let upstream_store = Arc::new(UpstreamStore::new(upstream.clone(), background));
         let existence = Arc::new(ExistenceCache::new(
             upstream_store.clone(),
             upstream_config.existence_ttl,

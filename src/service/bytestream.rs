@@ -18,7 +18,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::context::RequestContext;
 use crate::digest::Digest;
 use crate::error::{Error, Result};
-use crate::resource::ResourceName;
+use crate::reapi::resource::ResourceName;
 use crate::service::Backend;
 use crate::store::BlobWriter;
 

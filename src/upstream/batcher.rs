@@ -5,16 +5,23 @@
 //! flight (up to `max_in_flight`), new requests queue, and the next call takes
 //! everything queued (within `max_items` and `max_weight`). So under load
 //! calls grow, and at rest nothing waits.
+//!
+//! A batcher that receives nothing for [`Limits::idle`] retires: it stops
+//! taking requests, finishes the ones it has, and its task ends (see
+//! [`Batcher::is_retired`]). Shutdown retires it the same way.
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 
 use crate::context::RequestContext;
 use crate::error::{Error, Result};
+use crate::tasks::Background;
 
-/// Size limits of one merged call.
+/// Size limits of one merged call, and how long a batcher lives unused.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
     /// Most items in one call.
@@ -23,6 +30,9 @@ pub struct Limits {
     pub max_weight: u64,
     /// Calls in flight at once.
     pub max_in_flight: usize,
+    /// How long the batcher waits for a request before it retires, so that
+    /// batchers made per key do not pile up when keys stop being used.
+    pub idle: Duration,
 }
 
 struct Job<T, R> {
@@ -40,15 +50,23 @@ pub struct Batcher<T, R> {
 }
 
 impl<T: Send + 'static, R: Send + 'static> Batcher<T, R> {
-    /// Starts the batcher's worker. `flush(ctx, items)` performs one call and
-    /// returns one result per item; `ctx` is the first merged request's.
-    pub fn new<F, Fut>(limits: Limits, weigh: fn(&T) -> u64, flush: F) -> Self
+    /// Starts the batcher's worker in `background`. `flush(ctx, items)`
+    /// performs one call and returns one result per item; `ctx` is the first
+    /// merged request's.
+    pub fn new<F, Fut>(
+        limits: Limits,
+        weigh: fn(&T) -> u64,
+        flush: F,
+        background: &Background,
+    ) -> Self
     where
         F: Fn(RequestContext, Vec<T>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Vec<R>>> + Send + 'static,
     {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(rx, limits, Arc::new(flush)));
+        // Not cancelled outright: at shutdown the worker stops taking
+        // requests but still answers the ones already queued.
+        background.spawn_uncancelled(run(rx, limits, Arc::new(flush), background.clone()));
         Batcher { tx, weigh }
     }
 
@@ -57,6 +75,19 @@ impl<T: Send + 'static, R: Send + 'static> Batcher<T, R> {
         if items.is_empty() {
             return Ok(Vec::new());
         }
+        self.enqueue(ctx, items)
+            .map_err(|_| Error::Internal("batcher stopped".into()))?
+            .wait()
+            .await
+    }
+
+    /// Queues items without waiting for them. A retired batcher hands the
+    /// items back, so the caller can give them to a fresh one.
+    pub fn enqueue(
+        &self,
+        ctx: &RequestContext,
+        items: Vec<T>,
+    ) -> std::result::Result<Pending<R>, Vec<T>> {
         let weight = items.iter().map(self.weigh).sum();
         let (reply, rx) = oneshot::channel();
         let job = Job {
@@ -65,10 +96,24 @@ impl<T: Send + 'static, R: Send + 'static> Batcher<T, R> {
             weight,
             reply,
         };
-        self.tx
-            .send(job)
-            .map_err(|_| Error::Internal("batcher stopped".into()))?;
-        rx.await
+        self.tx.send(job).map_err(|refused| refused.0.items)?;
+        Ok(Pending(rx))
+    }
+
+    /// Whether the worker has stopped taking requests (idle, or shutdown).
+    pub fn is_retired(&self) -> bool {
+        self.tx.is_closed()
+    }
+}
+
+/// The results of queued items, once the call that carries them is done.
+pub struct Pending<R>(oneshot::Receiver<Result<Vec<R>>>);
+
+impl<R> Pending<R> {
+    /// Waits for the results, one per queued item, in order.
+    pub async fn wait(self) -> Result<Vec<R>> {
+        self.0
+            .await
             .map_err(|_| Error::Internal("batcher dropped a request".into()))?
     }
 }
@@ -77,6 +122,7 @@ async fn run<T, R, F, Fut>(
     mut rx: mpsc::UnboundedReceiver<Job<T, R>>,
     limits: Limits,
     flush: Arc<F>,
+    background: Background,
 ) where
     T: Send + 'static,
     R: Send + 'static,
@@ -84,11 +130,12 @@ async fn run<T, R, F, Fut>(
     Fut: Future<Output = Result<Vec<R>>> + Send + 'static,
 {
     let slots = Arc::new(Semaphore::new(limits.max_in_flight.max(1)));
+    let shutdown = background.cancelled_token();
     let mut carry: Option<Job<T, R>> = None;
     loop {
         let first = match carry.take() {
             Some(job) => job,
-            None => match rx.recv().await {
+            None => match next_job(&mut rx, limits.idle, &shutdown).await {
                 Some(job) => job,
                 None => return,
             },
@@ -110,11 +157,30 @@ async fn run<T, R, F, Fut>(
             jobs.push(job);
         }
         let flush = flush.clone();
-        tokio::spawn(async move {
+        background.spawn_uncancelled(async move {
             let _slot = slot;
             flush_jobs(jobs, &*flush).await;
         });
     }
+}
+
+/// The next queued job. After `idle` without one, or once shutdown begins,
+/// the queue closes: what is already queued still comes out, then `None`.
+async fn next_job<J>(
+    rx: &mut mpsc::UnboundedReceiver<J>,
+    idle: Duration,
+    shutdown: &CancellationToken,
+) -> Option<J> {
+    if !rx.is_closed() {
+        tokio::select! {
+            biased;
+            job = rx.recv() => return job,
+            () = shutdown.cancelled() => {}
+            () = tokio::time::sleep(idle) => {}
+        }
+        rx.close();
+    }
+    rx.recv().await
 }
 
 async fn flush_jobs<T, R, F, Fut>(jobs: Vec<Job<T, R>>, flush: &F)
@@ -192,6 +258,7 @@ mod tests {
                 max_items: 1000,
                 max_weight: u64::MAX,
                 max_in_flight: 1,
+                idle: Duration::from_secs(60),
             },
             |_: &u32| 1,
             move |_ctx, items: Vec<u32>| {
@@ -202,6 +269,7 @@ mod tests {
                     Ok(items.into_iter().map(|i| i * 2).collect())
                 }
             },
+            &Background::new(),
         ));
         let ctx = RequestContext::default();
         let mut tasks = Vec::new();
@@ -230,6 +298,7 @@ mod tests {
                 max_items: 10,
                 max_weight: u64::MAX,
                 max_in_flight: 1,
+                idle: Duration::from_secs(60),
             },
             |_: &u32| 1,
             move |_ctx, items: Vec<u32>| {
@@ -240,6 +309,7 @@ mod tests {
                     Ok(items)
                 }
             },
+            &Background::new(),
         ));
         let ctx = RequestContext::default();
         let tasks: Vec<_> = (0..20u32)

@@ -4,9 +4,12 @@
 //!   limit, retries with backoff, and capabilities.
 //! - [`health`]: fail fast while the upstream is down, recover by itself.
 //! - [`batcher`]: group commit that merges concurrent requests into few calls.
+//! - [`keyed_batchers`]: one batcher per (instance, credentials); idle ones
+//!   retire.
 
 pub mod batcher;
 pub mod client;
 pub mod health;
+pub mod keyed_batchers;
 
 pub use client::Upstream;

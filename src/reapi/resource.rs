@@ -1,4 +1,5 @@
-//! ByteStream resource names, parsed once at the service edge.
+//! ByteStream resource names: parsed once at the service edge, and formatted
+//! here too (for calls to the upstream), so both directions agree.
 //!
 //! Read:  `{instance}/blobs/{digest_function?}/{hash}/{size}`
 //!        `{instance}/compressed-blobs/{compressor}/{digest_function?}/{hash}/{size}`
@@ -6,6 +7,8 @@
 //!        optionally followed by `/{metadata…}`.
 //! The instance name may be empty or have several segments; it ends at the
 //! first reserved word (`blobs`, `uploads`, `compressed-blobs`).
+
+use std::fmt;
 
 use crate::digest::{Digest, DigestFunction};
 use crate::error::{Error, Result};
@@ -21,7 +24,9 @@ const RESERVED: &[&str] = &[
     "compressed-blobs",
 ];
 
-/// A parsed ByteStream resource name.
+/// A ByteStream resource name: parsed from a client's request, or built
+/// with [`ResourceName::read`] / [`ResourceName::upload`] and formatted with
+/// `Display` for a request to the upstream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResourceName {
     /// The REAPI instance name (may be empty).
@@ -35,6 +40,33 @@ pub struct ResourceName {
 }
 
 impl ResourceName {
+    /// The name that reads `digest` from `instance`.
+    pub fn read(instance: &str, digest: Digest) -> Self {
+        ResourceName {
+            instance: instance.to_string(),
+            digest,
+            upload_id: None,
+            compressor: None,
+        }
+    }
+
+    /// The name that uploads `digest` to `instance`; `upload_id` must be
+    /// unique per upload and contain no `/`.
+    pub fn upload(instance: &str, upload_id: &str, digest: Digest) -> Self {
+        ResourceName {
+            upload_id: Some(upload_id.to_string()),
+            ..ResourceName::read(instance, digest)
+        }
+    }
+
+    /// The same name in its `compressed-blobs/{compressor}/…` form.
+    pub fn compressed(self, compressor: &str) -> Self {
+        ResourceName {
+            compressor: Some(compressor.to_string()),
+            ..self
+        }
+    }
+
     /// Parses a `Read` resource name.
     pub fn parse_read(name: &str) -> Result<Self> {
         let segments: Vec<&str> = name.split('/').collect();
@@ -66,14 +98,40 @@ impl ResourceName {
         }
     }
 
-    /// The name a client would use to read this blob (no upload id).
+    /// The name a client would use to read this blob (no upload id, not
+    /// compressed).
     pub fn read_name(&self) -> String {
-        let blob = format!("blobs/{}/{}", self.digest.hash_hex(), self.digest.size);
-        if self.instance.is_empty() {
-            blob
-        } else {
-            format!("{}/{blob}", self.instance)
+        ResourceName::read(&self.instance, self.digest).to_string()
+    }
+}
+
+/// Formats the name so that `parse_read` (or `parse_write`, for an upload)
+/// gives it back.
+impl fmt::Display for ResourceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if !self.instance.is_empty() {
+            write!(f, "{}/", self.instance)?;
         }
+        if let Some(upload_id) = &self.upload_id {
+            write!(f, "uploads/{upload_id}/")?;
+        }
+        match &self.compressor {
+            Some(compressor) => write!(f, "compressed-blobs/{compressor}/")?,
+            None => f.write_str("blobs/")?,
+        }
+        if let Some(segment) = function_segment(self.digest.function) {
+            write!(f, "{segment}/")?;
+        }
+        write!(f, "{}/{}", self.digest.hash_hex(), self.digest.size)
+    }
+}
+
+/// The digest-function segment of a name. REAPI says it MUST be omitted for
+/// the functions a server can tell by hash length (SHA-256 among them), and
+/// be present for the newer ones (BLAKE3, SHA256TREE).
+fn function_segment(function: DigestFunction) -> Option<&'static str> {
+    match function {
+        DigestFunction::Sha256 => None,
     }
 }
 
@@ -176,6 +234,54 @@ mod tests {
         assert_eq!(w.instance, "i");
         assert_eq!(w.upload_id.as_deref(), Some("u-1"));
         assert!(ResourceName::parse_write(&format!("uploads/u/blobs/{H}/0")).is_ok());
+    }
+
+    fn sample() -> Digest {
+        Digest::parse(DigestFunction::Sha256, H, 0).unwrap()
+    }
+
+    #[test]
+    fn formats_names_the_upstream_expects() {
+        let d = sample();
+        assert_eq!(
+            ResourceName::read("", d).to_string(),
+            format!("blobs/{H}/0")
+        );
+        assert_eq!(
+            ResourceName::read("a/b", d).to_string(),
+            format!("a/b/blobs/{H}/0")
+        );
+        assert_eq!(
+            ResourceName::upload("", "u-1", d).to_string(),
+            format!("uploads/u-1/blobs/{H}/0")
+        );
+        assert_eq!(
+            ResourceName::upload("a/b", "u-1", d)
+                .compressed("zstd")
+                .to_string(),
+            format!("a/b/uploads/u-1/compressed-blobs/zstd/{H}/0")
+        );
+    }
+
+    #[test]
+    fn formatted_names_parse_back() {
+        let d = sample();
+        for instance in ["", "main", "a/b/c", "x/y-z"] {
+            for name in [
+                ResourceName::read(instance, d),
+                ResourceName::read(instance, d).compressed("zstd"),
+            ] {
+                assert_eq!(ResourceName::parse_read(&name.to_string()).unwrap(), name);
+                assert!(ResourceName::parse_write(&name.to_string()).is_err());
+            }
+            for name in [
+                ResourceName::upload(instance, "u-1", d),
+                ResourceName::upload(instance, "u-1", d).compressed("zstd"),
+            ] {
+                assert_eq!(ResourceName::parse_write(&name.to_string()).unwrap(), name);
+                assert!(ResourceName::parse_read(&name.to_string()).is_err());
+            }
+        }
     }
 
     #[test]

@@ -1,0 +1,223 @@
+//! The three batched upstream calls the batchers flush into:
+//! FindMissingBlobs, BatchReadBlobs and BatchUpdateBlobs, each split to the
+//! upstream's limits, with one answer per item in the order asked.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use bazel_remote_apis::build::bazel::remote::execution::v2::{
+    self as re, BatchReadBlobsRequest, BatchUpdateBlobsRequest, FindMissingBlobsRequest,
+    batch_update_blobs_request,
+};
+use bazel_remote_apis::google::rpc;
+use bytes::Bytes;
+use tonic::{Code, Status};
+
+use crate::context::RequestContext;
+use crate::digest::{Digest, verify};
+use crate::error::{Error, Result};
+use crate::stats::{Stats, UpstreamMethod};
+use crate::upstream::Upstream;
+use crate::upstream::batcher::split_by_weight;
+
+/// Digests per FindMissingBlobs call (about 0.8 MB of request).
+pub const FMB_MAX_DIGESTS: usize = 10_000;
+
+/// A digest as the upstream's answers name it.
+type WireKey = (String, i64);
+
+fn wire_key(d: &Digest) -> WireKey {
+    (d.hash_hex(), d.size as i64)
+}
+
+/// The digests without repeats, in first-seen order.
+fn unique(digests: &[Digest]) -> Vec<Digest> {
+    let mut seen = HashSet::new();
+    digests
+        .iter()
+        .filter(|d| seen.insert(**d))
+        .copied()
+        .collect()
+}
+
+/// FindMissingBlobs for merged digests: whether each one is missing.
+pub async fn find_missing(
+    up: Arc<Upstream>,
+    ctx: RequestContext,
+    digests: Vec<Digest>,
+) -> Result<Vec<bool>> {
+    let stats = up.stats();
+    let mut missing = HashSet::new();
+    for chunk in unique(&digests).chunks(FMB_MAX_DIGESTS) {
+        Stats::add(&stats.fmb_batches, 1);
+        Stats::add(&stats.fmb_batched_digests, chunk.len() as u64);
+        let message = FindMissingBlobsRequest {
+            instance_name: up.instance(&ctx),
+            blob_digests: chunk.iter().map(Digest::to_proto).collect(),
+            digest_function: chunk[0].function.to_proto(),
+        };
+        let response = up
+            .unary(UpstreamMethod::FindMissingBlobs, || {
+                let mut cas = up.cas();
+                let request = up.unary_request(&ctx, message.clone());
+                async move { cas.find_missing_blobs(request).await }
+            })
+            .await?;
+        for d in response.missing_blob_digests {
+            missing.insert((d.hash, d.size_bytes));
+        }
+    }
+    Ok(digests
+        .iter()
+        .map(|d| missing.contains(&wire_key(d)))
+        .collect())
+}
+
+/// BatchReadBlobs for merged reads, in calls within the upstream's limit
+/// (looked up now: the capabilities may have arrived since start-up).
+pub async fn read(
+    up: Arc<Upstream>,
+    ctx: RequestContext,
+    digests: Vec<Digest>,
+) -> Result<Vec<Result<Bytes>>> {
+    let mut out = Vec::with_capacity(digests.len());
+    for run in split_by_weight(digests, up.batch_limit(), |d| d.size) {
+        out.extend(read_within_limit(&up, &ctx, run).await?);
+    }
+    Ok(out)
+}
+
+/// BatchUpdateBlobs for merged writes, in calls within the upstream's limit.
+pub async fn write(
+    up: Arc<Upstream>,
+    ctx: RequestContext,
+    blobs: Vec<(Digest, Bytes)>,
+) -> Result<Vec<Result<()>>> {
+    let mut out = Vec::with_capacity(blobs.len());
+    for run in split_by_weight(blobs, up.batch_limit(), |(d, _)| d.size) {
+        out.extend(write_within_limit(&up, &ctx, run).await?);
+    }
+    Ok(out)
+}
+
+async fn read_within_limit(
+    up: &Upstream,
+    ctx: &RequestContext,
+    digests: Vec<Digest>,
+) -> Result<Vec<Result<Bytes>>> {
+    let stats = up.stats();
+    Stats::add(&stats.read_batches, 1);
+    Stats::add(&stats.read_batched_blobs, digests.len() as u64);
+    let message = BatchReadBlobsRequest {
+        instance_name: up.instance(ctx),
+        digests: unique(&digests).iter().map(Digest::to_proto).collect(),
+        acceptable_compressors: vec![],
+        digest_function: digests[0].function.to_proto(),
+    };
+    let response = up
+        .unary(UpstreamMethod::BatchReadBlobs, || {
+            let mut cas = up.cas();
+            let request = up.unary_request(ctx, message.clone());
+            async move { cas.batch_read_blobs(request).await }
+        })
+        .await?;
+    let found = by_digest(
+        up,
+        response
+            .responses
+            .into_iter()
+            .map(|r| (r.digest, r.status, Bytes::from(r.data))),
+    );
+    let received: usize = found.values().flatten().map(Bytes::len).sum();
+    Stats::add(&stats.upstream_bytes_received, received as u64);
+    Ok(digests
+        .iter()
+        .map(|d| {
+            let data = match found.get(&wire_key(d)) {
+                Some(answer) => copy(answer)?,
+                None => return Err(Error::NotFound(format!("upstream did not return blob {d}"))),
+            };
+            verify(d, &Digest::of(d.function, &data))
+                .map_err(|e| Error::Unavailable(format!("upstream sent corrupt data: {e}")))?;
+            Ok(data)
+        })
+        .collect())
+}
+
+async fn write_within_limit(
+    up: &Upstream,
+    ctx: &RequestContext,
+    blobs: Vec<(Digest, Bytes)>,
+) -> Result<Vec<Result<()>>> {
+    let stats = up.stats();
+    Stats::add(&stats.write_batches, 1);
+    Stats::add(&stats.write_batched_blobs, blobs.len() as u64);
+    let bytes: u64 = blobs.iter().map(|(d, _)| d.size).sum();
+    let message = BatchUpdateBlobsRequest {
+        instance_name: up.instance(ctx),
+        requests: blobs
+            .iter()
+            .map(|(d, data)| batch_update_blobs_request::Request {
+                digest: Some(d.to_proto()),
+                data: data.to_vec(),
+                compressor: 0,
+            })
+            .collect(),
+        digest_function: blobs[0].0.function.to_proto(),
+    };
+    let response = up
+        .unary(UpstreamMethod::BatchUpdateBlobs, || {
+            let mut cas = up.cas();
+            let request = up.unary_request(ctx, message.clone());
+            async move { cas.batch_update_blobs(request).await }
+        })
+        .await?;
+    Stats::add(&stats.upstream_bytes_sent, bytes);
+    let stored = by_digest(
+        up,
+        response
+            .responses
+            .into_iter()
+            .map(|r| (r.digest, r.status, ())),
+    );
+    Ok(blobs
+        .iter()
+        .map(|(d, _)| match stored.get(&wire_key(d)) {
+            Some(answer) => copy(answer),
+            None => Err(Error::Unavailable(format!(
+                "upstream did not confirm blob {d}"
+            ))),
+        })
+        .collect())
+}
+
+/// The per-blob answers of a Batch* call by digest: the payload where the
+/// entry's status is OK (or absent), else that status as our error, naming
+/// the upstream. Entries without a digest are skipped.
+fn by_digest<X>(
+    up: &Upstream,
+    entries: impl IntoIterator<Item = (Option<re::Digest>, Option<rpc::Status>, X)>,
+) -> HashMap<WireKey, Result<X>> {
+    entries
+        .into_iter()
+        .filter_map(|(digest, status, payload)| {
+            let digest = digest?;
+            let status = status.unwrap_or_default();
+            let answer = if status.code == Code::Ok as i32 {
+                Ok(payload)
+            } else {
+                Err(up.error(&Status::new(Code::from_i32(status.code), status.message)))
+            };
+            Some(((digest.hash, digest.size_bytes), answer))
+        })
+        .collect()
+}
+
+/// One more copy of a per-blob answer: a digest asked for by two merged
+/// requests gets the same answer twice.
+fn copy<X: Clone>(answer: &Result<X>) -> Result<X> {
+    match answer {
+        Ok(payload) => Ok(payload.clone()),
+        Err(e) => Err(e.clone()),
+    }
+}
