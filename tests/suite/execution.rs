@@ -64,20 +64,6 @@ async fn wait_metric(server: &TestServer, name: &str, at_least: u64) -> u64 {
     }
 }
 
-/// Every Operation of a stream until it ends, and how it ended.
-async fn drain(
-    mut stream: tonic::Streaming<lr::Operation>,
-) -> (Vec<lr::Operation>, Result<(), Status>) {
-    let mut out = Vec::new();
-    loop {
-        match stream.message().await {
-            Ok(Some(op)) => out.push(op),
-            Ok(None) => return (out, Ok(())),
-            Err(e) => return (out, Err(e)),
-        }
-    }
-}
-
 /// Execute through `server`: every Operation, or the error of the call or
 /// of the stream.
 async fn execute(

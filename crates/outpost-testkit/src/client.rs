@@ -306,6 +306,19 @@ pub fn assert_code<T: std::fmt::Debug>(result: Result<T, Status>, code: Code) {
     }
 }
 
+/// Every message of a stream until it ends, and how it ended (for
+/// Execute and WaitExecution, whose end matters as much as their messages).
+pub async fn drain<T>(mut stream: tonic::Streaming<T>) -> (Vec<T>, Result<(), Status>) {
+    let mut out = Vec::new();
+    loop {
+        match stream.message().await {
+            Ok(Some(item)) => out.push(item),
+            Ok(None) => return (out, Ok(())),
+            Err(e) => return (out, Err(e)),
+        }
+    }
+}
+
 /// Collects a stream of results, for GetTree.
 pub async fn collect<T>(mut stream: tonic::Streaming<T>) -> Result<Vec<T>, Status> {
     let mut out = Vec::new();

@@ -12,7 +12,7 @@ use std::collections::BTreeSet;
 
 use bazel_remote_apis::google::longrunning as lr;
 use outpost_testkit::client::{
-    ActionCache, ByteStream, Capabilities as Caps, Cas, Clients, read_name,
+    ActionCache, ByteStream, Capabilities as Caps, Cas, Clients, drain, read_name,
     write_requests as write_reqs,
 };
 use outpost_testkit::fake::{
@@ -632,20 +632,6 @@ type Ops = lr::operations_client::OperationsClient<Channel>;
 
 fn exec(ch: &Channel) -> Exec {
     Exec::new(ch.clone()).max_decoding_message_size(64 << 20)
-}
-
-/// Every Operation of a stream until it ends, and how it ended.
-async fn drain(
-    mut stream: tonic::Streaming<lr::Operation>,
-) -> (Vec<lr::Operation>, Result<(), tonic::Status>) {
-    let mut out = Vec::new();
-    loop {
-        match stream.message().await {
-            Ok(Some(op)) => out.push(op),
-            Ok(None) => return (out, Ok(())),
-            Err(e) => return (out, Err(e)),
-        }
-    }
 }
 
 async fn execute_all(
