@@ -86,13 +86,17 @@ pub async fn read(
 /// A ByteStream read from the upstream that picks up where it stopped when
 /// the stream breaks.
 struct ResumingRead {
+    /// Where the blob is read from.
     upstream: Arc<Upstream>,
+    /// The reader's instance and headers, carried by every (re)opened Read.
     ctx: RequestContext,
+    /// The blob being read.
     digest: Digest,
     /// The next byte to receive.
     position: u64,
     /// One past the last byte wanted.
     end: u64,
+    /// Resumes so far, bounded by [`MAX_READ_RESUMES`].
     resumes: u32,
 }
 
@@ -151,14 +155,18 @@ fn upload_id() -> String {
 
 /// A ByteStream upload to the upstream, fed chunk by chunk.
 pub struct UpstreamWriter {
+    /// Where the blob is written, and whose errors are reported.
     upstream: Arc<Upstream>,
+    /// The blob being written, to check the committed size against.
     digest: Digest,
+    /// The upload's resource name, sent with the first message only.
     resource: String,
     /// Feeds the call; `None` once the call has ended.
     tx: Option<mpsc::Sender<WriteRequest>>,
     /// The Write call, in its own task so chunks can be fed from here; it
     /// ends with the upload (aborted if the writer is dropped unfinished).
     call: JoinHandle<std::result::Result<WriteResponse, Status>>,
+    /// Bytes handed to the call so far (the next message's write offset).
     sent: u64,
 }
 
