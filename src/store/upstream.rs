@@ -279,7 +279,7 @@ async fn flush_reads_within_limit(
         .map(|d| {
             let data = found
                 .get(&(d.hash_hex(), d.size as i64))
-                .cloned()
+                .map(crate::error::duplicate)
                 .unwrap_or_else(|| {
                     Err(Error::NotFound(format!("upstream did not return blob {d}")))
                 })?;
@@ -335,7 +335,7 @@ async fn flush_writes_within_limit(
         .map(|(d, _)| {
             statuses
                 .get(&(d.hash_hex(), d.size as i64))
-                .cloned()
+                .map(crate::error::duplicate)
                 .unwrap_or_else(|| {
                     Err(Error::Unavailable(format!(
                         "upstream did not confirm blob {d}"
@@ -438,7 +438,7 @@ impl BlobStore for UpstreamStore {
             .collect();
         let mut batched = match self.reads.submit(ctx, small.clone()).await {
             Ok(results) => results.into_iter(),
-            Err(e) => vec![Err(e); small.len()].into_iter(),
+            Err(e) => Vec::from_iter(small.iter().map(|_| Err(e.duplicate()))).into_iter(),
         };
         let mut out = Vec::with_capacity(digests.len());
         for d in digests {
@@ -467,7 +467,7 @@ impl BlobStore for UpstreamStore {
         let (positions, small): (Vec<usize>, Vec<(Digest, Bytes)>) = small.into_iter().unzip();
         let results = match self.writes.submit(ctx, small).await {
             Ok(results) => results,
-            Err(e) => vec![Err(e); positions.len()],
+            Err(e) => positions.iter().map(|_| Err(e.duplicate())).collect(),
         };
         for (i, r) in positions.into_iter().zip(results) {
             out[i] = r;
