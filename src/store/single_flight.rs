@@ -19,6 +19,7 @@ use std::hash::Hash;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use futures::future::{BoxFuture, FutureExt, Shared};
+use tracing::Instrument;
 
 use crate::error::{Error, Result, duplicate};
 use crate::tasks::Background;
@@ -173,10 +174,14 @@ where
             flights: self.flights.clone(),
             keys,
         };
-        let task = self.background.spawn(async move {
-            let _landing = landing;
-            work.await
-        });
+        // Logged under the span of the request that started the flight.
+        let task = self.background.spawn(
+            async move {
+                let _landing = landing;
+                work.await
+            }
+            .instrument(tracing::Span::current()),
+        );
         async move {
             let results = match task.await {
                 Ok(Some(results)) if results.len() == count => results,
