@@ -3,11 +3,19 @@
 //! Layers raise the variant that says what went wrong; the wire code follows
 //! from the variant (see `From<Error> for tonic::Status`), so services never
 //! pick status codes by hand.
+//!
+//! Disk and RocksDB failures keep their source error (`Error::Io`,
+//! `Error::RocksDb`), so logs and `std::error::Error::source` see the cause.
+//! `Error` is not `Clone`: a failure shared by several waiters (a
+//! single-flight, a batched call) is copied for each with
+//! [`Error::duplicate`]. Upstream statuses are mapped to the variant that says
+//! what they mean here (`from_upstream`), keeping the upstream's message: the
+//! variant is what callers match on (an upstream NOT_FOUND is a miss).
 
 use tonic::Code;
 
 /// Everything that can go wrong while serving a request.
-#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The request is malformed (bad digest, bad resource name, hash mismatch…).
     #[error("{0}")]
@@ -42,6 +50,12 @@ pub enum Error {
     /// A bug or an unexpected storage failure.
     #[error("internal error: {0}")]
     Internal(String),
+    /// A local file operation failed (reported as INTERNAL).
+    #[error("internal error: i/o: {0}")]
+    Io(#[from] std::io::Error),
+    /// RocksDB failed (reported as INTERNAL).
+    #[error("internal error: rocksdb: {0}")]
+    RocksDb(#[from] rocksdb::Error),
 }
 
 /// Result alias used across the crate.
@@ -61,7 +75,28 @@ impl Error {
             Error::Unauthenticated(_) => Code::Unauthenticated,
             Error::PermissionDenied(_) => Code::PermissionDenied,
             Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
-            Error::Internal(_) => Code::Internal,
+            Error::Internal(_) | Error::Io(_) | Error::RocksDb(_) => Code::Internal,
+        }
+    }
+
+    /// An equivalent error (same variant, code and message) for another
+    /// waiter on one shared failure. An io error keeps its kind; a RocksDB
+    /// error, which cannot be rebuilt, becomes `Internal` with its message.
+    pub fn duplicate(&self) -> Error {
+        match self {
+            Error::InvalidArgument(m) => Error::InvalidArgument(m.clone()),
+            Error::NotFound(m) => Error::NotFound(m.clone()),
+            Error::OutOfRange(m) => Error::OutOfRange(m.clone()),
+            Error::FailedPrecondition(m) => Error::FailedPrecondition(m.clone()),
+            Error::ResourceExhausted(m) => Error::ResourceExhausted(m.clone()),
+            Error::Unimplemented(m) => Error::Unimplemented(m.clone()),
+            Error::Unavailable(m) => Error::Unavailable(m.clone()),
+            Error::Unauthenticated(m) => Error::Unauthenticated(m.clone()),
+            Error::PermissionDenied(m) => Error::PermissionDenied(m.clone()),
+            Error::DeadlineExceeded(m) => Error::DeadlineExceeded(m.clone()),
+            Error::Internal(m) => Error::Internal(m.clone()),
+            Error::Io(e) => Error::Io(std::io::Error::new(e.kind(), e.to_string())),
+            Error::RocksDb(e) => Error::Internal(format!("rocksdb: {e}")),
         }
     }
 
@@ -100,6 +135,14 @@ impl Error {
     }
 }
 
+/// A copy of a shared result for another waiter (see [`Error::duplicate`]).
+pub fn duplicate<T: Clone>(result: &Result<T>) -> Result<T> {
+    match result {
+        Ok(value) => Ok(value.clone()),
+        Err(e) => Err(e.duplicate()),
+    }
+}
+
 /// Whether a status means our own deadline for the call expired (tonic
 /// reports a client-side timeout as CANCELLED "Timeout expired").
 pub fn is_timeout(status: &tonic::Status) -> bool {
@@ -118,27 +161,44 @@ pub fn ok_rpc_status() -> bazel_remote_apis::google::rpc::Status {
 
 impl From<Error> for tonic::Status {
     fn from(err: Error) -> Self {
-        if let Error::Internal(msg) = &err {
-            tracing::error!("internal error: {msg}");
+        if err.code() == Code::Internal {
+            tracing::error!("{err}");
         }
         tonic::Status::new(err.code(), err.to_string())
-    }
-}
-
-impl From<rocksdb::Error> for Error {
-    fn from(err: rocksdb::Error) -> Self {
-        Error::Internal(format!("rocksdb: {err}"))
-    }
-}
-
-impl From<std::io::Error> for Error {
-    fn from(err: std::io::Error) -> Self {
-        Error::Internal(format!("i/o: {err}"))
     }
 }
 
 impl From<prost::DecodeError> for Error {
     fn from(err: prost::DecodeError) -> Self {
         Error::InvalidArgument(format!("cannot decode protobuf message: {err}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn io_errors_keep_their_source_and_read_as_before() {
+        let err = Error::from(std::io::Error::other("disk on fire"));
+        assert_eq!(err.to_string(), "internal error: i/o: disk on fire");
+        assert_eq!(err.code(), Code::Internal);
+        assert!(std::error::Error::source(&err).is_some());
+    }
+
+    #[test]
+    fn a_duplicate_has_the_same_code_and_message() {
+        let errors = [
+            Error::NotFound("gone".into()),
+            Error::Unavailable("down".into()),
+            Error::from(std::io::Error::new(std::io::ErrorKind::NotFound, "x")),
+        ];
+        for err in errors {
+            let copy = err.duplicate();
+            assert_eq!(
+                (copy.code(), copy.to_string()),
+                (err.code(), err.to_string())
+            );
+        }
     }
 }

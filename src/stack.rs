@@ -7,13 +7,15 @@ use std::sync::Arc;
 use crate::config::Config;
 use crate::context::RequestContext;
 use crate::prefetch::Prefetcher;
+use crate::prefetch::ledger::Ledger;
 use crate::service::execution::ExecutionService;
 use crate::service::operations::OperationsService;
 use crate::stats::Stats;
 use crate::store::existence_cache::ExistenceCache;
 use crate::store::local::LocalStore;
 use crate::store::proxy::ProxyStore;
-use crate::store::proxy_ac::ProxyActionCache;
+use crate::store::proxy_ac::{ProxyActionCache, ResultObserver};
+use crate::store::read_through::ReadHook;
 use crate::store::upstream::UpstreamStore;
 use crate::store::{ActionResultStore, BlobStore};
 use crate::tasks::Background;
@@ -48,7 +50,9 @@ impl Stack {
         }
     }
 
-    /// The caching proxy: local store → existence cache → upstream.
+    /// The caching proxy: local store → existence cache → upstream, with
+    /// prefetch (and its ledger) when enabled. Flights, prefetch workers and
+    /// the capabilities probe run on `background`.
     pub fn proxy(
         config: &Config,
         local: &LocalStore,
@@ -66,25 +70,44 @@ impl Stack {
             upstream_config.existence_ttl,
             EXISTENCE_CACHE_CAPACITY,
             stats.clone(),
+            background,
         ));
         let cached: Arc<dyn BlobStore> = existence.clone();
-        let proxy = Arc::new(ProxyStore::new(local.clone(), cached, stats.clone()));
-        let prefetcher = config.prefetch.enabled.then(|| {
+        // Prefetch keeps score of local reads and evictions through its ledger.
+        let ledger = config
+            .prefetch
+            .enabled
+            .then(|| Ledger::new(local, stats.clone()));
+        let hook = ledger.clone().map(|l| l as Arc<dyn ReadHook>);
+        let proxy = Arc::new(ProxyStore::new(
+            local.clone(),
+            cached,
+            stats.clone(),
+            background,
+            hook,
+        ));
+        let blobs: Arc<dyn BlobStore> = proxy.clone();
+        let prefetcher = ledger.map(|ledger| {
             Arc::new(Prefetcher::start(
-                proxy.clone(),
+                blobs.clone(),
+                proxy.read_through(),
+                ledger,
                 config.prefetch.clone(),
                 stats.clone(),
+                background,
             ))
         });
         let local_results: Arc<dyn ActionResultStore> = Arc::new(local.clone());
         let results = Arc::new(ProxyActionCache::new(
             local_results.clone(),
             upstream_store,
-            prefetcher.clone(),
+            prefetcher.clone().map(|p| p as Arc<dyn ResultObserver>),
+            background,
         ));
         let execution = Arc::new(ExecutionService::new(
             upstream.clone(),
-            proxy.clone(),
+            blobs.clone(),
+            proxy.replicator(),
             local_results,
             prefetcher,
             existence,
@@ -100,7 +123,7 @@ impl Stack {
         });
         tracing::info!("proxying upstream {}", upstream_config.uri);
         Ok(Stack {
-            blobs: proxy,
+            blobs,
             results,
             upstream: Some(upstream),
             execution: Some(execution),

@@ -36,8 +36,8 @@ use crate::execution::{
 use crate::prefetch::Prefetcher;
 use crate::stats::{Stats, UpstreamMethod};
 use crate::store::existence_cache::ExistenceCache;
-use crate::store::proxy::ProxyStore;
 use crate::store::proxy_ac::strip_inlined;
+use crate::store::replicator::Replicator;
 use crate::store::{ActionKey, ActionResultStore, BlobStore, read_to_bytes};
 use crate::upstream::Upstream;
 use crate::upstream::client::is_transient;
@@ -60,7 +60,10 @@ pub struct ExecutionService {
 /// What every forwarded execution needs.
 struct Shared {
     upstream: Arc<Upstream>,
-    proxy: Arc<ProxyStore>,
+    /// The proxy CAS: where inputs are read.
+    proxy: Arc<dyn BlobStore>,
+    /// Uploads inputs the upstream lacks from the local store.
+    replicator: Arc<Replicator>,
     /// Where finished results are cached (the local store).
     local_results: Arc<dyn ActionResultStore>,
     prefetcher: Option<Arc<Prefetcher>>,
@@ -74,7 +77,8 @@ impl ExecutionService {
     /// in `local_results` and prefetching with `prefetcher`.
     pub fn new(
         upstream: Arc<Upstream>,
-        proxy: Arc<ProxyStore>,
+        proxy: Arc<dyn BlobStore>,
+        replicator: Arc<Replicator>,
         local_results: Arc<dyn ActionResultStore>,
         prefetcher: Option<Arc<Prefetcher>>,
         existence: Arc<ExistenceCache>,
@@ -84,6 +88,7 @@ impl ExecutionService {
             shared: Arc::new(Shared {
                 upstream,
                 proxy,
+                replicator,
                 local_results,
                 prefetcher,
                 existence,
@@ -155,11 +160,7 @@ impl Forwarder {
         }
         self.repairs += 1;
         let wanted = missing.len();
-        let failed = self
-            .shared
-            .proxy
-            .upload_from_local(&self.ctx, missing)
-            .await;
+        let failed = self.shared.replicator.copy(&self.ctx, missing).await;
         let uploaded = wanted - failed.len();
         Stats::add(&self.shared.stats.missing_input_repairs, 1);
         Stats::add(&self.shared.stats.repaired_blobs, uploaded as u64);

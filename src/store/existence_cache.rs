@@ -7,27 +7,27 @@
 //! still there. Memory is bounded by an LRU of `capacity` entries.
 //!
 //! A digest that is already being asked about (by a concurrent call) is not
-//! asked again: the later caller waits for that answer.
+//! asked again: the later caller joins that question ([`SingleFlight`]),
+//! which runs to its end even if its first caller leaves.
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::future::{BoxFuture, FutureExt, Shared};
 use lru::LruCache;
 
 use crate::context::RequestContext;
 use crate::digest::Digest;
 use crate::error::Result;
 use crate::stats::Stats;
+use crate::store::single_flight::{Role, SingleFlight};
 use crate::store::{BlobStore, BlobWriter, ChunkStream};
-
-/// One question to the inner store: the digests it said were missing.
-type Answer = Shared<BoxFuture<'static, Result<Arc<HashSet<Digest>>>>>;
+use crate::tasks::Background;
 
 /// Known digests: (hash of instance name, digest) → when confirmed.
 type Known = Arc<Mutex<LruCache<(u64, Digest), Instant>>>;
@@ -38,8 +38,8 @@ pub struct ExistenceCache {
     ttl: Duration,
     /// (hash of instance name, digest) → when the store confirmed it.
     known: Known,
-    /// Digests being asked about right now, and the question's answer.
-    asking: Arc<Mutex<HashMap<(u64, Digest), Answer>>>,
+    /// Questions in progress: per (instance, digest), whether it is missing.
+    asking: SingleFlight<(u64, Digest), bool>,
     stats: Arc<Stats>,
 }
 
@@ -50,19 +50,21 @@ fn instance_key(ctx: &RequestContext) -> u64 {
 }
 
 impl ExistenceCache {
-    /// Caches existence for `inner`, at most `capacity` digests for `ttl`.
+    /// Caches existence for `inner`, at most `capacity` digests for `ttl`;
+    /// questions to `inner` run on `background`.
     pub fn new(
         inner: Arc<dyn BlobStore>,
         ttl: Duration,
         capacity: usize,
         stats: Arc<Stats>,
+        background: &Background,
     ) -> Self {
         let capacity = std::num::NonZeroUsize::new(capacity.max(1)).expect("non-zero");
         ExistenceCache {
             inner,
             ttl,
             known: Arc::new(Mutex::new(LruCache::new(capacity))),
-            asking: Arc::new(Mutex::new(HashMap::new())),
+            asking: SingleFlight::new(background.clone()),
             stats,
         }
     }
@@ -80,29 +82,29 @@ impl ExistenceCache {
         note(&self.known, instance_key(ctx), digests);
     }
 
-    /// Asks the inner store about `digests`; the answer is shared with
-    /// concurrent callers and recorded in the cache.
-    fn ask(&self, ctx: &RequestContext, instance: u64, digests: Vec<Digest>) -> Answer {
-        let (inner, known, asking) = (self.inner.clone(), self.known.clone(), self.asking.clone());
-        let ctx = ctx.clone();
+    /// One question to the inner store about `keys` (all of one instance):
+    /// per key, whether it is missing. Present ones are recorded.
+    fn ask(
+        &self,
+        ctx: &RequestContext,
+        keys: Vec<(u64, Digest)>,
+    ) -> impl Future<Output = Vec<Result<bool>>> + Send + use<> {
+        let (inner, known, ctx) = (self.inner.clone(), self.known.clone(), ctx.clone());
         async move {
-            let result = inner.find_missing(&ctx, &digests).await;
-            {
-                let mut asking = asking.lock().unwrap_or_else(|e| e.into_inner());
-                for d in &digests {
-                    asking.remove(&(instance, *d));
+            let Some(&(instance, _)) = keys.first() else {
+                return Vec::new();
+            };
+            let digests: Vec<Digest> = keys.into_iter().map(|(_, d)| d).collect();
+            match inner.find_missing(&ctx, &digests).await {
+                Ok(missing) => {
+                    let missing: HashSet<Digest> = missing.into_iter().collect();
+                    let present = digests.iter().filter(|d| !missing.contains(d));
+                    note(&known, instance, present.copied());
+                    digests.iter().map(|d| Ok(missing.contains(d))).collect()
                 }
+                Err(e) => digests.iter().map(|_| Err(e.duplicate())).collect(),
             }
-            let missing: HashSet<Digest> = result?.into_iter().collect();
-            note(
-                &known,
-                instance,
-                digests.into_iter().filter(|d| !missing.contains(d)),
-            );
-            Ok(Arc::new(missing))
         }
-        .boxed()
-        .shared()
     }
 }
 
@@ -118,14 +120,13 @@ fn note(known: &Known, instance: u64, digests: impl IntoIterator<Item = Digest>)
 impl BlobStore for ExistenceCache {
     async fn find_missing(&self, ctx: &RequestContext, digests: &[Digest]) -> Result<Vec<Digest>> {
         let instance = instance_key(ctx);
-        // Which question answers each digest that is not known to be present.
-        let mut pending: HashMap<Digest, Answer> = HashMap::new();
-        let mut mine = Vec::new();
-        {
+        // The digests not known to be present, each once.
+        let mut unknown: Vec<(u64, Digest)> = Vec::new();
+        let tickets = {
             let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
-            let mut asking = self.asking.lock().unwrap_or_else(|e| e.into_inner());
+            let mut seen = HashSet::new();
             for d in digests {
-                if pending.contains_key(d) || mine.contains(d) {
+                if !seen.insert(*d) {
                     continue;
                 }
                 match known.get(&(instance, *d)) {
@@ -135,35 +136,27 @@ impl BlobStore for ExistenceCache {
                     }
                     None => {}
                 }
-                match asking.get(&(instance, *d)) {
-                    Some(answer) => {
-                        pending.insert(*d, answer.clone());
-                    }
-                    None => mine.push(*d),
-                }
+                unknown.push((instance, *d));
             }
-            if !mine.is_empty() {
-                let answer = self.ask(ctx, instance, mine.clone());
-                for d in &mine {
-                    asking.insert((instance, *d), answer.clone());
-                    pending.insert(*d, answer.clone());
-                }
-            }
-        }
+            // Joined questions and the new one (asked while `known` is held,
+            // so no answer lands between the check and the claim).
+            self.asking.claim(&unknown, |mine| self.ask(ctx, mine))
+        };
+        let asked = tickets.iter().filter(|t| t.role() == Role::Started).count();
         Stats::add(
             &self.stats.existence_cache_hits,
-            (digests.len() - mine.len()) as u64,
+            (digests.len() - asked) as u64,
         );
-        Stats::add(&self.stats.existence_cache_misses, mine.len() as u64);
-        let mut missing = Vec::new();
-        for d in digests {
-            if let Some(answer) = pending.get(d)
-                && answer.clone().await?.contains(d)
-            {
-                missing.push(*d);
-            }
+        Stats::add(&self.stats.existence_cache_misses, asked as u64);
+        let mut answers = HashMap::new();
+        for ((_, d), ticket) in unknown.into_iter().zip(tickets) {
+            answers.insert(d, ticket.wait().await?);
         }
-        Ok(missing)
+        Ok(digests
+            .iter()
+            .filter(|d| answers.get(d) == Some(&true))
+            .copied()
+            .collect())
     }
 
     async fn read(
@@ -242,7 +235,13 @@ mod tests {
     use crate::store::memory::{MemoryStore, count};
 
     fn cache(inner: Arc<MemoryStore>, ttl: Duration) -> ExistenceCache {
-        ExistenceCache::new(inner, ttl, 1000, Arc::new(Stats::default()))
+        ExistenceCache::new(
+            inner,
+            ttl,
+            1000,
+            Arc::new(Stats::default()),
+            &Background::new(),
+        )
     }
 
     #[tokio::test]

@@ -1,17 +1,25 @@
 //! Blob and action-result storage, as small composable layers.
 //!
 //! [`BlobStore`] is the one interface every CAS layer speaks: the local
-//! RocksDB store today; an upstream store and read-through / existence-cache
-//! decorators later. Each layer lives in its own file and can be tested alone.
-//! [`ActionResultStore`] is the same idea for the action cache.
+//! RocksDB store, the upstream, and decorators that each do one job. Each
+//! layer lives in its own file and is tested alone (against
+//! `memory::MemoryStore` fakes). [`ActionResultStore`] is the same idea for
+//! the action cache. Nothing here imports the services, prefetch or
+//! execution: they plug in through small traits (`read_through::ReadHook`,
+//! `proxy_ac::ResultObserver`).
 //!
 //! - [`local`]: the RocksDB-backed store (CAS, action cache, LRU quota; large
 //!   blobs as files beside RocksDB).
 //! - [`complete`]: the action-cache decorator that hides results whose outputs are gone.
 //! - [`upstream`]: the upstream server as a store, with request batching.
 //! - [`existence_cache`]: remembers digests the upstream is known to hold.
-//! - [`proxy`]: local store in front of the upstream (read-through, write-through).
-//! - [`proxy_ac`]: the same for the action cache.
+//! - [`proxy`]: local store in front of the upstream, as one CAS: composes
+//!   the three below and answers FindMissingBlobs for the upstream.
+//! - [`read_through`]: local first; a miss fetched once, verified, kept.
+//! - [`write_through`]: a tee writer to the local store and the upstream.
+//! - [`replicator`]: copies blobs from one store to another (backfill, repair).
+//! - [`single_flight`]: concurrent callers of one key share one spawned flight.
+//! - [`proxy_ac`]: the proxy for the action cache.
 
 pub mod complete;
 pub mod existence_cache;
@@ -20,7 +28,11 @@ pub mod local;
 pub mod memory;
 pub mod proxy;
 pub mod proxy_ac;
+pub mod read_through;
+pub mod replicator;
+pub mod single_flight;
 pub mod upstream;
+pub mod write_through;
 
 use async_trait::async_trait;
 use bazel_remote_apis::build::bazel::remote::execution::v2::ActionResult;
@@ -31,6 +43,9 @@ use futures::stream::BoxStream;
 use crate::context::RequestContext;
 use crate::digest::Digest;
 use crate::error::{Error, Result};
+
+/// Blobs up to this size travel in Batch* calls; larger ones over ByteStream.
+pub const SMALL_BLOB: u64 = 1 << 20;
 
 /// A blob (or a slice of one) as a stream of chunks.
 pub type ChunkStream = BoxStream<'static, Result<Bytes>>;

@@ -4,82 +4,63 @@
 //! lookup costs no round trip; the completeness decorator above this layer
 //! checks the outputs (locally or upstream) before anything is served. An
 //! update goes to the upstream first, then locally. Removing (a result whose
-//! outputs are gone) only forgets the local copy. An upstream hit also
-//! queues its outputs for prefetch: the client is about to download them.
-//! Concurrent lookups of the same action share one upstream call.
+//! outputs are gone) only forgets the local copy. An upstream hit is also
+//! told to a [`ResultObserver`] (prefetch queues its outputs: the client is
+//! about to download them). Concurrent lookups of the same action share one
+//! upstream call ([`SingleFlight`]).
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use bazel_remote_apis::build::bazel::remote::execution::v2::ActionResult;
-use futures::future::{BoxFuture, FutureExt, Shared};
 
 use crate::context::RequestContext;
+use crate::digest::DigestFunction;
 use crate::error::Result;
-use crate::prefetch::Prefetcher;
+use crate::store::single_flight::SingleFlight;
 use crate::store::{ActionKey, ActionResultStore};
+use crate::tasks::Background;
+
+/// Told of action results fetched from the upstream, so a higher layer
+/// (prefetch) can act on them without `store/` depending on it.
+pub trait ResultObserver: Send + Sync {
+    /// `result`, of an action hashed with `function`, came from the upstream.
+    fn fetched(&self, ctx: &RequestContext, function: DigestFunction, result: &ActionResult);
+}
 
 /// Local action cache in front of the upstream's.
 pub struct ProxyActionCache {
     local: Arc<dyn ActionResultStore>,
     upstream: Arc<dyn ActionResultStore>,
-    prefetcher: Option<Arc<Prefetcher>>,
+    /// Told of upstream hits (the prefetcher), if any.
+    observer: Option<Arc<dyn ResultObserver>>,
     /// Upstream lookups in flight, by action.
-    lookups: Arc<Mutex<HashMap<ActionKey, Lookup>>>,
+    lookups: SingleFlight<ActionKey, Option<ActionResult>>,
 }
 
-/// One upstream lookup, shared by concurrent callers.
-type Lookup = Shared<BoxFuture<'static, Result<Option<ActionResult>>>>;
-
 impl ProxyActionCache {
-    /// Caches `upstream`'s results in `local`, prefetching their outputs.
+    /// Caches `upstream`'s results in `local`, telling `observer` of each
+    /// upstream hit; lookups run on `background`.
     pub fn new(
         local: Arc<dyn ActionResultStore>,
         upstream: Arc<dyn ActionResultStore>,
-        prefetcher: Option<Arc<Prefetcher>>,
+        observer: Option<Arc<dyn ResultObserver>>,
+        background: &Background,
     ) -> Self {
         ProxyActionCache {
             local,
             upstream,
-            prefetcher,
-            lookups: Arc::new(Mutex::new(HashMap::new())),
+            observer,
+            lookups: SingleFlight::new(background.clone()),
         }
-    }
-
-    /// Asks the upstream (once for concurrent callers) and caches a hit.
-    fn lookup(&self, ctx: &RequestContext, key: &ActionKey) -> Lookup {
-        let mut lookups = self.lookups.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(lookup) = lookups.get(key) {
-            return lookup.clone();
-        }
-        let (local, upstream, prefetcher, all) = (
-            self.local.clone(),
-            self.upstream.clone(),
-            self.prefetcher.clone(),
-            self.lookups.clone(),
-        );
-        let (ctx, owned_key) = (ctx.clone(), key.clone());
-        let lookup = async move {
-            let result =
-                fetch_result(&*local, &*upstream, prefetcher.as_deref(), &ctx, &owned_key).await;
-            all.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&owned_key);
-            result
-        }
-        .boxed()
-        .shared();
-        lookups.insert(key.clone(), lookup.clone());
-        lookup
     }
 }
 
-/// An upstream lookup: on a hit, stripped, queued for prefetch, cached locally.
+/// An upstream lookup: on a hit, stripped, told to the observer, cached locally.
 async fn fetch_result(
     local: &dyn ActionResultStore,
     upstream: &dyn ActionResultStore,
-    prefetcher: Option<&Prefetcher>,
+    observer: Option<&dyn ResultObserver>,
     ctx: &RequestContext,
     key: &ActionKey,
 ) -> Result<Option<ActionResult>> {
@@ -87,8 +68,8 @@ async fn fetch_result(
         return Ok(None);
     };
     strip_inlined(&mut result);
-    if let Some(prefetcher) = prefetcher {
-        prefetcher.submit(ctx, key.action.function, &result);
+    if let Some(observer) = observer {
+        observer.fetched(ctx, key.action.function, &result);
     }
     local.put_action_result(ctx, key, &result).await?;
     Ok(Some(result))
@@ -113,7 +94,17 @@ impl ActionResultStore for ProxyActionCache {
         if let Some(result) = self.local.get_action_result(ctx, key).await? {
             return Ok(Some(result));
         }
-        self.lookup(ctx, key).await
+        let (local, upstream, observer) = (
+            self.local.clone(),
+            self.upstream.clone(),
+            self.observer.clone(),
+        );
+        let (ctx, owned_key) = (ctx.clone(), key.clone());
+        self.lookups
+            .run(key.clone(), move || async move {
+                fetch_result(&*local, &*upstream, observer.as_deref(), &ctx, &owned_key).await
+            })
+            .await
     }
 
     async fn put_action_result(
@@ -128,5 +119,98 @@ impl ActionResultStore for ProxyActionCache {
 
     async fn remove_action_result(&self, ctx: &RequestContext, key: &ActionKey) -> Result<()> {
         self.local.remove_action_result(ctx, key).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::Duration;
+
+    /// Action results in a map, counting lookups.
+    #[derive(Default)]
+    struct Results {
+        map: Mutex<HashMap<ActionKey, ActionResult>>,
+        gets: AtomicU64,
+    }
+
+    #[async_trait]
+    impl ActionResultStore for Results {
+        async fn get_action_result(
+            &self,
+            _ctx: &RequestContext,
+            key: &ActionKey,
+        ) -> Result<Option<ActionResult>> {
+            self.gets.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            Ok(self.map.lock().unwrap().get(key).cloned())
+        }
+
+        async fn put_action_result(
+            &self,
+            _ctx: &RequestContext,
+            key: &ActionKey,
+            result: &ActionResult,
+        ) -> Result<()> {
+            self.map.lock().unwrap().insert(key.clone(), result.clone());
+            Ok(())
+        }
+
+        async fn remove_action_result(&self, _ctx: &RequestContext, key: &ActionKey) -> Result<()> {
+            self.map.lock().unwrap().remove(key);
+            Ok(())
+        }
+    }
+
+    /// Counts the upstream hits it is told of.
+    #[derive(Default)]
+    struct Told(AtomicU64);
+
+    impl ResultObserver for Told {
+        fn fetched(&self, _ctx: &RequestContext, _f: DigestFunction, _r: &ActionResult) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[tokio::test]
+    async fn concurrent_lookups_share_one_upstream_call_and_the_hit_is_kept() {
+        let (local, upstream) = (Arc::new(Results::default()), Arc::new(Results::default()));
+        let key = ActionKey {
+            instance: String::new(),
+            action: crate::digest::Digest::of(DigestFunction::Sha256, b"action"),
+        };
+        let result = ActionResult {
+            exit_code: 3,
+            stdout_raw: b"inlined".to_vec(),
+            ..Default::default()
+        };
+        upstream.map.lock().unwrap().insert(key.clone(), result);
+        let told = Arc::new(Told::default());
+        let cache = Arc::new(ProxyActionCache::new(
+            local.clone(),
+            upstream.clone(),
+            Some(told.clone()),
+            &Background::new(),
+        ));
+        let lookups: Vec<_> = (0..10)
+            .map(|_| {
+                let (cache, key) = (cache.clone(), key.clone());
+                tokio::spawn(async move {
+                    let ctx = RequestContext::default();
+                    cache.get_action_result(&ctx, &key).await.unwrap().unwrap()
+                })
+            })
+            .collect();
+        for lookup in lookups {
+            let found = lookup.await.unwrap();
+            assert_eq!(found.exit_code, 3);
+            assert!(found.stdout_raw.is_empty(), "inlined contents stripped");
+        }
+        assert_eq!(upstream.gets.load(Ordering::SeqCst), 1);
+        assert_eq!(told.0.load(Ordering::SeqCst), 1);
+        assert!(local.map.lock().unwrap().contains_key(&key), "kept locally");
     }
 }

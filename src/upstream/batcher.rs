@@ -211,12 +211,12 @@ where
                 results.len()
             ));
             for reply in replies {
-                let _ = reply.send(Err(e.clone()));
+                let _ = reply.send(Err(e.duplicate()));
             }
         }
         Err(e) => {
             for reply in replies {
-                let _ = reply.send(Err(e.clone()));
+                let _ = reply.send(Err(e.duplicate()));
             }
         }
     }

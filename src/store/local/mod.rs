@@ -186,7 +186,7 @@ impl BlobStore for LocalStore {
         let batch: Vec<(Digest, Bytes)> = small.iter().map(|&i| blobs[i].clone()).collect();
         if let Err(e) = self.catalog.commit_inline_batch(&batch) {
             for &i in &small {
-                results[i] = Err(e.clone());
+                results[i] = Err(e.duplicate());
             }
         }
         for (i, (digest, data)) in blobs.into_iter().enumerate() {

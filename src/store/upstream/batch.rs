@@ -134,7 +134,7 @@ async fn read_within_limit(
         .iter()
         .map(|d| {
             let data = match found.get(&wire_key(d)) {
-                Some(answer) => copy(answer)?,
+                Some(answer) => crate::error::duplicate(answer)?,
                 None => return Err(Error::NotFound(format!("upstream did not return blob {d}"))),
             };
             verify(d, &Digest::of(d.function, &data))
@@ -183,7 +183,7 @@ async fn write_within_limit(
     Ok(blobs
         .iter()
         .map(|(d, _)| match stored.get(&wire_key(d)) {
-            Some(answer) => copy(answer),
+            Some(answer) => crate::error::duplicate(answer),
             None => Err(Error::Unavailable(format!(
                 "upstream did not confirm blob {d}"
             ))),
@@ -211,13 +211,4 @@ fn by_digest<X>(
             Some(((digest.hash, digest.size_bytes), answer))
         })
         .collect()
-}
-
-/// One more copy of a per-blob answer: a digest asked for by two merged
-/// requests gets the same answer twice.
-fn copy<X: Clone>(answer: &Result<X>) -> Result<X> {
-    match answer {
-        Ok(payload) => Ok(payload.clone()),
-        Err(e) => Err(e.clone()),
-    }
 }

@@ -5,8 +5,17 @@
 //! RPC ever waits for prefetch. Each job walks the ActionResult (output
 //! files, stdout/stderr, Trees and `root_directory_digest` hierarchies, read
 //! through the proxy so they are fetched too) and fetches every blob up to
-//! `max_blob_size` through the proxy's single-flight: a client read that
-//! arrives meanwhile joins the transfer in flight instead of starting another.
+//! `max_blob_size` through the read-through's single-flight: a client read
+//! that arrives meanwhile joins the transfer in flight instead of starting
+//! another.
+//!
+//! - [`ledger`]: the hit/waste score of prefetched blobs.
+//!
+//! The prefetcher hears of finished actions as the action cache's
+//! [`ResultObserver`] (and from execution); it reads trees through the proxy
+//! CAS and brings blobs in with [`ReadThrough::bring_in`].
+
+pub mod ledger;
 
 use std::sync::Arc;
 
@@ -17,9 +26,13 @@ use crate::config_upstream::PrefetchConfig;
 use crate::context::RequestContext;
 use crate::digest::{Digest, DigestFunction};
 use crate::stats::Stats;
+use crate::store::BlobStore;
 use crate::store::complete::referenced_blobs;
-use crate::store::proxy::ProxyStore;
+use crate::store::proxy_ac::ResultObserver;
+use crate::store::read_through::ReadThrough;
+use crate::tasks::Background;
 use crate::upstream::batcher::split_by_weight;
+use ledger::Ledger;
 
 /// Finished actions' results whose outputs to fetch.
 struct Job {
@@ -34,16 +47,40 @@ pub struct Prefetcher {
     stats: Arc<Stats>,
 }
 
+/// What the workers prefetch through.
+struct Through {
+    /// The proxy CAS: Directory and Tree messages are read (and fetched) here.
+    blobs: Arc<dyn BlobStore>,
+    /// Brings blobs into the local store through the shared flights.
+    reads: Arc<ReadThrough>,
+    /// Scores what prefetch brought in.
+    ledger: Arc<Ledger>,
+}
+
 /// Prefetch jobs worked on at once.
 const PARALLEL_JOBS: usize = 4;
 /// Unit of the bytes-in-flight budget.
 const MIB: u64 = 1 << 20;
 
 impl Prefetcher {
-    /// Starts the workers.
-    pub fn start(proxy: Arc<ProxyStore>, config: PrefetchConfig, stats: Arc<Stats>) -> Self {
+    /// Starts the workers on `background`: trees are read through `blobs`,
+    /// blobs brought in through `reads` and scored in `ledger`.
+    pub fn start(
+        blobs: Arc<dyn BlobStore>,
+        reads: Arc<ReadThrough>,
+        ledger: Arc<Ledger>,
+        config: PrefetchConfig,
+        stats: Arc<Stats>,
+        background: &Background,
+    ) -> Self {
         let (tx, rx) = mpsc::channel(config.queue_depth);
-        tokio::spawn(dispatch(rx, proxy, config, stats.clone()));
+        let through = Arc::new(Through {
+            blobs,
+            reads,
+            ledger,
+        });
+        let workers = background.clone();
+        background.spawn(dispatch(rx, through, config, stats.clone(), workers));
         Prefetcher { tx, stats }
     }
 
@@ -64,11 +101,19 @@ impl Prefetcher {
     }
 }
 
+impl ResultObserver for Prefetcher {
+    /// An action result fetched from the upstream: its outputs are wanted next.
+    fn fetched(&self, ctx: &RequestContext, function: DigestFunction, result: &ActionResult) {
+        self.submit(ctx, function, result);
+    }
+}
+
 async fn dispatch(
     mut rx: mpsc::Receiver<Job>,
-    proxy: Arc<ProxyStore>,
+    through: Arc<Through>,
     config: PrefetchConfig,
     stats: Arc<Stats>,
+    background: Background,
 ) {
     let budget_mib = config.max_bytes_in_flight.div_ceil(MIB).max(1) as u32;
     let budget = Arc::new(Semaphore::new(budget_mib as usize));
@@ -77,24 +122,29 @@ async fn dispatch(
         let Ok(slot) = jobs.clone().acquire_owned().await else {
             return;
         };
-        let (proxy, config, stats, budget) =
-            (proxy.clone(), config.clone(), stats.clone(), budget.clone());
-        tokio::spawn(async move {
+        let (through, config, stats, budget) = (
+            through.clone(),
+            config.clone(),
+            stats.clone(),
+            budget.clone(),
+        );
+        background.spawn(async move {
             let _slot = slot;
-            run(&proxy, &config, &stats, &budget, budget_mib, job).await;
+            run(&through, &config, &stats, &budget, budget_mib, job).await;
         });
     }
 }
 
 async fn run(
-    proxy: &ProxyStore,
+    through: &Through,
     config: &PrefetchConfig,
     stats: &Stats,
     budget: &Semaphore,
     budget_mib: u32,
     job: Job,
 ) {
-    let digests = match referenced_blobs(proxy, &job.ctx, job.function, &job.result).await {
+    let digests = match referenced_blobs(&*through.blobs, &job.ctx, job.function, &job.result).await
+    {
         Ok(digests) => digests,
         Err(e) => {
             tracing::debug!("prefetch: cannot list outputs: {e}");
@@ -107,13 +157,15 @@ async fn run(
     Stats::add(&stats.prefetch_skipped, skipped.len() as u64);
     // Fetch in groups that fit the bytes-in-flight budget.
     for group in split_by_weight(wanted, config.max_bytes_in_flight, |d| d.size) {
-        fetch_group(proxy, config, budget, budget_mib, &job.ctx, &group).await;
+        fetch_group(through, stats, budget, budget_mib, &job.ctx, &group).await;
     }
 }
 
+/// Brings one group in once the budget allows, and counts what this
+/// prefetch transferred (not what it joined).
 async fn fetch_group(
-    proxy: &ProxyStore,
-    config: &PrefetchConfig,
+    through: &Through,
+    stats: &Stats,
     budget: &Semaphore,
     budget_mib: u32,
     ctx: &RequestContext,
@@ -124,7 +176,31 @@ async fn fetch_group(
     let Ok(_permits) = budget.acquire_many(need).await else {
         return;
     };
-    if let Err(e) = proxy.prefetch(ctx, group, config.parallel_fetches).await {
-        tracing::debug!("prefetch failed: {e}");
+    let ledger = &through.ledger;
+    let outcomes = match through
+        .reads
+        .bring_in(ctx, group, |d| ledger.started(d))
+        .await
+    {
+        Ok(outcomes) => outcomes,
+        Err(e) => {
+            tracing::debug!("prefetch failed: {e}");
+            return;
+        }
+    };
+    let (mut blobs, mut bytes) = (0, 0);
+    for (d, result) in outcomes {
+        match result {
+            Ok(()) => {
+                blobs += 1;
+                bytes += d.size;
+            }
+            Err(e) => {
+                ledger.failed(&d);
+                tracing::debug!("prefetch of {d} failed: {e}");
+            }
+        }
     }
+    Stats::add(&stats.prefetched_blobs, blobs);
+    Stats::add(&stats.prefetched_bytes, bytes);
 }

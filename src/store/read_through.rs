@@ -1,0 +1,411 @@
+//! Read-through: blobs are served from the local store; a miss is fetched
+//! from the upstream once, verified, stored locally, then served locally.
+//!
+//! - Concurrent readers of the same missing blob join one fetch
+//!   ([`SingleFlight`]); the fetch finishes even if they all leave.
+//! - Small misses that arrive together are fetched in one batched upstream
+//!   read; a large one streams over ByteStream on its own.
+//! - A blob larger than the whole local store streams straight from the
+//!   upstream; so does one evicted again before it could be served.
+//! - Prefetch brings blobs in through the same flights ([`ReadThrough::bring_in`]),
+//!   so a client read arriving meanwhile joins the transfer in progress.
+//!   A [`ReadHook`] is told of every local hit, so prefetch can keep score
+//!   without this layer knowing about it.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+
+use crate::context::RequestContext;
+use crate::digest::Digest;
+use crate::error::{Error, Result};
+use crate::stats::Stats;
+use crate::store::single_flight::{Role, SingleFlight, Ticket};
+use crate::store::{BlobStore, ChunkStream, SMALL_BLOB, read_to_bytes};
+use crate::tasks::Background;
+
+/// Told about reads served by the local store, so a higher layer (prefetch's
+/// hit/waste ledger) can keep score without `store/` depending on it.
+pub trait ReadHook: Send + Sync {
+    /// A client read `digest` from the local store.
+    fn served_locally(&self, digest: &Digest);
+}
+
+/// The local store in front of the upstream, for reads.
+pub struct ReadThrough {
+    /// Where blobs are served from and fetched into.
+    local: Arc<dyn BlobStore>,
+    /// Where misses are fetched from.
+    upstream: Arc<dyn BlobStore>,
+    /// The local store's quota: a larger blob could never be stored there.
+    local_capacity: u64,
+    /// Fetches in progress, by digest.
+    flights: SingleFlight<Digest, ()>,
+    /// Told of local hits (prefetch's ledger), if any.
+    hook: Option<Arc<dyn ReadHook>>,
+    stats: Arc<Stats>,
+}
+
+impl ReadThrough {
+    /// Serves `local` (holding at most `local_capacity` bytes) in front of
+    /// `upstream`; fetches are spawned on `background`.
+    pub fn new(
+        local: Arc<dyn BlobStore>,
+        local_capacity: u64,
+        upstream: Arc<dyn BlobStore>,
+        stats: Arc<Stats>,
+        background: &Background,
+    ) -> Self {
+        ReadThrough {
+            local,
+            upstream,
+            local_capacity,
+            flights: SingleFlight::new(background.clone()),
+            hook: None,
+            stats,
+        }
+    }
+
+    /// Tells `hook` of every local hit from now on.
+    pub fn with_hook(mut self, hook: Arc<dyn ReadHook>) -> Self {
+        self.hook = Some(hook);
+        self
+    }
+
+    /// Streams a blob: locally, after fetching it on a miss.
+    pub async fn read(
+        &self,
+        ctx: &RequestContext,
+        digest: &Digest,
+        offset: u64,
+        limit: u64,
+    ) -> Result<ChunkStream> {
+        match self.local.read(ctx, digest, offset, limit).await {
+            Err(Error::NotFound(_)) => {}
+            Ok(stream) => {
+                self.served_locally(digest);
+                return Ok(stream);
+            }
+            other => return other,
+        }
+        if digest.size > self.local_capacity {
+            return self.upstream.read(ctx, digest, offset, limit).await;
+        }
+        let ticket = self.claim(ctx, std::slice::from_ref(digest)).remove(0);
+        ticket.wait().await?;
+        match self.local.read(ctx, digest, offset, limit).await {
+            // Evicted again under heavy pressure: stream from upstream.
+            Err(Error::NotFound(_)) => self.upstream.read(ctx, digest, offset, limit).await,
+            other => other,
+        }
+    }
+
+    /// Reads several small blobs: the local hits, then the misses fetched
+    /// together.
+    pub async fn read_many(&self, ctx: &RequestContext, digests: &[Digest]) -> Vec<Result<Bytes>> {
+        let mut results = self.local.read_many(ctx, digests).await;
+        for (d, r) in digests.iter().zip(&results) {
+            if r.is_ok() {
+                self.served_locally(d);
+            }
+        }
+        let misses: Vec<usize> = (0..digests.len())
+            .filter(|&i| matches!(results[i], Err(Error::NotFound(_))))
+            .collect();
+        let wanted: Vec<Digest> = misses.iter().map(|&i| digests[i]).collect();
+        let tickets = self.claim(ctx, &wanted);
+        let fetched =
+            futures::future::join_all(wanted.iter().zip(tickets).map(|(d, ticket)| async move {
+                ticket.wait().await?;
+                read_to_bytes(&*self.local, ctx, d).await
+            }))
+            .await;
+        for (i, r) in misses.into_iter().zip(fetched) {
+            results[i] = r;
+        }
+        results
+    }
+
+    /// Brings `digests` into the local store (those not there yet) through
+    /// the same flights as client reads. `started` is told of each transfer
+    /// this call starts, before any of them is awaited, so a client read
+    /// landing on one can be told apart. Returns the outcome of each transfer
+    /// this call started.
+    pub async fn bring_in(
+        &self,
+        ctx: &RequestContext,
+        digests: &[Digest],
+        started: impl Fn(&Digest),
+    ) -> Result<Vec<(Digest, Result<()>)>> {
+        let mut seen = HashSet::new();
+        let unique: Vec<Digest> = digests
+            .iter()
+            .filter(|d| seen.insert(**d))
+            .copied()
+            .collect();
+        let missing = self.local.find_missing(ctx, &unique).await?;
+        let tickets = self.claim(ctx, &missing);
+        let mine: Vec<bool> = tickets.iter().map(|t| t.role() == Role::Started).collect();
+        for (d, _) in missing.iter().zip(&mine).filter(|(_, mine)| **mine) {
+            started(d);
+        }
+        let mut outcomes = Vec::new();
+        for ((d, ticket), mine) in missing.into_iter().zip(tickets).zip(mine) {
+            let result = ticket.wait().await;
+            if mine {
+                outcomes.push((d, result));
+            }
+        }
+        Ok(outcomes)
+    }
+
+    fn served_locally(&self, digest: &Digest) {
+        if let Some(hook) = &self.hook {
+            hook.served_locally(digest);
+        }
+    }
+
+    /// A ticket per digest: a fetch in progress is joined; the others start
+    /// now, the small ones together in one batched read, each large one alone.
+    fn claim(&self, ctx: &RequestContext, digests: &[Digest]) -> Vec<Ticket<()>> {
+        let mut tickets: Vec<Option<Ticket<()>>> = digests.iter().map(|_| None).collect();
+        let small: Vec<usize> = (0..digests.len())
+            .filter(|&i| digests[i].size <= SMALL_BLOB)
+            .collect();
+        let wanted: Vec<Digest> = small.iter().map(|&i| digests[i]).collect();
+        for (i, ticket) in small.into_iter().zip(self.start_or_join(ctx, &wanted)) {
+            tickets[i] = Some(ticket);
+        }
+        for (i, d) in digests.iter().enumerate() {
+            if d.size > SMALL_BLOB {
+                tickets[i] = self.start_or_join(ctx, std::slice::from_ref(d)).pop();
+            }
+        }
+        tickets
+            .into_iter()
+            .map(|t| t.expect("a ticket per digest"))
+            .collect()
+    }
+
+    /// Joins or starts one transfer for `digests`.
+    fn start_or_join(&self, ctx: &RequestContext, digests: &[Digest]) -> Vec<Ticket<()>> {
+        if digests.is_empty() {
+            return Vec::new();
+        }
+        let (local, upstream, ctx) = (self.local.clone(), self.upstream.clone(), ctx.clone());
+        let tickets = self.flights.claim(digests, |wanted| {
+            Stats::add(&self.stats.upstream_fetches, wanted.len() as u64);
+            async move {
+                let results = fetch_into(&*local, &*upstream, &ctx, &wanted).await;
+                for (d, r) in wanted.iter().zip(&results) {
+                    if let Err(e) = r {
+                        tracing::debug!("fetching {d} from upstream failed: {e}");
+                    }
+                }
+                results
+            }
+        });
+        let joins = tickets.iter().filter(|t| t.role() == Role::Joined).count();
+        Stats::add(&self.stats.single_flight_joins, joins as u64);
+        tickets
+    }
+}
+
+/// Fetches blobs from the upstream into the local store: one blob over
+/// ByteStream, or several small ones in one batched read. One result each.
+async fn fetch_into(
+    local: &dyn BlobStore,
+    upstream: &dyn BlobStore,
+    ctx: &RequestContext,
+    digests: &[Digest],
+) -> Vec<Result<()>> {
+    if let [digest] = digests
+        && digest.size > SMALL_BLOB
+    {
+        return vec![fetch_large(local, upstream, ctx, digest).await];
+    }
+    let reads = upstream.read_many(ctx, digests).await;
+    let mut results: Vec<Result<()>> = Vec::with_capacity(digests.len());
+    let mut fetched = Vec::new();
+    let mut positions = Vec::new();
+    for (i, (d, read)) in digests.iter().zip(reads).enumerate() {
+        match read {
+            Ok(data) => {
+                fetched.push((*d, data));
+                positions.push(i);
+                results.push(Ok(()));
+            }
+            Err(e) => results.push(Err(e)),
+        }
+    }
+    for (i, stored) in positions
+        .into_iter()
+        .zip(local.write_many(ctx, fetched).await)
+    {
+        results[i] = stored;
+    }
+    results
+}
+
+/// Streams one large blob from the upstream into the local store.
+async fn fetch_large(
+    local: &dyn BlobStore,
+    upstream: &dyn BlobStore,
+    ctx: &RequestContext,
+    digest: &Digest,
+) -> Result<()> {
+    // The local writer verifies; a mismatch here is the upstream's fault,
+    // not the client's, so it must not come back as INVALID_ARGUMENT.
+    let corrupt = |e: Error| match e {
+        Error::InvalidArgument(why) => {
+            Error::Unavailable(format!("upstream sent corrupt data for {digest}: {why}"))
+        }
+        e => e,
+    };
+    let mut stream = upstream.read(ctx, digest, 0, 0).await?;
+    let mut writer = local.begin_write(ctx, digest).await?;
+    while let Some(chunk) = stream.try_next().await? {
+        writer.write(chunk).await.map_err(corrupt)?;
+    }
+    writer.commit().await.map_err(corrupt)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::digest::DigestFunction;
+    use crate::store::memory::{MemoryStore, count};
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    fn blob(len: usize, seed: u8) -> Bytes {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect()
+    }
+
+    fn read_through(
+        local: &Arc<MemoryStore>,
+        upstream: &Arc<MemoryStore>,
+        stats: &Arc<Stats>,
+    ) -> ReadThrough {
+        ReadThrough::new(
+            local.clone(),
+            1 << 30,
+            upstream.clone(),
+            stats.clone(),
+            &Background::new(),
+        )
+    }
+
+    async fn read(store: &ReadThrough, d: &Digest) -> Result<Bytes> {
+        let ctx = RequestContext::default();
+        let stream = store.read(&ctx, d, 0, 0).await?;
+        let chunks: Vec<Bytes> = stream.try_collect().await?;
+        Ok(chunks.concat().into())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_reads_of_a_missing_blob_share_one_fetch() {
+        let (local, upstream) = (
+            Arc::new(MemoryStore::default()),
+            Arc::new(MemoryStore::default()),
+        );
+        *upstream.read_delay.lock().unwrap() = Duration::from_millis(100);
+        let data = blob(3 << 20, 1);
+        let d = upstream.insert(&data);
+        let stats = Arc::new(Stats::default());
+        let store = Arc::new(read_through(&local, &upstream, &stats));
+        let readers: Vec<_> = (0..50)
+            .map(|_| {
+                let store = store.clone();
+                tokio::spawn(async move { read(&store, &d).await.unwrap() })
+            })
+            .collect();
+        for r in readers {
+            assert_eq!(r.await.unwrap(), data);
+        }
+        assert_eq!(count(&upstream.reads), 1, "one upstream transfer");
+        assert_eq!(Stats::get(&stats.upstream_fetches), 1);
+        assert_eq!(Stats::get(&stats.single_flight_joins), 49);
+        assert!(local.has(&d), "stored locally");
+        read(&store, &d).await.unwrap();
+        assert_eq!(count(&upstream.reads), 1, "now served locally");
+    }
+
+    #[tokio::test]
+    async fn small_misses_are_fetched_in_one_batch() {
+        let (local, upstream) = (
+            Arc::new(MemoryStore::default()),
+            Arc::new(MemoryStore::default()),
+        );
+        let digests: Vec<Digest> = (0..5u8).map(|i| upstream.insert(&blob(100, i))).collect();
+        let stats = Arc::new(Stats::default());
+        let store = read_through(&local, &upstream, &stats);
+        let ctx = RequestContext::default();
+        let results = store.read_many(&ctx, &digests).await;
+        assert!(results.iter().all(Result::is_ok));
+        assert_eq!(count(&upstream.read_many_calls), 1);
+        assert!(digests.iter().all(|d| local.has(d)));
+    }
+
+    #[tokio::test]
+    async fn bring_in_reports_what_it_started_and_hits_reach_the_hook() {
+        struct Hits(Mutex<Vec<Digest>>);
+        impl ReadHook for Hits {
+            fn served_locally(&self, digest: &Digest) {
+                self.0.lock().unwrap().push(*digest);
+            }
+        }
+        let (local, upstream) = (
+            Arc::new(MemoryStore::default()),
+            Arc::new(MemoryStore::default()),
+        );
+        let held = local.insert(b"held");
+        let small = upstream.insert(&blob(10, 1));
+        let large = upstream.insert(&blob(2 << 20, 2));
+        let absent = Digest::of(DigestFunction::Sha256, b"absent");
+        let hits = Arc::new(Hits(Mutex::new(Vec::new())));
+        let stats = Arc::new(Stats::default());
+        let store = read_through(&local, &upstream, &stats).with_hook(hits.clone());
+        let ctx = RequestContext::default();
+        let started = Mutex::new(Vec::new());
+        let outcomes = store
+            .bring_in(&ctx, &[held, small, large, small, absent], |d| {
+                started.lock().unwrap().push(*d)
+            })
+            .await
+            .unwrap();
+        assert_eq!(*started.lock().unwrap(), vec![small, large, absent]);
+        let ok: Vec<(Digest, bool)> = outcomes.iter().map(|(d, r)| (*d, r.is_ok())).collect();
+        assert_eq!(ok, vec![(small, true), (large, true), (absent, false)]);
+        assert!(
+            hits.0.lock().unwrap().is_empty(),
+            "prefetch is no client read"
+        );
+        read(&store, &small).await.unwrap();
+        assert_eq!(*hits.0.lock().unwrap(), vec![small]);
+    }
+
+    #[tokio::test]
+    async fn local_hits_are_served_while_the_upstream_is_down() {
+        let (local, upstream) = (
+            Arc::new(MemoryStore::default()),
+            Arc::new(MemoryStore::default()),
+        );
+        let d = local.insert(b"local");
+        let store = read_through(&local, &upstream, &Arc::new(Stats::default()));
+        upstream
+            .down
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(
+            read(&store, &d).await.unwrap(),
+            Bytes::from_static(b"local")
+        );
+        let other = Digest::of(DigestFunction::Sha256, b"elsewhere");
+        let err = read(&store, &other).await;
+        assert!(matches!(err, Err(Error::Unavailable(_))), "{err:?}");
+    }
+}

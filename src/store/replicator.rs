@@ -1,0 +1,131 @@
+//! Copies blobs from one store to another: "the upstream lacks these, the
+//! local store holds them, send them over".
+//!
+//! Used by FindMissingBlobs backfill (the proxy reports a blob present once
+//! it has uploaded it) and by execution's MISSING repair. Small blobs travel
+//! in one batched write; large ones are streamed, a few at a time. The
+//! receiving store verifies each blob.
+
+use std::sync::Arc;
+
+use futures::{StreamExt, TryStreamExt};
+
+use crate::context::RequestContext;
+use crate::digest::Digest;
+use crate::error::Result;
+use crate::stats::Stats;
+use crate::store::{BlobStore, SMALL_BLOB};
+
+/// Large blobs streamed at once.
+const PARALLEL_UPLOADS: usize = 4;
+
+/// Copies blobs from `from` to `to`.
+pub struct Replicator {
+    /// Where the blobs are read (the local store).
+    from: Arc<dyn BlobStore>,
+    /// Where they are written (the upstream).
+    to: Arc<dyn BlobStore>,
+    /// Counts each copied blob (`uploads_from_local`).
+    stats: Arc<Stats>,
+}
+
+impl Replicator {
+    /// Copies from `from` into `to`.
+    pub fn new(from: Arc<dyn BlobStore>, to: Arc<dyn BlobStore>, stats: Arc<Stats>) -> Self {
+        Replicator { from, to, stats }
+    }
+
+    /// Copies `digests`; returns the ones that could not be copied.
+    pub async fn copy(&self, ctx: &RequestContext, digests: Vec<Digest>) -> Vec<Digest> {
+        let (small, large): (Vec<Digest>, Vec<Digest>) =
+            digests.into_iter().partition(|d| d.size <= SMALL_BLOB);
+        let mut failed = Vec::new();
+        if !small.is_empty() {
+            let reads = self.from.read_many(ctx, &small).await;
+            let mut blobs = Vec::new();
+            for (d, r) in small.iter().zip(reads) {
+                match r {
+                    Ok(data) => blobs.push((*d, data)),
+                    Err(_) => failed.push(*d),
+                }
+            }
+            let digests: Vec<Digest> = blobs.iter().map(|(d, _)| *d).collect();
+            let results = self.to.write_many(ctx, blobs).await;
+            for (d, r) in digests.into_iter().zip(results) {
+                self.count(&d, r, &mut failed);
+            }
+        }
+        let outcomes: Vec<(Digest, Result<()>)> = futures::stream::iter(large)
+            .map(|d| async move { (d, copy_blob(&*self.from, &*self.to, ctx, &d).await) })
+            .buffer_unordered(PARALLEL_UPLOADS)
+            .collect()
+            .await;
+        for (d, r) in outcomes {
+            self.count(&d, r, &mut failed);
+        }
+        failed
+    }
+
+    fn count(&self, digest: &Digest, result: Result<()>, failed: &mut Vec<Digest>) {
+        match result {
+            Ok(()) => Stats::add(&self.stats.uploads_from_local, 1),
+            Err(e) => {
+                tracing::debug!("uploading {digest} from the local store failed: {e}");
+                failed.push(*digest);
+            }
+        }
+    }
+}
+
+/// Streams one blob from `from` into `to` (which verifies it).
+async fn copy_blob(
+    from: &dyn BlobStore,
+    to: &dyn BlobStore,
+    ctx: &RequestContext,
+    digest: &Digest,
+) -> Result<()> {
+    let mut stream = from.read(ctx, digest, 0, 0).await?;
+    let mut writer = to.begin_write(ctx, digest).await?;
+    while let Some(chunk) = stream.try_next().await? {
+        writer.write(chunk).await?;
+    }
+    writer.commit().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::digest::DigestFunction;
+    use crate::store::memory::MemoryStore;
+
+    #[tokio::test]
+    async fn copies_small_and_large_blobs_and_reports_the_rest() {
+        let (from, to) = (
+            Arc::new(MemoryStore::default()),
+            Arc::new(MemoryStore::default()),
+        );
+        let small = from.insert(b"small");
+        let large = from.insert(&vec![7u8; 2 << 20]);
+        let absent = Digest::of(DigestFunction::Sha256, b"absent");
+        let absent_large = Digest {
+            size: 3 << 20,
+            ..absent
+        };
+        let stats = Arc::new(Stats::default());
+        let replicator = Replicator::new(from.clone(), to.clone(), stats.clone());
+        let ctx = RequestContext::default();
+        let mut failed = replicator
+            .copy(&ctx, vec![small, large, absent, absent_large])
+            .await;
+        failed.sort();
+        let mut expected = vec![absent, absent_large];
+        expected.sort();
+        assert_eq!(failed, expected);
+        assert!(to.has(&small) && to.has(&large));
+        assert_eq!(Stats::get(&stats.uploads_from_local), 2);
+        let copied = crate::store::read_to_bytes(&*to, &ctx, &large)
+            .await
+            .unwrap();
+        assert_eq!(copied.len(), 2 << 20);
+    }
+}

@@ -1,0 +1,242 @@
+//! Write-through: a client's write goes to the local store and the upstream
+//! together (a tee), and succeeds only once both have the blob.
+//!
+//! The local store verifies the data; nothing goes upstream unverified. A
+//! small blob is buffered and sent in a batched BatchUpdateBlobs on commit;
+//! a large one streams to both as it arrives. A blob larger than the whole
+//! local store goes to the upstream only (verified here when buffered, by
+//! the upstream otherwise).
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+
+use crate::context::RequestContext;
+use crate::digest::Digest;
+use crate::error::{Error, Result};
+use crate::store::{BlobStore, BlobWriter, SMALL_BLOB};
+
+/// The local store and the upstream, for writes.
+pub struct WriteThrough {
+    /// Where the blob is verified and kept.
+    local: Arc<dyn BlobStore>,
+    /// The local store's quota: a larger blob goes to the upstream only.
+    local_capacity: u64,
+    /// Where the work runs: it needs every blob too.
+    upstream: Arc<dyn BlobStore>,
+}
+
+impl WriteThrough {
+    /// Writes to `local` (holding at most `local_capacity` bytes) and `upstream`.
+    pub fn new(
+        local: Arc<dyn BlobStore>,
+        local_capacity: u64,
+        upstream: Arc<dyn BlobStore>,
+    ) -> Self {
+        WriteThrough {
+            local,
+            local_capacity,
+            upstream,
+        }
+    }
+
+    /// Starts a tee write of one blob.
+    pub async fn begin_write(
+        &self,
+        ctx: &RequestContext,
+        digest: &Digest,
+    ) -> Result<Box<dyn BlobWriter>> {
+        let local = if digest.size <= self.local_capacity {
+            Some(self.local.begin_write(ctx, digest).await?)
+        } else {
+            None
+        };
+        let upstream = if digest.size <= SMALL_BLOB {
+            Sink::Buffer(BytesMut::with_capacity(digest.size as usize))
+        } else {
+            Sink::Stream(self.upstream.begin_write(ctx, digest).await?)
+        };
+        Ok(Box::new(TeeWriter {
+            ctx: ctx.clone(),
+            digest: *digest,
+            local,
+            upstream,
+            upstream_store: self.upstream.clone(),
+            written: 0,
+        }))
+    }
+
+    /// Writes whole blobs: verified and stored locally, then the ones the
+    /// local store accepted go upstream. One result per blob.
+    pub async fn write_many(
+        &self,
+        ctx: &RequestContext,
+        blobs: Vec<(Digest, Bytes)>,
+    ) -> Vec<Result<()>> {
+        let mut results = self.local.write_many(ctx, blobs.clone()).await;
+        let (positions, verified): (Vec<usize>, Vec<(Digest, Bytes)>) = blobs
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| results[*i].is_ok())
+            .unzip();
+        let upstream_results = self.upstream.write_many(ctx, verified).await;
+        for (i, r) in positions.into_iter().zip(upstream_results) {
+            results[i] = r;
+        }
+        results
+    }
+}
+
+/// Where a tee write sends the upstream's copy.
+enum Sink {
+    /// Small blob: buffered, sent in a batched BatchUpdateBlobs on commit.
+    Buffer(BytesMut),
+    /// Large blob: streamed to the upstream alongside the local write.
+    Stream(Box<dyn BlobWriter>),
+}
+
+/// Writes one blob to the local store and the upstream together.
+struct TeeWriter {
+    ctx: RequestContext,
+    digest: Digest,
+    /// `None` when the blob is too large for the local store.
+    local: Option<Box<dyn BlobWriter>>,
+    upstream: Sink,
+    /// Where a buffered blob is sent on commit.
+    upstream_store: Arc<dyn BlobStore>,
+    written: u64,
+}
+
+#[async_trait]
+impl BlobWriter for TeeWriter {
+    async fn write(&mut self, data: Bytes) -> Result<()> {
+        if let Some(local) = &mut self.local {
+            local.write(data.clone()).await?;
+        } else if self.written + data.len() as u64 > self.digest.size {
+            return Err(Error::InvalidArgument(format!(
+                "size mismatch for {}: received more than {} bytes",
+                self.digest, self.digest.size
+            )));
+        }
+        match &mut self.upstream {
+            Sink::Buffer(buf) => buf.extend_from_slice(&data),
+            Sink::Stream(upstream) => upstream.write(data.clone()).await?,
+        }
+        self.written += data.len() as u64;
+        Ok(())
+    }
+
+    fn committed_size(&self) -> u64 {
+        self.written
+    }
+
+    async fn commit(self: Box<Self>) -> Result<()> {
+        let TeeWriter {
+            ctx,
+            digest,
+            local,
+            upstream,
+            upstream_store,
+            ..
+        } = *self;
+        // The local commit verifies the data; nothing goes upstream unverified
+        // (an unfinished upstream stream is cancelled when dropped).
+        match local {
+            Some(local) => local.commit().await?,
+            None => {
+                if let Sink::Buffer(buf) = &upstream {
+                    crate::digest::verify(&digest, &Digest::of(digest.function, buf))?;
+                }
+            }
+        }
+        match upstream {
+            Sink::Buffer(buf) => upstream_store
+                .write_many(&ctx, vec![(digest, buf.freeze())])
+                .await
+                .pop()
+                .expect("one result per blob"),
+            Sink::Stream(upstream) => upstream.commit().await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::digest::DigestFunction;
+    use crate::store::memory::MemoryStore;
+
+    fn blob(len: usize, seed: u8) -> Bytes {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect()
+    }
+
+    fn tee(local: &Arc<MemoryStore>, capacity: u64, upstream: &Arc<MemoryStore>) -> WriteThrough {
+        WriteThrough::new(local.clone(), capacity, upstream.clone())
+    }
+
+    async fn write(tee: &WriteThrough, d: &Digest, data: Bytes) -> Result<()> {
+        let ctx = RequestContext::default();
+        let mut writer = tee.begin_write(&ctx, d).await?;
+        writer.write(data).await?;
+        writer.commit().await
+    }
+
+    #[tokio::test]
+    async fn writes_go_to_both_and_bad_data_to_neither() {
+        let (local, upstream) = (
+            Arc::new(MemoryStore::default()),
+            Arc::new(MemoryStore::default()),
+        );
+        let tee = tee(&local, 1 << 30, &upstream);
+        for len in [10, 3 << 20] {
+            let data = blob(len, 4);
+            let d = Digest::of(DigestFunction::Sha256, &data);
+            write(&tee, &d, data.clone()).await.unwrap();
+            assert!(upstream.has(&d) && local.has(&d));
+            let mut wrong = data.to_vec();
+            wrong[0] ^= 1;
+            let dw = Digest::of(DigestFunction::Sha256, &blob(len, 5));
+            let err = write(&tee, &dw, Bytes::from(wrong)).await;
+            assert!(matches!(err, Err(Error::InvalidArgument(_))), "{err:?}");
+            assert!(!upstream.has(&dw) && !local.has(&dw));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_blob_too_large_for_the_local_store_goes_upstream_only() {
+        let (local, upstream) = (
+            Arc::new(MemoryStore::default()),
+            Arc::new(MemoryStore::default()),
+        );
+        let tee = tee(&local, 5, &upstream);
+        let data = blob(100, 1);
+        let d = Digest::of(DigestFunction::Sha256, &data);
+        write(&tee, &d, data.clone()).await.unwrap();
+        assert!(upstream.has(&d) && !local.has(&d));
+        let err = write(&tee, &d, blob(101, 1)).await;
+        assert!(matches!(err, Err(Error::InvalidArgument(_))), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn the_write_fails_when_the_upstream_refuses() {
+        let (local, upstream) = (
+            Arc::new(MemoryStore::default()),
+            Arc::new(MemoryStore::default()),
+        );
+        upstream
+            .down
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let data = blob(10, 1);
+        let d = Digest::of(DigestFunction::Sha256, &data);
+        let ctx = RequestContext::default();
+        let err = tee(&local, 1 << 30, &upstream)
+            .write_many(&ctx, vec![(d, data)])
+            .await
+            .pop()
+            .unwrap();
+        assert!(matches!(err, Err(Error::Unavailable(_))), "{err:?}");
+    }
+}
