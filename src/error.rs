@@ -42,6 +42,29 @@ pub enum Error {
     /// A bug or an unexpected storage failure.
     #[error("internal error: {0}")]
     Internal(String),
+    /// A status from the upstream, relayed to our client exactly as it came
+    /// (code, message, details): execution passthrough must not reword it.
+    #[error("{0}")]
+    Upstream(UpstreamStatus),
+}
+
+/// An upstream `tonic::Status` kept whole (boxed: it is large).
+#[derive(Clone, Debug)]
+pub struct UpstreamStatus(pub Box<tonic::Status>);
+
+impl PartialEq for UpstreamStatus {
+    fn eq(&self, other: &Self) -> bool {
+        let (a, b) = (&self.0, &other.0);
+        a.code() == b.code() && a.message() == b.message() && a.details() == b.details()
+    }
+}
+
+impl Eq for UpstreamStatus {}
+
+impl std::fmt::Display for UpstreamStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0.message())
+    }
 }
 
 /// Result alias used across the crate.
@@ -62,6 +85,7 @@ impl Error {
             Error::PermissionDenied(_) => Code::PermissionDenied,
             Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
             Error::Internal(_) => Code::Internal,
+            Error::Upstream(status) => status.0.code(),
         }
     }
 
@@ -88,6 +112,11 @@ impl Error {
             }
             _ => Error::Internal(msg),
         }
+    }
+
+    /// Relays an upstream status unchanged (see [`Error::Upstream`]).
+    pub fn relayed(status: tonic::Status) -> Self {
+        Error::Upstream(UpstreamStatus(Box::new(status)))
     }
 
     /// The per-entry status used inside Batch* responses.
@@ -120,6 +149,9 @@ impl From<Error> for tonic::Status {
     fn from(err: Error) -> Self {
         if let Error::Internal(msg) = &err {
             tracing::error!("internal error: {msg}");
+        }
+        if let Error::Upstream(status) = err {
+            return *status.0;
         }
         tonic::Status::new(err.code(), err.to_string())
     }
