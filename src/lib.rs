@@ -14,7 +14,8 @@
 //! - [`metrics`]: Prometheus text at `/metrics`.
 //! - [`prefetch`]: pulling finished actions' outputs into the local store.
 //! - [`resource`]: ByteStream resource-name parsing.
-//! - [`execution`]: input lists, MISSING preconditions, finished Operations.
+//! - [`execution`]: execution passthrough: input check, MISSING repair, relay, caching.
+//! - [`reapi`]: Directory-tree walking; Actions, ActionResults, Operations read.
 //! - [`error`]: the crate's error type and its one mapping to gRPC status.
 //! - [`stats`]: counters behind `outpost stats` and `/metrics`.
 //! - [`tasks`]: background tasks that shutdown cancels and drains.
@@ -29,6 +30,7 @@ pub mod error;
 pub mod execution;
 pub mod metrics;
 pub mod prefetch;
+pub mod reapi;
 pub mod resource;
 pub mod server;
 pub mod service;

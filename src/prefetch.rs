@@ -16,8 +16,8 @@ use tokio::sync::{Semaphore, mpsc};
 use crate::config_upstream::PrefetchConfig;
 use crate::context::RequestContext;
 use crate::digest::{Digest, DigestFunction};
+use crate::reapi::action::referenced_blobs;
 use crate::stats::Stats;
-use crate::store::complete::referenced_blobs;
 use crate::store::proxy::ProxyStore;
 use crate::upstream::batcher::split_by_weight;
 

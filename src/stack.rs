@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use crate::config::Config;
 use crate::context::RequestContext;
+use crate::execution::{ExecutionDeps, Executor};
 use crate::prefetch::Prefetcher;
 use crate::service::execution::ExecutionService;
 use crate::service::operations::OperationsService;
@@ -82,14 +83,17 @@ impl Stack {
             upstream_store,
             prefetcher.clone(),
         ));
-        let execution = Arc::new(ExecutionService::new(
-            upstream.clone(),
-            proxy.clone(),
+        let executor = Executor::new(ExecutionDeps {
+            upstream: upstream.clone(),
+            blobs: proxy.clone(),
+            uploader: proxy.clone(),
             local_results,
             prefetcher,
             existence,
-            stats.clone(),
-        ));
+            stats: stats.clone(),
+            background: background.clone(),
+        });
+        let execution = Arc::new(ExecutionService::new(Arc::new(executor)));
         let operations = Arc::new(OperationsService::new(upstream.clone()));
         let probe = upstream.clone();
         background.spawn(async move {

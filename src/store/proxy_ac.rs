@@ -18,6 +18,7 @@ use futures::future::{BoxFuture, FutureExt, Shared};
 use crate::context::RequestContext;
 use crate::error::Result;
 use crate::prefetch::Prefetcher;
+use crate::reapi::action::strip_inlined;
 use crate::store::{ActionKey, ActionResultStore};
 
 /// Local action cache in front of the upstream's.
@@ -92,15 +93,6 @@ async fn fetch_result(
     }
     local.put_action_result(ctx, key, &result).await?;
     Ok(Some(result))
-}
-
-/// Drops inlined contents: they live in the CAS under their digests.
-pub fn strip_inlined(result: &mut ActionResult) {
-    result.stdout_raw.clear();
-    result.stderr_raw.clear();
-    for file in &mut result.output_files {
-        file.contents.clear();
-    }
 }
 
 #[async_trait]
