@@ -56,6 +56,20 @@ pub enum Error {
     /// RocksDB failed (reported as INTERNAL).
     #[error("internal error: rocksdb: {0}")]
     RocksDb(#[from] rocksdb::Error),
+    /// A status from the upstream, relayed to our client exactly as it came
+    /// (code, message, details): execution passthrough must not reword it.
+    #[error("{0}")]
+    Upstream(UpstreamStatus),
+}
+
+/// An upstream `tonic::Status` kept whole (boxed: it is large).
+#[derive(Clone, Debug)]
+pub struct UpstreamStatus(pub Box<tonic::Status>);
+
+impl std::fmt::Display for UpstreamStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0.message())
+    }
 }
 
 /// Result alias used across the crate.
@@ -76,6 +90,7 @@ impl Error {
             Error::PermissionDenied(_) => Code::PermissionDenied,
             Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
             Error::Internal(_) | Error::Io(_) | Error::RocksDb(_) => Code::Internal,
+            Error::Upstream(status) => status.0.code(),
         }
     }
 
@@ -97,6 +112,7 @@ impl Error {
             Error::Internal(m) => Error::Internal(m.clone()),
             Error::Io(e) => Error::Io(std::io::Error::new(e.kind(), e.to_string())),
             Error::RocksDb(e) => Error::Internal(format!("rocksdb: {e}")),
+            Error::Upstream(status) => Error::Upstream(status.clone()),
         }
     }
 
@@ -123,6 +139,11 @@ impl Error {
             }
             _ => Error::Internal(msg),
         }
+    }
+
+    /// Relays an upstream status unchanged (see [`Error::Upstream`]).
+    pub fn relayed(status: tonic::Status) -> Self {
+        Error::Upstream(UpstreamStatus(Box::new(status)))
     }
 
     /// The per-entry status used inside Batch* responses.
@@ -163,6 +184,9 @@ impl From<Error> for tonic::Status {
     fn from(err: Error) -> Self {
         if err.code() == Code::Internal {
             tracing::error!("{err}");
+        }
+        if let Error::Upstream(status) = err {
+            return *status.0;
         }
         tonic::Status::new(err.code(), err.to_string())
     }

@@ -13,8 +13,9 @@
 //! - [`digest`]: validated digests and incremental hashing.
 //! - [`metrics`]: Prometheus text at `/metrics`.
 //! - [`prefetch`]: pulling finished actions' outputs into the local store.
-//! - [`reapi`]: REAPI domain helpers (ByteStream resource names).
-//! - [`execution`]: input lists, MISSING preconditions, finished Operations.
+//! - [`execution`]: execution passthrough: input check, MISSING repair, relay, caching.
+//! - [`reapi`]: REAPI domain helpers: resource names, the Directory-tree walker,
+//!   Actions, ActionResults and Operations.
 //! - [`error`]: the crate's error type and its one mapping to gRPC status.
 //! - [`stats`]: counters behind `outpost stats` and `/metrics`.
 //! - [`tasks`]: background tasks that shutdown cancels and drains.

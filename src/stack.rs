@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use crate::config::Config;
 use crate::context::RequestContext;
+use crate::execution::{ExecutionDeps, Executor};
 use crate::prefetch::Prefetcher;
 use crate::prefetch::ledger::Ledger;
 use crate::service::execution::ExecutionService;
@@ -104,15 +105,17 @@ impl Stack {
             prefetcher.clone().map(|p| p as Arc<dyn ResultObserver>),
             background,
         ));
-        let execution = Arc::new(ExecutionService::new(
-            upstream.clone(),
-            blobs.clone(),
-            proxy.replicator(),
+        let executor = Executor::new(ExecutionDeps {
+            upstream: upstream.clone(),
+            blobs: proxy.clone(),
+            uploader: proxy.replicator(),
             local_results,
             prefetcher,
             existence,
-            stats.clone(),
-        ));
+            stats: stats.clone(),
+            background: background.clone(),
+        });
+        let execution = Arc::new(ExecutionService::new(Arc::new(executor)));
         let operations = Arc::new(OperationsService::new(upstream.clone()));
         let probe = upstream.clone();
         background.spawn(async move {

@@ -1,6 +1,12 @@
-//! REAPI domain helpers shared by the services and the stores: things that
-//! follow from the protocol itself rather than from any one layer.
+//! REAPI domain knowledge that is neither a service nor a store: resource
+//! names, walking Directory trees, and reading Actions, ActionResults and
+//! Operations. It sits below `store/` (which may use it) and reads blobs only
+//! through [`BlobStore`](crate::store::BlobStore).
 //!
 //! - [`resource`]: ByteStream resource names, parsed and formatted.
+//! - [`tree`]: the one level-batched Directory walker.
+//! - [`action`]: action inputs, referenced blobs, precondition failures.
 
+pub mod action;
 pub mod resource;
+pub mod tree;

@@ -114,7 +114,7 @@ impl ActionCacheService {
         self.move_inlined_into_cas(&ctx, function, &mut result)
             .await?;
         // Every digest must parse, so a stored result is always usable.
-        crate::store::complete::check_digests(function, &result)?;
+        crate::reapi::action::check_digests(function, &result)?;
         self.backend
             .actions
             .put_action_result(&ctx, &key, &result)

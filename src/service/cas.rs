@@ -1,13 +1,12 @@
 //! ContentAddressableStorage: FindMissingBlobs, Batch{Update,Read}Blobs, GetTree.
 
-use std::collections::HashSet;
 use std::pin::Pin;
 
 use bazel_remote_apis::build::bazel::remote::execution::v2::{
     self as re, BatchReadBlobsRequest, BatchReadBlobsResponse, BatchUpdateBlobsRequest,
-    BatchUpdateBlobsResponse, Directory, FindMissingBlobsRequest, FindMissingBlobsResponse,
-    GetTreeRequest, GetTreeResponse, batch_read_blobs_response, batch_update_blobs_response,
-    compressor, content_addressable_storage_server::ContentAddressableStorage,
+    BatchUpdateBlobsResponse, FindMissingBlobsRequest, FindMissingBlobsResponse, GetTreeRequest,
+    GetTreeResponse, batch_read_blobs_response, batch_update_blobs_response, compressor,
+    content_addressable_storage_server::ContentAddressableStorage,
 };
 use bytes::Bytes;
 use futures::Stream;
@@ -19,6 +18,7 @@ use tonic::{Request, Response, Status};
 use crate::context::RequestContext;
 use crate::digest::{Digest, DigestFunction};
 use crate::error::{Error, Result, ok_rpc_status};
+use crate::reapi::tree::TreeWalk;
 use crate::service::Backend;
 
 /// Directories per GetTree page when the client does not ask for a size.
@@ -166,9 +166,8 @@ fn parse_page_token(token: &str) -> Result<usize> {
 }
 
 /// Streams the directories under `root` breadth-first, deduplicated,
-/// starting after `skip` of them, in pages of at most `page` directories.
-/// Each level of the tree is read with one `read_many`, so through the
-/// upstream proxy a tree costs one round trip per level, not per directory.
+/// starting after `skip` of them, in pages of at most `page` directories
+/// (see [`TreeWalk`]: one `read_many` per level of the tree).
 async fn stream_tree(
     backend: Backend,
     ctx: RequestContext,
@@ -190,27 +189,20 @@ async fn walk_tree(
     page: usize,
     tx: &tokio::sync::mpsc::Sender<std::result::Result<GetTreeResponse, Status>>,
 ) -> Result<()> {
-    let mut level = vec![root];
-    let mut seen = HashSet::from([root]);
+    let mut walk = TreeWalk::new(&*backend.blobs, ctx, [root]);
     let mut position = 0usize;
     let mut current = GetTreeResponse::default();
     let mut current_bytes = 0usize;
-    while !level.is_empty() {
-        let reads = backend.blobs.read_many(ctx, &level).await;
-        let mut next = Vec::new();
-        for (i, (digest, read)) in level.iter().zip(reads).enumerate() {
-            let dir = match read {
-                Ok(bytes) => Directory::decode(bytes)?,
-                // The spec: return the part of the tree that is present.
-                Err(Error::NotFound(_)) if *digest != root => continue,
-                Err(e) => return Err(e),
-            };
-            for child in &dir.directories {
-                let d = Digest::from_proto(root.function, child.digest.as_ref())?;
-                if seen.insert(d) {
-                    next.push(d);
+    while let Some(level) = walk.next_level().await? {
+        let len = level.len();
+        for (i, (digest, dir)) in level.into_iter().enumerate() {
+            let Some(dir) = dir else {
+                if digest == root {
+                    return Err(Error::NotFound(format!("root directory {root} not found")));
                 }
-            }
+                // The spec: return the part of the tree that is present.
+                continue;
+            };
             position += 1;
             if position <= skip {
                 continue;
@@ -218,7 +210,7 @@ async fn walk_tree(
             current_bytes += dir.encoded_len();
             current.directories.push(dir);
             if current.directories.len() >= page || current_bytes >= MAX_TREE_PAGE_BYTES {
-                let more = i + 1 < level.len() || !next.is_empty();
+                let more = i + 1 < len || !walk.is_done();
                 current.next_page_token = if more {
                     position.to_string()
                 } else {
@@ -230,7 +222,6 @@ async fn walk_tree(
                 current_bytes = 0;
             }
         }
-        level = next;
     }
     if !current.directories.is_empty() || position <= skip {
         let _ = tx.send(Ok(current)).await;

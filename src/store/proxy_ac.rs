@@ -17,6 +17,7 @@ use bazel_remote_apis::build::bazel::remote::execution::v2::ActionResult;
 use crate::context::RequestContext;
 use crate::digest::DigestFunction;
 use crate::error::Result;
+use crate::reapi::action::strip_inlined;
 use crate::store::single_flight::SingleFlight;
 use crate::store::{ActionKey, ActionResultStore};
 use crate::tasks::Background;
@@ -73,15 +74,6 @@ async fn fetch_result(
     }
     local.put_action_result(ctx, key, &result).await?;
     Ok(Some(result))
-}
-
-/// Drops inlined contents: they live in the CAS under their digests.
-pub fn strip_inlined(result: &mut ActionResult) {
-    result.stdout_raw.clear();
-    result.stderr_raw.clear();
-    for file in &mut result.output_files {
-        file.contents.clear();
-    }
 }
 
 #[async_trait]

@@ -19,7 +19,7 @@ use bazel_remote_apis::google::longrunning::operations_client::OperationsClient;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::metadata::{AsciiMetadataKey, AsciiMetadataValue};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
-use tonic::{Code, Request, Response, Status};
+use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::config_upstream::UpstreamConfig;
 use crate::context::RequestContext;
@@ -227,7 +227,41 @@ impl Upstream {
     /// upstream is down, retries transient failures with exponential
     /// backoff, tracks health and counts. `call` is invoked once per attempt;
     /// every call made through here is idempotent, so retrying is safe.
-    pub async fn call<T, F, Fut>(&self, method: UpstreamMethod, mut call: F) -> Result<T>
+    pub async fn call<T, F, Fut>(&self, method: UpstreamMethod, call: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = std::result::Result<Response<T>, Status>>,
+    {
+        self.retrying(method, call, |status| self.error(&status))
+            .await
+    }
+
+    /// Opens a server-streaming call (Execute, WaitExecution) under the same
+    /// policy as [`Upstream::call`]. No call slot is held: the stream stays
+    /// open as long as the remote action runs. A failure keeps the
+    /// upstream's status whole ([`Error::Upstream`]): execution relays it to
+    /// its client as it came.
+    pub async fn open_stream<T, F, Fut>(
+        &self,
+        method: UpstreamMethod,
+        call: F,
+    ) -> Result<Streaming<T>>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = std::result::Result<Response<Streaming<T>>, Status>>,
+    {
+        self.retrying(method, call, Error::relayed).await
+    }
+
+    /// The one retry and health policy behind [`Upstream::call`] and
+    /// [`Upstream::open_stream`]; `to_error` turns the final status into
+    /// the caller's error.
+    async fn retrying<T, F, Fut>(
+        &self,
+        method: UpstreamMethod,
+        mut call: F,
+        to_error: impl FnOnce(Status) -> Error,
+    ) -> Result<T>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = std::result::Result<Response<T>, Status>>,
@@ -265,7 +299,7 @@ impl Upstream {
                         self.health.succeeded();
                     }
                     self.record_error(&status);
-                    return Err(self.error(&status));
+                    return Err(to_error(status));
                 }
             }
         }

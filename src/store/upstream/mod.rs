@@ -208,5 +208,7 @@ impl BlobStore for UpstreamStore {
 
 /// The error of a whole batched call, once per item it carried.
 fn each_fails<T>(e: &Error, n: usize) -> Vec<Result<T>> {
-    std::iter::repeat_with(|| Err(e.duplicate())).take(n).collect()
+    std::iter::repeat_with(|| Err(e.duplicate()))
+        .take(n)
+        .collect()
 }

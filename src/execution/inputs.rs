@@ -1,0 +1,41 @@
+//! The input check before an execution is forwarded: the upstream must
+//! hold the Action, its Command and the whole input tree. A FindMissing
+//! through the proxy uploads what only Outpost holds; what is still missing
+//! afterwards the upstream reports itself (and [`repair`](super::repair)
+//! handles).
+
+use crate::context::RequestContext;
+use crate::digest::Digest;
+use crate::error::{Error, Result};
+use crate::execution::ExecutionDeps;
+use crate::reapi::action::action_inputs;
+
+/// Makes sure the upstream has every input of `action`. Returns the
+/// essentials (the Action and, when it could be read, its Command): what to
+/// upload when the upstream refuses without naming a blob. Fails only when
+/// the blobs are unavailable; any other trouble is left to the upstream.
+pub(super) async fn ensure_inputs(
+    deps: &ExecutionDeps,
+    ctx: &RequestContext,
+    action: Digest,
+) -> Result<Vec<Digest>> {
+    let mut essentials = vec![action];
+    // If the upstream confirmed the Action within the existence TTL, the
+    // client has just checked its whole input set through us (as Bazel does
+    // before every Execute): walking the tree again would only cost round
+    // trips.
+    if deps.existence.knows(ctx, &action) {
+        return Ok(essentials);
+    }
+    match action_inputs(&*deps.blobs, ctx, &action).await {
+        Ok(inputs) => {
+            essentials.push(inputs.command);
+            if let Err(e) = deps.blobs.find_missing(ctx, &inputs.blobs).await {
+                tracing::debug!("input check for {action} failed: {e}");
+            }
+        }
+        Err(e @ Error::Unavailable(_)) => return Err(e),
+        Err(e) => tracing::debug!("cannot list the inputs of {action}: {e}"),
+    }
+    Ok(essentials)
+}
