@@ -2,13 +2,13 @@
 //!
 //! # Layout
 //! - [`client`]: connecting to a server (stats, tests, benches).
-//! - [`config`]: defaults, TOML file and flags merged into one [`config::Config`].
+//! - [`config`]: defaults, TOML file and flags merged into one [`config::Config`]
+//!   (`defaults`, `units`, `file`, `upstream`, `prefetch` inside).
 //! - [`server`]: builds the store stack and services; TCP + unix socket; shutdown.
 //! - [`stack`]: which store layers and services each mode (standalone, proxy) uses.
 //! - [`service`]: one thin gRPC adapter per REAPI service (and Outpost's Admin).
 //! - [`store`]: the [`store::BlobStore`] / [`store::ActionResultStore`] layers:
 //!   local RocksDB store, LRU index, blob files, action-result completeness.
-//! - [`config_upstream`]: the `[upstream]` and `[metrics]` sections.
 //! - [`context`]: per-request instance name and forwardable headers.
 //! - [`digest`]: validated digests and incremental hashing.
 //! - [`metrics`]: Prometheus text at `/metrics`.
@@ -22,7 +22,6 @@
 
 pub mod client;
 pub mod config;
-pub mod config_upstream;
 pub mod context;
 pub mod digest;
 pub mod error;

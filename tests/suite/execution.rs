@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use bazel_remote_apis::google::longrunning as lr;
 use outpost::config::Config;
-use outpost::config_upstream::{UpstreamConfig, UpstreamSection};
+use outpost::config::{UpstreamConfig, UpstreamSection};
 use prost::Message;
 use re::execution_stage::Value as Stage;
 use tonic::metadata::MetadataValue;
