@@ -1,6 +1,7 @@
 //! Outpost: a REAPI v2 caching sidecar that makes remote builds fast on slow links.
 //!
 //! # Layout
+//! - [`cli`]: client commands of the binary (`outpost stats`) and their formatting.
 //! - [`client`]: connecting to a server (stats, tests, benches).
 //! - [`config`]: defaults, TOML file and flags merged into one [`config::Config`]
 //!   (`defaults`, `units`, `file`, `upstream`, `prefetch` inside).
@@ -16,10 +17,11 @@
 //! - [`resource`]: ByteStream resource-name parsing.
 //! - [`execution`]: input lists, MISSING preconditions, finished Operations.
 //! - [`error`]: the crate's error type and its one mapping to gRPC status.
-//! - [`stats`]: counters behind `outpost stats` and `/metrics`.
+//! - [`stats`]: the one `counters!` table behind `Stats`, `/metrics` and `GetStats`.
 //! - [`tasks`]: background tasks that shutdown cancels and drains.
 //! - [`upstream`]: the upstream connection, health, and request batching.
 
+pub mod cli;
 pub mod client;
 pub mod config;
 pub mod context;
