@@ -1,14 +1,15 @@
 //! Outpost: a REAPI v2 caching sidecar that makes remote builds fast on slow links.
 //!
 //! # Layout
+//! - [`cli`]: client commands of the binary (`outpost stats`) and their formatting.
 //! - [`client`]: connecting to a server (stats, tests, benches).
-//! - [`config`]: defaults, TOML file and flags merged into one [`config::Config`].
+//! - [`config`]: defaults, TOML file and flags merged into one [`config::Config`]
+//!   (`defaults`, `units`, `file`, `upstream`, `prefetch` inside).
 //! - [`server`]: builds the store stack and services; TCP + unix socket; shutdown.
 //! - [`stack`]: which store layers and services each mode (standalone, proxy) uses.
 //! - [`service`]: one thin gRPC adapter per REAPI service (and Outpost's Admin).
 //! - [`store`]: the [`store::BlobStore`] / [`store::ActionResultStore`] layers:
 //!   local RocksDB store, LRU index, blob files, action-result completeness.
-//! - [`config_upstream`]: the `[upstream]` and `[metrics]` sections.
 //! - [`context`]: per-request instance name and forwardable headers.
 //! - [`digest`]: validated digests and incremental hashing.
 //! - [`metrics`]: Prometheus text at `/metrics`.
@@ -17,13 +18,13 @@
 //! - [`reapi`]: REAPI domain helpers: resource names, the Directory-tree walker,
 //!   Actions, ActionResults and Operations.
 //! - [`error`]: the crate's error type and its one mapping to gRPC status.
-//! - [`stats`]: counters behind `outpost stats` and `/metrics`.
+//! - [`stats`]: the one `counters!` table behind `Stats`, `/metrics` and `GetStats`.
 //! - [`tasks`]: background tasks that shutdown cancels and drains.
 //! - [`upstream`]: the upstream connection, health, and request batching.
 
+pub mod cli;
 pub mod client;
 pub mod config;
-pub mod config_upstream;
 pub mod context;
 pub mod digest;
 pub mod error;

@@ -1,10 +1,10 @@
-//! The `outpost` binary: flags, logging, config, then the server or a client command.
+//! The `outpost` binary: flags, logging, config, then the server or a client
+//! command (those live in `outpost::cli`).
 
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
-use outpost::admin_proto::GetStatsRequest;
-use outpost::admin_proto::admin_client::AdminClient;
+use outpost::cli::human_bytes;
 use outpost::config::{ByteSize, Config, FileConfig, Overrides};
 use outpost::server::RunningServer;
 use tracing_subscriber::EnvFilter;
@@ -97,7 +97,7 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     match cli.command {
         Command::Serve(args) => runtime.block_on(serve(args)),
-        Command::Stats(args) => runtime.block_on(stats(args)),
+        Command::Stats(args) => runtime.block_on(outpost::cli::stats::run(&args.server)),
     }
 }
 
@@ -139,139 +139,5 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
-    }
-}
-
-async fn stats(args: StatsArgs) -> anyhow::Result<()> {
-    let channel = outpost::client::connect(&args.server).await?;
-    let s = AdminClient::new(channel)
-        .get_stats(GetStatsRequest {})
-        .await?
-        .into_inner();
-    let pct = |a: u64, b: u64| {
-        if b == 0 {
-            0.0
-        } else {
-            100.0 * a as f64 / b as f64
-        }
-    };
-    println!(
-        "outpost {} at {}, up {}s",
-        s.version, args.server, s.uptime_seconds
-    );
-    println!(
-        "blobs:           {} ({} of {} quota, {:.1}%)",
-        s.blob_count,
-        human_bytes(s.blob_bytes),
-        human_bytes(s.quota_bytes),
-        pct(s.blob_bytes, s.quota_bytes)
-    );
-    println!("action results:  {}", s.action_result_count);
-    println!(
-        "cas reads:       {} hits, {} misses ({:.1}% hit rate)",
-        s.cas_hits,
-        s.cas_misses,
-        pct(s.cas_hits, s.cas_hits + s.cas_misses)
-    );
-    println!(
-        "action cache:    {} hits, {} misses, {} dropped (outputs gone)",
-        s.action_cache_hits, s.action_cache_misses, s.stale_action_results
-    );
-    println!(
-        "written:         {} blobs, {}; {} refused (digest mismatch)",
-        s.blobs_written,
-        human_bytes(s.bytes_written),
-        s.digest_mismatches
-    );
-    println!(
-        "evicted:         {} entries, {}",
-        s.evicted_blobs,
-        human_bytes(s.evicted_bytes)
-    );
-    if s.upstream.is_empty() {
-        println!("upstream:        none (standalone cache)");
-        return Ok(());
-    }
-    let avg = |n: u64, calls: u64| {
-        if calls == 0 {
-            0.0
-        } else {
-            n as f64 / calls as f64
-        }
-    };
-    println!("upstream:        {}", s.upstream);
-    let calls: Vec<String> = s
-        .upstream_calls
-        .iter()
-        .filter(|(_, n)| **n > 0)
-        .map(|(m, n)| format!("{m} {n}"))
-        .collect();
-    println!(
-        "  calls:         {} ({} failed)",
-        if calls.is_empty() {
-            "none".to_string()
-        } else {
-            calls.join(", ")
-        },
-        s.upstream_errors
-    );
-    println!(
-        "  bytes:         {} sent, {} received",
-        human_bytes(s.upstream_bytes_sent),
-        human_bytes(s.upstream_bytes_received)
-    );
-    println!(
-        "  existence:     {} digests answered from cache, {} asked upstream",
-        s.existence_cache_hits, s.existence_cache_misses
-    );
-    println!(
-        "  fetches:       {} into the local store, {} reads joined one in flight",
-        s.upstream_fetches, s.single_flight_joins
-    );
-    println!(
-        "  uploads:       {} blobs sent from the local store",
-        s.uploads_from_local
-    );
-    let m = |name: &str| s.metrics.get(name).copied().unwrap_or(0);
-    println!(
-        "  execution:     {} forwarded, {} reattached, {} repaired ({} blobs)",
-        m("outpost_executions_total"),
-        m("outpost_execution_reattaches_total"),
-        m("outpost_missing_input_repairs_total"),
-        m("outpost_repaired_blobs_total")
-    );
-    println!(
-        "  prefetch:      {} actions, {} blobs ({}), {} read by clients, {} wasted, {} dropped",
-        m("outpost_prefetch_jobs_total"),
-        m("outpost_prefetched_blobs_total"),
-        human_bytes(m("outpost_prefetched_bytes_total")),
-        m("outpost_prefetch_hits_total"),
-        human_bytes(m("outpost_prefetch_wasted_bytes_total")),
-        m("outpost_prefetch_dropped_total")
-    );
-    println!(
-        "  batching:      FindMissingBlobs {} calls (avg {:.1} digests), BatchRead {} (avg {:.1}), BatchUpdate {} (avg {:.1})",
-        s.fmb_batches,
-        avg(s.fmb_batched_digests, s.fmb_batches),
-        s.read_batches,
-        avg(s.read_batched_blobs, s.read_batches),
-        s.write_batches,
-        avg(s.write_batched_blobs, s.write_batches)
-    );
-    Ok(())
-}
-
-fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = n as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
     }
 }

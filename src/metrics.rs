@@ -1,7 +1,8 @@
 //! Prometheus text metrics at `GET /metrics` on an optional HTTP port.
 //!
-//! Every counter of [`Stats`] plus the local store's occupancy, rendered in
-//! the Prometheus text exposition format (version 0.0.4).
+//! The local store's occupancy as gauges, then every counter of the
+//! [`Stats`] table, rendered in the Prometheus text exposition format
+//! (version 0.0.4). The same samples fill `GetStats`'s `metrics` map.
 
 use std::fmt::Write;
 use std::net::SocketAddr;
@@ -26,13 +27,19 @@ struct Sample {
     value: u64,
 }
 
-fn counter(name: &'static str, help: &'static str, value: u64) -> Sample {
-    Sample {
-        name,
-        help,
-        kind: "counter",
-        label: None,
-        value,
+impl Sample {
+    /// The sample's name with its label, as written in the exposition format.
+    fn key(&self) -> String {
+        sample_key(self.name, self.label)
+    }
+}
+
+/// `name` or `name{label="value"}`: how a sample is named at `/metrics` and
+/// in the `GetStats` map.
+pub fn sample_key(name: &str, label: Option<(&str, &str)>) -> String {
+    match label {
+        Some((k, v)) => format!("{name}{{{k}=\"{v}\"}}"),
+        None => name.to_string(),
     }
 }
 
@@ -46,14 +53,11 @@ fn gauge(name: &'static str, help: &'static str, value: u64) -> Sample {
     }
 }
 
-/// Every metric as (name with labels, value), for `outpost stats`.
+/// Every metric as (name with labels, value), for the `GetStats` map.
 pub fn values(stats: &Stats, local: &LocalStore) -> Vec<(String, u64)> {
     samples(stats, local)
         .into_iter()
-        .map(|s| match s.label {
-            Some((k, v)) => (format!("{}{{{k}=\"{v}\"}}", s.name), s.value),
-            None => (s.name.to_string(), s.value),
-        })
+        .map(|s| (s.key(), s.value))
         .collect()
 }
 
@@ -70,21 +74,14 @@ pub fn render(stats: &Stats, local: &LocalStore) -> String {
             );
             last = s.name;
         }
-        match s.label {
-            Some((k, v)) => {
-                let _ = writeln!(out, "{}{{{k}=\"{v}\"}} {}", s.name, s.value);
-            }
-            None => {
-                let _ = writeln!(out, "{} {}", s.name, s.value);
-            }
-        }
+        let _ = writeln!(out, "{} {}", s.key(), s.value);
     }
     out
 }
 
+/// Occupancy gauges, then the counter table in its order.
 fn samples(stats: &Stats, local: &LocalStore) -> Vec<Sample> {
     let (occupancy, quota) = local.occupancy();
-    let g = Stats::get;
     let mut samples = vec![
         gauge(
             "outpost_store_blobs",
@@ -106,195 +103,22 @@ fn samples(stats: &Stats, local: &LocalStore) -> Vec<Sample> {
             "Byte quota of the local store.",
             quota,
         ),
-        counter(
-            "outpost_cas_hits_total",
-            "CAS reads served from the local store.",
-            g(&stats.cas_hits),
-        ),
-        counter(
-            "outpost_cas_misses_total",
-            "CAS reads the local store could not serve.",
-            g(&stats.cas_misses),
-        ),
-        counter(
-            "outpost_action_cache_hits_total",
-            "GetActionResult calls answered with a result.",
-            g(&stats.action_cache_hits),
-        ),
-        counter(
-            "outpost_action_cache_misses_total",
-            "GetActionResult calls answered NOT_FOUND.",
-            g(&stats.action_cache_misses),
-        ),
-        counter(
-            "outpost_evicted_entries_total",
-            "Entries evicted to stay under the quota.",
-            g(&stats.evicted_entries),
-        ),
-        counter(
-            "outpost_evicted_bytes_total",
-            "Bytes evicted to stay under the quota.",
-            g(&stats.evicted_bytes),
-        ),
-        counter(
-            "outpost_blobs_written_total",
-            "Blobs verified and stored locally.",
-            g(&stats.blobs_written),
-        ),
-        counter(
-            "outpost_bytes_written_total",
-            "Bytes verified and stored locally.",
-            g(&stats.bytes_written),
-        ),
-        counter(
-            "outpost_digest_mismatches_total",
-            "Writes refused because data and digest disagreed.",
-            g(&stats.digest_mismatches),
-        ),
-        counter(
-            "outpost_stale_action_results_total",
-            "Action results dropped because an output was gone.",
-            g(&stats.stale_action_results),
-        ),
-        counter(
-            "outpost_upstream_errors_total",
-            "Upstream calls that failed after retries.",
-            g(&stats.upstream_errors),
-        ),
-        counter(
-            "outpost_upstream_retries_total",
-            "Upstream call attempts that were retried.",
-            g(&stats.upstream_retries),
-        ),
-        counter(
-            "outpost_upstream_bytes_sent_total",
-            "Blob bytes sent to the upstream.",
-            g(&stats.upstream_bytes_sent),
-        ),
-        counter(
-            "outpost_upstream_bytes_received_total",
-            "Blob bytes received from the upstream.",
-            g(&stats.upstream_bytes_received),
-        ),
-        counter(
-            "outpost_existence_cache_hits_total",
-            "Digests answered by the existence cache.",
-            g(&stats.existence_cache_hits),
-        ),
-        counter(
-            "outpost_existence_cache_misses_total",
-            "Digests the existence cache asked the upstream about.",
-            g(&stats.existence_cache_misses),
-        ),
-        counter(
-            "outpost_single_flight_joins_total",
-            "Reads that joined an upstream fetch in flight.",
-            g(&stats.single_flight_joins),
-        ),
-        counter(
-            "outpost_upstream_fetches_total",
-            "Blobs fetched from the upstream into the local store.",
-            g(&stats.upstream_fetches),
-        ),
-        counter(
-            "outpost_uploads_from_local_total",
-            "Blobs uploaded from the local store because the upstream lacked them.",
-            g(&stats.uploads_from_local),
-        ),
-        counter(
-            "outpost_fmb_batches_total",
-            "Batched FindMissingBlobs calls sent upstream.",
-            g(&stats.fmb_batches),
-        ),
-        counter(
-            "outpost_fmb_batched_digests_total",
-            "Digests in batched FindMissingBlobs calls.",
-            g(&stats.fmb_batched_digests),
-        ),
-        counter(
-            "outpost_read_batches_total",
-            "Batched BatchReadBlobs calls sent upstream.",
-            g(&stats.read_batches),
-        ),
-        counter(
-            "outpost_read_batched_blobs_total",
-            "Blobs in batched BatchReadBlobs calls.",
-            g(&stats.read_batched_blobs),
-        ),
-        counter(
-            "outpost_write_batches_total",
-            "Batched BatchUpdateBlobs calls sent upstream.",
-            g(&stats.write_batches),
-        ),
-        counter(
-            "outpost_write_batched_blobs_total",
-            "Blobs in batched BatchUpdateBlobs calls.",
-            g(&stats.write_batched_blobs),
-        ),
-        counter(
-            "outpost_executions_total",
-            "Execute calls forwarded upstream.",
-            g(&stats.executions),
-        ),
-        counter(
-            "outpost_execution_reattaches_total",
-            "Broken Operation streams reattached with WaitExecution.",
-            g(&stats.execution_reattaches),
-        ),
-        counter(
-            "outpost_missing_input_repairs_total",
-            "Executions retried after uploading inputs the upstream lacked.",
-            g(&stats.missing_input_repairs),
-        ),
-        counter(
-            "outpost_repaired_blobs_total",
-            "Blobs uploaded from the local store to repair missing inputs.",
-            g(&stats.repaired_blobs),
-        ),
-        counter(
-            "outpost_prefetch_jobs_total",
-            "Finished actions whose outputs were queued for prefetch.",
-            g(&stats.prefetch_jobs),
-        ),
-        counter(
-            "outpost_prefetch_dropped_total",
-            "Prefetch jobs dropped because the queue was full.",
-            g(&stats.prefetch_dropped),
-        ),
-        counter(
-            "outpost_prefetched_blobs_total",
-            "Blobs fetched into the local store by prefetch.",
-            g(&stats.prefetched_blobs),
-        ),
-        counter(
-            "outpost_prefetched_bytes_total",
-            "Bytes fetched into the local store by prefetch.",
-            g(&stats.prefetched_bytes),
-        ),
-        counter(
-            "outpost_prefetch_skipped_total",
-            "Output blobs not prefetched (over max_blob_size).",
-            g(&stats.prefetch_skipped),
-        ),
-        counter(
-            "outpost_prefetch_hits_total",
-            "Client reads served from prefetched blobs (first read each).",
-            g(&stats.prefetch_hits),
-        ),
-        counter(
-            "outpost_prefetch_wasted_bytes_total",
-            "Prefetched bytes evicted before any client read them.",
-            g(&stats.prefetch_wasted_bytes),
-        ),
     ];
-    for method in UpstreamMethod::ALL {
-        samples.push(Sample {
-            name: "outpost_upstream_calls_total",
-            help: "Upstream calls, by method (each retry counts).",
+    samples.extend(Stats::COUNTERS.iter().map(|c| Sample {
+        name: c.metric,
+        help: c.help,
+        kind: "counter",
+        label: None,
+        value: (c.read)(stats),
+    }));
+    for family in Stats::BY_METHOD {
+        samples.extend(UpstreamMethod::ALL.iter().map(|&method| Sample {
+            name: family.metric,
+            help: family.help,
             kind: "counter",
             label: Some(("method", method.name())),
-            value: stats.upstream_calls_of(method),
-        });
+            value: (family.read)(stats, method),
+        }));
     }
     samples
 }
@@ -331,4 +155,52 @@ pub async fn serve(
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
         .context("metrics server failed")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::local::LocalStoreOptions;
+
+    #[test]
+    fn every_counter_of_the_table_is_exported_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let stats = Arc::new(Stats::default());
+        Stats::add(&stats.prefetch_wasted_bytes, 42);
+        stats.upstream_call(UpstreamMethod::ByteStreamRead);
+        let options = LocalStoreOptions {
+            dir: dir.path().to_path_buf(),
+            quota_bytes: 1 << 20,
+            inline_limit: 1024,
+            sync: false,
+        };
+        let local = LocalStore::open(options, stats.clone()).unwrap();
+        let text = render(&stats, &local);
+        for c in Stats::COUNTERS {
+            assert_eq!(
+                text.matches(&format!("# TYPE {} counter\n", c.metric))
+                    .count(),
+                1
+            );
+        }
+        assert!(
+            text.contains("\noutpost_prefetch_wasted_bytes_total 42\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\noutpost_store_quota_bytes 1048576\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\noutpost_upstream_calls_total{method=\"ByteStream.Read\"} 1\n"),
+            "{text}"
+        );
+        let samples = text.lines().filter(|l| !l.starts_with('#')).count();
+        assert_eq!(
+            samples,
+            4 + Stats::COUNTERS.len() + UpstreamMethod::ALL.len()
+        );
+        let map = values(&stats, &local);
+        assert_eq!(map.len(), samples);
+    }
 }

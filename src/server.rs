@@ -73,6 +73,8 @@ impl Services {
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
+            // One span per RPC, carrying the client's invocation ids.
+            .trace_fn(crate::context::rpc_span)
             .add_service(CapabilitiesServer::from_arc(self.capabilities.clone()))
             .add_service(
                 ContentAddressableStorageServer::from_arc(self.cas.clone())

@@ -1,9 +1,15 @@
-//! Process-wide counters behind `outpost stats` and `/metrics`.
+//! Process-wide counters behind `outpost stats`, `GetStats` and `/metrics`.
 //!
-//! Plain atomics: every layer bumps the counters it owns, and the admin
-//! service and the metrics endpoint read snapshots.
+//! Every counter is declared once, in the [`counters!`] table at the bottom:
+//! its field (bumped with [`Stats::add`] by the layer that owns it), its
+//! Prometheus help text and, for the older counters, the typed field of
+//! `GetStatsResponse` that carries it too. The table generates the [`Stats`]
+//! struct, [`Stats::COUNTERS`] / [`Stats::BY_METHOD`] (which `/metrics` and
+//! the `GetStats` map are rendered from) and [`Stats::fill_admin_fields`].
 
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::admin_proto::GetStatsResponse;
 
 /// Upstream RPC methods, for per-method counters.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,7 +39,7 @@ pub enum UpstreamMethod {
 }
 
 impl UpstreamMethod {
-    /// Every method, in counter order.
+    /// Every method, in counter order (the order of the enum).
     pub const ALL: [UpstreamMethod; 11] = [
         UpstreamMethod::FindMissingBlobs,
         UpstreamMethod::BatchReadBlobs,
@@ -48,7 +54,7 @@ impl UpstreamMethod {
         UpstreamMethod::Operations,
     ];
 
-    /// The gRPC method name.
+    /// The gRPC method name (the `method` label of per-method metrics).
     pub fn name(self) -> &'static str {
         match self {
             UpstreamMethod::FindMissingBlobs => "FindMissingBlobs",
@@ -64,85 +70,31 @@ impl UpstreamMethod {
             UpstreamMethod::Operations => "Operations",
         }
     }
+
+    /// Position in [`UpstreamMethod::ALL`] and in per-method counter arrays.
+    fn index(self) -> usize {
+        self as usize
+    }
 }
 
-/// Counters since start-up. Each field says which layer bumps it.
-#[derive(Debug, Default)]
-pub struct Stats {
-    /// Local CAS reads that found the blob (local store).
-    pub cas_hits: AtomicU64,
-    /// Local CAS reads that did not find the blob (local store).
-    pub cas_misses: AtomicU64,
-    /// GetActionResult calls answered with a result (ActionCache service).
-    pub action_cache_hits: AtomicU64,
-    /// GetActionResult calls answered NOT_FOUND (ActionCache service).
-    pub action_cache_misses: AtomicU64,
-    /// Entries evicted to stay under the quota (local store).
-    pub evicted_entries: AtomicU64,
-    /// Bytes evicted to stay under the quota (local store).
-    pub evicted_bytes: AtomicU64,
-    /// Blobs verified and committed (local store).
-    pub blobs_written: AtomicU64,
-    /// Bytes verified and committed (local store).
-    pub bytes_written: AtomicU64,
-    /// Writes refused because data and digest disagreed (local store).
-    pub digest_mismatches: AtomicU64,
-    /// Action results dropped because an output was gone (completeness check).
-    pub stale_action_results: AtomicU64,
-    /// Upstream calls started, by [`UpstreamMethod`] (upstream client).
-    pub upstream_calls: [AtomicU64; 11],
-    /// Upstream calls that failed after retries (upstream client).
-    pub upstream_errors: AtomicU64,
-    /// Upstream call attempts that were retried (upstream client).
-    pub upstream_retries: AtomicU64,
-    /// Blob bytes sent to the upstream (upstream store).
-    pub upstream_bytes_sent: AtomicU64,
-    /// Blob bytes received from the upstream (upstream store).
-    pub upstream_bytes_received: AtomicU64,
-    /// Digests answered from the existence cache, without asking upstream.
-    pub existence_cache_hits: AtomicU64,
-    /// Digests the existence cache had to ask the upstream about.
-    pub existence_cache_misses: AtomicU64,
-    /// Reads that joined a fetch already in flight (single-flight).
-    pub single_flight_joins: AtomicU64,
-    /// Fetches from the upstream into the local store (read-through).
-    pub upstream_fetches: AtomicU64,
-    /// Blobs the proxy uploaded from its own store because the upstream lacked them.
-    pub uploads_from_local: AtomicU64,
-    /// FindMissingBlobs calls sent upstream by the batcher, and digests in them.
-    pub fmb_batches: AtomicU64,
-    /// Digests in those batched FindMissingBlobs calls.
-    pub fmb_batched_digests: AtomicU64,
-    /// BatchReadBlobs calls sent upstream by the batcher.
-    pub read_batches: AtomicU64,
-    /// Blobs in those batched BatchReadBlobs calls.
-    pub read_batched_blobs: AtomicU64,
-    /// BatchUpdateBlobs calls sent upstream by the batcher.
-    pub write_batches: AtomicU64,
-    /// Blobs in those batched BatchUpdateBlobs calls.
-    pub write_batched_blobs: AtomicU64,
-    /// Execute calls forwarded upstream (execution service).
-    pub executions: AtomicU64,
-    /// Times a broken Operation stream was reattached with WaitExecution.
-    pub execution_reattaches: AtomicU64,
-    /// Executions retried after uploading inputs the upstream reported missing.
-    pub missing_input_repairs: AtomicU64,
-    /// Blobs uploaded from the local store to repair missing inputs.
-    pub repaired_blobs: AtomicU64,
-    /// Action results whose outputs were queued for prefetch.
-    pub prefetch_jobs: AtomicU64,
-    /// Prefetch jobs dropped because the queue was full.
-    pub prefetch_dropped: AtomicU64,
-    /// Blobs fetched into the local store by prefetch.
-    pub prefetched_blobs: AtomicU64,
-    /// Bytes fetched into the local store by prefetch.
-    pub prefetched_bytes: AtomicU64,
-    /// Blobs skipped by prefetch (over the size limit).
-    pub prefetch_skipped: AtomicU64,
-    /// Client reads served from prefetched data (first read of each blob).
-    pub prefetch_hits: AtomicU64,
-    /// Prefetched bytes evicted before any client read them.
-    pub prefetch_wasted_bytes: AtomicU64,
+/// One plain counter of the table, as exporters see it.
+pub struct Counter {
+    /// Prometheus name: `outpost_<field>_total`.
+    pub metric: &'static str,
+    /// Prometheus help text.
+    pub help: &'static str,
+    /// Reads the counter.
+    pub read: fn(&Stats) -> u64,
+}
+
+/// One per-method counter family of the table (label `method`).
+pub struct MethodCounter {
+    /// Prometheus name: `outpost_<field>_total`.
+    pub metric: &'static str,
+    /// Prometheus help text.
+    pub help: &'static str,
+    /// Reads the counter of one method.
+    pub read: fn(&Stats, UpstreamMethod) -> u64,
 }
 
 impl Stats {
@@ -158,19 +110,199 @@ impl Stats {
 
     /// Counts one upstream call of `method`.
     pub fn upstream_call(&self, method: UpstreamMethod) {
-        let i = UpstreamMethod::ALL
-            .iter()
-            .position(|m| *m == method)
-            .expect("every method is in ALL");
-        Stats::add(&self.upstream_calls[i], 1);
+        Stats::add(&self.upstream_calls[method.index()], 1);
     }
 
     /// Upstream calls of `method` so far.
     pub fn upstream_calls_of(&self, method: UpstreamMethod) -> u64 {
-        let i = UpstreamMethod::ALL
-            .iter()
-            .position(|m| *m == method)
-            .expect("every method is in ALL");
-        Stats::get(&self.upstream_calls[i])
+        Stats::get(&self.upstream_calls[method.index()])
+    }
+}
+
+/// Declares the counters. Each row is
+/// `/// doc` `field: "Prometheus help"` and, for counters that
+/// `GetStatsResponse` also carries as a typed field (kept for wire
+/// compatibility), `, admin proto_field`. Rows in `by_method` are arrays with
+/// one counter per [`UpstreamMethod`]. Row order is `/metrics` order.
+macro_rules! counters {
+    (
+        plain {
+            $(
+                $(#[doc = $doc:literal])*
+                $field:ident: $help:literal $(, admin $admin:ident)?;
+            )*
+        }
+        by_method {
+            $(
+                $(#[doc = $mdoc:literal])*
+                $mfield:ident: $mhelp:literal $(, admin $madmin:ident)?;
+            )*
+        }
+    ) => {
+        /// Counters since start-up. Each field says which layer bumps it.
+        #[derive(Debug, Default)]
+        pub struct Stats {
+            $( $(#[doc = $doc])* pub $field: AtomicU64, )*
+            $( $(#[doc = $mdoc])* pub $mfield: [AtomicU64; UpstreamMethod::ALL.len()], )*
+        }
+
+        impl Stats {
+            /// Every plain counter, in table order.
+            pub const COUNTERS: &'static [Counter] = &[
+                $( Counter {
+                    metric: concat!("outpost_", stringify!($field), "_total"),
+                    help: $help,
+                    read: |s| Stats::get(&s.$field),
+                }, )*
+            ];
+
+            /// Every per-method counter family, in table order.
+            pub const BY_METHOD: &'static [MethodCounter] = &[
+                $( MethodCounter {
+                    metric: concat!("outpost_", stringify!($mfield), "_total"),
+                    help: $mhelp,
+                    read: |s, m| Stats::get(&s.$mfield[m.index()]),
+                }, )*
+            ];
+
+            /// Copies the counters that `GetStatsResponse` has typed fields
+            /// for (older clients and the tests read those fields).
+            pub fn fill_admin_fields(&self, response: &mut GetStatsResponse) {
+                $( $( response.$admin = Stats::get(&self.$field); )? )*
+                $( $(
+                    response.$madmin = UpstreamMethod::ALL
+                        .iter()
+                        .map(|m| (m.name().to_string(), Stats::get(&self.$mfield[m.index()])))
+                        .collect();
+                )? )*
+            }
+        }
+    };
+}
+
+counters! {
+    plain {
+        /// Local CAS reads that found the blob (local store).
+        cas_hits: "CAS reads served from the local store.", admin cas_hits;
+        /// Local CAS reads that did not find the blob (local store).
+        cas_misses: "CAS reads the local store could not serve.", admin cas_misses;
+        /// GetActionResult calls answered with a result (ActionCache service).
+        action_cache_hits: "GetActionResult calls answered with a result.",
+            admin action_cache_hits;
+        /// GetActionResult calls answered NOT_FOUND (ActionCache service).
+        action_cache_misses: "GetActionResult calls answered NOT_FOUND.",
+            admin action_cache_misses;
+        /// Entries evicted to stay under the quota (local store).
+        evicted_entries: "Entries evicted to stay under the quota.", admin evicted_blobs;
+        /// Bytes evicted to stay under the quota (local store).
+        evicted_bytes: "Bytes evicted to stay under the quota.", admin evicted_bytes;
+        /// Blobs verified and committed (local store).
+        blobs_written: "Blobs verified and stored locally.", admin blobs_written;
+        /// Bytes verified and committed (local store).
+        bytes_written: "Bytes verified and stored locally.", admin bytes_written;
+        /// Writes refused because data and digest disagreed (local store).
+        digest_mismatches: "Writes refused because data and digest disagreed.",
+            admin digest_mismatches;
+        /// Action results dropped because an output was gone (completeness check).
+        stale_action_results: "Action results dropped because an output was gone.",
+            admin stale_action_results;
+        /// Upstream calls that failed after retries (upstream client).
+        upstream_errors: "Upstream calls that failed after retries.", admin upstream_errors;
+        /// Upstream call attempts that were retried (upstream client).
+        upstream_retries: "Upstream call attempts that were retried.";
+        /// Blob bytes sent to the upstream (upstream store).
+        upstream_bytes_sent: "Blob bytes sent to the upstream.", admin upstream_bytes_sent;
+        /// Blob bytes received from the upstream (upstream store).
+        upstream_bytes_received: "Blob bytes received from the upstream.",
+            admin upstream_bytes_received;
+        /// Digests answered from the existence cache, without asking upstream.
+        existence_cache_hits: "Digests answered by the existence cache.",
+            admin existence_cache_hits;
+        /// Digests the existence cache had to ask the upstream about.
+        existence_cache_misses: "Digests the existence cache asked the upstream about.",
+            admin existence_cache_misses;
+        /// Reads that joined a fetch already in flight (single-flight).
+        single_flight_joins: "Reads that joined an upstream fetch in flight.",
+            admin single_flight_joins;
+        /// Fetches from the upstream into the local store (read-through).
+        upstream_fetches: "Blobs fetched from the upstream into the local store.",
+            admin upstream_fetches;
+        /// Blobs the proxy uploaded from its own store because the upstream lacked them.
+        uploads_from_local:
+            "Blobs uploaded from the local store because the upstream lacked them.",
+            admin uploads_from_local;
+        /// FindMissingBlobs calls sent upstream by the batcher.
+        fmb_batches: "Batched FindMissingBlobs calls sent upstream.", admin fmb_batches;
+        /// Digests in those batched FindMissingBlobs calls.
+        fmb_batched_digests: "Digests in batched FindMissingBlobs calls.",
+            admin fmb_batched_digests;
+        /// BatchReadBlobs calls sent upstream by the batcher.
+        read_batches: "Batched BatchReadBlobs calls sent upstream.", admin read_batches;
+        /// Blobs in those batched BatchReadBlobs calls.
+        read_batched_blobs: "Blobs in batched BatchReadBlobs calls.", admin read_batched_blobs;
+        /// BatchUpdateBlobs calls sent upstream by the batcher.
+        write_batches: "Batched BatchUpdateBlobs calls sent upstream.", admin write_batches;
+        /// Blobs in those batched BatchUpdateBlobs calls.
+        write_batched_blobs: "Blobs in batched BatchUpdateBlobs calls.",
+            admin write_batched_blobs;
+        /// Execute calls forwarded upstream (execution service).
+        executions: "Execute calls forwarded upstream.";
+        /// Times a broken Operation stream was reattached with WaitExecution.
+        execution_reattaches: "Broken Operation streams reattached with WaitExecution.";
+        /// Executions retried after uploading inputs the upstream reported missing.
+        missing_input_repairs: "Executions retried after uploading inputs the upstream lacked.";
+        /// Blobs uploaded from the local store to repair missing inputs.
+        repaired_blobs: "Blobs uploaded from the local store to repair missing inputs.";
+        /// Action results whose outputs were queued for prefetch.
+        prefetch_jobs: "Finished actions whose outputs were queued for prefetch.";
+        /// Prefetch jobs dropped because the queue was full.
+        prefetch_dropped: "Prefetch jobs dropped because the queue was full.";
+        /// Blobs fetched into the local store by prefetch.
+        prefetched_blobs: "Blobs fetched into the local store by prefetch.";
+        /// Bytes fetched into the local store by prefetch.
+        prefetched_bytes: "Bytes fetched into the local store by prefetch.";
+        /// Blobs skipped by prefetch (over the size limit).
+        prefetch_skipped: "Output blobs not prefetched (over max_blob_size).";
+        /// Client reads served from prefetched data (first read of each blob).
+        prefetch_hits: "Client reads served from prefetched blobs (first read each).";
+        /// Prefetched bytes evicted before any client read them.
+        prefetch_wasted_bytes: "Prefetched bytes evicted before any client read them.";
+    }
+    by_method {
+        /// Upstream calls started, by [`UpstreamMethod`] (upstream client).
+        upstream_calls: "Upstream calls, by method (each retry counts).", admin upstream_calls;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn methods_are_listed_in_enum_order() {
+        for (i, m) in UpstreamMethod::ALL.iter().enumerate() {
+            assert_eq!(m.index(), i, "{m:?}");
+        }
+    }
+
+    #[test]
+    fn the_table_reads_the_fields_it_names() {
+        let stats = Stats::default();
+        Stats::add(&stats.prefetch_hits, 7);
+        stats.upstream_call(UpstreamMethod::Execute);
+        let read = |name: &str| {
+            let c = Stats::COUNTERS.iter().find(|c| c.metric == name).unwrap();
+            (c.read)(&stats)
+        };
+        assert_eq!(read("outpost_prefetch_hits_total"), 7);
+        assert_eq!(read("outpost_cas_hits_total"), 0);
+        let calls = &Stats::BY_METHOD[0];
+        assert_eq!(calls.metric, "outpost_upstream_calls_total");
+        assert_eq!((calls.read)(&stats, UpstreamMethod::Execute), 1);
+        let mut response = GetStatsResponse::default();
+        Stats::add(&stats.evicted_entries, 3);
+        stats.fill_admin_fields(&mut response);
+        assert_eq!(response.evicted_blobs, 3);
+        assert_eq!(response.upstream_calls["Execute"], 1);
     }
 }

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use bazel_remote_apis::build::bazel::remote::execution::v2::ActionResult;
 use tokio::sync::{Semaphore, mpsc};
 
-use crate::config_upstream::PrefetchConfig;
+use crate::config::PrefetchConfig;
 use crate::context::RequestContext;
 use crate::digest::{Digest, DigestFunction};
 use crate::reapi::action::referenced_blobs;

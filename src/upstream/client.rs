@@ -21,7 +21,7 @@ use tonic::metadata::{AsciiMetadataKey, AsciiMetadataValue};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Request, Response, Status, Streaming};
 
-use crate::config_upstream::UpstreamConfig;
+use crate::config::UpstreamConfig;
 use crate::context::RequestContext;
 use crate::error::{Error, Result, is_timeout};
 use crate::stats::{Stats, UpstreamMethod};

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use outpost::admin_proto::GetStatsResponse;
 use outpost::config::Config;
-use outpost::config_upstream::{UpstreamConfig, UpstreamSection};
+use outpost::config::{UpstreamConfig, UpstreamSection};
 use outpost::server::RunningServer;
 use tonic::Code;
 use tonic::transport::Channel;

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use outpost::admin_proto::GetStatsResponse;
 use outpost::config::Config;
-use outpost::config_upstream::UpstreamConfig;
+use outpost::config::UpstreamConfig;
 use prost::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::metadata::MetadataValue;

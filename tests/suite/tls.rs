@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use bazel_remote_apis::build::bazel::remote::execution::v2::GetCapabilitiesRequest;
 use bazel_remote_apis::build::bazel::remote::execution::v2::capabilities_server::CapabilitiesServer;
-use outpost::config_upstream::{UpstreamConfig, UpstreamSection};
+use outpost::config::{UpstreamConfig, UpstreamSection};
 use outpost::service::capabilities::CapabilitiesService;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Identity, Server, ServerTlsConfig};

@@ -1,122 +1,28 @@
 //! Configuration: built-in defaults, then the TOML file, then command-line
 //! flags. `config.example.toml` documents every key; a test parses it, so the
 //! example cannot drift from the code.
+//!
+//! The children are leaves that never import this file: [`defaults`] (every
+//! default value), [`units`] (sizes and durations), [`file`] (the TOML as
+//! written), [`upstream`] and [`prefetch`] (resolving those sections). This
+//! file assembles them into one [`Config`].
+
+pub mod defaults;
+pub mod file;
+pub mod prefetch;
+pub mod units;
+pub mod upstream;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 
-use serde::Deserialize;
-
-use crate::config_upstream::{
-    MetricsSection, PrefetchConfig, PrefetchSection, UpstreamConfig, UpstreamSection,
+pub use file::{
+    FileConfig, HeaderSpec, MetricsSection, PrefetchSection, ServerSection, StoreSection,
+    UpstreamSection,
 };
-
-/// Default TCP listen address: loopback only.
-pub const DEFAULT_LISTEN: &str = "127.0.0.1:8980";
-/// Default byte quota of the local store.
-pub const DEFAULT_QUOTA: u64 = 10 << 30;
-/// Default size up to which blobs are stored inside RocksDB.
-pub const DEFAULT_INLINE_LIMIT: u64 = 1 << 20;
-/// Default `max_batch_total_size_bytes` advertised to clients.
-pub const DEFAULT_MAX_BATCH: u64 = 4 << 20;
-
-/// A byte count written as `1073741824`, `"512MiB"`, `"10GiB"` or `"2GB"`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ByteSize(pub u64);
-
-impl FromStr for ByteSize {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        let s = s.trim();
-        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-        let (number, unit) = s.split_at(split);
-        let number: u64 = number
-            .parse()
-            .map_err(|_| format!("{s:?} is not a size (examples: 4096, 512MiB, 10GiB)"))?;
-        let factor: u64 = match unit.trim() {
-            "" | "B" => 1,
-            "KiB" | "K" => 1 << 10,
-            "MiB" | "M" => 1 << 20,
-            "GiB" | "G" => 1 << 30,
-            "TiB" | "T" => 1 << 40,
-            "KB" => 1_000,
-            "MB" => 1_000_000,
-            "GB" => 1_000_000_000,
-            "TB" => 1_000_000_000_000,
-            other => return Err(format!("unknown size unit {other:?} in {s:?}")),
-        };
-        number
-            .checked_mul(factor)
-            .map(ByteSize)
-            .ok_or_else(|| format!("size {s:?} is too large"))
-    }
-}
-
-impl<'de> Deserialize<'de> for ByteSize {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Number(u64),
-            Text(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Number(n) => Ok(ByteSize(n)),
-            Raw::Text(s) => s.parse().map_err(serde::de::Error::custom),
-        }
-    }
-}
-
-/// The TOML file, as written by the user. Every field is optional.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileConfig {
-    /// `[server]`: how clients reach Outpost.
-    #[serde(default)]
-    pub server: ServerSection,
-    /// `[store]`: the local store.
-    #[serde(default)]
-    pub store: StoreSection,
-    /// `[upstream]`: the remote REAPI cluster to proxy (none: standalone cache).
-    #[serde(default)]
-    pub upstream: UpstreamSection,
-    /// `[metrics]`: the Prometheus endpoint.
-    #[serde(default)]
-    pub metrics: MetricsSection,
-    /// `[prefetch]`: pulling finished actions' outputs ahead of the client.
-    #[serde(default)]
-    pub prefetch: PrefetchSection,
-}
-
-/// `[server]` keys.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ServerSection {
-    /// TCP address to listen on.
-    pub listen: Option<SocketAddr>,
-    /// Permit a non-loopback `listen` address (no authentication yet!).
-    pub allow_remote: Option<bool>,
-    /// Unix socket path; `""` disables it.
-    pub unix_socket: Option<String>,
-    /// Largest total of a Batch* request, advertised in Capabilities.
-    pub max_batch_total_size_bytes: Option<ByteSize>,
-}
-
-/// `[store]` keys.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct StoreSection {
-    /// Where the store lives.
-    pub data_dir: Option<PathBuf>,
-    /// Byte budget of the store.
-    pub quota: Option<ByteSize>,
-    /// Blobs up to this size live inside RocksDB; larger ones are files.
-    pub inline_limit: Option<ByteSize>,
-    /// fsync every commit.
-    pub fsync: Option<bool>,
-}
+pub use prefetch::PrefetchConfig;
+pub use units::{ByteSize, HumanDuration};
+pub use upstream::{EnvLookup, UpstreamConfig};
 
 /// Settings given on the command line; they win over the file.
 #[derive(Debug, Default, Clone)]
@@ -158,20 +64,10 @@ pub struct Config {
     pub max_batch_total_size_bytes: u64,
     /// The upstream to proxy, if any.
     pub upstream: Option<UpstreamConfig>,
-    /// Where to serve Prometheus metrics, if anywhere.
+    /// Where to serve Prometheus metrics (`[metrics] listen`), if anywhere.
     pub metrics_listen: Option<SocketAddr>,
     /// Output prefetch settings (used with an upstream).
     pub prefetch: PrefetchConfig,
-}
-
-impl FileConfig {
-    /// Reads and parses a TOML file.
-    pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| anyhow::anyhow!("cannot read config file {}: {e}", path.display()))?;
-        toml::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("invalid config file {}: {e}", path.display()))
-    }
 }
 
 /// `$XDG_CACHE_HOME/outpost`, else `~/.cache/outpost`.
@@ -187,11 +83,21 @@ pub fn default_data_dir() -> PathBuf {
 impl Config {
     /// Merges defaults, the file and the flags, and checks the result.
     pub fn resolve(file: FileConfig, flags: Overrides) -> anyhow::Result<Self> {
+        Self::resolve_with_env(file, flags, &upstream::process_env)
+    }
+
+    /// [`Config::resolve`], reading `[upstream]` header values through `env`.
+    pub fn resolve_with_env(
+        file: FileConfig,
+        flags: Overrides,
+        env: EnvLookup,
+    ) -> anyhow::Result<Self> {
         let listen = flags
             .listen
             .or(file.server.listen)
-            .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default"));
-        let allow_remote = flags.allow_remote || file.server.allow_remote.unwrap_or(false);
+            .unwrap_or_else(|| defaults::LISTEN.parse().expect("valid default"));
+        let allow_remote =
+            flags.allow_remote || file.server.allow_remote.unwrap_or(defaults::ALLOW_REMOTE);
         if !listen.ip().is_loopback() && !allow_remote {
             anyhow::bail!(
                 "refusing to listen on {listen}: it is reachable from other machines and Outpost \
@@ -207,7 +113,7 @@ impl Config {
                 "refusing to serve metrics on {addr}: not loopback; pass --allow-remote to do it anyway"
             );
         }
-        let upstream = UpstreamConfig::resolve(file.upstream, flags.upstream)?;
+        let upstream = UpstreamConfig::resolve_with_env(file.upstream, flags.upstream, env)?;
         let data_dir = flags
             .data_dir
             .or(file.store.data_dir)
@@ -220,21 +126,21 @@ impl Config {
             match file.server.unix_socket.as_deref() {
                 Some("") => None,
                 Some(path) => Some(PathBuf::from(path)),
-                None => Some(data_dir.join("outpost.sock")),
+                None => Some(data_dir.join(defaults::UNIX_SOCKET_NAME)),
             }
         };
         let quota_bytes = flags
             .quota
             .or(file.store.quota)
-            .map_or(DEFAULT_QUOTA, |q| q.0);
+            .map_or(defaults::QUOTA, |q| q.0);
         let inline_limit = file
             .store
             .inline_limit
-            .map_or(DEFAULT_INLINE_LIMIT, |q| q.0);
+            .map_or(defaults::INLINE_LIMIT, |q| q.0);
         let max_batch = file
             .server
             .max_batch_total_size_bytes
-            .map_or(DEFAULT_MAX_BATCH, |q| q.0);
+            .map_or(defaults::MAX_BATCH, |q| q.0);
         if quota_bytes == 0 {
             anyhow::bail!("the store quota must be larger than 0");
         }
@@ -250,7 +156,7 @@ impl Config {
             data_dir,
             quota_bytes,
             inline_limit,
-            fsync: file.store.fsync.unwrap_or(false),
+            fsync: file.store.fsync.unwrap_or(defaults::FSYNC),
             max_batch_total_size_bytes: max_batch,
             upstream,
             metrics_listen,
@@ -264,13 +170,13 @@ impl Config {
             listen: "127.0.0.1:0".parse().expect("valid"),
             unix_socket: None,
             data_dir: data_dir.to_path_buf(),
-            quota_bytes: DEFAULT_QUOTA,
-            inline_limit: DEFAULT_INLINE_LIMIT,
-            fsync: false,
-            max_batch_total_size_bytes: DEFAULT_MAX_BATCH,
+            quota_bytes: defaults::QUOTA,
+            inline_limit: defaults::INLINE_LIMIT,
+            fsync: defaults::FSYNC,
+            max_batch_total_size_bytes: defaults::MAX_BATCH,
             upstream: None,
             metrics_listen: None,
-            prefetch: PrefetchConfig::resolve(PrefetchSection::default()),
+            prefetch: PrefetchConfig::default(),
         }
     }
 }
@@ -283,8 +189,7 @@ mod tests {
     fn example_config_parses_and_sets_every_key() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.toml");
         // The example reads one header value from this variable.
-        // SAFETY: set once, before anything reads the environment concurrently.
-        unsafe { std::env::set_var("BUILDBUDDY_API_KEY", "example-key") };
+        let env = |name: &str| (name == "BUILDBUDDY_API_KEY").then(|| "example-key".to_string());
         let file = FileConfig::load(&path).unwrap();
         assert!(file.upstream.endpoint.is_some());
         assert!(file.upstream.ca_file.is_some());
@@ -309,21 +214,7 @@ mod tests {
         assert!(file.store.quota.is_some());
         assert!(file.store.inline_limit.is_some());
         assert!(file.store.fsync.is_some());
-        Config::resolve(file, Overrides::default()).unwrap();
-    }
-
-    #[test]
-    fn unknown_keys_are_rejected() {
-        assert!(toml::from_str::<FileConfig>("[store]\nquota_typo = 1\n").is_err());
-    }
-
-    #[test]
-    fn sizes_parse() {
-        assert_eq!("4096".parse::<ByteSize>().unwrap().0, 4096);
-        assert_eq!("10GiB".parse::<ByteSize>().unwrap().0, 10 << 30);
-        assert_eq!("2GB".parse::<ByteSize>().unwrap().0, 2_000_000_000);
-        assert!("ten".parse::<ByteSize>().is_err());
-        assert!("5XB".parse::<ByteSize>().is_err());
+        Config::resolve_with_env(file, Overrides::default(), &env).unwrap();
     }
 
     #[test]
@@ -338,7 +229,7 @@ mod tests {
         .unwrap();
         assert!(config.listen.ip().is_loopback());
         assert_eq!(config.unix_socket, Some(PathBuf::from("/d/outpost.sock")));
-        assert_eq!(config.quota_bytes, DEFAULT_QUOTA);
+        assert_eq!(config.quota_bytes, defaults::QUOTA);
     }
 
     #[test]

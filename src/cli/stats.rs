@@ -1,0 +1,220 @@
+//! `outpost stats`: asks a running server for `GetStats` and prints it.
+//!
+//! Every number is read one way: from the response's `metrics` map, by its
+//! Prometheus name (as at `/metrics`). Only the server's identity (version,
+//! uptime, upstream) comes from typed fields, because it is not a metric.
+
+use crate::admin_proto::admin_client::AdminClient;
+use crate::admin_proto::{GetStatsRequest, GetStatsResponse};
+use crate::metrics::sample_key;
+use crate::stats::UpstreamMethod;
+
+use super::human_bytes;
+
+/// Connects to `server` (`grpc://HOST:PORT` or `unix:///PATH`) and prints its stats.
+pub async fn run(server: &str) -> anyhow::Result<()> {
+    let channel = crate::client::connect(server).await?;
+    let response = AdminClient::new(channel)
+        .get_stats(GetStatsRequest {})
+        .await?
+        .into_inner();
+    print!("{}", report(&response, server));
+    Ok(())
+}
+
+/// The text `outpost stats` prints for `s`, fetched from `server`.
+pub fn report(s: &GetStatsResponse, server: &str) -> String {
+    let m = |name: &str| s.metrics.get(name).copied().unwrap_or(0);
+    let pct = |a: u64, b: u64| {
+        if b == 0 {
+            0.0
+        } else {
+            100.0 * a as f64 / b as f64
+        }
+    };
+    let avg = |n: u64, calls: u64| {
+        if calls == 0 {
+            0.0
+        } else {
+            n as f64 / calls as f64
+        }
+    };
+    let mut out = String::new();
+    let mut line = |text: String| {
+        out.push_str(&text);
+        out.push('\n');
+    };
+    line(format!(
+        "outpost {} at {server}, up {}s",
+        s.version, s.uptime_seconds
+    ));
+    let (blob_bytes, quota) = (
+        m("outpost_store_blob_bytes"),
+        m("outpost_store_quota_bytes"),
+    );
+    line(format!(
+        "blobs:           {} ({} of {} quota, {:.1}%)",
+        m("outpost_store_blobs"),
+        human_bytes(blob_bytes),
+        human_bytes(quota),
+        pct(blob_bytes, quota)
+    ));
+    line(format!(
+        "action results:  {}",
+        m("outpost_store_action_results")
+    ));
+    let (hits, misses) = (m("outpost_cas_hits_total"), m("outpost_cas_misses_total"));
+    line(format!(
+        "cas reads:       {hits} hits, {misses} misses ({:.1}% hit rate)",
+        pct(hits, hits + misses)
+    ));
+    line(format!(
+        "action cache:    {} hits, {} misses, {} dropped (outputs gone)",
+        m("outpost_action_cache_hits_total"),
+        m("outpost_action_cache_misses_total"),
+        m("outpost_stale_action_results_total")
+    ));
+    line(format!(
+        "written:         {} blobs, {}; {} refused (digest mismatch)",
+        m("outpost_blobs_written_total"),
+        human_bytes(m("outpost_bytes_written_total")),
+        m("outpost_digest_mismatches_total")
+    ));
+    line(format!(
+        "evicted:         {} entries, {}",
+        m("outpost_evicted_entries_total"),
+        human_bytes(m("outpost_evicted_bytes_total"))
+    ));
+    if s.upstream.is_empty() {
+        line("upstream:        none (standalone cache)".to_string());
+        return out;
+    }
+    line(format!("upstream:        {}", s.upstream));
+    let calls: Vec<String> = UpstreamMethod::ALL
+        .iter()
+        .map(|method| {
+            let key = sample_key(
+                "outpost_upstream_calls_total",
+                Some(("method", method.name())),
+            );
+            (method.name(), m(&key))
+        })
+        .filter(|(_, n)| *n > 0)
+        .map(|(name, n)| format!("{name} {n}"))
+        .collect();
+    line(format!(
+        "  calls:         {} ({} failed)",
+        if calls.is_empty() {
+            "none".to_string()
+        } else {
+            calls.join(", ")
+        },
+        m("outpost_upstream_errors_total")
+    ));
+    line(format!(
+        "  bytes:         {} sent, {} received",
+        human_bytes(m("outpost_upstream_bytes_sent_total")),
+        human_bytes(m("outpost_upstream_bytes_received_total"))
+    ));
+    line(format!(
+        "  existence:     {} digests answered from cache, {} asked upstream",
+        m("outpost_existence_cache_hits_total"),
+        m("outpost_existence_cache_misses_total")
+    ));
+    line(format!(
+        "  fetches:       {} into the local store, {} reads joined one in flight",
+        m("outpost_upstream_fetches_total"),
+        m("outpost_single_flight_joins_total")
+    ));
+    line(format!(
+        "  uploads:       {} blobs sent from the local store",
+        m("outpost_uploads_from_local_total")
+    ));
+    line(format!(
+        "  execution:     {} forwarded, {} reattached, {} repaired ({} blobs)",
+        m("outpost_executions_total"),
+        m("outpost_execution_reattaches_total"),
+        m("outpost_missing_input_repairs_total"),
+        m("outpost_repaired_blobs_total")
+    ));
+    line(format!(
+        "  prefetch:      {} actions, {} blobs ({}), {} read by clients, {} wasted, {} dropped",
+        m("outpost_prefetch_jobs_total"),
+        m("outpost_prefetched_blobs_total"),
+        human_bytes(m("outpost_prefetched_bytes_total")),
+        m("outpost_prefetch_hits_total"),
+        human_bytes(m("outpost_prefetch_wasted_bytes_total")),
+        m("outpost_prefetch_dropped_total")
+    ));
+    let batches = |calls: &str, items: &str| {
+        let (calls, items) = (m(calls), m(items));
+        (calls, avg(items, calls))
+    };
+    let fmb = batches(
+        "outpost_fmb_batches_total",
+        "outpost_fmb_batched_digests_total",
+    );
+    let read = batches(
+        "outpost_read_batches_total",
+        "outpost_read_batched_blobs_total",
+    );
+    let write = batches(
+        "outpost_write_batches_total",
+        "outpost_write_batched_blobs_total",
+    );
+    line(format!(
+        "  batching:      FindMissingBlobs {} calls (avg {:.1} digests), BatchRead {} (avg {:.1}), BatchUpdate {} (avg {:.1})",
+        fmb.0, fmb.1, read.0, read.1, write.0, write.1
+    ));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_every_number_from_the_metrics_map() {
+        let mut s = GetStatsResponse {
+            version: "1.2.3".into(),
+            upstream: "https://up:443".into(),
+            ..Default::default()
+        };
+        for (k, v) in [
+            ("outpost_store_blobs", 3),
+            ("outpost_cas_hits_total", 3),
+            ("outpost_cas_misses_total", 1),
+            ("outpost_upstream_calls_total{method=\"Execute\"}", 2),
+            (
+                "outpost_upstream_calls_total{method=\"FindMissingBlobs\"}",
+                5,
+            ),
+            ("outpost_fmb_batches_total", 2),
+            ("outpost_fmb_batched_digests_total", 9),
+        ] {
+            s.metrics.insert(k.to_string(), v);
+        }
+        let text = report(&s, "grpc://127.0.0.1:8980");
+        assert!(
+            text.starts_with("outpost 1.2.3 at grpc://127.0.0.1:8980, up 0s\nblobs:           3 ")
+        );
+        assert!(text.contains("3 hits, 1 misses (75.0% hit rate)"), "{text}");
+        assert!(
+            text.contains("calls:         FindMissingBlobs 5, Execute 2 (0 failed)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("FindMissingBlobs 2 calls (avg 4.5 digests)"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_standalone_cache_stops_after_the_store() {
+        let text = report(&GetStatsResponse::default(), "unix:///s");
+        assert!(
+            text.ends_with("upstream:        none (standalone cache)\n"),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,43 @@
+//! Every built-in default, in one place, so `config.example.toml`, the flag
+//! help and the code can be checked against one list.
+
+use std::time::Duration;
+
+/// TCP listen address: loopback only.
+pub const LISTEN: &str = "127.0.0.1:8980";
+/// Byte quota of the local store.
+pub const QUOTA: u64 = 10 << 30;
+/// Size up to which blobs are stored inside RocksDB.
+pub const INLINE_LIMIT: u64 = 1 << 20;
+/// `max_batch_total_size_bytes` advertised to clients.
+pub const MAX_BATCH: u64 = 4 << 20;
+/// Whether a non-loopback listen address is accepted without `--allow-remote`.
+pub const ALLOW_REMOTE: bool = false;
+/// Whether every commit is fsynced.
+pub const FSYNC: bool = false;
+/// Name of the unix socket inside the data directory.
+pub const UNIX_SOCKET_NAME: &str = "outpost.sock";
+
+/// Whether the client's own headers are forwarded upstream.
+pub const FORWARD_CLIENT_HEADERS: bool = true;
+/// Upstream connect timeout.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Deadline of unary upstream calls.
+pub const RPC_TIMEOUT: Duration = Duration::from_secs(60);
+/// Upstream calls in flight at once.
+pub const MAX_CONCURRENT_CALLS: usize = 64;
+/// How long a digest confirmed present upstream is trusted.
+pub const EXISTENCE_TTL: Duration = Duration::from_secs(300);
+/// Attempts per upstream call on UNAVAILABLE.
+pub const MAX_ATTEMPTS: u32 = 4;
+
+/// Whether finished actions' outputs are prefetched (with an upstream).
+pub const PREFETCH_ENABLED: bool = true;
+/// Blobs larger than this are left for the client to pull.
+pub const PREFETCH_MAX_BLOB_SIZE: u64 = 1 << 30;
+/// Bytes being prefetched at once, across all actions.
+pub const PREFETCH_MAX_BYTES_IN_FLIGHT: u64 = 256 << 20;
+/// Blob fetches at once per action.
+pub const PREFETCH_PARALLEL_FETCHES: usize = 16;
+/// Finished actions waiting for prefetch.
+pub const PREFETCH_QUEUE_DEPTH: usize = 1000;

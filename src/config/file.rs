@@ -1,0 +1,151 @@
+//! The TOML file as the user writes it: every section, every key optional,
+//! unknown keys refused. Turning it into settings is the job of `mod.rs`,
+//! `upstream.rs` and `prefetch.rs`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use super::units::{ByteSize, HumanDuration};
+
+/// The whole file. Every field is optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// `[server]`: how clients reach Outpost.
+    #[serde(default)]
+    pub server: ServerSection,
+    /// `[store]`: the local store.
+    #[serde(default)]
+    pub store: StoreSection,
+    /// `[upstream]`: the remote REAPI cluster to proxy (none: standalone cache).
+    #[serde(default)]
+    pub upstream: UpstreamSection,
+    /// `[metrics]`: the Prometheus endpoint.
+    #[serde(default)]
+    pub metrics: MetricsSection,
+    /// `[prefetch]`: pulling finished actions' outputs ahead of the client.
+    #[serde(default)]
+    pub prefetch: PrefetchSection,
+}
+
+impl FileConfig {
+    /// Reads and parses a TOML file.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read config file {}: {e}", path.display()))?;
+        toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("invalid config file {}: {e}", path.display()))
+    }
+}
+
+/// `[server]` keys.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSection {
+    /// TCP address to listen on.
+    pub listen: Option<SocketAddr>,
+    /// Permit a non-loopback `listen` address (no authentication yet!).
+    pub allow_remote: Option<bool>,
+    /// Unix socket path; `""` disables it.
+    pub unix_socket: Option<String>,
+    /// Largest total of a Batch* request, advertised in Capabilities.
+    pub max_batch_total_size_bytes: Option<ByteSize>,
+}
+
+/// `[store]` keys.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSection {
+    /// Where the store lives.
+    pub data_dir: Option<PathBuf>,
+    /// Byte budget of the store.
+    pub quota: Option<ByteSize>,
+    /// Blobs up to this size live inside RocksDB; larger ones are files.
+    pub inline_limit: Option<ByteSize>,
+    /// fsync every commit.
+    pub fsync: Option<bool>,
+}
+
+/// One header to add to every upstream call. Exactly one of `value` and
+/// `env` is set; `env` names an environment variable holding the value, so
+/// secrets need not be written into the file.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderSpec {
+    /// Header name, e.g. `authorization` or `x-buildbuddy-api-key`.
+    pub name: String,
+    /// Literal value.
+    pub value: Option<String>,
+    /// Environment variable to read the value from.
+    pub env: Option<String>,
+}
+
+/// `[upstream]` keys.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamSection {
+    /// `grpc://host:port` or `grpcs://host:port`.
+    pub endpoint: Option<String>,
+    /// PEM file of CA certificates to trust instead of the system roots.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate for mTLS (with `client_key`).
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key for mTLS (with `client_cert`).
+    pub client_key: Option<PathBuf>,
+    /// Client instance name → upstream instance name; unmapped names pass unchanged.
+    #[serde(default)]
+    pub instance_names: BTreeMap<String, String>,
+    /// Headers added to every upstream call (they replace a client's header of the same name).
+    #[serde(default)]
+    pub headers: Vec<HeaderSpec>,
+    /// Forward the client's own headers (credentials, request metadata).
+    pub forward_client_headers: Option<bool>,
+    /// Connect timeout.
+    pub connect_timeout: Option<HumanDuration>,
+    /// Deadline of unary upstream calls.
+    pub rpc_timeout: Option<HumanDuration>,
+    /// Upstream calls in flight at once; more wait their turn.
+    pub max_concurrent_calls: Option<usize>,
+    /// How long a digest confirmed present upstream is trusted without asking again.
+    pub existence_ttl: Option<HumanDuration>,
+    /// Attempts per call when the upstream answers UNAVAILABLE.
+    pub max_attempts: Option<u32>,
+}
+
+/// `[prefetch]` keys.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrefetchSection {
+    /// Prefetch the outputs of finished actions (with an upstream).
+    pub enabled: Option<bool>,
+    /// Blobs larger than this are left for the client to pull.
+    pub max_blob_size: Option<ByteSize>,
+    /// Bytes being prefetched at once, across all actions.
+    pub max_bytes_in_flight: Option<ByteSize>,
+    /// Blob fetches at once per action.
+    pub parallel_fetches: Option<usize>,
+    /// Finished actions waiting for prefetch; more are dropped (and counted).
+    pub queue_depth: Option<usize>,
+}
+
+/// `[metrics]` keys.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    /// HTTP address serving Prometheus text at `/metrics`; off when unset.
+    pub listen: Option<SocketAddr>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        assert!(toml::from_str::<FileConfig>("[store]\nquota_typo = 1\n").is_err());
+        assert!(toml::from_str::<FileConfig>("[upstream]\nendpont = \"grpc://h:1\"\n").is_err());
+    }
+}
