@@ -47,6 +47,41 @@ pub(super) struct Forwarder {
 }
 
 impl Forwarder {
+    /// Opens Execute, repairing MISSING inputs while the call fails so and
+    /// each round has something to upload.
+    pub(super) async fn open_execute(&mut self) -> Result<Streaming<Operation>> {
+        loop {
+            match self.open(None).await {
+                Err(Error::Upstream(status)) => {
+                    let missing = self.repairs.named_by_call(&status.0, self.function);
+                    if !self.repair(missing).await {
+                        return Err(Error::Upstream(status));
+                    }
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// For a final Operation that failed with MISSING inputs: repair and
+    /// execute again. `None` when there is nothing to retry.
+    async fn retry_if_missing(&mut self, op: &Operation) -> Option<Result<Streaming<Operation>>> {
+        let missing = Repairs::named_by_result(op, self.function)?;
+        if !self.repair(missing).await {
+            return None;
+        }
+        Some(self.open_execute().await)
+    }
+
+    /// One repair round, for an Execute (a WaitExecution cannot be redone).
+    async fn repair(&mut self, missing: Vec<Digest>) -> bool {
+        self.request.is_some()
+            && self
+                .repairs
+                .upload(&self.ctx, &self.deps.uploader, &self.deps.stats, missing)
+                .await
+    }
+
     /// Opens Execute (`wait` unset) or WaitExecution on operation `wait`,
     /// with the upstream's retry and health policy.
     pub(super) async fn open(&self, wait: Option<&str>) -> Result<Streaming<Operation>> {

@@ -6,13 +6,13 @@
 //! uploaded.
 
 use bazel_remote_apis::google::longrunning::Operation;
-use tonic::{Code, Streaming};
+use tonic::Code;
 
-use crate::digest::Digest;
-use crate::error::{Error, Result};
-use crate::execution::forward::Forwarder;
+use crate::context::RequestContext;
+use crate::digest::{Digest, DigestFunction};
 use crate::reapi::action::{execute_response, missing_blobs, missing_blobs_in_status};
 use crate::stats::Stats;
+use crate::store::replicator::Replicator;
 
 /// MISSING-input repairs per execution: an upstream may report a lost
 /// Directory first and the files below it only after it got the Directory.
@@ -35,56 +35,48 @@ impl Repairs {
             essentials,
         }
     }
-}
 
-impl Forwarder {
-    /// Opens Execute, repairing MISSING inputs while the call fails so and
-    /// each round has something to upload.
-    pub(super) async fn open_execute(&mut self) -> Result<Streaming<Operation>> {
-        loop {
-            match self.open(None).await {
-                Err(Error::Upstream(status)) if status.0.code() == Code::FailedPrecondition => {
-                    let mut missing = missing_blobs_in_status(&status.0, self.function);
-                    if missing.is_empty() {
-                        missing = self.repairs.essentials.clone();
-                    }
-                    if !self.repair(missing).await {
-                        return Err(Error::Upstream(status));
-                    }
-                }
-                other => return other,
-            }
+    /// The blobs a refused Execute call names as missing (the Action and
+    /// Command when it is FAILED_PRECONDITION naming none); empty when the
+    /// call failed for another reason.
+    pub(super) fn named_by_call(&self, status: &tonic::Status, function: DigestFunction) -> Vec<Digest> {
+        if status.code() != Code::FailedPrecondition {
+            return Vec::new();
+        }
+        let missing = missing_blobs_in_status(status, function);
+        if missing.is_empty() {
+            self.essentials.clone()
+        } else {
+            missing
         }
     }
 
-    /// For a final Operation that failed with MISSING inputs: repair and
-    /// execute again. `None` when there is nothing to retry.
-    pub(super) async fn retry_if_missing(
-        &mut self,
-        op: &Operation,
-    ) -> Option<Result<Streaming<Operation>>> {
-        let response = execute_response(op)?;
-        let status = response
+    /// The blobs a final Operation names as missing inputs, if it failed so.
+    pub(super) fn named_by_result(op: &Operation, function: DigestFunction) -> Option<Vec<Digest>> {
+        let status = execute_response(op)?
             .status
             .filter(|s| s.code == Code::FailedPrecondition as i32)?;
-        let missing = missing_blobs(&status, self.function);
-        if !self.repair(missing).await {
-            return None;
-        }
-        Some(self.open_execute().await)
+        Some(missing_blobs(&status, function))
     }
 
-    /// Uploads blobs the upstream reported missing; true if worth retrying.
-    async fn repair(&mut self, missing: Vec<Digest>) -> bool {
-        if self.repairs.done >= MAX_REPAIRS || self.request.is_none() || missing.is_empty() {
+    /// Uploads blobs the upstream reported missing from the local store
+    /// through `replicator`; true if executing again is worth it.
+    pub(super) async fn upload(
+        &mut self,
+        ctx: &RequestContext,
+        replicator: &Replicator,
+        stats: &Stats,
+        missing: Vec<Digest>,
+    ) -> bool {
+        if self.done >= MAX_REPAIRS || missing.is_empty() {
             return false;
         }
-        self.repairs.done += 1;
+        self.done += 1;
         let wanted = missing.len();
-        let failed = self.deps.uploader.copy(&self.ctx, missing).await;
+        let failed = replicator.copy(ctx, missing).await;
         let uploaded = wanted - failed.len();
-        Stats::add(&self.deps.stats.missing_input_repairs, 1);
-        Stats::add(&self.deps.stats.repaired_blobs, uploaded as u64);
+        Stats::add(&stats.missing_input_repairs, 1);
+        Stats::add(&stats.repaired_blobs, uploaded as u64);
         tracing::info!(
             "upstream lacked {wanted} input blob(s); uploaded {uploaded} from the local store{}",
             if failed.is_empty() {
