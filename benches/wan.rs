@@ -46,13 +46,14 @@ use bazel_remote_apis::google::bytestream::{ReadRequest, byte_stream_client::Byt
 use futures::{StreamExt, TryStreamExt};
 use outpost::admin_proto::admin_client::AdminClient;
 use outpost::admin_proto::{GetStatsRequest, GetStatsResponse};
+use outpost::cli::human_bytes;
 use outpost::digest::{Digest, DigestFunction, Hasher};
 use outpost_testkit::client::write_stream;
 use outpost_testkit::env::{env_u64, env_usize, server_binary};
 use outpost_testkit::metrics::scrape;
 use outpost_testkit::relay::{Relay, WanConfig};
 use outpost_testkit::workload::{BATCH_ENTRY_OVERHEAD, mix};
-use outpost_testkit::{Rng, ServerProcess, blob, human_bytes, pack};
+use outpost_testkit::{Rng, ServerProcess, blob, pack};
 use tonic::transport::Channel;
 
 /// Largest gRPC message the clients accept or send (a 4 MiB batch + framing).

@@ -35,11 +35,12 @@ use anyhow::{Context, bail, ensure};
 use futures::{StreamExt, TryStreamExt};
 use outpost::admin_proto::GetStatsRequest;
 use outpost::admin_proto::admin_client::AdminClient;
+use outpost::cli::human_bytes;
 use outpost_testkit::env::{env_u64, server_binary};
 use outpost_testkit::fake::{FakeUpstream, TestAction, operation_response};
 use outpost_testkit::metrics::scrape;
 use outpost_testkit::relay::{Relay, WanConfig};
-use outpost_testkit::{Rng, ServerProcess, bs, human_bytes, pack, re};
+use outpost_testkit::{Rng, ServerProcess, bs, pack, re};
 use sha2::{Digest as _, Sha256};
 use tonic::transport::{Channel, Endpoint};
 

@@ -39,7 +39,11 @@ impl Repairs {
     /// The blobs a refused Execute call names as missing (the Action and
     /// Command when it is FAILED_PRECONDITION naming none); empty when the
     /// call failed for another reason.
-    pub(super) fn named_by_call(&self, status: &tonic::Status, function: DigestFunction) -> Vec<Digest> {
+    pub(super) fn named_by_call(
+        &self,
+        status: &tonic::Status,
+        function: DigestFunction,
+    ) -> Vec<Digest> {
         if status.code() != Code::FailedPrecondition {
             return Vec::new();
         }

@@ -161,3 +161,11 @@ impl BlobWriter for MemoryWriter {
         Ok(())
     }
 }
+
+/// Deterministic test content: `len` bytes that depend on `seed`, so
+/// decorator tests over this store can tell blobs apart.
+pub fn blob(len: usize, seed: u8) -> Bytes {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}

@@ -141,6 +141,7 @@ mod tests {
     use crate::digest::DigestFunction;
     use crate::error::Error;
     use crate::store::local::LocalStoreOptions;
+    use crate::store::memory::blob;
     use crate::store::memory::{MemoryStore, count};
     use std::time::Duration;
 
@@ -152,12 +153,6 @@ mod tests {
             sync: false,
         };
         LocalStore::open(options, Arc::new(Stats::default())).unwrap()
-    }
-
-    fn blob(len: usize, seed: u8) -> Bytes {
-        (0..len)
-            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-            .collect()
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

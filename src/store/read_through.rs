@@ -276,15 +276,10 @@ async fn fetch_large(
 mod tests {
     use super::*;
     use crate::digest::DigestFunction;
+    use crate::store::memory::blob;
     use crate::store::memory::{MemoryStore, count};
     use std::sync::Mutex;
     use std::time::Duration;
-
-    fn blob(len: usize, seed: u8) -> Bytes {
-        (0..len)
-            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-            .collect()
-    }
 
     fn read_through(
         local: &Arc<MemoryStore>,

@@ -166,12 +166,7 @@ mod tests {
     use super::*;
     use crate::digest::DigestFunction;
     use crate::store::memory::MemoryStore;
-
-    fn blob(len: usize, seed: u8) -> Bytes {
-        (0..len)
-            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-            .collect()
-    }
+    use crate::store::memory::blob;
 
     fn tee(local: &Arc<MemoryStore>, capacity: u64, upstream: &Arc<MemoryStore>) -> WriteThrough {
         WriteThrough::new(local.clone(), capacity, upstream.clone())

@@ -9,7 +9,7 @@
 //! - [`process`]: [`ServerProcess`], the real `outpost` binary as a child
 //!   process on `127.0.0.1:0`, its addresses read from `--ready-file`.
 //! - [`workload`]: deterministic data ([`Rng`], [`blob`]), SHA-256 digests,
-//!   batch packing ([`pack`]) and [`human_bytes`].
+//!   batch packing ([`pack`]).
 //! - [`client`]: REAPI client helpers (resource names, ByteStream reads and
 //!   writes, batch calls) over a plain tonic channel.
 //! - [`env`](mod@env): bench knobs from environment variables.
@@ -28,4 +28,4 @@ pub mod workload;
 pub use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
 pub use bazel_remote_apis::google::bytestream as bs;
 pub use process::ServerProcess;
-pub use workload::{Rng, blob, digest, human_bytes, pack, sha256_hex};
+pub use workload::{Rng, blob, digest, pack, sha256_hex};

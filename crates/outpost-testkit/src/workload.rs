@@ -1,6 +1,6 @@
 //! Deterministic workload data for tests and benches: a small PRNG, blobs
 //! as a pure function of a seed, SHA-256 digests computed here (never by the
-//! code under test), batch packing and byte counts for humans.
+//! code under test) and batch packing.
 
 use sha2::{Digest as _, Sha256};
 
@@ -110,22 +110,6 @@ pub fn pack<T>(items: Vec<T>, max_batch: u64, size: impl Fn(&T) -> u64) -> Vec<V
     batches
 }
 
-/// `n` bytes for a human: `512 B`, `1.5 KiB`, `3.0 GiB`.
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = n as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -138,13 +122,6 @@ mod tests {
             vec![vec![0, 1], vec![2, 3], vec![4, 5], vec![6, 7], vec![8, 9]]
         );
         assert_eq!(pack(vec![1000u64], 10, |n| *n), vec![vec![1000]]);
-    }
-
-    #[test]
-    fn human_bytes_picks_the_largest_unit() {
-        assert_eq!(human_bytes(512), "512 B");
-        assert_eq!(human_bytes(1536), "1.5 KiB");
-        assert_eq!(human_bytes(3 << 30), "3.0 GiB");
     }
 
     #[test]
