@@ -156,6 +156,14 @@ impl Error {
     }
 }
 
+/// The error of a whole call, once for each of the `n` items it carried
+/// (a batched call, a shared flight over several keys).
+pub fn each_fails<T>(error: &Error, n: usize) -> Vec<Result<T>> {
+    std::iter::repeat_with(|| Err(error.duplicate()))
+        .take(n)
+        .collect()
+}
+
 /// A copy of a shared result for another waiter (see [`Error::duplicate`]).
 pub fn duplicate<T: Clone>(result: &Result<T>) -> Result<T> {
     match result {

@@ -175,7 +175,7 @@ impl RunningServer {
             max_message: config.max_batch_total_size_bytes as usize + (1 << 20),
         };
 
-        let shutdown = CancellationToken::new();
+        let shutdown = background.closing_token();
         let mut tasks = JoinSet::new();
         let listener = TcpListener::bind(config.listen)
             .await

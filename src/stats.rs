@@ -112,11 +112,6 @@ impl Stats {
     pub fn upstream_call(&self, method: UpstreamMethod) {
         Stats::add(&self.upstream_calls[method.index()], 1);
     }
-
-    /// Upstream calls of `method` so far.
-    pub fn upstream_calls_of(&self, method: UpstreamMethod) -> u64 {
-        Stats::get(&self.upstream_calls[method.index()])
-    }
 }
 
 /// Declares the counters. Each row is

@@ -18,6 +18,11 @@ pub struct Background {
     tracker: TaskTracker,
     /// Cancelled when the server stops; tasks end at their next await.
     token: CancellationToken,
+    /// Cancelled when the server stops accepting calls, before the calls in
+    /// flight are drained: the listeners stop on it, and tasks that feed a
+    /// client's stream (execution relays) end that stream on it, so the
+    /// drain is not kept waiting by them.
+    closing: CancellationToken,
 }
 
 impl Background {
@@ -54,6 +59,12 @@ impl Background {
         self.token.clone()
     }
 
+    /// A token that is cancelled when the server stops accepting calls (the
+    /// first step of stopping, before calls in flight are drained).
+    pub fn closing_token(&self) -> CancellationToken {
+        self.closing.clone()
+    }
+
     /// Whether shutdown has begun.
     pub fn is_cancelled(&self) -> bool {
         self.token.is_cancelled()
@@ -62,6 +73,7 @@ impl Background {
     /// Cancels every task and waits up to `bound` for them to end. Returns
     /// the number still running when the bound passed (0 = all drained).
     pub async fn shutdown(&self, bound: Duration) -> usize {
+        self.closing.cancel();
         self.token.cancel();
         self.tracker.close();
         match tokio::time::timeout(bound, self.tracker.wait()).await {

@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status, Streaming};
+use tracing::Instrument;
 
 use crate::context::RequestContext;
 use crate::digest::{Digest, DigestFunction};
@@ -118,10 +119,12 @@ impl Forwarder {
     pub(super) fn relay(self, stream: Streaming<Operation>) -> OperationStream {
         let (tx, rx) = mpsc::channel(RELAY_BUFFER);
         let background = self.deps.background.clone();
-        let shutdown = background.cancelled_token();
+        // Ends the client's stream as soon as the server stops accepting
+        // calls, so the drain of calls in flight does not wait for it.
+        let closing = background.closing_token();
         // Not cancelled by dropping: a relay that is caching a result
-        // finishes it; otherwise it ends at its next wait on shutdown.
-        background.spawn_uncancelled(self.run(stream, tx, shutdown));
+        // finishes it; otherwise it ends at its next wait on `closing`.
+        background.spawn_uncancelled(self.run(stream, tx, closing).in_current_span());
         Box::pin(ReceiverStream::new(rx))
     }
 

@@ -23,7 +23,7 @@ use lru::LruCache;
 
 use crate::context::RequestContext;
 use crate::digest::Digest;
-use crate::error::Result;
+use crate::error::{Result, each_fails};
 use crate::stats::Stats;
 use crate::store::single_flight::{Role, SingleFlight};
 use crate::store::{BlobStore, BlobWriter, ChunkStream};
@@ -102,7 +102,7 @@ impl ExistenceCache {
                     note(&known, instance, present.copied());
                     digests.iter().map(|d| Ok(missing.contains(d))).collect()
                 }
-                Err(e) => digests.iter().map(|_| Err(e.duplicate())).collect(),
+                Err(e) => each_fails(&e, digests.len()),
             }
         }
     }

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use futures::future::{BoxFuture, FutureExt, Shared};
 use tracing::Instrument;
 
-use crate::error::{Error, Result, duplicate};
+use crate::error::{Error, Result, duplicate, each_fails};
 use crate::tasks::Background;
 
 /// The shared outcome of one flight: a result per key it answers.
@@ -185,18 +185,18 @@ where
         async move {
             let results = match task.await {
                 Ok(Some(results)) if results.len() == count => results,
-                Ok(Some(results)) => failed(
-                    count,
+                Ok(Some(results)) => each_fails(
                     &Error::Internal(format!(
                         "a flight returned {} results for {count} keys",
                         results.len()
                     )),
-                ),
-                Ok(None) => failed(
                     count,
-                    &Error::Unavailable("shutting down: transfer cancelled".into()),
                 ),
-                Err(e) => failed(count, &Error::Internal(format!("flight failed: {e}"))),
+                Ok(None) => each_fails(
+                    &Error::Unavailable("shutting down: transfer cancelled".into()),
+                    count,
+                ),
+                Err(e) => each_fails(&Error::Internal(format!("flight failed: {e}")), count),
             };
             Arc::new(results)
         }
@@ -207,11 +207,6 @@ where
     fn lock(&self) -> MutexGuard<'_, HashMap<K, Seat<V>>> {
         self.flights.lock().unwrap_or_else(|e| e.into_inner())
     }
-}
-
-/// The same failure for each of `count` keys.
-fn failed<V>(count: usize, error: &Error) -> Vec<Result<V>> {
-    (0..count).map(|_| Err(error.duplicate())).collect()
 }
 
 /// Frees a flight's keys when the flight ends (dropped with its task, so

@@ -468,6 +468,40 @@ async fn client_going_away_cancels_the_upstream_stream() {
 }
 
 #[tokio::test]
+async fn stopping_the_server_ends_running_executions_with_a_reattach_hint() {
+    let fake = FakeUpstream::start().await;
+    let server = proxy(&fake).await;
+    let action = TestAction::new(&["forever"], &["o"], &[]);
+    fake.put_test_action(&action);
+    fake.hold_executions();
+
+    let mut client = exec(&server);
+    let mut stream = client
+        .execute(action.request(""))
+        .await
+        .expect("Execute")
+        .into_inner();
+    stream.message().await.unwrap().expect("QUEUED");
+    stream.message().await.unwrap().expect("EXECUTING");
+    let stopping = tokio::spawn(server.stop());
+
+    // The stream ends as soon as Outpost stops accepting calls, not when
+    // the drain of calls in flight gives up on it (10 s).
+    let end = tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .expect("the Execute stream was kept open through the drain");
+    let status = end.expect_err("a stream that ends early ends with an error");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains("reattach with WaitExecution"),
+        "{status:?}"
+    );
+    drop((stream, client));
+    stopping.await.expect("stop task");
+    fake.release_executions();
+}
+
+#[tokio::test]
 async fn a_broken_upstream_stream_is_reattached_with_wait_execution() {
     let fake = FakeUpstream::start().await;
     let server = proxy(&fake).await;

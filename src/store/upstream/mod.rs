@@ -26,7 +26,7 @@ use bytes::Bytes;
 
 use crate::context::RequestContext;
 use crate::digest::Digest;
-use crate::error::{Error, Result};
+use crate::error::{Result, each_fails};
 use crate::store::{BlobStore, BlobWriter, ChunkStream};
 use crate::tasks::Background;
 use crate::upstream::Upstream;
@@ -204,11 +204,4 @@ impl BlobStore for UpstreamStore {
         }
         out
     }
-}
-
-/// The error of a whole batched call, once per item it carried.
-fn each_fails<T>(e: &Error, n: usize) -> Vec<Result<T>> {
-    std::iter::repeat_with(|| Err(e.duplicate()))
-        .take(n)
-        .collect()
 }
