@@ -1,6 +1,7 @@
 //! Outpost: a REAPI v2 caching sidecar that makes remote builds fast on slow links.
 //!
 //! # Layout
+//! - [`asset`]: the Remote Asset API (Fetch, Push): asset index, origin downloads.
 //! - [`cli`]: client commands of the binary (`outpost stats`) and their formatting.
 //! - [`client`]: connecting to a server (stats, tests, benches).
 //! - [`config`]: defaults, TOML file and flags merged into one [`config::Config`]
@@ -22,6 +23,7 @@
 //! - [`tasks`]: background tasks that shutdown cancels and drains.
 //! - [`upstream`]: the upstream connection, health, and request batching.
 
+pub mod asset;
 pub mod cli;
 pub mod client;
 pub mod config;

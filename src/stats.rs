@@ -36,11 +36,24 @@ pub enum UpstreamMethod {
     WaitExecution,
     /// google.longrunning.Operations (any method)
     Operations,
+    /// Remote Asset Fetch.FetchBlob
+    FetchBlob,
+    /// Remote Asset Fetch.FetchDirectory
+    FetchDirectory,
+    /// Remote Asset Push.PushBlob
+    PushBlob,
+    /// Remote Asset Push.PushDirectory
+    PushDirectory,
+    /// Remote Logstream LogStreamService.CreateLogStream
+    CreateLogStream,
+    /// ByteStream Read, Write or QueryWriteStatus of a non-CAS resource
+    /// (log streams), passed through unchanged
+    ByteStreamPassthrough,
 }
 
 impl UpstreamMethod {
     /// Every method, in counter order (the order of the enum).
-    pub const ALL: [UpstreamMethod; 11] = [
+    pub const ALL: [UpstreamMethod; 17] = [
         UpstreamMethod::FindMissingBlobs,
         UpstreamMethod::BatchReadBlobs,
         UpstreamMethod::BatchUpdateBlobs,
@@ -52,6 +65,12 @@ impl UpstreamMethod {
         UpstreamMethod::Execute,
         UpstreamMethod::WaitExecution,
         UpstreamMethod::Operations,
+        UpstreamMethod::FetchBlob,
+        UpstreamMethod::FetchDirectory,
+        UpstreamMethod::PushBlob,
+        UpstreamMethod::PushDirectory,
+        UpstreamMethod::CreateLogStream,
+        UpstreamMethod::ByteStreamPassthrough,
     ];
 
     /// The gRPC method name (the `method` label of per-method metrics).
@@ -68,6 +87,12 @@ impl UpstreamMethod {
             UpstreamMethod::Execute => "Execute",
             UpstreamMethod::WaitExecution => "WaitExecution",
             UpstreamMethod::Operations => "Operations",
+            UpstreamMethod::FetchBlob => "FetchBlob",
+            UpstreamMethod::FetchDirectory => "FetchDirectory",
+            UpstreamMethod::PushBlob => "PushBlob",
+            UpstreamMethod::PushDirectory => "PushDirectory",
+            UpstreamMethod::CreateLogStream => "CreateLogStream",
+            UpstreamMethod::ByteStreamPassthrough => "ByteStream.passthrough",
         }
     }
 

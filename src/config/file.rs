@@ -113,6 +113,11 @@ pub struct UpstreamSection {
     pub existence_ttl: Option<HumanDuration>,
     /// Attempts per call when the upstream answers UNAVAILABLE.
     pub max_attempts: Option<u32>,
+    /// Where the Remote Asset API (Fetch, Push) is served, if not at `endpoint`.
+    pub asset_endpoint: Option<String>,
+    /// Where Remote Logstream (CreateLogStream and log-stream ByteStream
+    /// names) is served, if not at `endpoint`.
+    pub logstream_endpoint: Option<String>,
 }
 
 /// `[prefetch]` keys.

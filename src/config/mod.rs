@@ -7,6 +7,7 @@
 //! written), [`upstream`] and [`prefetch`] (resolving those sections). This
 //! file assembles them into one [`Config`].
 
+pub mod asset;
 pub mod defaults;
 pub mod file;
 pub mod prefetch;
@@ -16,6 +17,7 @@ pub mod upstream;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+pub use asset::AssetConfig;
 pub use file::{
     FileConfig, HeaderSpec, MetricsSection, PrefetchSection, ServerSection, StoreSection,
     UpstreamSection,

@@ -44,6 +44,10 @@ pub struct UpstreamConfig {
     pub existence_ttl: Duration,
     /// Attempts on UNAVAILABLE.
     pub max_attempts: u32,
+    /// `http[s]://host:port` of the Remote Asset service (default: `uri`).
+    pub asset_uri: String,
+    /// `http[s]://host:port` of the Remote Logstream service (default: `uri`).
+    pub logstream_uri: String,
 }
 
 impl UpstreamConfig {
@@ -67,6 +71,22 @@ impl UpstreamConfig {
             return Ok(None);
         };
         let (tls, rest) = split_endpoint(&endpoint)?;
+        let uri = format!("{}://{rest}", if tls { "https" } else { "http" });
+        let other_endpoint = |key: &str, value: Option<String>| -> anyhow::Result<String> {
+            let Some(value) = value else {
+                return Ok(uri.clone());
+            };
+            let (other_tls, rest) = split_endpoint(&value)?;
+            if other_tls != tls {
+                anyhow::bail!(
+                    "[upstream] {key} must use the same scheme (grpc:// or grpcs://) as endpoint"
+                );
+            }
+            Ok(format!("{}://{rest}", if tls { "https" } else { "http" }))
+        };
+        let asset_uri = other_endpoint("asset_endpoint", section.asset_endpoint.clone())?;
+        let logstream_uri =
+            other_endpoint("logstream_endpoint", section.logstream_endpoint.clone())?;
         let client_identity = match (section.client_cert, section.client_key) {
             (Some(cert), Some(key)) => Some((cert, key)),
             (None, None) => None,
@@ -87,7 +107,9 @@ impl UpstreamConfig {
             anyhow::bail!("[upstream] max_concurrent_calls must be at least 1");
         }
         Ok(Some(UpstreamConfig {
-            uri: format!("{}://{rest}", if tls { "https" } else { "http" }),
+            uri,
+            asset_uri,
+            logstream_uri,
             tls,
             ca_file: section.ca_file,
             client_identity,
@@ -109,6 +131,15 @@ impl UpstreamConfig {
                 .unwrap_or(defaults::MAX_ATTEMPTS)
                 .max(1),
         }))
+    }
+
+    /// The same settings aimed at another endpoint of the cluster (the asset
+    /// or logstream service): same TLS, headers, timeouts and mapping.
+    pub fn with_endpoint(&self, uri: &str) -> Self {
+        UpstreamConfig {
+            uri: uri.to_string(),
+            ..self.clone()
+        }
     }
 
     /// The upstream instance name for a client's instance name.
@@ -170,6 +201,18 @@ mod tests {
         assert!(!r("grpc://127.0.0.1:9000").unwrap().unwrap().tls);
         assert!(r("ftp://x:1").is_err());
         assert!(r("grpc://x:1/path").is_err());
+        assert_eq!(c.asset_uri, c.uri);
+        assert_eq!(c.logstream_uri, c.uri);
+        let section: UpstreamSection =
+            toml::from_str("endpoint = \"grpc://h:1\"\nasset_endpoint = \"grpc://assets:2\"")
+                .unwrap();
+        let c = UpstreamConfig::resolve(section, None).unwrap().unwrap();
+        assert_eq!(c.asset_uri, "http://assets:2");
+        assert_eq!(c.with_endpoint(&c.asset_uri).uri, "http://assets:2");
+        let mixed: UpstreamSection =
+            toml::from_str("endpoint = \"grpc://h:1\"\nlogstream_endpoint = \"grpcs://logs:2\"")
+                .unwrap();
+        assert!(UpstreamConfig::resolve(mixed, None).is_err());
         assert!(
             UpstreamConfig::resolve(UpstreamSection::default(), None)
                 .unwrap()

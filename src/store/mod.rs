@@ -21,6 +21,7 @@
 //! - [`single_flight`]: concurrent callers of one key share one spawned flight.
 //! - [`proxy_ac`]: the proxy for the action cache.
 
+pub mod asset_index;
 pub mod complete;
 pub mod existence_cache;
 pub mod local;

@@ -1,0 +1,8 @@
+//! The Remote Asset API (Fetch and Push), served from the local store with
+//! the upstream's asset service and the origin URLs behind it.
+//!
+//! - [`sri`]: `checksum.sri` values, parsed and verified as bytes stream by.
+//! - [`origin`]: downloads http(s) URIs into the CAS, verified, bounded.
+
+pub mod origin;
+pub mod sri;
