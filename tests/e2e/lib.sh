@@ -31,6 +31,41 @@ stop_outpost() {
   wait "$pid" 2>/dev/null || { echo "outpost $1 exited with an error:"; tail -20 "$dir/outpost.log"; return 1; }
 }
 
+# start_origin NAME DIR: serves DIR over HTTP on a free 127.0.0.1 port
+# (fixtures/origin_server.py, one log line per request in $E2E_TMP/NAME/log);
+# sets ORIGIN_PORT.
+start_origin() {
+  local dir="$E2E_TMP/$1"
+  mkdir -p "$dir"
+  python3 "$(dirname "${BASH_SOURCE[0]}")/fixtures/origin_server.py" "$2" "$dir/port" >"$dir/log" 2>&1 &
+  echo $! >"$dir/pid"
+  for _ in $(seq 100); do [ -s "$dir/port" ] && break; sleep 0.1; done
+  ORIGIN_PORT=$(cat "$dir/port" 2>/dev/null) || { echo "origin $1 did not start:"; cat "$dir/log"; return 1; }
+}
+
+# stop_origin NAME: stops the HTTP origin; its port then refuses connections.
+stop_origin() {
+  local dir="$E2E_TMP/$1"
+  kill -TERM "$(cat "$dir/pid")" 2>/dev/null || true
+  wait "$(cat "$dir/pid")" 2>/dev/null || true
+  rm -f "$dir/pid"
+}
+
+# metric_sum METRICS_PORT NAME: sum of every sample of metric NAME (any
+# labels) at http://127.0.0.1:METRICS_PORT/metrics; 0 if absent.
+metric_sum() {
+  python3 - "$1" "$2" <<'PY'
+import sys, urllib.request
+text = urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics", timeout=10).read().decode()
+total = 0.0
+for line in text.splitlines():
+    name = line.split("{")[0].split(" ")[0]
+    if name == sys.argv[2]:
+        total += float(line.rsplit(" ", 1)[1])
+print(int(total))
+PY
+}
+
 # result_field LINE KEY: value of KEY=... in a bazel_build.sh RESULT line.
 result_field() { echo "$1" | tr ' ' '\n' | sed -n "s/^$2=//p"; }
 

@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# Bazel 4.2.3's remote downloader through Outpost (Remote Asset FetchBlob).
+# The fixture workspace (fixtures/bazel_downloader) has an http_archive (with
+# sha256) and an http_file (with sha256 too: Bazel 4.2.3 refuses plain
+# http without one), both on an HTTP origin this test runs on
+# 127.0.0.1, and a genrule that needs both. Outpost runs standalone with
+# origin fetching of private addresses allowed.
+#   1. Bazel builds with --experimental_remote_downloader and --remote_cache
+#      at Outpost: the origin must see both files requested by Outpost, never
+#      by Bazel.
+#   2. The origin is stopped. Control: Bazel without the remote downloader
+#      (fresh output base, no repository cache) must fail to fetch.
+#   3. Bazel with the remote downloader, fresh output base, no repository
+#      cache: must succeed, with the same output, every download a FetchBlob
+#      that Outpost answered from its store.
+set -euo pipefail
+. "$(dirname "$0")/lib.sh"
+
+fixture="$(dirname "$0")/fixtures/bazel_downloader"
+t_start=$(date +%s.%N)
+
+# The origin: a tarball of fixtures/bazel_downloader/greeting-1.0 and a note
+# with a nonce, so the output proves which run's content was built.
+www="$E2E_TMP/origin/www"
+mkdir -p "$www"
+tar -C "$fixture" -czf "$www/greeting-1.0.tar.gz" greeting-1.0
+nonce="note $(date +%s.%N) $$"
+echo "$nonce" >"$www/note.txt"
+start_origin origin "$www"
+origin="http://127.0.0.1:$ORIGIN_PORT"
+
+port=$(free_port)
+metrics_port=$(free_port)
+endpoint="grpc://127.0.0.1:$port"
+config="$E2E_TMP/outpost-downloader.toml"
+cat >"$config" <<'EOF'
+[asset]
+# The test's origin is on 127.0.0.1: a private address, refused by default.
+origin_fetch_private = true
+EOF
+start_outpost dl "$port" --config "$config" --metrics-listen "127.0.0.1:$metrics_port"
+
+ws="$E2E_TMP/ws"
+mkdir -p "$ws"
+cp "$fixture/ws/BUILD" "$fixture/ws/.bazelrc" "$ws/"
+sed -e "s|@ORIGIN@|$origin|g" \
+    -e "s|@ARCHIVE_SHA256@|$(sha256sum "$www/greeting-1.0.tar.gz" | cut -d' ' -f1)|g" \
+    -e "s|@NOTE_SHA256@|$(sha256sum "$www/note.txt" | cut -d' ' -f1)|g" \
+    "$fixture/ws/WORKSPACE.in" >"$ws/WORKSPACE"
+expected="$(cat "$fixture/greeting-1.0/hello.txt" "$www/note.txt")"
+
+# bazel_build LABEL [FLAGS...]: `bazel build //:combined` in a fresh output
+# base with the repository cache disabled (so nothing but the origin or the
+# remote downloader can supply the downloads); shuts the Bazel server down
+# after. Sets RC and OUTPUT (combined.txt, empty if not built); log in
+# $E2E_TMP/bazel-LABEL.log.
+OUTPUT_BASES=()
+bazel_build() {
+  local label=$1; shift
+  local ob="$E2E_TMP/ob-$label" log="$E2E_TMP/bazel-$label.log"
+  OUTPUT_BASES+=("$ob")
+  local startup=(--output_user_root="$LAB_TMP/bazel-root" --output_base="$ob")
+  RC=0
+  (cd "$ws" && timeout 300 "$BAZEL" "${startup[@]}" build --repository_cache= \
+     --experimental_convenience_symlinks=ignore --remote_timeout=60 "$@" //:combined) >"$log" 2>&1 || RC=$?
+  (cd "$ws" && timeout 60 "$BAZEL" "${startup[@]}" shutdown) >/dev/null 2>&1 || true
+  OUTPUT=$(find "$ob/execroot" -path '*/bin/combined.txt' -exec cat {} + 2>/dev/null || true)
+  grep -E '^INFO: [0-9]+ processes|Elapsed time' "$log" | sed "s/^/[$label] /" || true
+}
+shutdown_bazels() {
+  local ob
+  for ob in "${OUTPUT_BASES[@]}"; do
+    [ -d "$ob" ] && (cd "$ws" && timeout 60 "$BAZEL" --output_user_root="$LAB_TMP/bazel-root" \
+      --output_base="$ob" shutdown) >/dev/null 2>&1
+  done
+  return 0
+}
+trap 'shutdown_bazels; cleanup_e2e' EXIT
+
+fail() {
+  echo "FAIL: $*"
+  echo "---- outpost log (last 40 lines)"; tail -40 "$E2E_TMP/dl/outpost.log"
+  echo "---- origin requests"; cat "$E2E_TMP/origin/log"
+  exit 1
+}
+show_bazel_errors() { grep -E 'ERROR|WARNING|rror:|Caused by' "$E2E_TMP/bazel-$1.log" | head -20 || true; }
+
+downloader=(--experimental_remote_downloader="$endpoint" --remote_cache="$endpoint")
+
+# 1. Through Outpost, origin up.
+bazel_build first "${downloader[@]}"
+t_1=$(date +%s.%N)
+if [ "$RC" != 0 ]; then show_bazel_errors first; fail "bazel build with the remote downloader failed (exit $RC)"; fi
+[ "$OUTPUT" = "$expected" ] || fail "combined.txt is '$OUTPUT', expected '$expected'"
+echo "---- origin requests during the first build"; cat "$E2E_TMP/origin/log"
+for f in greeting-1.0.tar.gz note.txt; do
+  grep -q "^GET /$f 200 " "$E2E_TMP/origin/log" || fail "the origin never served /$f"
+done
+if grep -q 'user-agent=Bazel' "$E2E_TMP/origin/log"; then
+  fail "Bazel downloaded from the origin itself instead of through Outpost"
+fi
+fetches_first=$(metric_sum "$metrics_port" outpost_asset_fetch_blob_total)
+echo "outpost FetchBlob calls after the first build: $fetches_first"
+
+# 2. Origin down: without the remote downloader the build cannot fetch.
+stop_origin origin
+bazel_build control
+t_2=$(date +%s.%N)
+if [ "$RC" = 0 ]; then
+  fail "control: with the origin stopped, a build without the remote downloader succeeded" \
+       "(Bazel found the downloads somewhere else; the test would prove nothing)"
+fi
+grep -qE 'Error downloading|Connection refused|download' "$E2E_TMP/bazel-control.log" \
+  || { show_bazel_errors control; fail "control: bazel failed, but not on the download"; }
+echo "control: without the remote downloader the build fails on the download (exit $RC)"
+
+# 3. Origin down, fresh output base: through Outpost only.
+bazel_build again "${downloader[@]}"
+t_3=$(date +%s.%N)
+if [ "$RC" != 0 ]; then show_bazel_errors again; fail "with the origin stopped, bazel build through Outpost failed (exit $RC)"; fi
+[ "$OUTPUT" = "$expected" ] || fail "second build: combined.txt is '$OUTPUT', expected '$expected'"
+
+"$OUTPOST_BIN" stats --server "$endpoint"
+fetches=$(metric_sum "$metrics_port" outpost_asset_fetch_blob_total)
+echo "outpost FetchBlob calls in the second build: $((fetches - fetches_first))"
+[ $((fetches - fetches_first)) -ge 2 ] \
+  || fail "expected at least 2 FetchBlob calls in the second build (archive + file), got $((fetches - fetches_first))"
+stop_outpost dl
+
+printf 'timing: first build %.1fs, control %.1fs, second build %.1fs, total %.1fs\n' \
+  "$(echo "$t_1 - $t_start" | bc)" "$(echo "$t_2 - $t_1" | bc)" "$(echo "$t_3 - $t_2" | bc)" \
+  "$(echo "$(date +%s.%N) - $t_start" | bc)"
+echo "PASS: Bazel 4.2.3 fetched an http_archive and an http_file through Outpost's remote downloader," \
+     "and again from Outpost alone with the origin stopped"

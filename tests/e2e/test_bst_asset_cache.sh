@@ -1,0 +1,151 @@
+#!/usr/bin/env bash
+# BuildStream 2.8.1 keeps its artifact and source caches in Outpost (Remote
+# Asset Fetch/Push plus CAS; bst's own buildbox-casd is the client Outpost
+# sees). The fixture project (fixtures/bst_project) has three elements: a
+# busybox sysroot (import, local source), a tarball from an HTTP origin this
+# test runs (import, tar source) and a manual element that runs sh on both.
+#   1. Build with an empty local cache, `artifacts:` and `source-caches:` at
+#      Outpost with push: true: all three are built and their artifacts pushed.
+#   2. Origin stopped, new empty local cache: the build pulls every artifact
+#      and builds nothing; its checkout is identical to the first one.
+#   3. Origin stopped, new empty local cache: `bst source fetch` of the tarball
+#      element is served by the source cache in Outpost.
+# bst exits 0 even when a remote cache is unusable (only a WARNING), so every
+# step checks bst's log and what it pulled or pushed, not just its exit code.
+set -euo pipefail
+. "$(dirname "$0")/lib.sh"
+
+BST=$BST_VENV/bin/bst
+if [ ! -x "$BST" ]; then
+  echo "FAIL: BuildStream is not installed ($BST); run WITH_BST=1 $LAB/setup.sh"; exit 1
+fi
+if [ ! -x /bin/busybox ]; then
+  echo "FAIL: /bin/busybox is not installed (busybox-static); run WITH_BST=1 $LAB/setup.sh"; exit 1
+fi
+fixture="$(dirname "$0")/fixtures"
+t_start=$(date +%s.%N)
+
+# The origin serves the tarball of fixtures/bst_origin/data-1.0.
+www="$E2E_TMP/origin/www"
+mkdir -p "$www"
+tar -C "$fixture/bst_origin" -czf "$www/data-1.0.tar.gz" data-1.0
+start_origin origin "$www"
+
+port=$(free_port)
+metrics_port=$(free_port)
+start_outpost bst "$port" --metrics-listen "127.0.0.1:$metrics_port"
+
+# The project, with the origin's address, the tarball's sha256 and a sysroot
+# of static busybox plus the applets the elements use.
+project="$E2E_TMP/project"
+cp -r "$fixture/bst_project" "$project"
+sed "s|@ORIGIN@|http://127.0.0.1:$ORIGIN_PORT|" "$project/project.conf.in" >"$project/project.conf"
+rm "$project/project.conf.in"
+sed -i "s|@DATA_SHA256@|$(sha256sum "$www/data-1.0.tar.gz" | cut -d' ' -f1)|" "$project/elements/data.bst"
+mkdir -p "$project/sysroot/bin"
+cp /bin/busybox "$project/sysroot/bin/busybox"
+for applet in sh mkdir cat ls sort tr echo sed wc rm true; do
+  ln -s busybox "$project/sysroot/bin/$applet"
+done
+
+# bst_config NAME: a user config with its own (empty) cache, log and source
+# dirs, and both caches at Outpost; prints its path.
+bst_config() {
+  local dir="$E2E_TMP/bst-$1"
+  mkdir -p "$dir"
+  cat >"$dir/bst.conf" <<EOF
+cachedir: $dir/cache
+logdir: $dir/logs
+sourcedir: $dir/sources
+artifacts:
+  servers:
+  - url: http://127.0.0.1:$port
+    push: true
+    type: all
+source-caches:
+  servers:
+  - url: http://127.0.0.1:$port
+    push: true
+    type: all
+EOF
+  echo "$dir/bst.conf"
+}
+# bst_run NAME ARGS...: bst with config NAME in the project; output in
+# $E2E_TMP/bst-NAME/ARGS[0].log; sets LOG.
+bst_run() {
+  local name=$1; shift
+  LOG="$E2E_TMP/bst-$name/$1.log"
+  timeout 300 "$BST" --no-interactive --no-colors --config "$E2E_TMP/bst-$name/bst.conf" \
+    -C "$project" "$@" >"$LOG" 2>&1
+}
+fail() {
+  echo "FAIL: $*"
+  [ -n "${LOG:-}" ] && { echo "---- bst output ($LOG), without staging lines"; grep -vE 'Staging|Integrating|^\s*$' "$LOG" | tail -40; }
+  echo "---- outpost log (last 30 lines)"; tail -30 "$E2E_TMP/bst/outpost.log"
+  exit 1
+}
+# task_elements QUEUE: the elements (sorted, space-separated) that QUEUE
+# (fetch, pull, build, push) completed in $LOG, from bst's task lines
+# `[time][key][ QUEUE:element.bst ] SUCCESS project/element/....log`.
+task_elements() {
+  sed -nE "s/^\[[^]]*\]\[[^]]*\]\[ *$1:([^ ]+\.bst) *\] SUCCESS .*\/[^ ]+\.log$/\1/p" "$LOG" | sort -u | tr '\n' ' '
+}
+no_remote_warnings() {
+  if grep -E 'WARNING|FAILURE' "$LOG" | grep -v 'Read-only file system'; then
+    fail "$1: bst warned or failed (above): the remote caches at Outpost are not usable"
+  fi
+}
+checkout() {  # checkout NAME: every artifact of report.bst and its deps into $E2E_TMP/co-NAME
+  bst_run "$1" artifact checkout --deps all --directory "$E2E_TMP/co-$1" report.bst \
+    || fail "bst artifact checkout ($1) failed"
+}
+all="data.bst report.bst sysroot.bst "
+
+# 1. Empty local cache: build everything, push every artifact.
+bst_config first >/dev/null
+bst_run first build report.bst || fail "first build failed"
+t_1=$(date +%s.%N)
+no_remote_warnings "first build"
+grep -A6 '^Pipeline Summary' "$LOG"
+built=$(task_elements build); pushed=$(task_elements push)
+echo "first build: built [$built], pushed [$pushed]"
+[ "$built" = "$all" ] || fail "first build: expected to build [$all], built [$built]"
+[ "$pushed" = "$all" ] || fail "first build: expected to push [$all] to Outpost, pushed [$pushed]"
+checkout first
+pushes=$(metric_sum "$metrics_port" outpost_asset_push_blob_total)
+echo "outpost PushBlob calls: $pushes"
+[ "$pushes" -ge 3 ] || fail "Outpost counted $pushes PushBlob calls, expected at least 3 (one per artifact)"
+
+# 2. Origin stopped, empty local cache: pull everything, build nothing.
+stop_origin origin
+bst_config second >/dev/null
+bst_run second build report.bst || fail "second build failed"
+t_2=$(date +%s.%N)
+no_remote_warnings "second build"
+grep -A6 '^Pipeline Summary' "$LOG"
+built=$(task_elements build); pulled=$(task_elements pull); fetched=$(task_elements fetch)
+echo "second build: pulled [$pulled], built [$built], fetched [$fetched]"
+[ "$pulled" = "$all" ] || fail "second build: expected to pull [$all] from Outpost, pulled [$pulled]"
+[ -z "$built" ] || fail "second build: expected to build nothing, built [$built]"
+[ -z "$fetched" ] || fail "second build: expected to fetch no sources, fetched [$fetched]"
+checkout second
+diff -r "$E2E_TMP/co-first" "$E2E_TMP/co-second" || fail "the checkouts of the built and the pulled artifacts differ"
+[ -s "$E2E_TMP/co-second/share/report/report.txt" ] || fail "checkout has no share/report/report.txt"
+echo "checkouts identical: $(find "$E2E_TMP/co-second" -type f | wc -l) files"
+
+# 3. Origin stopped, empty local cache: the tarball comes from the source cache.
+bst_config sources >/dev/null
+bst_run sources source fetch data.bst || fail "bst source fetch with the origin stopped failed (source cache miss?)"
+t_3=$(date +%s.%N)
+no_remote_warnings "source fetch"
+fetched=$(task_elements fetch)
+[ "$fetched" = "data.bst " ] || fail "source fetch: expected data.bst fetched (from the source cache), got [$fetched]"
+grep -E 'Pull|Fetching' "$LOG" | head -5
+
+"$OUTPOST_BIN" stats --server "grpc://127.0.0.1:$port"
+stop_outpost bst
+printf 'timing: first build %.1fs, pull build %.1fs, source fetch %.1fs, total %.1fs\n' \
+  "$(echo "$t_1 - $t_start" | bc)" "$(echo "$t_2 - $t_1" | bc)" "$(echo "$t_3 - $t_2" | bc)" \
+  "$(echo "$(date +%s.%N) - $t_start" | bc)"
+echo "PASS: BuildStream 2.8.1 pushed its artifacts and sources to Outpost, and an empty cache" \
+     "pulled every artifact (nothing built, identical checkout) and the source back"
