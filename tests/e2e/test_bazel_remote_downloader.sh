@@ -99,8 +99,10 @@ done
 if grep -q 'user-agent=Bazel' "$E2E_TMP/origin/log"; then
   fail "Bazel downloaded from the origin itself instead of through Outpost"
 fi
-fetches_first=$(metric_sum "$metrics_port" outpost_asset_fetch_blob_total)
-echo "outpost FetchBlob calls after the first build: $fetches_first"
+origin_first=$(metric_sum "$metrics_port" outpost_asset_fetch_origin_total)
+hits_first=$(metric_sum "$metrics_port" outpost_asset_fetch_hits_total)
+echo "outpost after the first build: $origin_first fetches downloaded from the origin, $hits_first local hits"
+[ "$origin_first" -ge 2 ] || fail "expected Outpost to download at least 2 fetches from the origin, counted $origin_first"
 
 # 2. Origin down: without the remote downloader the build cannot fetch.
 stop_origin origin
@@ -121,10 +123,10 @@ if [ "$RC" != 0 ]; then show_bazel_errors again; fail "with the origin stopped, 
 [ "$OUTPUT" = "$expected" ] || fail "second build: combined.txt is '$OUTPUT', expected '$expected'"
 
 "$OUTPOST_BIN" stats --server "$endpoint"
-fetches=$(metric_sum "$metrics_port" outpost_asset_fetch_blob_total)
-echo "outpost FetchBlob calls in the second build: $((fetches - fetches_first))"
-[ $((fetches - fetches_first)) -ge 2 ] \
-  || fail "expected at least 2 FetchBlob calls in the second build (archive + file), got $((fetches - fetches_first))"
+hits=$(( $(metric_sum "$metrics_port" outpost_asset_fetch_hits_total) - hits_first ))
+echo "outpost fetches answered locally in the second build: $hits"
+[ "$hits" -ge 2 ] \
+  || fail "expected at least 2 FetchBlob hits in the second build (archive + file), Outpost counted $hits"
 stop_outpost dl
 
 printf 'timing: first build %.1fs, control %.1fs, second build %.1fs, total %.1fs\n' \

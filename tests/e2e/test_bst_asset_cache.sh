@@ -112,9 +112,10 @@ echo "first build: built [$built], pushed [$pushed]"
 [ "$built" = "$all" ] || fail "first build: expected to build [$all], built [$built]"
 [ "$pushed" = "$all" ] || fail "first build: expected to push [$all] to Outpost, pushed [$pushed]"
 checkout first
-pushes=$(metric_sum "$metrics_port" outpost_asset_push_blob_total)
-echo "outpost PushBlob calls: $pushes"
-[ "$pushes" -ge 3 ] || fail "Outpost counted $pushes PushBlob calls, expected at least 3 (one per artifact)"
+pushes=$(metric_sum "$metrics_port" outpost_asset_pushes_total)
+echo "outpost asset pushes recorded: $pushes"
+[ "$pushes" -ge 3 ] || fail "Outpost recorded $pushes asset pushes, expected at least 3 (one per artifact)"
+hits_first=$(metric_sum "$metrics_port" outpost_asset_fetch_hits_total)
 
 # 2. Origin stopped, empty local cache: pull everything, build nothing.
 stop_origin origin
@@ -128,6 +129,9 @@ echo "second build: pulled [$pulled], built [$built], fetched [$fetched]"
 [ "$pulled" = "$all" ] || fail "second build: expected to pull [$all] from Outpost, pulled [$pulled]"
 [ -z "$built" ] || fail "second build: expected to build nothing, built [$built]"
 [ -z "$fetched" ] || fail "second build: expected to fetch no sources, fetched [$fetched]"
+hits=$(( $(metric_sum "$metrics_port" outpost_asset_fetch_hits_total) - hits_first ))
+echo "outpost asset fetches answered locally in the second build: $hits"
+[ "$hits" -ge 3 ] || fail "expected at least 3 asset fetch hits (one per artifact) in the second build, Outpost counted $hits"
 checkout second
 diff -r "$E2E_TMP/co-first" "$E2E_TMP/co-second" || fail "the checkouts of the built and the pulled artifacts differ"
 [ -s "$E2E_TMP/co-second/share/report/report.txt" ] || fail "checkout has no share/report/report.txt"
