@@ -4,10 +4,13 @@
 # sees). The fixture project (fixtures/bst_project) has three elements: a
 # busybox sysroot (import, local source), a tarball from an HTTP origin this
 # test runs (import, tar source) and a manual element that runs sh on both.
-#   1. Build with an empty local cache, `artifacts:` and `source-caches:` at
-#      Outpost with push: true: all three are built and their artifacts pushed.
-#   2. Origin stopped, new empty local cache: the build pulls every artifact
-#      and builds nothing; its checkout is identical to the first one.
+#   1. `bst build --deps all` with an empty local cache, `artifacts:` and
+#      `source-caches:` at Outpost with push: true: all three are built, and
+#      their artifacts and sources pushed.
+#   2. Origin stopped, new empty local cache: the same build pulls every
+#      artifact and builds nothing; its checkout (--deps all) is identical
+#      to the first one. (`--deps all`: without it bst pulls only the
+#      target, as its build-only dependencies are not needed.)
 #   3. Origin stopped, new empty local cache: `bst source fetch` of the tarball
 #      element is served by the source cache in Outpost.
 # bst exits 0 even when a remote cache is unusable (only a WARNING), so every
@@ -84,12 +87,15 @@ fail() {
   echo "---- outpost log (last 30 lines)"; tail -30 "$E2E_TMP/bst/outpost.log"
   exit 1
 }
-# task_elements QUEUE: the elements (sorted, space-separated) that QUEUE
-# (fetch, pull, build, push) completed in $LOG, from bst's task lines
-# `[time][key][ QUEUE:element.bst ] SUCCESS project/element/....log`.
+# task_elements QUEUE [MESSAGE]: the elements (sorted, space-separated) for
+# which $LOG has a task line `[time][key][ QUEUE:element.bst ] MESSAGE`;
+# MESSAGE (an extended regex) defaults to a completed task, `SUCCESS <its
+# log file>`.
 task_elements() {
-  sed -nE "s/^\[[^]]*\]\[[^]]*\]\[ *$1:([^ ]+\.bst) *\] SUCCESS .*\/[^ ]+\.log$/\1/p" "$LOG" | sort -u | tr '\n' ' '
+  local msg=${2:-'SUCCESS [^ ]+\.log'}
+  sed -nE "s#^\[[^]]*\]\[[^]]*\]\[ *$1:([^ ]+\.bst) *\] $msg\$#\1#p" "$LOG" | sort -u | tr '\n' ' '
 }
+remote="http://127.0.0.1:$port"
 no_remote_warnings() {
   if grep -E 'WARNING|FAILURE' "$LOG" | grep -v 'Read-only file system'; then
     fail "$1: bst warned or failed (above): the remote caches at Outpost are not usable"
@@ -103,14 +109,17 @@ all="data.bst report.bst sysroot.bst "
 
 # 1. Empty local cache: build everything, push every artifact.
 bst_config first >/dev/null
-bst_run first build report.bst || fail "first build failed"
+bst_run first build --deps all report.bst || fail "first build failed"
 t_1=$(date +%s.%N)
 no_remote_warnings "first build"
 grep -A6 '^Pipeline Summary' "$LOG"
-built=$(task_elements build); pushed=$(task_elements push)
-echo "first build: built [$built], pushed [$pushed]"
+built=$(task_elements build)
+pushed=$(task_elements push "INFO +Pushed artifact [0-9a-f]+ -> $remote")
+sources_pushed=$(task_elements src-push "INFO +Pushed source [0-9a-f]+ -> $remote")
+echo "first build: built [$built], pushed artifacts [$pushed], pushed sources [$sources_pushed]"
 [ "$built" = "$all" ] || fail "first build: expected to build [$all], built [$built]"
-[ "$pushed" = "$all" ] || fail "first build: expected to push [$all] to Outpost, pushed [$pushed]"
+[ "$pushed" = "$all" ] || fail "first build: expected to push the artifacts of [$all] to Outpost, pushed [$pushed]"
+[ "$sources_pushed" = "$all" ] || fail "first build: expected to push the sources of [$all] to Outpost, pushed [$sources_pushed]"
 checkout first
 pushes=$(metric_sum "$metrics_port" outpost_asset_pushes_total)
 echo "outpost asset pushes recorded: $pushes"
@@ -120,11 +129,12 @@ hits_first=$(metric_sum "$metrics_port" outpost_asset_fetch_hits_total)
 # 2. Origin stopped, empty local cache: pull everything, build nothing.
 stop_origin origin
 bst_config second >/dev/null
-bst_run second build report.bst || fail "second build failed"
+bst_run second build --deps all report.bst || fail "second build failed"
 t_2=$(date +%s.%N)
 no_remote_warnings "second build"
 grep -A6 '^Pipeline Summary' "$LOG"
-built=$(task_elements build); pulled=$(task_elements pull); fetched=$(task_elements fetch)
+built=$(task_elements build); fetched=$(task_elements fetch)
+pulled=$(task_elements pull "INFO +Pulled artifact [0-9a-f]+ <- $remote")
 echo "second build: pulled [$pulled], built [$built], fetched [$fetched]"
 [ "$pulled" = "$all" ] || fail "second build: expected to pull [$all] from Outpost, pulled [$pulled]"
 [ -z "$built" ] || fail "second build: expected to build nothing, built [$built]"
@@ -134,7 +144,9 @@ echo "outpost asset fetches answered locally in the second build: $hits"
 [ "$hits" -ge 3 ] || fail "expected at least 3 asset fetch hits (one per artifact) in the second build, Outpost counted $hits"
 checkout second
 diff -r "$E2E_TMP/co-first" "$E2E_TMP/co-second" || fail "the checkouts of the built and the pulled artifacts differ"
-[ -s "$E2E_TMP/co-second/share/report/report.txt" ] || fail "checkout has no share/report/report.txt"
+grep -qx "$(cat "$fixture/bst_origin/data-1.0/message.txt")" "$E2E_TMP/co-second/share/report/report.txt" \
+  && [ "$(cat "$E2E_TMP/co-second/share/report/count.txt")" = 4 ] \
+  || fail "share/report/{report,count}.txt in the checkout are not what report.bst's commands write"
 echo "checkouts identical: $(find "$E2E_TMP/co-second" -type f | wc -l) files"
 
 # 3. Origin stopped, empty local cache: the tarball comes from the source cache.
@@ -142,9 +154,9 @@ bst_config sources >/dev/null
 bst_run sources source fetch data.bst || fail "bst source fetch with the origin stopped failed (source cache miss?)"
 t_3=$(date +%s.%N)
 no_remote_warnings "source fetch"
-fetched=$(task_elements fetch)
-[ "$fetched" = "data.bst " ] || fail "source fetch: expected data.bst fetched (from the source cache), got [$fetched]"
-grep -E 'Pull|Fetching' "$LOG" | head -5
+pulled=$(task_elements fetch "INFO +Pulled source [0-9a-f]+ <- $remote")
+echo "source fetch: pulled the sources of [$pulled]"
+[ "$pulled" = "data.bst " ] || fail "source fetch: expected the source of data.bst pulled from Outpost, got [$pulled]"
 
 "$OUTPOST_BIN" stats --server "grpc://127.0.0.1:$port"
 stop_outpost bst
