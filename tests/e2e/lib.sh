@@ -9,11 +9,17 @@ free_port() {
 # start_outpost NAME PORT [flags...]: runs outpost in the background with a
 # fresh data dir $E2E_TMP/NAME; sets OUTPOST_PID_<NAME>.
 start_outpost() {
+  rm -rf "${E2E_TMP:?}/$1"; mkdir -p "$E2E_TMP/$1"
+  restart_outpost "$@"
+}
+
+# restart_outpost NAME PORT [flags...]: runs outpost NAME on its existing
+# data dir (after stop_outpost: the store must survive), appending to its log.
+restart_outpost() {
   local name=$1 port=$2; shift 2
   local dir="$E2E_TMP/$name"
-  rm -rf "$dir"; mkdir -p "$dir"
   "$OUTPOST_BIN" serve --listen "127.0.0.1:$port" --data-dir "$dir/data" --no-unix-socket "$@" \
-    >"$dir/outpost.log" 2>&1 &
+    >>"$dir/outpost.log" 2>&1 &
   echo $! >"$dir/pid"
   wait_port "$port" 30 || { echo "outpost $name did not start:"; cat "$dir/outpost.log"; return 1; }
 }

@@ -7,12 +7,16 @@
 #   1. `bst build --deps all` with an empty local cache, `artifacts:` and
 #      `source-caches:` at Outpost with push: true: all three are built, and
 #      their artifacts and sources pushed.
-#   2. Origin stopped, new empty local cache: the same build pulls every
-#      artifact and builds nothing; its checkout (--deps all) is identical
-#      to the first one. (`--deps all`: without it bst pulls only the
-#      target, as its build-only dependencies are not needed.)
+#   2. Outpost restarted (the entries persist), origin stopped, new empty
+#      local cache: the same build pulls every artifact and builds nothing;
+#      its checkout (--deps all) is identical to the first one. (`--deps
+#      all`: without it bst pulls only the target, as its build-only
+#      dependencies are not needed.)
 #   3. Origin stopped, new empty local cache: `bst source fetch` of the tarball
 #      element is served by the source cache in Outpost.
+#   4. A second Outpost with an empty store and the first as its upstream
+#      (a branch office): an empty local cache pulls every artifact through
+#      it, answered by the upstream's Fetch; the checkout is identical.
 # bst exits 0 even when a remote cache is unusable (only a WARNING), so every
 # step checks bst's log and what it pulled or pushed, not just its exit code.
 set -euo pipefail
@@ -51,10 +55,10 @@ for applet in sh mkdir cat ls sort tr echo sed wc rm true; do
   ln -s busybox "$project/sysroot/bin/$applet"
 done
 
-# bst_config NAME: a user config with its own (empty) cache, log and source
-# dirs, and both caches at Outpost; prints its path.
+# bst_config NAME [PORT]: a user config with its own (empty) cache, log and
+# source dirs, and both caches at the Outpost on PORT (default $port).
 bst_config() {
-  local dir="$E2E_TMP/bst-$1"
+  local dir="$E2E_TMP/bst-$1" port=${2:-$port}
   mkdir -p "$dir"
   cat >"$dir/bst.conf" <<EOF
 cachedir: $dir/cache
@@ -71,7 +75,6 @@ source-caches:
     push: true
     type: all
 EOF
-  echo "$dir/bst.conf"
 }
 # bst_run NAME ARGS...: bst with config NAME in the project; output in
 # $E2E_TMP/bst-NAME/ARGS[0].log; sets LOG.
@@ -84,7 +87,10 @@ bst_run() {
 fail() {
   echo "FAIL: $*"
   [ -n "${LOG:-}" ] && { echo "---- bst output ($LOG), without staging lines"; grep -vE 'Staging|Integrating|^\s*$' "$LOG" | tail -40; }
-  echo "---- outpost log (last 30 lines)"; tail -30 "$E2E_TMP/bst/outpost.log"
+  local o
+  for o in bst edge; do
+    [ -f "$E2E_TMP/$o/outpost.log" ] && { echo "---- outpost $o log (last 30 lines)"; tail -30 "$E2E_TMP/$o/outpost.log"; }
+  done
   exit 1
 }
 # task_elements QUEUE [MESSAGE]: the elements (sorted, space-separated) for
@@ -108,7 +114,7 @@ checkout() {  # checkout NAME: every artifact of report.bst and its deps into $E
 all="data.bst report.bst sysroot.bst "
 
 # 1. Empty local cache: build everything, push every artifact.
-bst_config first >/dev/null
+bst_config first
 bst_run first build --deps all report.bst || fail "first build failed"
 t_1=$(date +%s.%N)
 no_remote_warnings "first build"
@@ -124,11 +130,13 @@ checkout first
 pushes=$(metric_sum "$metrics_port" outpost_asset_pushes_total)
 echo "outpost asset pushes recorded: $pushes"
 [ "$pushes" -ge 3 ] || fail "Outpost recorded $pushes asset pushes, expected at least 3 (one per artifact)"
-hits_first=$(metric_sum "$metrics_port" outpost_asset_fetch_hits_total)
 
-# 2. Origin stopped, empty local cache: pull everything, build nothing.
+# 2. Outpost restarted (its asset index must survive), origin stopped, empty
+# local cache: pull everything, build nothing.
+stop_outpost bst || fail "outpost did not stop cleanly"
+restart_outpost bst "$port" --metrics-listen "127.0.0.1:$metrics_port"
 stop_origin origin
-bst_config second >/dev/null
+bst_config second
 bst_run second build --deps all report.bst || fail "second build failed"
 t_2=$(date +%s.%N)
 no_remote_warnings "second build"
@@ -139,7 +147,7 @@ echo "second build: pulled [$pulled], built [$built], fetched [$fetched]"
 [ "$pulled" = "$all" ] || fail "second build: expected to pull [$all] from Outpost, pulled [$pulled]"
 [ -z "$built" ] || fail "second build: expected to build nothing, built [$built]"
 [ -z "$fetched" ] || fail "second build: expected to fetch no sources, fetched [$fetched]"
-hits=$(( $(metric_sum "$metrics_port" outpost_asset_fetch_hits_total) - hits_first ))
+hits=$(metric_sum "$metrics_port" outpost_asset_fetch_hits_total)
 echo "outpost asset fetches answered locally in the second build: $hits"
 [ "$hits" -ge 3 ] || fail "expected at least 3 asset fetch hits (one per artifact) in the second build, Outpost counted $hits"
 checkout second
@@ -150,18 +158,43 @@ grep -qx "$(cat "$fixture/bst_origin/data-1.0/message.txt")" "$E2E_TMP/co-second
 echo "checkouts identical: $(find "$E2E_TMP/co-second" -type f | wc -l) files"
 
 # 3. Origin stopped, empty local cache: the tarball comes from the source cache.
-bst_config sources >/dev/null
+bst_config sources
 bst_run sources source fetch data.bst || fail "bst source fetch with the origin stopped failed (source cache miss?)"
 t_3=$(date +%s.%N)
 no_remote_warnings "source fetch"
 pulled=$(task_elements fetch "INFO +Pulled source [0-9a-f]+ <- $remote")
 echo "source fetch: pulled the sources of [$pulled]"
 [ "$pulled" = "data.bst " ] || fail "source fetch: expected the source of data.bst pulled from Outpost, got [$pulled]"
-
 "$OUTPOST_BIN" stats --server "grpc://127.0.0.1:$port"
+
+# 4. A branch office: a second Outpost with an empty store, the first one as
+# its upstream. An empty local cache pulls every artifact through it.
+edge_port=$(free_port)
+edge_metrics_port=$(free_port)
+start_outpost edge "$edge_port" --metrics-listen "127.0.0.1:$edge_metrics_port" \
+  --upstream "grpc://127.0.0.1:$port"
+remote="http://127.0.0.1:$edge_port"
+bst_config edge "$edge_port"
+bst_run edge build --deps all report.bst || fail "build through the edge Outpost failed"
+t_4=$(date +%s.%N)
+no_remote_warnings "build through the edge Outpost"
+built=$(task_elements build)
+pulled=$(task_elements pull "INFO +Pulled artifact [0-9a-f]+ <- $remote")
+echo "build through the edge Outpost: pulled [$pulled], built [$built]"
+[ "$pulled" = "$all" ] || fail "edge: expected to pull [$all] through the edge Outpost, pulled [$pulled]"
+[ -z "$built" ] || fail "edge: expected to build nothing, built [$built]"
+upstream_hits=$(metric_sum "$edge_metrics_port" outpost_asset_fetch_upstream_hits_total)
+echo "edge Outpost: $upstream_hits asset fetches answered by its upstream"
+[ "$upstream_hits" -ge 3 ] || fail "edge: expected at least 3 asset fetches answered by the upstream, counted $upstream_hits"
+checkout edge
+diff -r "$E2E_TMP/co-first" "$E2E_TMP/co-edge" || fail "the checkout through the edge Outpost differs"
+"$OUTPOST_BIN" stats --server "grpc://127.0.0.1:$edge_port"
+stop_outpost edge
 stop_outpost bst
-printf 'timing: first build %.1fs, pull build %.1fs, source fetch %.1fs, total %.1fs\n' \
+
+printf 'timing: first build %.1fs, pull build %.1fs, source fetch %.1fs, through an edge %.1fs, total %.1fs\n' \
   "$(echo "$t_1 - $t_start" | bc)" "$(echo "$t_2 - $t_1" | bc)" "$(echo "$t_3 - $t_2" | bc)" \
-  "$(echo "$(date +%s.%N) - $t_start" | bc)"
-echo "PASS: BuildStream 2.8.1 pushed its artifacts and sources to Outpost, and an empty cache" \
-     "pulled every artifact (nothing built, identical checkout) and the source back"
+  "$(echo "$t_4 - $t_3" | bc)" "$(echo "$(date +%s.%N) - $t_start" | bc)"
+echo "PASS: BuildStream 2.8.1 pushed its artifacts and sources to Outpost; empty caches pulled every" \
+     "artifact (nothing built, identical checkouts) from it after a restart and through a second Outpost" \
+     "in front of it, and the source from its source cache"
