@@ -10,9 +10,12 @@
 #      by Bazel.
 #   2. The origin is stopped. Control: Bazel without the remote downloader
 #      (fresh output base, no repository cache) must fail to fetch.
-#   3. Bazel with the remote downloader, fresh output base, no repository
-#      cache: must succeed, with the same output, every download a FetchBlob
-#      that Outpost answered from its store.
+#   3. Outpost restarted; Bazel with the remote downloader, fresh output
+#      base, no repository cache: must succeed, with the same output, every
+#      download a FetchBlob that Outpost answered from its store.
+#   4. A second Outpost with an empty store and the first as its upstream (a
+#      branch office): the same build through it succeeds, its FetchBlobs
+#      answered by the upstream's Fetch.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
@@ -79,7 +82,10 @@ trap 'shutdown_bazels; cleanup_e2e' EXIT
 
 fail() {
   echo "FAIL: $*"
-  echo "---- outpost log (last 40 lines)"; tail -40 "$E2E_TMP/dl/outpost.log"
+  local o
+  for o in dl edge; do
+    [ -f "$E2E_TMP/$o/outpost.log" ] && { echo "---- outpost $o log (last 40 lines)"; tail -40 "$E2E_TMP/$o/outpost.log"; }
+  done
   echo "---- origin requests"; cat "$E2E_TMP/origin/log"
   exit 1
 }
@@ -100,8 +106,7 @@ if grep -q 'user-agent=Bazel' "$E2E_TMP/origin/log"; then
   fail "Bazel downloaded from the origin itself instead of through Outpost"
 fi
 origin_first=$(metric_sum "$metrics_port" outpost_asset_fetch_origin_total)
-hits_first=$(metric_sum "$metrics_port" outpost_asset_fetch_hits_total)
-echo "outpost after the first build: $origin_first fetches downloaded from the origin, $hits_first local hits"
+echo "outpost after the first build: $origin_first fetches downloaded from the origin"
 [ "$origin_first" -ge 2 ] || fail "expected Outpost to download at least 2 fetches from the origin, counted $origin_first"
 
 # 2. Origin down: without the remote downloader the build cannot fetch.
@@ -116,21 +121,40 @@ grep -qF "Error downloading [$origin/" "$E2E_TMP/bazel-control.log" \
   || { show_bazel_errors control; fail "control: bazel failed, but not on the download"; }
 echo "control: without the remote downloader the build fails on the download (exit $RC)"
 
-# 3. Origin down, fresh output base: through Outpost only.
+# 3. Outpost restarted (its entries persist), origin down, fresh output
+# base: through Outpost only.
+stop_outpost dl || fail "outpost did not stop cleanly"
+restart_outpost dl "$port" --config "$config" --metrics-listen "127.0.0.1:$metrics_port"
 bazel_build again "${downloader[@]}"
 t_3=$(date +%s.%N)
 if [ "$RC" != 0 ]; then show_bazel_errors again; fail "with the origin stopped, bazel build through Outpost failed (exit $RC)"; fi
 [ "$OUTPUT" = "$expected" ] || fail "second build: combined.txt is '$OUTPUT', expected '$expected'"
 
 "$OUTPOST_BIN" stats --server "$endpoint"
-hits=$(( $(metric_sum "$metrics_port" outpost_asset_fetch_hits_total) - hits_first ))
+hits=$(metric_sum "$metrics_port" outpost_asset_fetch_hits_total)
 echo "outpost fetches answered locally in the second build: $hits"
 [ "$hits" -ge 2 ] \
   || fail "expected at least 2 FetchBlob hits in the second build (archive + file), Outpost counted $hits"
+
+# 4. A branch office: a second Outpost with an empty store and the first as
+# its upstream; origin down, fresh output base.
+edge_port=$(free_port)
+edge_metrics_port=$(free_port)
+start_outpost edge "$edge_port" --metrics-listen "127.0.0.1:$edge_metrics_port" --upstream "$endpoint"
+edge="grpc://127.0.0.1:$edge_port"
+bazel_build edge --experimental_remote_downloader="$edge" --remote_cache="$edge"
+t_4=$(date +%s.%N)
+if [ "$RC" != 0 ]; then show_bazel_errors edge; fail "bazel build through the edge Outpost failed (exit $RC)"; fi
+[ "$OUTPUT" = "$expected" ] || fail "edge build: combined.txt is '$OUTPUT', expected '$expected'"
+"$OUTPOST_BIN" stats --server "$edge"
+upstream_hits=$(metric_sum "$edge_metrics_port" outpost_asset_fetch_upstream_hits_total)
+echo "edge Outpost: $upstream_hits fetches answered by its upstream"
+[ "$upstream_hits" -ge 2 ] || fail "edge: expected at least 2 FetchBlob answered by the upstream, counted $upstream_hits"
+stop_outpost edge
 stop_outpost dl
 
-printf 'timing: first build %.1fs, control %.1fs, second build %.1fs, total %.1fs\n' \
+printf 'timing: first build %.1fs, control %.1fs, second build %.1fs, through an edge %.1fs, total %.1fs\n' \
   "$(echo "$t_1 - $t_start" | bc)" "$(echo "$t_2 - $t_1" | bc)" "$(echo "$t_3 - $t_2" | bc)" \
-  "$(echo "$(date +%s.%N) - $t_start" | bc)"
+  "$(echo "$t_4 - $t_3" | bc)" "$(echo "$(date +%s.%N) - $t_start" | bc)"
 echo "PASS: Bazel 4.2.3 fetched an http_archive and an http_file through Outpost's remote downloader," \
-     "and again from Outpost alone with the origin stopped"
+     "then, with the origin stopped, from Outpost alone after a restart and through a second Outpost in front of it"
