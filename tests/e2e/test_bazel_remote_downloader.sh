@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Bazel 4.2.3's remote downloader through Outpost (Remote Asset FetchBlob).
-# The fixture workspace (fixtures/bazel_downloader) has an http_archive (with
-# sha256) and an http_file (with sha256 too: Bazel 4.2.3 refuses plain
-# http without one), both on an HTTP origin this test runs on
-# 127.0.0.1, and a genrule that needs both. Outpost runs standalone with
-# origin fetching of private addresses allowed.
+# The fixture workspace (fixtures/bazel_downloader) has an http_archive and
+# an http_file, both with sha256 (Bazel 4.2.3 refuses plain http without
+# one) and both on an HTTP origin this test runs on 127.0.0.1, and a genrule
+# that needs both. Outpost runs standalone with origin fetching of private
+# addresses allowed.
 #   1. Bazel builds with --experimental_remote_downloader and --remote_cache
 #      at Outpost: the origin must see both files requested by Outpost, never
-#      by Bazel.
+#      by Bazel. Then //:tampered, whose http_file has a sha256 the content
+#      does not match, must fail to fetch (Outpost answers ABORTED inline
+#      with a digest no CAS holds; Bazel 4.2.3 ignores the status and fails
+#      reading that digest).
 #   2. The origin is stopped. Control: Bazel without the remote downloader
 #      (fresh output base, no repository cache) must fail to fetch.
 #   3. Outpost restarted; Bazel with the remote downloader, fresh output
@@ -52,8 +55,8 @@ sed -e "s|@ORIGIN@|$origin|g" \
     "$fixture/ws/WORKSPACE.in" >"$ws/WORKSPACE"
 expected="$(cat "$fixture/greeting-1.0/hello.txt" "$www/note.txt")"
 
-# bazel_build LABEL [FLAGS...]: `bazel build //:combined` in a fresh output
-# base with the repository cache disabled (so nothing but the origin or the
+# bazel_build LABEL [FLAGS...]: `bazel build $TARGET` (default //:combined)
+# in a fresh output base with the repository cache disabled (so nothing but the origin or the
 # remote downloader can supply the downloads); shuts the Bazel server down
 # after. Sets RC and OUTPUT (combined.txt, empty if not built); log in
 # $E2E_TMP/bazel-LABEL.log.
@@ -65,7 +68,7 @@ bazel_build() {
   local startup=(--output_user_root="$LAB_TMP/bazel-root" --output_base="$ob")
   RC=0
   (cd "$ws" && timeout 300 "$BAZEL" "${startup[@]}" build --repository_cache= \
-     --experimental_convenience_symlinks=ignore --remote_timeout=60 "$@" //:combined) >"$log" 2>&1 || RC=$?
+     --experimental_convenience_symlinks=ignore --remote_timeout=60 "$@" "${TARGET:-//:combined}") >"$log" 2>&1 || RC=$?
   (cd "$ws" && timeout 60 "$BAZEL" "${startup[@]}" shutdown) >/dev/null 2>&1 || true
   OUTPUT=$(find "$ob/execroot" -path '*/bin/combined.txt' -exec cat {} + 2>/dev/null || true)
   grep -E '^INFO: [0-9]+ processes|Elapsed time' "$log" | sed "s/^/[$label] /" || true
@@ -108,6 +111,16 @@ fi
 origin_first=$(metric_sum "$metrics_port" outpost_asset_fetch_origin_total)
 echo "outpost after the first build: $origin_first fetches downloaded from the origin"
 [ "$origin_first" -ge 2 ] || fail "expected Outpost to download at least 2 fetches from the origin, counted $origin_first"
+
+# 1b. A checksum the content does not have: Outpost refuses the download and
+# Bazel 4.2.3 (which ignores the inline status) must fail on the digest
+# Outpost answers with, not build with an empty or unchecked file.
+TARGET=//:tampered bazel_build tampered "${downloader[@]}"
+t_1b=$(date +%s.%N)
+[ "$RC" != 0 ] || fail "//:tampered built although its sha256 matches nothing the origin serves"
+grep -qE 'Missing digest: 1{64}/1' "$E2E_TMP/bazel-tampered.log" \
+  || { show_bazel_errors tampered; fail "//:tampered failed, but not on Outpost's inline-error digest (1111…/1)"; }
+echo "tampered: Outpost refused the mismatching content; Bazel failed on the inline-error digest"
 
 # 2. Origin down: without the remote downloader the build cannot fetch.
 stop_origin origin
@@ -153,8 +166,8 @@ echo "edge Outpost: $upstream_hits fetches answered by its upstream"
 stop_outpost edge
 stop_outpost dl
 
-printf 'timing: first build %.1fs, control %.1fs, second build %.1fs, through an edge %.1fs, total %.1fs\n' \
-  "$(echo "$t_1 - $t_start" | bc)" "$(echo "$t_2 - $t_1" | bc)" "$(echo "$t_3 - $t_2" | bc)" \
+printf 'timing: first build %.1fs, tampered %.1fs, control %.1fs, second build %.1fs, through an edge %.1fs, total %.1fs\n' \
+  "$(echo "$t_1 - $t_start" | bc)" "$(echo "$t_1b - $t_1" | bc)" "$(echo "$t_2 - $t_1b" | bc)" "$(echo "$t_3 - $t_2" | bc)" \
   "$(echo "$t_4 - $t_3" | bc)" "$(echo "$(date +%s.%N) - $t_start" | bc)"
 echo "PASS: Bazel 4.2.3 fetched an http_archive and an http_file through Outpost's remote downloader," \
      "then, with the origin stopped, from Outpost alone after a restart and through a second Outpost in front of it"
