@@ -287,6 +287,18 @@ counters! {
         prefetch_hits: "Client reads served from prefetched blobs (first read each).";
         /// Prefetched bytes evicted before any client read them.
         prefetch_wasted_bytes: "Prefetched bytes evicted before any client read them.";
+        /// FetchBlob and FetchDirectory calls (asset service).
+        asset_fetches: "Remote Asset FetchBlob and FetchDirectory calls.";
+        /// Fetches answered from the local asset index or CAS (asset service).
+        asset_fetch_hits: "Remote Asset fetches answered locally.";
+        /// Fetches answered by the upstream's asset service (asset service).
+        asset_fetch_upstream_hits: "Remote Asset fetches answered by the upstream.";
+        /// Fetches answered by downloading from the origin (asset service).
+        asset_fetch_origin: "Remote Asset fetches downloaded from the origin.";
+        /// Fetches answered with an inline error such as NOT_FOUND (asset service).
+        asset_fetch_misses: "Remote Asset fetches answered with an inline error.";
+        /// PushBlob and PushDirectory calls recorded (asset service).
+        asset_pushes: "Remote Asset pushes recorded.";
     }
     by_method {
         /// Upstream calls started, by [`UpstreamMethod`] (upstream client).

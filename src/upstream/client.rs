@@ -8,6 +8,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use bazel_remote_apis::build::bazel::remote::asset::v1::{
+    fetch_client::FetchClient, push_client::PushClient,
+};
 use bazel_remote_apis::build::bazel::remote::execution::v2::{
     GetCapabilitiesRequest, ServerCapabilities, action_cache_client::ActionCacheClient,
     capabilities_client::CapabilitiesClient,
@@ -195,6 +198,20 @@ impl Upstream {
     /// An ActionCache client on the shared channel.
     pub fn action_cache(&self) -> ActionCacheClient<Channel> {
         ActionCacheClient::new(self.channel.clone())
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE)
+    }
+
+    /// A Remote Asset Fetch client on the shared channel.
+    pub fn asset_fetch(&self) -> FetchClient<Channel> {
+        FetchClient::new(self.channel.clone())
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE)
+    }
+
+    /// A Remote Asset Push client on the shared channel.
+    pub fn asset_push(&self) -> PushClient<Channel> {
+        PushClient::new(self.channel.clone())
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE)
     }
