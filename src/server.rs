@@ -8,6 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use bazel_remote_apis::build::bazel::remote::asset::v1::{
+    fetch_server::FetchServer, push_server::PushServer,
+};
 use bazel_remote_apis::build::bazel::remote::execution::v2::{
     action_cache_server::ActionCacheServer, capabilities_server::CapabilitiesServer,
     content_addressable_storage_server::ContentAddressableStorageServer,
@@ -23,9 +26,14 @@ use tonic::transport::Server;
 use tonic::transport::server::{Router, TcpIncoming};
 
 use crate::admin_proto::admin_server::AdminServer;
+use crate::asset::fetch::{Fetcher, Origin};
+use crate::asset::local::LocalAssets;
+use crate::asset::origin::OriginFetcher;
+use crate::asset::push::Pusher;
 use crate::config::Config;
 use crate::service::Backend;
 use crate::service::action_cache::ActionCacheService;
+use crate::service::asset::AssetService;
 use crate::service::admin::AdminService;
 use crate::service::bytestream::ByteStreamService;
 use crate::service::capabilities::CapabilitiesService;
@@ -58,6 +66,8 @@ struct Services {
     cas: Arc<CasService>,
     bytestream: Arc<ByteStreamService>,
     action_cache: Arc<ActionCacheService>,
+    /// Remote Asset Fetch and Push.
+    asset: Arc<AssetService>,
     /// Execution and Operations passthrough (proxy mode only).
     execution: Option<Arc<ExecutionService>>,
     operations: Option<Arc<OperationsService>>,
@@ -88,6 +98,16 @@ impl Services {
             )
             .add_service(
                 ActionCacheServer::from_arc(self.action_cache.clone())
+                    .max_decoding_message_size(max)
+                    .max_encoding_message_size(max),
+            )
+            .add_service(
+                FetchServer::from_arc(self.asset.clone())
+                    .max_decoding_message_size(max)
+                    .max_encoding_message_size(max),
+            )
+            .add_service(
+                PushServer::from_arc(self.asset.clone())
                     .max_decoding_message_size(max)
                     .max_encoding_message_size(max),
             )
@@ -145,6 +165,7 @@ impl RunningServer {
             upstream,
             execution,
             operations,
+            asset_upstream,
         } = stack;
         let local_blobs: Arc<dyn BlobStore> = Arc::new(local.clone());
         let actions = Arc::new(
@@ -157,6 +178,13 @@ impl RunningServer {
             stats: stats.clone(),
             max_batch_total_size_bytes: config.max_batch_total_size_bytes,
         };
+        let asset = Arc::new(asset_service(
+            config,
+            &local,
+            asset_upstream,
+            &stats,
+            &background,
+        )?);
         let services = Services {
             capabilities: Arc::new(CapabilitiesService::new(
                 config.max_batch_total_size_bytes,
@@ -165,6 +193,7 @@ impl RunningServer {
             cas: Arc::new(CasService::new(backend.clone())),
             bytestream: Arc::new(ByteStreamService::new(backend.clone())),
             action_cache: Arc::new(ActionCacheService::new(backend)),
+            asset,
             execution,
             operations,
             admin: Arc::new(AdminService::new(
@@ -299,6 +328,41 @@ impl RunningServer {
         }
         self.stop().await
     }
+}
+
+/// The Remote Asset service over the local store, with the upstream's asset
+/// endpoint (proxy mode) and origin downloads (when `[asset] origin_fetch`).
+fn asset_service(
+    config: &Config,
+    local: &LocalStore,
+    upstream: Option<Arc<crate::asset::upstream::AssetUpstream>>,
+    stats: &Arc<Stats>,
+    background: &Background,
+) -> anyhow::Result<AssetService> {
+    let assets: Arc<dyn LocalAssets> = Arc::new(local.clone());
+    let origin = if config.asset.origin_fetch {
+        let fetcher = OriginFetcher::new(
+            config.asset.clone(),
+            Arc::new(local.clone()),
+            stats.clone(),
+        )?;
+        tracing::info!("Remote Asset fetches may download from origin URLs");
+        Some(Origin {
+            fetcher: Arc::new(fetcher),
+            timeout: config.asset.origin_timeout,
+        })
+    } else {
+        None
+    };
+    let fetcher = Fetcher::new(
+        assets.clone(),
+        upstream.clone(),
+        origin,
+        stats.clone(),
+        background,
+    );
+    let pusher = Pusher::new(assets, upstream, stats.clone());
+    Ok(AssetService::new(Arc::new(fetcher), Arc::new(pusher)))
 }
 
 /// Binds the unix socket (replacing a stale socket file), readable and
