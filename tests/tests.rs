@@ -8,6 +8,8 @@ mod common;
 
 mod suite {
     mod action_cache;
+    mod asset;
+    mod asset_proxy;
     mod bad_input;
     mod bytestream;
     mod capabilities;
