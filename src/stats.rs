@@ -287,6 +287,9 @@ counters! {
         prefetch_hits: "Client reads served from prefetched blobs (first read each).";
         /// Prefetched bytes evicted before any client read them.
         prefetch_wasted_bytes: "Prefetched bytes evicted before any client read them.";
+        /// Asset entries dropped because a blob they keep alive left (local store).
+        asset_entries_dropped:
+            "Remote Asset entries dropped because content they name was evicted or lost.";
     }
     by_method {
         /// Upstream calls started, by [`UpstreamMethod`] (upstream client).
