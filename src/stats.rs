@@ -299,6 +299,9 @@ counters! {
         asset_fetch_misses: "Remote Asset fetches answered with an inline error.";
         /// PushBlob and PushDirectory calls recorded (asset service).
         asset_pushes: "Remote Asset pushes recorded.";
+        /// Asset entries dropped because a blob they keep alive left (local store).
+        asset_entries_dropped:
+            "Remote Asset entries dropped because content they name was evicted or lost.";
     }
     by_method {
         /// Upstream calls started, by [`UpstreamMethod`] (upstream client).
