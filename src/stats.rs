@@ -287,6 +287,12 @@ counters! {
         prefetch_hits: "Client reads served from prefetched blobs (first read each).";
         /// Prefetched bytes evicted before any client read them.
         prefetch_wasted_bytes: "Prefetched bytes evicted before any client read them.";
+        /// Remote Asset downloads from origin URLs started (origin fetcher).
+        origin_fetches: "Remote Asset downloads from origin URLs started.";
+        /// Origin downloads where every mirror failed (origin fetcher).
+        origin_fetch_failures: "Remote Asset origin downloads where every mirror failed.";
+        /// Bytes received from origin URLs, stored or not (origin fetcher).
+        origin_bytes: "Bytes received from Remote Asset origin URLs.";
     }
     by_method {
         /// Upstream calls started, by [`UpstreamMethod`] (upstream client).

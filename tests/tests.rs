@@ -8,6 +8,7 @@ mod common;
 
 mod suite {
     mod action_cache;
+    mod asset_origin;
     mod bad_input;
     mod bytestream;
     mod capabilities;

@@ -3,6 +3,8 @@
 //!
 //! - [`sri`]: `checksum.sri` values, parsed and verified as bytes stream by.
 //! - [`origin`]: downloads http(s) URIs into the CAS, verified, bounded.
+//! - [`hosts`]: which hosts and addresses origin downloads may reach.
 
+pub mod hosts;
 pub mod origin;
 pub mod sri;
