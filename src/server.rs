@@ -341,10 +341,12 @@ fn asset_service(
 ) -> anyhow::Result<AssetService> {
     let assets: Arc<dyn LocalAssets> = Arc::new(local.clone());
     let origin = if config.asset.origin_fetch {
+        // Downloads are spooled beside the store, outside its own tmp/.
         let fetcher = OriginFetcher::new(
             config.asset.clone(),
             Arc::new(local.clone()),
             stats.clone(),
+            config.data_dir.join("asset-spool"),
         )?;
         tracing::info!("Remote Asset fetches may download from origin URLs");
         Some(Origin {

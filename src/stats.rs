@@ -302,6 +302,12 @@ counters! {
         /// Asset entries dropped because a blob they keep alive left (local store).
         asset_entries_dropped:
             "Remote Asset entries dropped because content they name was evicted or lost.";
+        /// Remote Asset downloads from origin URLs started (origin fetcher).
+        origin_fetches: "Remote Asset downloads from origin URLs started.";
+        /// Origin downloads where every mirror failed (origin fetcher).
+        origin_fetch_failures: "Remote Asset origin downloads where every mirror failed.";
+        /// Bytes received from origin URLs, stored or not (origin fetcher).
+        origin_bytes: "Bytes received from Remote Asset origin URLs.";
     }
     by_method {
         /// Upstream calls started, by [`UpstreamMethod`] (upstream client).

@@ -10,6 +10,7 @@ mod suite {
     mod action_cache;
     mod asset;
     mod asset_proxy;
+    mod asset_origin;
     mod bad_input;
     mod bytestream;
     mod capabilities;

@@ -133,7 +133,7 @@ impl Fetcher {
             return Ok(found(record, Via::Local));
         }
         if kind == AssetKind::Blob
-            && let Some(record) = by_checksum(local, ctx, &request).await?
+            && let Some(record) = by_checksum(local, &request).await?
         {
             return Ok(found(record, Via::Local));
         }
@@ -331,18 +331,14 @@ const DEFAULT_DOWNLOAD_TIMEOUT: Duration = Duration::from_secs(600);
 /// the proof).
 async fn by_checksum(
     local: &dyn LocalAssets,
-    ctx: &RequestContext,
     request: &AssetRequest,
 ) -> Result<Option<AssetRecord>> {
     if request.digest_function != DigestFunction::Sha256 {
         return Ok(None);
     }
     for hash in request.sha256_checksums() {
-        let Some(digest) = local.find_by_hash(request.digest_function, &hash).await? else {
-            continue;
-        };
-        // Marks it used, and makes sure it is still there.
-        if local.find_missing(ctx, &[digest]).await?.is_empty() {
+        // The local store marks the blob used when it finds it.
+        if let Some(digest) = local.find_by_hash(request.digest_function, &hash).await? {
             return Ok(Some(new_record(
                 request,
                 &request.uris[0],

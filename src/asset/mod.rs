@@ -13,9 +13,11 @@
 //! - [`upstream`]: the upstream's asset endpoint and CAS, as used here.
 //! - [`sri`]: `checksum.sri` values, parsed and verified as bytes stream by.
 //! - [`origin`]: downloads http(s) URIs into the CAS, verified, bounded.
+//! - [`hosts`]: which hosts and addresses origin downloads may reach.
 
 pub mod content;
 pub mod fetch;
+pub mod hosts;
 pub mod local;
 pub mod origin;
 pub mod push;
