@@ -94,7 +94,9 @@ async fn run() -> anyhow::Result<()> {
         let started = Instant::now();
         let answer = fetch.fetch_blob(fetch_request.clone()).await?.into_inner();
         let fetch_took = started.elapsed();
-        ensure!(answer.status.is_some_and(|s| s.code == 0) && answer.blob_digest == Some(d.clone()));
+        ensure!(
+            answer.status.is_some_and(|s| s.code == 0) && answer.blob_digest == Some(d.clone())
+        );
         let started = Instant::now();
         ac.get_action_result(ac_request.clone()).await?;
         let ac_took = started.elapsed();

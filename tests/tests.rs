@@ -9,8 +9,8 @@ mod common;
 mod suite {
     mod action_cache;
     mod asset;
-    mod asset_proxy;
     mod asset_origin;
+    mod asset_proxy;
     mod bad_input;
     mod bytestream;
     mod capabilities;

@@ -109,7 +109,9 @@ impl Fetcher {
         Stats::add(&self.stats.asset_fetches, 1);
         let outcome = self.find(ctx, request, kind).await?;
         let counter = match &outcome {
-            FetchOutcome::Found { via: Via::Local, .. } => &self.stats.asset_fetch_hits,
+            FetchOutcome::Found {
+                via: Via::Local, ..
+            } => &self.stats.asset_fetch_hits,
             FetchOutcome::Found {
                 via: Via::Upstream, ..
             } => &self.stats.asset_fetch_upstream_hits,
@@ -176,14 +178,14 @@ impl Sources {
             return Ok(found(record, Via::Local));
         }
         if let Some(upstream) = &self.upstream
-            && let Some(record) = self.from_upstream(upstream, ctx, request, kind).await?
+            && let Some(record) = self.ask_upstream(upstream, ctx, request, kind).await?
         {
             return Ok(found(record, Via::Upstream));
         }
         if self.origin_for(request, kind)
             && let Some(origin) = &self.origin
         {
-            return self.from_origin(origin, ctx, request).await;
+            return self.download(origin, ctx, request).await;
         }
         Ok(not_found(request, "not in the cache nor upstream"))
     }
@@ -191,7 +193,7 @@ impl Sources {
     /// Asks the upstream's asset service; on an answer, pulls the content
     /// into the local store and records it. `None` when it has nothing (or
     /// failed: the origin may still have it).
-    async fn from_upstream(
+    async fn ask_upstream(
         &self,
         upstream: &AssetUpstream,
         ctx: &RequestContext,
@@ -201,7 +203,15 @@ impl Sources {
         let timeout = self.download_timeout(request);
         let answer = match kind {
             AssetKind::Blob => upstream.fetch_blob(ctx, request, timeout).await.map(|r| {
-                r.map(|r| (r.status, r.uri, r.expires_at, r.blob_digest, r.digest_function))
+                r.map(|r| {
+                    (
+                        r.status,
+                        r.uri,
+                        r.expires_at,
+                        r.blob_digest,
+                        r.digest_function,
+                    )
+                })
             }),
             AssetKind::Directory => {
                 upstream
@@ -279,7 +289,7 @@ impl Sources {
     }
 
     /// Downloads from the origin and records what it stored.
-    async fn from_origin(
+    async fn download(
         &self,
         origin: &Origin,
         ctx: &RequestContext,

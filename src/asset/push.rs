@@ -72,7 +72,11 @@ impl Pusher {
                 now,
                 pushed.expire_at,
             );
-            entry.references_blobs = pushed.references_blobs.iter().map(Digest::to_proto).collect();
+            entry.references_blobs = pushed
+                .references_blobs
+                .iter()
+                .map(Digest::to_proto)
+                .collect();
             entry.references_directories = pushed
                 .references_directories
                 .iter()

@@ -391,7 +391,10 @@ mod tests {
         let status = tonic::Status::from(err);
         assert_eq!(status.code(), Code::InvalidArgument);
         let body = bazel_remote_apis::google::rpc::Status::decode(status.details()).unwrap();
-        assert_eq!(body.details[0].type_url, "type.googleapis.com/google.rpc.BadRequest");
+        assert_eq!(
+            body.details[0].type_url,
+            "type.googleapis.com/google.rpc.BadRequest"
+        );
         let detail = BadRequest::decode(body.details[0].value.as_slice()).unwrap();
         assert_eq!(detail.field_violations[0].field, "qualifiers.name");
         assert_eq!(
@@ -482,8 +485,8 @@ mod tests {
             q("http_header:", "x"),
             q("http_header:Bad Name", "x"),
         ] {
-            let err = AssetRequest::parse("".into(), uris(&["https://a/x"]), vec![bad], 0)
-                .unwrap_err();
+            let err =
+                AssetRequest::parse("".into(), uris(&["https://a/x"]), vec![bad], 0).unwrap_err();
             assert_eq!(err.code(), Code::InvalidArgument, "{err}");
             assert!(!err.to_string().contains("Bearer"));
         }

@@ -89,13 +89,19 @@ impl AssetUpstream {
 
     /// Whether the asset endpoint is worth asking (not known to lack the API).
     pub fn available(&self) -> bool {
-        let until = self.unimplemented_until.lock().unwrap_or_else(|e| e.into_inner());
+        let until = self
+            .unimplemented_until
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         until.is_none_or(|t| Instant::now() >= t)
     }
 
     /// Remembers that the asset endpoint lacks the API, saying so once.
     fn remember_unimplemented(&self) {
-        let mut until = self.unimplemented_until.lock().unwrap_or_else(|e| e.into_inner());
+        let mut until = self
+            .unimplemented_until
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         if until.is_none_or(|t| Instant::now() >= t) {
             tracing::info!(
                 "upstream {} does not serve Remote Asset (UNIMPLEMENTED); serving assets locally, asking again in {} minutes",
@@ -268,5 +274,7 @@ fn proto_duration(d: Duration) -> bazel_remote_apis::google::protobuf::Duration 
 }
 
 fn oldest(request: &AssetRequest) -> Option<Timestamp> {
-    request.oldest_content_accepted.map(|seconds| Timestamp { seconds, nanos: 0 })
+    request
+        .oldest_content_accepted
+        .map(|seconds| Timestamp { seconds, nanos: 0 })
 }

@@ -152,10 +152,17 @@ impl fetch_server::Fetch for AssetService {
         request: Request<FetchBlobRequest>,
     ) -> std::result::Result<Response<FetchBlobResponse>, Status> {
         let (metadata, _, req) = request.into_parts();
-        let parsed =
-            AssetRequest::parse(req.instance_name, req.uris, req.qualifiers, req.digest_function)?
-                .with_fetch_limits(req.timeout.as_ref(), req.oldest_content_accepted.as_ref())?;
-        let f = self.fetch(&metadata, parsed, AssetKind::Blob).await?.fields();
+        let parsed = AssetRequest::parse(
+            req.instance_name,
+            req.uris,
+            req.qualifiers,
+            req.digest_function,
+        )?
+        .with_fetch_limits(req.timeout.as_ref(), req.oldest_content_accepted.as_ref())?;
+        let f = self
+            .fetch(&metadata, parsed, AssetKind::Blob)
+            .await?
+            .fields();
         Ok(Response::new(FetchBlobResponse {
             // An inline error still names a digest (see missing_blob_digest).
             blob_digest: Some(f.digest.unwrap_or_else(missing_blob_digest)),
@@ -172,9 +179,13 @@ impl fetch_server::Fetch for AssetService {
         request: Request<FetchDirectoryRequest>,
     ) -> std::result::Result<Response<FetchDirectoryResponse>, Status> {
         let (metadata, _, req) = request.into_parts();
-        let parsed =
-            AssetRequest::parse(req.instance_name, req.uris, req.qualifiers, req.digest_function)?
-                .with_fetch_limits(req.timeout.as_ref(), req.oldest_content_accepted.as_ref())?;
+        let parsed = AssetRequest::parse(
+            req.instance_name,
+            req.uris,
+            req.qualifiers,
+            req.digest_function,
+        )?
+        .with_fetch_limits(req.timeout.as_ref(), req.oldest_content_accepted.as_ref())?;
         let f = self
             .fetch(&metadata, parsed, AssetKind::Directory)
             .await?
@@ -197,8 +208,12 @@ impl push_server::Push for AssetService {
         request: Request<PushBlobRequest>,
     ) -> std::result::Result<Response<PushBlobResponse>, Status> {
         let (metadata, _, req) = request.into_parts();
-        let parsed =
-            AssetRequest::parse(req.instance_name, req.uris, req.qualifiers, req.digest_function)?;
+        let parsed = AssetRequest::parse(
+            req.instance_name,
+            req.uris,
+            req.qualifiers,
+            req.digest_function,
+        )?;
         let fields = PushFields {
             root: req.blob_digest,
             references_blobs: req.references_blobs,
@@ -215,8 +230,12 @@ impl push_server::Push for AssetService {
         request: Request<PushDirectoryRequest>,
     ) -> std::result::Result<Response<PushDirectoryResponse>, Status> {
         let (metadata, _, req) = request.into_parts();
-        let parsed =
-            AssetRequest::parse(req.instance_name, req.uris, req.qualifiers, req.digest_function)?;
+        let parsed = AssetRequest::parse(
+            req.instance_name,
+            req.uris,
+            req.qualifiers,
+            req.digest_function,
+        )?;
         let fields = PushFields {
             root: req.root_directory_digest,
             references_blobs: req.references_blobs,

@@ -4,8 +4,8 @@
 //! turns the crate's [`Error`](crate::error::Error) into a status in one place.
 
 pub mod action_cache;
-pub mod asset;
 pub mod admin;
+pub mod asset;
 pub mod bytestream;
 pub mod capabilities;
 pub mod cas;

@@ -57,11 +57,11 @@ pub fn now() -> i64 {
 }
 
 /// A timestamp `secs` from now (negative: in the past).
-pub fn from_now(secs: i64) -> Option<Timestamp> {
-    Some(Timestamp {
+pub fn from_now(secs: i64) -> Timestamp {
+    Timestamp {
         seconds: now() + secs,
         nanos: 0,
-    })
+    }
 }
 
 /// PushBlob of `d` under `uris` with `qualifiers`.
@@ -195,7 +195,9 @@ async fn empty_and_malformed_requests_are_invalid_arguments() {
         Code::InvalidArgument,
     );
     assert_code(
-        fetch.fetch_directory(FetchDirectoryRequest::default()).await,
+        fetch
+            .fetch_directory(FetchDirectoryRequest::default())
+            .await,
         Code::InvalidArgument,
     );
     assert_code(
@@ -314,27 +316,42 @@ async fn a_pushed_blob_is_fetched_by_any_uri_and_the_same_qualifier_set() {
     let data = blob(1, 5000);
     let d = digest(&data);
     upload_all(&server, "", std::slice::from_ref(&data)).await;
-    let qualifiers = vec![q("resource_type", "application/x-tar"), q("vcs.commit", "c0ffee")];
+    let qualifiers = vec![
+        q("resource_type", "application/x-tar"),
+        q("vcs.commit", "c0ffee"),
+    ];
     push_blob(&mut push, "", &["https://a/x.tar", "urn:x"], qualifiers, &d)
         .await
         .unwrap();
 
     // Any URI, qualifiers in any order.
-    let reversed = vec![q("vcs.commit", "c0ffee"), q("resource_type", "application/x-tar")];
+    let reversed = vec![
+        q("vcs.commit", "c0ffee"),
+        q("resource_type", "application/x-tar"),
+    ];
     let hit = fetch_blob(&mut fetch, "", &["urn:other", "urn:x"], reversed).await;
     assert_eq!(inline(&hit.status), Code::Ok);
     assert_eq!(hit.blob_digest, Some(d.clone()));
     assert_eq!(hit.uri, "urn:x");
     assert_eq!(
         hit.qualifiers,
-        vec![q("resource_type", "application/x-tar"), q("vcs.commit", "c0ffee")]
+        vec![
+            q("resource_type", "application/x-tar"),
+            q("vcs.commit", "c0ffee")
+        ]
     );
     assert_eq!(hit.expires_at, None);
-    assert_eq!(hit.digest_function, re::digest_function::Value::Sha256 as i32);
+    assert_eq!(
+        hit.digest_function,
+        re::digest_function::Value::Sha256 as i32
+    );
 
     // A different qualifier set, a subset, none: misses.
     for other in [
-        vec![q("resource_type", "application/x-tar"), q("vcs.commit", "bad")],
+        vec![
+            q("resource_type", "application/x-tar"),
+            q("vcs.commit", "bad"),
+        ],
         vec![q("resource_type", "application/x-tar")],
         vec![],
     ] {
@@ -344,7 +361,10 @@ async fn a_pushed_blob_is_fetched_by_any_uri_and_the_same_qualifier_set() {
     let as_dir = fetch
         .fetch_directory(FetchDirectoryRequest {
             uris: uris(&["urn:x"]),
-            qualifiers: vec![q("resource_type", "application/x-tar"), q("vcs.commit", "c0ffee")],
+            qualifiers: vec![
+                q("resource_type", "application/x-tar"),
+                q("vcs.commit", "c0ffee"),
+            ],
             ..Default::default()
         })
         .await
@@ -369,12 +389,23 @@ async fn a_pushed_directory_is_fetched_whole() {
     })
     .await
     .unwrap();
-    let hit = fetch_directory(&mut fetch, "", &["urn:fdc:buildstream.build:2020:source:abc"]).await;
+    let hit = fetch_directory(
+        &mut fetch,
+        "",
+        &["urn:fdc:buildstream.build:2020:source:abc"],
+    )
+    .await;
     assert_eq!(inline(&hit.status), Code::Ok);
     assert_eq!(hit.root_directory_digest, Some(root));
     // A blob fetch of a directory entry misses.
     assert_blob_miss(
-        &fetch_blob(&mut fetch, "", &["urn:fdc:buildstream.build:2020:source:abc"], vec![]).await,
+        &fetch_blob(
+            &mut fetch,
+            "",
+            &["urn:fdc:buildstream.build:2020:source:abc"],
+            vec![],
+        )
+        .await,
     );
 }
 
@@ -413,7 +444,9 @@ async fn entries_are_per_instance() {
     let d = digest(&data);
     upload_all(&server, "a", std::slice::from_ref(&data)).await;
     upload_all(&server, "b", std::slice::from_ref(&data)).await;
-    push_blob(&mut push, "a", &["urn:i"], vec![], &d).await.unwrap();
+    push_blob(&mut push, "a", &["urn:i"], vec![], &d)
+        .await
+        .unwrap();
     assert_eq!(
         inline(&fetch_blob(&mut fetch, "a", &["urn:i"], vec![]).await.status),
         Code::Ok
@@ -433,7 +466,7 @@ async fn expired_entries_and_content_older_than_accepted_are_not_served() {
         push.push_blob(PushBlobRequest {
             uris: uris(&[uri]),
             blob_digest: Some(d.clone()),
-            expire_at,
+            expire_at: Some(expire_at),
             ..Default::default()
         })
         .await
@@ -446,13 +479,21 @@ async fn expired_entries_and_content_older_than_accepted_are_not_served() {
 
     let with_oldest = |secs: i64| FetchBlobRequest {
         uris: uris(&["urn:future"]),
-        oldest_content_accepted: from_now(secs),
+        oldest_content_accepted: Some(from_now(secs)),
         ..Default::default()
     };
     // Bazel sends now + 1 h when it has no checksum: never accept the cache.
-    let newer = fetch.fetch_blob(with_oldest(3600)).await.unwrap().into_inner();
+    let newer = fetch
+        .fetch_blob(with_oldest(3600))
+        .await
+        .unwrap()
+        .into_inner();
     assert_blob_miss(&newer);
-    let older = fetch.fetch_blob(with_oldest(-3600)).await.unwrap().into_inner();
+    let older = fetch
+        .fetch_blob(with_oldest(-3600))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(inline(&older.status), Code::Ok);
 }
 
@@ -481,7 +522,10 @@ async fn credentials_are_neither_keyed_nor_stored_nor_echoed() {
     // Without the credentials, or with others: the same entry.
     for qualifiers in [
         vec![q(CANONICAL_ID, "id")],
-        vec![q("http_header:Authorization", "other"), q(CANONICAL_ID, "id")],
+        vec![
+            q("http_header:Authorization", "other"),
+            q(CANONICAL_ID, "id"),
+        ],
         credentials(),
     ] {
         let hit = fetch_blob(&mut fetch, "", &["https://h/f"], qualifiers).await;
@@ -575,12 +619,20 @@ async fn evicting_a_referenced_blob_drops_the_entry() {
     .await
     .unwrap();
     assert_eq!(
-        inline(&fetch_blob(&mut fetch, "", &["urn:artifact"], vec![]).await.status),
+        inline(
+            &fetch_blob(&mut fetch, "", &["urn:artifact"], vec![])
+                .await
+                .status
+        ),
         Code::Ok
     );
     // Use the root and the entry (a directory fetch of the same URI reads
     // the entry and nothing else), not the referenced blob; then make room.
-    assert!(find_missing(&mut server.cas(), std::slice::from_ref(&d)).await.is_empty());
+    assert!(
+        find_missing(&mut server.cas(), std::slice::from_ref(&d))
+            .await
+            .is_empty()
+    );
     let as_dir = fetch_directory(&mut fetch, "", &["urn:artifact"]).await;
     assert_eq!(inline(&as_dir.status), Code::NotFound);
     let filler = blob(42, 500 << 10);
@@ -620,7 +672,11 @@ async fn a_directory_whose_file_was_evicted_is_not_served() {
     .unwrap();
     // Use the root Directory and the entry (a blob fetch of the same URI
     // reads the entry and nothing else), not the file; then make room.
-    assert!(find_missing(&mut server.cas(), std::slice::from_ref(&d)).await.is_empty());
+    assert!(
+        find_missing(&mut server.cas(), std::slice::from_ref(&d))
+            .await
+            .is_empty()
+    );
     assert_blob_miss(&fetch_blob(&mut fetch, "", &["urn:tree"], vec![]).await);
     let filler = blob(51, 500 << 10);
     upload(&mut server.bytestream(), "", &filler, 64 << 10)
@@ -771,7 +827,12 @@ async fn concurrent_origin_fetches_share_one_download_that_outlives_the_client()
         ..Default::default()
     });
     impatient.set_timeout(ORIGIN_DELAY / 3);
-    assert_code(fetch.fetch_blob(impatient).await, Code::DeadlineExceeded);
+    let gave_up = fetch.fetch_blob(impatient).await.unwrap_err();
+    // tonic reports its own deadline as CANCELLED "Timeout expired".
+    assert!(
+        gave_up.code() == Code::DeadlineExceeded || gave_up.message().contains("Timeout expired"),
+        "{gave_up:?}"
+    );
 
     // Its retries, arriving together, join the download in progress.
     let retries: Vec<_> = (0..8)
@@ -793,8 +854,13 @@ async fn concurrent_origin_fetches_share_one_download_that_outlives_the_client()
     let later = fetch_blob(&mut fetch, "", &[&url], qualifiers).await;
     assert_eq!(inline(&later.status), Code::Ok);
     assert_eq!(origin.requests(), 1);
-    let (read, _) = read_blob(&mut server.bytestream(), &read_name("", &digest(&body)), 0, 0)
-        .await
-        .unwrap();
+    let (read, _) = read_blob(
+        &mut server.bytestream(),
+        &read_name("", &digest(&body)),
+        0,
+        0,
+    )
+    .await
+    .unwrap();
     assert!(read == body);
 }

@@ -44,9 +44,15 @@ async fn push_through_one_outpost_and_fetch_through_another() {
     upload_all(&pusher, "", std::slice::from_ref(&data)).await;
     upload_all(&pusher, "", &tree).await;
     let (_, mut push) = asset_clients(&pusher);
-    push_blob(&mut push, "", &["urn:artifact:a"], vec![q("k", "v")], &digest(&data))
-        .await
-        .unwrap();
+    push_blob(
+        &mut push,
+        "",
+        &["urn:artifact:a"],
+        vec![q("k", "v")],
+        &digest(&data),
+    )
+    .await
+    .unwrap();
     push.push_directory(PushDirectoryRequest {
         uris: uris(&["urn:source:a"]),
         root_directory_digest: Some(root.clone()),
@@ -134,7 +140,10 @@ async fn a_forwarded_push_first_uploads_what_the_upstream_cas_lacks() {
         .chain(std::iter::once(&data))
         .map(|b| digest(b))
         .collect();
-    assert_eq!(find_missing(&mut upstream.cas(), &all).await.len(), all.len());
+    assert_eq!(
+        find_missing(&mut upstream.cas(), &all).await.len(),
+        all.len()
+    );
     let (_, mut push) = asset_clients(&client);
     push.push_blob(PushBlobRequest {
         uris: uris(&["urn:artifact:b"]),
@@ -171,9 +180,16 @@ async fn a_push_of_content_held_only_upstream_brings_it_in() {
     .unwrap();
     upstream.stop().await;
     let hit = fetch_directory(&mut fetch, "", &["urn:source:c"]).await;
-    assert_eq!(inline(&hit.status), Code::Ok, "served from the front's own store");
-    let missing = find_missing(&mut front.cas(), &tree.iter().map(|b| digest(b)).collect::<Vec<_>>())
-        .await;
+    assert_eq!(
+        inline(&hit.status),
+        Code::Ok,
+        "served from the front's own store"
+    );
+    let missing = find_missing(
+        &mut front.cas(),
+        &tree.iter().map(|b| digest(b)).collect::<Vec<_>>(),
+    )
+    .await;
     assert!(missing.is_empty());
 }
 
@@ -198,9 +214,9 @@ impl FakeAsset {
         let router = tonic::transport::Server::builder()
             .add_service(FetchServer::new(fake.clone()))
             .add_service(PushServer::new(fake.clone()));
-        tokio::spawn(router.serve_with_incoming(
-            tonic::transport::server::TcpIncoming::from(listener),
-        ));
+        tokio::spawn(
+            router.serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+        );
         (fake, format!("http://{addr}"))
     }
 
@@ -277,7 +293,9 @@ async fn a_reapi_only_upstream_answers_unimplemented_and_outpost_carries_on() {
     upload_all(&proxy, "", std::slice::from_ref(&data)).await;
     let (mut fetch, mut push) = asset_clients(&proxy);
     assert_blob_miss(&fetch_blob(&mut fetch, "", &["urn:x"], vec![]).await);
-    push_blob(&mut push, "", &["urn:x"], vec![], &d).await.unwrap();
+    push_blob(&mut push, "", &["urn:x"], vec![], &d)
+        .await
+        .unwrap();
     let hit = fetch_blob(&mut fetch, "", &["urn:x"], vec![]).await;
     assert_eq!(inline(&hit.status), Code::Ok);
 }
