@@ -13,6 +13,7 @@ use bazel_remote_apis::build::bazel::remote::execution::v2::{
     content_addressable_storage_server::ContentAddressableStorageServer,
     execution_server::ExecutionServer,
 };
+use bazel_remote_apis::build::bazel::remote::logstream::v1::log_stream_service_server::LogStreamServiceServer;
 use bazel_remote_apis::google::bytestream::byte_stream_server::ByteStreamServer;
 use bazel_remote_apis::google::longrunning::operations_server::OperationsServer;
 use tokio::net::{TcpListener, UnixListener};
@@ -31,6 +32,7 @@ use crate::service::bytestream::ByteStreamService;
 use crate::service::capabilities::CapabilitiesService;
 use crate::service::cas::CasService;
 use crate::service::execution::ExecutionService;
+use crate::service::logstream::LogStreamService;
 use crate::service::operations::OperationsService;
 use crate::stack::Stack;
 use crate::stats::Stats;
@@ -61,6 +63,8 @@ struct Services {
     /// Execution and Operations passthrough (proxy mode only).
     execution: Option<Arc<ExecutionService>>,
     operations: Option<Arc<OperationsService>>,
+    /// Remote Logstream (UNIMPLEMENTED without an upstream).
+    logstream: Arc<LogStreamService>,
     admin: Arc<AdminService>,
     /// Decoding limit for Batch* requests: the batch limit plus framing room.
     max_message: usize,
@@ -98,6 +102,7 @@ impl Services {
                     .max_encoding_message_size(max)
             }))
             .add_optional_service(self.operations.clone().map(OperationsServer::from_arc))
+            .add_service(LogStreamServiceServer::from_arc(self.logstream.clone()))
     }
 }
 
@@ -145,6 +150,7 @@ impl RunningServer {
             upstream,
             execution,
             operations,
+            passthrough,
         } = stack;
         let local_blobs: Arc<dyn BlobStore> = Arc::new(local.clone());
         let actions = Arc::new(
@@ -163,10 +169,13 @@ impl RunningServer {
                 upstream,
             )),
             cas: Arc::new(CasService::new(backend.clone())),
-            bytestream: Arc::new(ByteStreamService::new(backend.clone())),
+            bytestream: Arc::new(
+                ByteStreamService::new(backend.clone()).with_passthrough(passthrough.clone()),
+            ),
             action_cache: Arc::new(ActionCacheService::new(backend)),
             execution,
             operations,
+            logstream: Arc::new(LogStreamService::new(passthrough)),
             admin: Arc::new(AdminService::new(
                 local.clone(),
                 stats.clone(),

@@ -21,6 +21,7 @@ use crate::store::upstream::UpstreamStore;
 use crate::store::{ActionResultStore, BlobStore};
 use crate::tasks::Background;
 use crate::upstream::Upstream;
+use crate::upstream::passthrough::Passthrough;
 
 /// Digests the existence cache remembers at most (~100 bytes each).
 const EXISTENCE_CACHE_CAPACITY: usize = 1 << 20;
@@ -37,6 +38,8 @@ pub struct Stack {
     pub execution: Option<Arc<ExecutionService>>,
     /// Operations passthrough, when proxying.
     pub operations: Option<Arc<OperationsService>>,
+    /// Remote Logstream passthrough (logstream endpoint), when proxying.
+    pub passthrough: Option<Arc<Passthrough>>,
 }
 
 impl Stack {
@@ -48,6 +51,7 @@ impl Stack {
             upstream: None,
             execution: None,
             operations: None,
+            passthrough: None,
         }
     }
 
@@ -117,6 +121,7 @@ impl Stack {
         });
         let execution = Arc::new(ExecutionService::new(Arc::new(executor)));
         let operations = Arc::new(OperationsService::new(upstream.clone()));
+        let passthrough = Arc::new(Passthrough::new(upstream_config, stats.clone())?);
         let probe = upstream.clone();
         background.spawn(async move {
             match probe.capabilities(&RequestContext::default()).await {
@@ -131,6 +136,7 @@ impl Stack {
             upstream: Some(upstream),
             execution: Some(execution),
             operations: Some(operations),
+            passthrough: Some(passthrough),
         })
     }
 }
