@@ -16,6 +16,7 @@ use bazel_remote_apis::build::bazel::remote::execution::v2::{
     content_addressable_storage_server::ContentAddressableStorageServer,
     execution_server::ExecutionServer,
 };
+use bazel_remote_apis::build::bazel::remote::logstream::v1::log_stream_service_server::LogStreamServiceServer;
 use bazel_remote_apis::google::bytestream::byte_stream_server::ByteStreamServer;
 use bazel_remote_apis::google::longrunning::operations_server::OperationsServer;
 use tokio::net::{TcpListener, UnixListener};
@@ -39,6 +40,7 @@ use crate::service::bytestream::ByteStreamService;
 use crate::service::capabilities::CapabilitiesService;
 use crate::service::cas::CasService;
 use crate::service::execution::ExecutionService;
+use crate::service::logstream::LogStreamService;
 use crate::service::operations::OperationsService;
 use crate::stack::Stack;
 use crate::stats::Stats;
@@ -71,6 +73,8 @@ struct Services {
     /// Execution and Operations passthrough (proxy mode only).
     execution: Option<Arc<ExecutionService>>,
     operations: Option<Arc<OperationsService>>,
+    /// Remote Logstream (UNIMPLEMENTED without an upstream).
+    logstream: Arc<LogStreamService>,
     admin: Arc<AdminService>,
     /// Decoding limit for Batch* requests: the batch limit plus framing room.
     max_message: usize,
@@ -118,6 +122,7 @@ impl Services {
                     .max_encoding_message_size(max)
             }))
             .add_optional_service(self.operations.clone().map(OperationsServer::from_arc))
+            .add_service(LogStreamServiceServer::from_arc(self.logstream.clone()))
     }
 }
 
@@ -166,6 +171,7 @@ impl RunningServer {
             execution,
             operations,
             asset_upstream,
+            passthrough,
         } = stack;
         let local_blobs: Arc<dyn BlobStore> = Arc::new(local.clone());
         let actions = Arc::new(
@@ -191,11 +197,14 @@ impl RunningServer {
                 upstream,
             )),
             cas: Arc::new(CasService::new(backend.clone())),
-            bytestream: Arc::new(ByteStreamService::new(backend.clone())),
+            bytestream: Arc::new(
+                ByteStreamService::new(backend.clone()).with_passthrough(passthrough.clone()),
+            ),
             action_cache: Arc::new(ActionCacheService::new(backend)),
             asset,
             execution,
             operations,
+            logstream: Arc::new(LogStreamService::new(passthrough)),
             admin: Arc::new(AdminService::new(
                 local.clone(),
                 stats.clone(),

@@ -22,6 +22,7 @@ use crate::store::upstream::UpstreamStore;
 use crate::store::{ActionResultStore, BlobStore};
 use crate::tasks::Background;
 use crate::upstream::Upstream;
+use crate::upstream::passthrough::Passthrough;
 
 /// Digests the existence cache remembers at most (~100 bytes each).
 const EXISTENCE_CACHE_CAPACITY: usize = 1 << 20;
@@ -41,6 +42,8 @@ pub struct Stack {
     /// The upstream's asset endpoint and CAS for the asset service, when
     /// proxying.
     pub asset_upstream: Option<Arc<AssetUpstream>>,
+    /// Remote Logstream passthrough (logstream endpoint), when proxying.
+    pub passthrough: Option<Arc<Passthrough>>,
 }
 
 impl Stack {
@@ -53,6 +56,7 @@ impl Stack {
             execution: None,
             operations: None,
             asset_upstream: None,
+            passthrough: None,
         }
     }
 
@@ -134,6 +138,7 @@ impl Stack {
             proxy.read_through(),
             Arc::new(local.clone()),
         ));
+        let passthrough = Arc::new(Passthrough::new(upstream_config, stats.clone())?);
         let probe = upstream.clone();
         background.spawn(async move {
             match probe.capabilities(&RequestContext::default()).await {
@@ -149,6 +154,7 @@ impl Stack {
             execution: Some(execution),
             operations: Some(operations),
             asset_upstream: Some(asset_upstream),
+            passthrough: Some(passthrough),
         })
     }
 }

@@ -19,6 +19,7 @@ mod suite {
     mod eviction;
     mod execution;
     mod large_blob;
+    mod logstream;
     mod persistence;
     mod proxy;
     mod ready_file;

@@ -10,6 +10,7 @@ pub mod bytestream;
 pub mod capabilities;
 pub mod cas;
 pub mod execution;
+pub mod logstream;
 pub mod operations;
 
 use std::sync::Arc;
