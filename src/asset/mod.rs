@@ -4,7 +4,9 @@
 //! - [`sri`]: `checksum.sri` values, parsed and verified as bytes stream by.
 //! - [`origin`]: downloads http(s) URIs into the CAS, verified, bounded.
 //! - [`hosts`]: which hosts and addresses origin downloads may reach.
+//! - [`spool`]: where a download waits until it is verified.
 
 pub mod hosts;
 pub mod origin;
+pub mod spool;
 pub mod sri;
