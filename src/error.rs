@@ -60,9 +60,14 @@ pub enum Error {
     /// (code, message, details): execution passthrough must not reword it.
     #[error("{0}")]
     Upstream(UpstreamStatus),
+    /// A status Outpost builds itself with `google.rpc` details attached
+    /// (BadRequest, PreconditionFailure), sent as built: see
+    /// [`Error::with_details`].
+    #[error("{0}")]
+    Detailed(UpstreamStatus),
 }
 
-/// An upstream `tonic::Status` kept whole (boxed: it is large).
+/// A `tonic::Status` kept whole, details included (boxed: it is large).
 #[derive(Clone, Debug)]
 pub struct UpstreamStatus(pub Box<tonic::Status>);
 
@@ -90,7 +95,7 @@ impl Error {
             Error::PermissionDenied(_) => Code::PermissionDenied,
             Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
             Error::Internal(_) | Error::Io(_) | Error::RocksDb(_) => Code::Internal,
-            Error::Upstream(status) => status.0.code(),
+            Error::Upstream(status) | Error::Detailed(status) => status.0.code(),
         }
     }
 
@@ -113,6 +118,7 @@ impl Error {
             Error::Io(e) => Error::Io(std::io::Error::new(e.kind(), e.to_string())),
             Error::RocksDb(e) => Error::Internal(format!("rocksdb: {e}")),
             Error::Upstream(status) => Error::Upstream(status.clone()),
+            Error::Detailed(status) => Error::Detailed(status.clone()),
         }
     }
 
@@ -144,6 +150,24 @@ impl Error {
     /// Relays an upstream status unchanged (see [`Error::Upstream`]).
     pub fn relayed(status: tonic::Status) -> Self {
         Error::Upstream(UpstreamStatus(Box::new(status)))
+    }
+
+    /// An error with `google.rpc` details (e.g. a BadRequest naming the
+    /// offending field), which clients that read details can act on.
+    pub fn with_details(
+        code: Code,
+        message: impl Into<String>,
+        details: Vec<bazel_remote_apis::google::protobuf::Any>,
+    ) -> Self {
+        use prost::Message as _;
+        let message = message.into();
+        let body = bazel_remote_apis::google::rpc::Status {
+            code: code as i32,
+            message: message.clone(),
+            details,
+        };
+        let status = tonic::Status::with_details(code, message, body.encode_to_vec().into());
+        Error::Detailed(UpstreamStatus(Box::new(status)))
     }
 
     /// The per-entry status used inside Batch* responses.
@@ -193,7 +217,7 @@ impl From<Error> for tonic::Status {
         if err.code() == Code::Internal {
             tracing::error!("{err}");
         }
-        if let Error::Upstream(status) = err {
+        if let Error::Upstream(status) | Error::Detailed(status) = err {
             return *status.0;
         }
         tonic::Status::new(err.code(), err.to_string())

@@ -99,6 +99,16 @@ fn samples(stats: &Stats, local: &LocalStore) -> Vec<Sample> {
             occupancy.action_count,
         ),
         gauge(
+            "outpost_store_asset_entries",
+            "Remote Asset entries in the local store.",
+            occupancy.asset_count,
+        ),
+        gauge(
+            "outpost_store_asset_bytes",
+            "Bytes of Remote Asset entries in the local store.",
+            occupancy.asset_bytes,
+        ),
+        gauge(
             "outpost_store_quota_bytes",
             "Byte quota of the local store.",
             quota,
@@ -198,7 +208,7 @@ mod tests {
         let samples = text.lines().filter(|l| !l.starts_with('#')).count();
         assert_eq!(
             samples,
-            4 + Stats::COUNTERS.len() + UpstreamMethod::ALL.len()
+            6 + Stats::COUNTERS.len() + UpstreamMethod::ALL.len()
         );
         let map = values(&stats, &local);
         assert_eq!(map.len(), samples);

@@ -8,11 +8,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use bazel_remote_apis::build::bazel::remote::asset::v1::{
+    fetch_server::FetchServer, push_server::PushServer,
+};
 use bazel_remote_apis::build::bazel::remote::execution::v2::{
     action_cache_server::ActionCacheServer, capabilities_server::CapabilitiesServer,
     content_addressable_storage_server::ContentAddressableStorageServer,
     execution_server::ExecutionServer,
 };
+use bazel_remote_apis::build::bazel::remote::logstream::v1::log_stream_service_server::LogStreamServiceServer;
 use bazel_remote_apis::google::bytestream::byte_stream_server::ByteStreamServer;
 use bazel_remote_apis::google::longrunning::operations_server::OperationsServer;
 use tokio::net::{TcpListener, UnixListener};
@@ -23,14 +27,20 @@ use tonic::transport::Server;
 use tonic::transport::server::{Router, TcpIncoming};
 
 use crate::admin_proto::admin_server::AdminServer;
+use crate::asset::fetch::{Fetcher, Origin};
+use crate::asset::local::LocalAssets;
+use crate::asset::origin::OriginFetcher;
+use crate::asset::push::Pusher;
 use crate::config::Config;
 use crate::service::Backend;
 use crate::service::action_cache::ActionCacheService;
 use crate::service::admin::AdminService;
+use crate::service::asset::AssetService;
 use crate::service::bytestream::ByteStreamService;
 use crate::service::capabilities::CapabilitiesService;
 use crate::service::cas::CasService;
 use crate::service::execution::ExecutionService;
+use crate::service::logstream::LogStreamService;
 use crate::service::operations::OperationsService;
 use crate::stack::Stack;
 use crate::stats::Stats;
@@ -58,9 +68,13 @@ struct Services {
     cas: Arc<CasService>,
     bytestream: Arc<ByteStreamService>,
     action_cache: Arc<ActionCacheService>,
+    /// Remote Asset Fetch and Push.
+    asset: Arc<AssetService>,
     /// Execution and Operations passthrough (proxy mode only).
     execution: Option<Arc<ExecutionService>>,
     operations: Option<Arc<OperationsService>>,
+    /// Remote Logstream (UNIMPLEMENTED without an upstream).
+    logstream: Arc<LogStreamService>,
     admin: Arc<AdminService>,
     /// Decoding limit for Batch* requests: the batch limit plus framing room.
     max_message: usize,
@@ -91,6 +105,16 @@ impl Services {
                     .max_decoding_message_size(max)
                     .max_encoding_message_size(max),
             )
+            .add_service(
+                FetchServer::from_arc(self.asset.clone())
+                    .max_decoding_message_size(max)
+                    .max_encoding_message_size(max),
+            )
+            .add_service(
+                PushServer::from_arc(self.asset.clone())
+                    .max_decoding_message_size(max)
+                    .max_encoding_message_size(max),
+            )
             .add_service(AdminServer::from_arc(self.admin.clone()))
             .add_optional_service(self.execution.clone().map(|e| {
                 ExecutionServer::from_arc(e)
@@ -98,6 +122,7 @@ impl Services {
                     .max_encoding_message_size(max)
             }))
             .add_optional_service(self.operations.clone().map(OperationsServer::from_arc))
+            .add_service(LogStreamServiceServer::from_arc(self.logstream.clone()))
     }
 }
 
@@ -145,6 +170,8 @@ impl RunningServer {
             upstream,
             execution,
             operations,
+            asset_upstream,
+            passthrough,
         } = stack;
         let local_blobs: Arc<dyn BlobStore> = Arc::new(local.clone());
         let actions = Arc::new(
@@ -157,16 +184,27 @@ impl RunningServer {
             stats: stats.clone(),
             max_batch_total_size_bytes: config.max_batch_total_size_bytes,
         };
+        let asset = Arc::new(asset_service(
+            config,
+            &local,
+            asset_upstream,
+            &stats,
+            &background,
+        )?);
         let services = Services {
             capabilities: Arc::new(CapabilitiesService::new(
                 config.max_batch_total_size_bytes,
                 upstream,
             )),
             cas: Arc::new(CasService::new(backend.clone())),
-            bytestream: Arc::new(ByteStreamService::new(backend.clone())),
+            bytestream: Arc::new(
+                ByteStreamService::new(backend.clone()).with_passthrough(passthrough.clone()),
+            ),
             action_cache: Arc::new(ActionCacheService::new(backend)),
+            asset,
             execution,
             operations,
+            logstream: Arc::new(LogStreamService::new(passthrough)),
             admin: Arc::new(AdminService::new(
                 local.clone(),
                 stats.clone(),
@@ -299,6 +337,43 @@ impl RunningServer {
         }
         self.stop().await
     }
+}
+
+/// The Remote Asset service over the local store, with the upstream's asset
+/// endpoint (proxy mode) and origin downloads (when `[asset] origin_fetch`).
+fn asset_service(
+    config: &Config,
+    local: &LocalStore,
+    upstream: Option<Arc<crate::asset::upstream::AssetUpstream>>,
+    stats: &Arc<Stats>,
+    background: &Background,
+) -> anyhow::Result<AssetService> {
+    let assets: Arc<dyn LocalAssets> = Arc::new(local.clone());
+    let origin = if config.asset.origin_fetch {
+        // Downloads are spooled beside the store, outside its own tmp/.
+        let fetcher = OriginFetcher::new(
+            config.asset.clone(),
+            Arc::new(local.clone()),
+            stats.clone(),
+            config.data_dir.join("asset-spool"),
+        )?;
+        tracing::info!("Remote Asset fetches may download from origin URLs");
+        Some(Origin {
+            fetcher: Arc::new(fetcher),
+            timeout: config.asset.origin_timeout,
+        })
+    } else {
+        None
+    };
+    let fetcher = Fetcher::new(
+        assets.clone(),
+        upstream.clone(),
+        origin,
+        stats.clone(),
+        background,
+    );
+    let pusher = Pusher::new(assets, upstream, stats.clone());
+    Ok(AssetService::new(Arc::new(fetcher), Arc::new(pusher)))
 }
 
 /// Binds the unix socket (replacing a stale socket file), readable and

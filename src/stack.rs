@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use crate::asset::upstream::AssetUpstream;
 use crate::config::Config;
 use crate::context::RequestContext;
 use crate::execution::{ExecutionDeps, Executor};
@@ -21,6 +22,7 @@ use crate::store::upstream::UpstreamStore;
 use crate::store::{ActionResultStore, BlobStore};
 use crate::tasks::Background;
 use crate::upstream::Upstream;
+use crate::upstream::passthrough::Passthrough;
 
 /// Digests the existence cache remembers at most (~100 bytes each).
 const EXISTENCE_CACHE_CAPACITY: usize = 1 << 20;
@@ -37,6 +39,11 @@ pub struct Stack {
     pub execution: Option<Arc<ExecutionService>>,
     /// Operations passthrough, when proxying.
     pub operations: Option<Arc<OperationsService>>,
+    /// The upstream's asset endpoint and CAS for the asset service, when
+    /// proxying.
+    pub asset_upstream: Option<Arc<AssetUpstream>>,
+    /// Remote Logstream passthrough (logstream endpoint), when proxying.
+    pub passthrough: Option<Arc<Passthrough>>,
 }
 
 impl Stack {
@@ -48,6 +55,8 @@ impl Stack {
             upstream: None,
             execution: None,
             operations: None,
+            asset_upstream: None,
+            passthrough: None,
         }
     }
 
@@ -117,6 +126,19 @@ impl Stack {
         });
         let execution = Arc::new(ExecutionService::new(Arc::new(executor)));
         let operations = Arc::new(OperationsService::new(upstream.clone()));
+        // Remote Asset calls get their own connection (`asset_endpoint` may
+        // be another server); content moves through the proxy CAS.
+        let asset_client = Upstream::new(
+            upstream_config.with_endpoint(&upstream_config.asset_uri),
+            stats.clone(),
+        )?;
+        let asset_upstream = Arc::new(AssetUpstream::new(
+            asset_client,
+            proxy.clone(),
+            proxy.read_through(),
+            Arc::new(local.clone()),
+        ));
+        let passthrough = Arc::new(Passthrough::new(upstream_config, stats.clone())?);
         let probe = upstream.clone();
         background.spawn(async move {
             match probe.capabilities(&RequestContext::default()).await {
@@ -131,6 +153,8 @@ impl Stack {
             upstream: Some(upstream),
             execution: Some(execution),
             operations: Some(operations),
+            asset_upstream: Some(asset_upstream),
+            passthrough: Some(passthrough),
         })
     }
 }

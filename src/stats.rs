@@ -287,6 +287,27 @@ counters! {
         prefetch_hits: "Client reads served from prefetched blobs (first read each).";
         /// Prefetched bytes evicted before any client read them.
         prefetch_wasted_bytes: "Prefetched bytes evicted before any client read them.";
+        /// FetchBlob and FetchDirectory calls (asset service).
+        asset_fetches: "Remote Asset FetchBlob and FetchDirectory calls.";
+        /// Fetches answered from the local asset index or CAS (asset service).
+        asset_fetch_hits: "Remote Asset fetches answered locally.";
+        /// Fetches answered by the upstream's asset service (asset service).
+        asset_fetch_upstream_hits: "Remote Asset fetches answered by the upstream.";
+        /// Fetches answered by downloading from the origin (asset service).
+        asset_fetch_origin: "Remote Asset fetches downloaded from the origin.";
+        /// Fetches answered with an inline error such as NOT_FOUND (asset service).
+        asset_fetch_misses: "Remote Asset fetches answered with an inline error.";
+        /// PushBlob and PushDirectory calls recorded (asset service).
+        asset_pushes: "Remote Asset pushes recorded.";
+        /// Asset entries dropped because a blob they keep alive left (local store).
+        asset_entries_dropped:
+            "Remote Asset entries dropped because content they name was evicted or lost.";
+        /// Remote Asset downloads from origin URLs started (origin fetcher).
+        origin_fetches: "Remote Asset downloads from origin URLs started.";
+        /// Origin downloads where every mirror failed (origin fetcher).
+        origin_fetch_failures: "Remote Asset origin downloads where every mirror failed.";
+        /// Bytes received from origin URLs, stored or not (origin fetcher).
+        origin_bytes: "Bytes received from Remote Asset origin URLs.";
     }
     by_method {
         /// Upstream calls started, by [`UpstreamMethod`] (upstream client).

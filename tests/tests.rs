@@ -8,6 +8,9 @@ mod common;
 
 mod suite {
     mod action_cache;
+    mod asset;
+    mod asset_origin;
+    mod asset_proxy;
     mod bad_input;
     mod bytestream;
     mod capabilities;
@@ -16,6 +19,7 @@ mod suite {
     mod eviction;
     mod execution;
     mod large_blob;
+    mod logstream;
     mod persistence;
     mod proxy;
     mod ready_file;

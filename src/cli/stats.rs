@@ -63,6 +63,12 @@ pub fn report(s: &GetStatsResponse, server: &str) -> String {
         "action results:  {}",
         m("outpost_store_action_results")
     ));
+    line(format!(
+        "asset entries:   {} ({}), {} dropped (content gone)",
+        m("outpost_store_asset_entries"),
+        human_bytes(m("outpost_store_asset_bytes")),
+        m("outpost_asset_entries_dropped_total")
+    ));
     let (hits, misses) = (m("outpost_cas_hits_total"), m("outpost_cas_misses_total"));
     line(format!(
         "cas reads:       {hits} hits, {misses} misses ({:.1}% hit rate)",
@@ -182,6 +188,8 @@ mod tests {
         };
         for (k, v) in [
             ("outpost_store_blobs", 3),
+            ("outpost_store_asset_entries", 2),
+            ("outpost_asset_entries_dropped_total", 1),
             ("outpost_cas_hits_total", 3),
             ("outpost_cas_misses_total", 1),
             ("outpost_upstream_calls_total{method=\"Execute\"}", 2),
@@ -199,6 +207,8 @@ mod tests {
             text.starts_with("outpost 1.2.3 at grpc://127.0.0.1:8980, up 0s\nblobs:           3 ")
         );
         assert!(text.contains("3 hits, 1 misses (75.0% hit rate)"), "{text}");
+        assert!(text.contains("\nasset entries:   2 ("), "{text}");
+        assert!(text.contains("1 dropped (content gone)"), "{text}");
         assert!(
             text.contains("calls:         FindMissingBlobs 5, Execute 2 (0 failed)"),
             "{text}"

@@ -41,3 +41,12 @@ pub const PREFETCH_MAX_BYTES_IN_FLIGHT: u64 = 256 << 20;
 pub const PREFETCH_PARALLEL_FETCHES: usize = 16;
 /// Finished actions waiting for prefetch.
 pub const PREFETCH_QUEUE_DEPTH: usize = 1000;
+
+/// Bound on one origin download when the Fetch request gives no `timeout`.
+pub const ORIGIN_TIMEOUT: Duration = Duration::from_secs(600);
+/// Largest origin download accepted (never more than the store quota).
+pub const ASSET_MAX_SIZE: u64 = 4 << 30;
+/// Whether loopback, private and link-local addresses may be fetched from
+/// without being listed in `allow_hosts`.
+pub const ORIGIN_FETCH_PRIVATE: bool = false;
+// `origin_fetch` has no constant: it defaults to whether `listen` is loopback.

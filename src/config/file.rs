@@ -1,6 +1,6 @@
 //! The TOML file as the user writes it: every section, every key optional,
 //! unknown keys refused. Turning it into settings is the job of `mod.rs`,
-//! `upstream.rs` and `prefetch.rs`.
+//! `upstream.rs`, `prefetch.rs` and `asset.rs`.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -29,6 +29,9 @@ pub struct FileConfig {
     /// `[prefetch]`: pulling finished actions' outputs ahead of the client.
     #[serde(default)]
     pub prefetch: PrefetchSection,
+    /// `[asset]`: Remote Asset downloads from origin URLs.
+    #[serde(default)]
+    pub asset: AssetSection,
 }
 
 impl FileConfig {
@@ -134,6 +137,27 @@ pub struct PrefetchSection {
     pub parallel_fetches: Option<usize>,
     /// Finished actions waiting for prefetch; more are dropped (and counted).
     pub queue_depth: Option<usize>,
+}
+
+/// `[asset]` keys.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AssetSection {
+    /// Download a Fetch miss from its http(s) URI (default: only while
+    /// listening on loopback alone).
+    pub origin_fetch: Option<bool>,
+    /// Bound on one origin download when the request gives no `timeout`.
+    pub origin_timeout: Option<HumanDuration>,
+    /// Largest origin download accepted.
+    pub max_size: Option<ByteSize>,
+    /// Hosts that may be fetched from (empty: any public host).
+    #[serde(default)]
+    pub allow_hosts: Vec<String>,
+    /// Hosts never fetched from (wins over `allow_hosts`).
+    #[serde(default)]
+    pub deny_hosts: Vec<String>,
+    /// Fetch from loopback, private and link-local addresses without listing them.
+    pub origin_fetch_private: Option<bool>,
 }
 
 /// `[metrics]` keys.

@@ -4,7 +4,8 @@
 //!
 //! The children are leaves that never import this file: [`defaults`] (every
 //! default value), [`units`] (sizes and durations), [`file`] (the TOML as
-//! written), [`upstream`] and [`prefetch`] (resolving those sections). This
+//! written), [`upstream`], [`prefetch`] and [`asset`] (resolving those
+//! sections). This
 //! file assembles them into one [`Config`].
 
 pub mod asset;
@@ -19,8 +20,8 @@ use std::path::{Path, PathBuf};
 
 pub use asset::AssetConfig;
 pub use file::{
-    FileConfig, HeaderSpec, MetricsSection, PrefetchSection, ServerSection, StoreSection,
-    UpstreamSection,
+    AssetSection, FileConfig, HeaderSpec, MetricsSection, PrefetchSection, ServerSection,
+    StoreSection, UpstreamSection,
 };
 pub use prefetch::PrefetchConfig;
 pub use units::{ByteSize, HumanDuration};
@@ -70,6 +71,8 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// Output prefetch settings (used with an upstream).
     pub prefetch: PrefetchConfig,
+    /// Remote Asset origin downloads (`[asset]`).
+    pub asset: AssetConfig,
 }
 
 /// `$XDG_CACHE_HOME/outpost`, else `~/.cache/outpost`.
@@ -163,6 +166,7 @@ impl Config {
             upstream,
             metrics_listen,
             prefetch: PrefetchConfig::resolve(file.prefetch),
+            asset: AssetConfig::resolve(file.asset, listen.ip().is_loopback(), quota_bytes)?,
         })
     }
 
@@ -179,6 +183,7 @@ impl Config {
             upstream: None,
             metrics_listen: None,
             prefetch: PrefetchConfig::default(),
+            asset: AssetConfig::for_tests(),
         }
     }
 }
@@ -216,6 +221,10 @@ mod tests {
         assert!(file.store.quota.is_some());
         assert!(file.store.inline_limit.is_some());
         assert!(file.store.fsync.is_some());
+        let a = &file.asset;
+        assert!(a.origin_fetch.is_some() && a.origin_timeout.is_some());
+        assert!(a.max_size.is_some() && a.origin_fetch_private.is_some());
+        assert!(!a.allow_hosts.is_empty() && !a.deny_hosts.is_empty());
         Config::resolve_with_env(file, Overrides::default(), &env).unwrap();
     }
 
@@ -232,6 +241,7 @@ mod tests {
         assert!(config.listen.ip().is_loopback());
         assert_eq!(config.unix_socket, Some(PathBuf::from("/d/outpost.sock")));
         assert_eq!(config.quota_bytes, defaults::QUOTA);
+        assert!(config.asset.origin_fetch && !config.asset.origin_fetch_private);
     }
 
     #[test]
@@ -245,7 +255,9 @@ mod tests {
             allow_remote: true,
             ..flags
         };
-        assert!(Config::resolve(FileConfig::default(), allowed).is_ok());
+        let config = Config::resolve(FileConfig::default(), allowed).unwrap();
+        // Serving other machines: origin downloads only when asked for.
+        assert!(!config.asset.origin_fetch);
     }
 
     #[test]

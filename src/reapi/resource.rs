@@ -7,6 +7,10 @@
 //!        optionally followed by `/{metadata…}`.
 //! The instance name may be empty or have several segments; it ends at the
 //! first reserved word (`blobs`, `uploads`, `compressed-blobs`).
+//!
+//! Any other name (a Remote Logstream's `{parent}/logstreams/{id}`, its
+//! write name, …) is not Outpost's to parse: [`is_cas_name`] tells the two
+//! apart, and ByteStream passes the others through to the upstream.
 
 use std::fmt;
 
@@ -23,6 +27,20 @@ const RESERVED: &[&str] = &[
     "capabilities",
     "compressed-blobs",
 ];
+
+/// The words that end the instance name of a CAS resource name.
+const CAS_MARKERS: &[&str] = &["blobs", "uploads", "compressed-blobs"];
+
+/// Whether `name` is a CAS resource name (read or write, well-formed or
+/// not): it has a `blobs`, `compressed-blobs` or `uploads` segment. REAPI
+/// reserves these words, so no instance name (hence no logstream parent)
+/// contains them. A malformed CAS name (and the empty name, which names
+/// nothing) is still the CAS's to reject with INVALID_ARGUMENT; every other
+/// name belongs to another service (Remote Logstream) and is passed through
+/// when there is an upstream.
+pub fn is_cas_name(name: &str) -> bool {
+    name.is_empty() || name.split('/').any(|s| CAS_MARKERS.contains(&s))
+}
 
 /// A ByteStream resource name: parsed from a client's request, or built
 /// with [`ResourceName::read`] / [`ResourceName::upload`] and formatted with
@@ -143,7 +161,7 @@ fn malformed(name: &str, why: &str) -> Error {
 fn split_instance<'a>(name: &str, segments: &'a [&'a str]) -> Result<(String, &'a [&'a str])> {
     let pos = segments
         .iter()
-        .position(|s| matches!(*s, "blobs" | "uploads" | "compressed-blobs"))
+        .position(|s| CAS_MARKERS.contains(s))
         .ok_or_else(|| {
             malformed(
                 name,
@@ -281,6 +299,31 @@ mod tests {
                 assert_eq!(ResourceName::parse_write(&name.to_string()).unwrap(), name);
                 assert!(ResourceName::parse_read(&name.to_string()).is_err());
             }
+        }
+    }
+
+    #[test]
+    fn cas_names_are_told_from_other_services_names() {
+        for cas in [
+            format!("blobs/{H}/0"),
+            format!("a/b/blobs/{H}/0"),
+            format!("i/compressed-blobs/zstd/{H}/0"),
+            format!("i/uploads/u-1/blobs/{H}/0/meta"),
+            "blobs/zzz/1".to_string(),
+            "i/uploads/u-1".to_string(),
+            "blobs".to_string(),
+            String::new(),
+        ] {
+            assert!(is_cas_name(&cas), "{cas}");
+        }
+        for other in [
+            "projects/123/logstreams/456-def",
+            "projects/123/logstreams/456-def/789-ghi",
+            "main/logstreams/build-1_stdout",
+            "blobsx/y",
+            "a/my-blobs/1",
+        ] {
+            assert!(!is_cas_name(other), "{other}");
         }
     }
 

@@ -1,9 +1,11 @@
 //! ByteStream: Read (offset, limit, chunked), Write (verified, resumable,
-//! early completion when the blob exists) and QueryWriteStatus.
+//! early completion when the blob exists) and QueryWriteStatus of CAS
+//! names; any other name (Remote Logstream) goes to the passthrough when
+//! there is an upstream.
 
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bazel_remote_apis::google::bytestream::{
@@ -18,9 +20,10 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::context::RequestContext;
 use crate::digest::Digest;
 use crate::error::{Error, Result};
-use crate::reapi::resource::ResourceName;
+use crate::reapi::resource::{ResourceName, is_cas_name};
 use crate::service::Backend;
 use crate::store::BlobWriter;
+use crate::upstream::passthrough::Passthrough;
 
 /// Largest `data` in one ReadResponse (well under gRPC's 4 MiB message limit).
 pub const READ_CHUNK: usize = 64 << 10;
@@ -38,6 +41,8 @@ pub struct ByteStreamService {
     backend: Backend,
     /// Interrupted uploads by resource name, for QueryWriteStatus and resume.
     parked: Mutex<HashMap<String, ParkedUpload>>,
+    /// Where names that are not CAS names go (proxy mode only).
+    passthrough: Option<Arc<Passthrough>>,
 }
 
 fn unsupported_compression(name: &ResourceName) -> Result<()> {
@@ -55,7 +60,22 @@ impl ByteStreamService {
         ByteStreamService {
             backend,
             parked: Mutex::new(HashMap::new()),
+            passthrough: None,
         }
+    }
+
+    /// Sends names that are not CAS names to `passthrough` (when set);
+    /// without it they are rejected as malformed CAS names.
+    pub fn with_passthrough(self, passthrough: Option<Arc<Passthrough>>) -> Self {
+        ByteStreamService {
+            passthrough,
+            ..self
+        }
+    }
+
+    /// The passthrough, if `name` is not a CAS name and there is one.
+    fn passthrough_for(&self, name: &str) -> Option<&Passthrough> {
+        self.passthrough.as_deref().filter(|_| !is_cas_name(name))
     }
 
     fn park(&self, resource: String, writer: Box<dyn BlobWriter>) {
@@ -127,13 +147,9 @@ impl ByteStreamService {
     async fn write_blob(
         &self,
         metadata: &MetadataMap,
+        first: WriteRequest,
         mut stream: Streaming<WriteRequest>,
     ) -> Result<WriteResponse> {
-        let first = match stream.message().await {
-            Ok(Some(first)) => first,
-            Ok(None) => return Err(Error::InvalidArgument("empty Write stream".into())),
-            Err(status) => return Err(Error::Unavailable(format!("Write stream broke: {status}"))),
-        };
         let resource = first.resource_name.clone();
         let name = ResourceName::parse_write(&resource)?;
         unsupported_compression(&name)?;
@@ -250,6 +266,9 @@ impl ByteStream for ByteStreamService {
         request: Request<ReadRequest>,
     ) -> std::result::Result<Response<ReadStream>, Status> {
         let (metadata, _, req) = request.into_parts();
+        if let Some(passthrough) = self.passthrough_for(&req.resource_name) {
+            return Ok(Response::new(passthrough.read(&metadata, req).await?));
+        }
         Ok(Response::new(self.read_stream(&metadata, req).await?))
     }
 
@@ -257,8 +276,20 @@ impl ByteStream for ByteStreamService {
         &self,
         request: Request<Streaming<WriteRequest>>,
     ) -> std::result::Result<Response<WriteResponse>, Status> {
-        let (metadata, _, stream) = request.into_parts();
-        Ok(Response::new(self.write_blob(&metadata, stream).await?))
+        let (metadata, _, mut stream) = request.into_parts();
+        let first = match stream.message().await {
+            Ok(Some(first)) => first,
+            Ok(None) => return Err(Error::InvalidArgument("empty Write stream".into()).into()),
+            Err(status) => {
+                let broke = format!("Write stream broke: {}", status.message());
+                return Err(Error::Unavailable(broke).into());
+            }
+        };
+        let response = match self.passthrough_for(&first.resource_name) {
+            Some(passthrough) => passthrough.write(&metadata, first, stream).await?,
+            None => self.write_blob(&metadata, first, stream).await?,
+        };
+        Ok(Response::new(response))
     }
 
     async fn query_write_status(
@@ -266,6 +297,11 @@ impl ByteStream for ByteStreamService {
         request: Request<QueryWriteStatusRequest>,
     ) -> std::result::Result<Response<QueryWriteStatusResponse>, Status> {
         let (metadata, _, req) = request.into_parts();
+        if let Some(passthrough) = self.passthrough_for(&req.resource_name) {
+            return Ok(Response::new(
+                passthrough.query_write_status(&metadata, req).await?,
+            ));
+        }
         Ok(Response::new(self.query(&metadata, req).await?))
     }
 }

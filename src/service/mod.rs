@@ -5,10 +5,12 @@
 
 pub mod action_cache;
 pub mod admin;
+pub mod asset;
 pub mod bytestream;
 pub mod capabilities;
 pub mod cas;
 pub mod execution;
+pub mod logstream;
 pub mod operations;
 
 use std::sync::Arc;

@@ -156,7 +156,9 @@ pub trait AssetIndex: Send + Sync + 'static {
     async fn get_asset(&self, key: &AssetKey) -> Result<Option<AssetRecord>>;
 
     /// Stores (or replaces) the entry under `key`; it counts against the
-    /// quota like a blob.
+    /// quota like a blob. Evicting a digest of [`AssetRecord::kept_alive`]
+    /// drops it at once; the inner nodes of its trees are not tracked, so
+    /// the caller checks whole trees when it serves the entry.
     async fn put_asset(&self, key: &AssetKey, record: &AssetRecord) -> Result<()>;
 
     /// Forgets the entry (e.g. because content it names is gone).

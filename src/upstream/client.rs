@@ -8,12 +8,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use bazel_remote_apis::build::bazel::remote::asset::v1::{
+    fetch_client::FetchClient, push_client::PushClient,
+};
 use bazel_remote_apis::build::bazel::remote::execution::v2::{
     GetCapabilitiesRequest, ServerCapabilities, action_cache_client::ActionCacheClient,
     capabilities_client::CapabilitiesClient,
     content_addressable_storage_client::ContentAddressableStorageClient,
     execution_client::ExecutionClient,
 };
+use bazel_remote_apis::build::bazel::remote::logstream::v1::log_stream_service_client::LogStreamServiceClient;
 use bazel_remote_apis::google::bytestream::byte_stream_client::ByteStreamClient;
 use bazel_remote_apis::google::longrunning::operations_client::OperationsClient;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -178,6 +182,13 @@ impl Upstream {
             .max_encoding_message_size(MAX_MESSAGE)
     }
 
+    /// A Remote Logstream client on the shared channel.
+    pub fn logstream(&self) -> LogStreamServiceClient<Channel> {
+        LogStreamServiceClient::new(self.channel.clone())
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE)
+    }
+
     /// An Execution client on the shared channel.
     pub fn execution(&self) -> ExecutionClient<Channel> {
         ExecutionClient::new(self.channel.clone())
@@ -195,6 +206,20 @@ impl Upstream {
     /// An ActionCache client on the shared channel.
     pub fn action_cache(&self) -> ActionCacheClient<Channel> {
         ActionCacheClient::new(self.channel.clone())
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE)
+    }
+
+    /// A Remote Asset Fetch client on the shared channel.
+    pub fn asset_fetch(&self) -> FetchClient<Channel> {
+        FetchClient::new(self.channel.clone())
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE)
+    }
+
+    /// A Remote Asset Push client on the shared channel.
+    pub fn asset_push(&self) -> PushClient<Channel> {
+        PushClient::new(self.channel.clone())
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE)
     }
@@ -232,8 +257,41 @@ impl Upstream {
         F: FnMut() -> Fut,
         Fut: Future<Output = std::result::Result<Response<T>, Status>>,
     {
-        self.retrying(method, call, |status| self.error(&status))
+        let attempts = self.config.max_attempts;
+        self.retrying(method, attempts, call, |status| self.error(&status))
             .await
+    }
+
+    /// [`Upstream::call`] for passthrough: a failure keeps the upstream's
+    /// status whole ([`Error::Upstream`]), so the client sees the upstream's
+    /// own answer.
+    pub async fn relay<T, F, Fut>(&self, method: UpstreamMethod, call: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = std::result::Result<Response<T>, Status>>,
+    {
+        let attempts = self.config.max_attempts;
+        self.retrying(method, attempts, call, Error::relayed).await
+    }
+
+    /// [`Upstream::relay`] for a call that cannot be made twice (it forwards
+    /// a client's stream as it arrives): the same fail-fast, counting and
+    /// health bookkeeping, but one attempt only.
+    pub async fn relay_once<T, Fut>(&self, method: UpstreamMethod, call: Fut) -> Result<T>
+    where
+        Fut: Future<Output = std::result::Result<Response<T>, Status>>,
+    {
+        let mut call = Some(call);
+        let once = || {
+            let call = call.take();
+            async move {
+                match call {
+                    Some(call) => call.await,
+                    None => Err(Status::internal("a one-shot upstream call was retried")),
+                }
+            }
+        };
+        self.retrying(method, 1, once, Error::relayed).await
     }
 
     /// Opens a server-streaming call (Execute, WaitExecution) under the same
@@ -250,15 +308,17 @@ impl Upstream {
         F: FnMut() -> Fut,
         Fut: Future<Output = std::result::Result<Response<Streaming<T>>, Status>>,
     {
-        self.retrying(method, call, Error::relayed).await
+        self.relay(method, call).await
     }
 
     /// The one retry and health policy behind [`Upstream::call`] and
-    /// [`Upstream::open_stream`]; `to_error` turns the final status into
-    /// the caller's error.
+    /// [`Upstream::open_stream`] (and the relays), trying at most
+    /// `attempts` times; `to_error` turns the final status into the
+    /// caller's error.
     async fn retrying<T, F, Fut>(
         &self,
         method: UpstreamMethod,
+        attempts: u32,
         mut call: F,
         to_error: impl FnOnce(Status) -> Error,
     ) -> Result<T>
@@ -278,7 +338,7 @@ impl Upstream {
                 }
                 Err(status) => {
                     let transient = is_transient(&status);
-                    if transient && attempt < self.config.max_attempts {
+                    if transient && attempt < attempts {
                         Stats::add(&self.stats.upstream_retries, 1);
                         tracing::debug!(
                             "upstream {} attempt {attempt} failed: {}; retrying in {delay:?}",

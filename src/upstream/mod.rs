@@ -6,10 +6,13 @@
 //! - [`batcher`]: group commit that merges concurrent requests into few calls.
 //! - [`keyed_batchers`]: one batcher per (instance, credentials); idle ones
 //!   retire.
+//! - [`passthrough`]: Remote Logstream (CreateLogStream and non-CAS
+//!   ByteStream names) forwarded unchanged to the logstream endpoint.
 
 pub mod batcher;
 pub mod client;
 pub mod health;
 pub mod keyed_batchers;
+pub mod passthrough;
 
 pub use client::Upstream;

@@ -1,15 +1,22 @@
 //! REAPI client helpers over a plain tonic [`Channel`]: resource names,
-//! ByteStream reads and writes, FindMissingBlobs and BatchUpdateBlobs, and
-//! the assertions tests make on statuses.
+//! ByteStream reads and writes, FindMissingBlobs and BatchUpdateBlobs,
+//! Remote Logstream (create, a [`LogWriter`] that writes piece by piece,
+//! tailing reads), and the assertions tests make on statuses.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use bazel_remote_apis::build::bazel::remote::logstream::v1::{
+    CreateLogStreamRequest, LogStream, log_stream_service_client::LogStreamServiceClient,
+};
 use futures::StreamExt;
 use sha2::{Digest as _, Sha256};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
-use tonic::{Code, Status};
+use tonic::{Code, Status, Streaming};
 
 use crate::workload::digest;
 use crate::{bs, re};
@@ -22,6 +29,8 @@ pub type ByteStream = bs::byte_stream_client::ByteStreamClient<Channel>;
 pub type ActionCache = re::action_cache_client::ActionCacheClient<Channel>;
 /// A Capabilities client.
 pub type Capabilities = re::capabilities_client::CapabilitiesClient<Channel>;
+/// A Remote Logstream client.
+pub type LogStreams = LogStreamServiceClient<Channel>;
 
 /// Client-side message limit: large enough for any answer the server may give.
 pub const CLIENT_MAX_MESSAGE: usize = 64 << 20;
@@ -61,6 +70,10 @@ pub trait Clients {
     /// Capabilities.
     fn capabilities(&self) -> Capabilities {
         Capabilities::new(self.channel())
+    }
+    /// Remote Logstream.
+    fn logstreams(&self) -> LogStreams {
+        LogStreams::new(self.channel())
     }
 }
 
@@ -326,4 +339,107 @@ pub async fn collect<T>(mut stream: tonic::Streaming<T>) -> Result<Vec<T>, Statu
         out.push(item?);
     }
     Ok(out)
+}
+
+/// CreateLogStream under `parent`.
+pub async fn create_log_stream(client: &mut LogStreams, parent: &str) -> Result<LogStream, Status> {
+    Ok(client
+        .create_log_stream(CreateLogStreamRequest {
+            parent: parent.to_string(),
+        })
+        .await?
+        .into_inner())
+}
+
+/// Opens a ByteStream Read of `resource` (a log stream's name) and returns
+/// its messages as they come.
+pub async fn open_read(
+    bs: &mut ByteStream,
+    resource: &str,
+    offset: i64,
+) -> Result<Streaming<bs::ReadResponse>, Status> {
+    Ok(bs
+        .read(bs::ReadRequest {
+            resource_name: resource.to_string(),
+            read_offset: offset,
+            read_limit: 0,
+        })
+        .await?
+        .into_inner())
+}
+
+/// Reads from `stream` until `n` bytes have arrived (panics after
+/// `timeout`, or if the stream ends or fails first).
+pub async fn read_exactly(
+    stream: &mut Streaming<bs::ReadResponse>,
+    n: usize,
+    timeout: Duration,
+) -> Vec<u8> {
+    let mut out = Vec::new();
+    let reading = async {
+        while out.len() < n {
+            match stream.message().await {
+                Ok(Some(msg)) => out.extend_from_slice(&msg.data),
+                Ok(None) => panic!("the read ended after {} of {n} bytes", out.len()),
+                Err(e) => panic!("the read failed after {} of {n} bytes: {e:?}", out.len()),
+            }
+        }
+    };
+    tokio::time::timeout(timeout, reading)
+        .await
+        .unwrap_or_else(|_| panic!("fewer than {n} bytes within {timeout:?}"));
+    out
+}
+
+/// A ByteStream Write kept open, sending one piece at a time (a log
+/// writer): the call runs in a task, the pieces go through a channel.
+pub struct LogWriter {
+    tx: mpsc::Sender<bs::WriteRequest>,
+    resource: Option<String>,
+    offset: i64,
+    call: JoinHandle<Result<i64, Status>>,
+}
+
+impl LogWriter {
+    /// Starts a Write of `resource` (a log stream's write name).
+    pub fn start(mut bs: ByteStream, resource: &str) -> Self {
+        let (tx, rx) = mpsc::channel(1);
+        let call = tokio::spawn(async move {
+            Ok(bs
+                .write(ReceiverStream::new(rx))
+                .await?
+                .into_inner()
+                .committed_size)
+        });
+        LogWriter {
+            tx,
+            resource: Some(resource.to_string()),
+            offset: 0,
+            call,
+        }
+    }
+
+    /// Sends `data` (not finishing the write).
+    pub async fn send(&mut self, data: &[u8]) {
+        self.push(data, false).await;
+    }
+
+    /// Sends `data` with `finish_write` and returns the committed size.
+    pub async fn finish(mut self, data: &[u8]) -> Result<i64, Status> {
+        self.push(data, true).await;
+        drop(self.tx);
+        self.call.await.expect("the Write task")
+    }
+
+    async fn push(&mut self, data: &[u8], finish: bool) {
+        let request = bs::WriteRequest {
+            resource_name: self.resource.take().unwrap_or_default(),
+            write_offset: self.offset,
+            finish_write: finish,
+            data: data.to_vec(),
+        };
+        self.offset += data.len() as i64;
+        // A send fails once the call has ended; the call's result says why.
+        let _ = self.tx.send(request).await;
+    }
 }

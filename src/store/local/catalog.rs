@@ -13,9 +13,12 @@
 //!   renamed into `tmp/` there; [`FileArea::remove`] unlinks it later).
 //! - The last access is written back at most once per
 //!   [`ATIME_GRANULARITY_SECS`], so reads do not turn into a write each.
+//! - Whenever a blob entry leaves (eviction, removal, found broken), the
+//!   asset entries that keep it alive ([`AssetLinks`]) leave with it, in the
+//!   same locked operation and write batch. Lock order: index, then links.
 
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bazel_remote_apis::build::bazel::remote::execution::v2::ActionResult;
@@ -23,14 +26,16 @@ use bytes::Bytes;
 use futures::stream;
 use prost::Message;
 
-use super::db::{Db, blob_key, parse_blob_key};
+use super::asset_links::{AssetLinks, RecordRead, kept_blob_keys};
+use super::db::{Batch, Db, blob_key, parse_blob_key};
 use super::files::{FileArea, TempFile};
-use super::quota::{Entry, EntryKind, Occupancy, Reservation, SharedIndex};
+use super::quota::{Entry, EntryKind, Index, Occupancy, Reservation, SharedIndex};
 use super::writer::Payload;
-use crate::digest::Digest;
+use crate::digest::{Digest, DigestFunction};
 use crate::error::{Error, Result};
 use crate::stats::Stats;
 use crate::store::ChunkStream;
+use crate::store::asset_index::AssetRecord;
 
 /// Persist a newer access time only when the stored one is older than this,
 /// so reads do not turn into a write each.
@@ -52,6 +57,9 @@ pub struct Catalog {
     stats: Arc<Stats>,
     /// Told about every blob evicted to make room (prefetch bookkeeping).
     eviction_listener: Mutex<Option<EvictionListener>>,
+    /// Which asset entries keep which blobs alive; locked only under the
+    /// index lock.
+    links: Mutex<AssetLinks>,
 }
 
 fn now_secs() -> u64 {
@@ -75,6 +83,7 @@ impl Catalog {
             index: SharedIndex::new(quota_bytes),
             stats,
             eviction_listener: Mutex::new(None),
+            links: Mutex::new(AssetLinks::default()),
         };
         catalog.load()?;
         Ok(catalog)
@@ -113,6 +122,7 @@ impl Catalog {
             }
             keep
         });
+        self.load_links(&mut entries, &mut batch)?;
         batch.write_unsynced()?;
         entries.sort_by_key(|(_, entry)| entry.persisted_atime);
         let mut index = self.index.lock();
@@ -121,16 +131,38 @@ impl Catalog {
         }
         let quota = index.quota();
         let victims = index.evict_until(quota)?;
-        self.delete_victims(victims)?;
+        self.delete_victims(&mut index, victims)?;
         let o = index.occupancy();
         tracing::info!(
             blobs = o.blob_count,
             blob_bytes = o.blob_bytes,
             action_results = o.action_count,
+            asset_entries = o.asset_count,
             quota,
             "local store loaded"
         );
         Ok(())
+    }
+
+    /// Links every asset entry among `entries` (sorted by key) to the blobs
+    /// it keeps alive, dropping those [`AssetLinks::load`] refuses.
+    fn load_links(&self, entries: &mut Vec<(Vec<u8>, Entry)>, batch: &mut Batch<'_>) -> Result<()> {
+        let loaded = AssetLinks::load(entries, |key| self.asset_record(key))?;
+        entries.retain(|(key, _)| {
+            let keep = !loaded.dropped.contains(key);
+            if !keep {
+                batch.delete(key, EntryKind::Asset);
+            }
+            keep
+        });
+        *self.links() = loaded.links;
+        Stats::add(&self.stats.asset_entries_dropped, loaded.lost_content);
+        Ok(())
+    }
+
+    /// The links, locked; call with the index lock held (or while opening).
+    fn links(&self) -> MutexGuard<'_, AssetLinks> {
+        self.links.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Occupancy and quota, for stats.
@@ -168,16 +200,17 @@ impl Catalog {
     pub fn reserve(&self, bytes: u64) -> Result<Reservation> {
         let mut index = self.index.lock();
         let victims = index.reserve(bytes)?;
-        if let Err(e) = self.delete_victims(victims) {
+        if let Err(e) = self.delete_victims(&mut index, victims) {
             index.release(bytes);
             return Err(e);
         }
         Ok(self.index.reservation(bytes))
     }
 
-    /// Deletes evicted entries' bytes and counts them as evictions.
-    fn delete_victims(&self, victims: Vec<(Vec<u8>, Entry)>) -> Result<()> {
-        self.delete_entries(&victims)?;
+    /// Deletes evicted entries' bytes (and the asset entries they drop) and
+    /// counts them as evictions.
+    fn delete_victims(&self, index: &mut Index, victims: Vec<(Vec<u8>, Entry)>) -> Result<()> {
+        self.delete_entries(index, &victims)?;
         let listener = self
             .eviction_listener
             .lock()
@@ -203,18 +236,27 @@ impl Catalog {
         Ok(())
     }
 
-    /// Deletes the bytes of entries already removed from the index. Called
-    /// with the index lock held, so a concurrent commit of the same key
-    /// cannot interleave.
-    fn delete_entries(&self, victims: &[(Vec<u8>, Entry)]) -> Result<()> {
+    /// Deletes the bytes of entries already removed from the index, and
+    /// drops (from the index too, in the same batch) every asset entry that
+    /// keeps one of them alive. Called with the index lock held, so a
+    /// concurrent commit of the same key cannot interleave.
+    fn delete_entries(&self, index: &mut Index, victims: &[(Vec<u8>, Entry)]) -> Result<()> {
         if victims.is_empty() {
             return Ok(());
         }
+        let dropped = self.links().cascade(index, victims);
         let mut batch = self.db.batch();
-        for (key, entry) in victims {
+        for (key, entry) in victims.iter().chain(&dropped) {
             batch.delete(key, entry.kind);
         }
         batch.commit()?;
+        if !dropped.is_empty() {
+            Stats::add(&self.stats.asset_entries_dropped, dropped.len() as u64);
+            tracing::debug!(
+                entries = dropped.len(),
+                "dropped asset entries whose content left the store"
+            );
+        }
         for (key, entry) in victims {
             if entry.kind == EntryKind::FileBlob
                 && let Some(digest) = parse_blob_key(key)
@@ -320,18 +362,45 @@ impl Catalog {
     /// Stores an ActionResult; it counts against the quota like a blob.
     pub fn put_action(&self, key: Vec<u8>, result: &ActionResult) -> Result<()> {
         let bytes = result.encode_to_vec();
+        self.put_value(key, EntryKind::ActionResult, &bytes, None)
+    }
+
+    /// Stores (or replaces) an asset record; it counts against the quota
+    /// like a blob. The blobs it keeps alive are marked used first, so the
+    /// room made for it is not taken from them; whether they are all
+    /// present is the asset layer's to check when it serves the entry.
+    pub fn put_asset(&self, key: Vec<u8>, record: &AssetRecord) -> Result<()> {
+        let kept = kept_blob_keys(record)?;
+        self.touch_many(&kept)?;
+        let bytes = record.encode_to_vec();
+        self.put_value(key, EntryKind::Asset, &bytes, Some(kept))
+    }
+
+    /// Reserves room for an encoded value and writes it with its `index`
+    /// entry in one batch, replacing the entry under the same key; an asset
+    /// record is linked to the blob keys it keeps alive.
+    fn put_value(
+        &self,
+        key: Vec<u8>,
+        kind: EntryKind,
+        bytes: &[u8],
+        kept: Option<Vec<Vec<u8>>>,
+    ) -> Result<()> {
         let reservation = self.reserve(bytes.len() as u64)?;
         let entry = Entry {
-            kind: EntryKind::ActionResult,
+            kind,
             size: bytes.len() as u64,
             persisted_atime: now_secs(),
         };
         let mut index = self.index.lock();
         let mut batch = self.db.batch();
-        batch.put_action(&key, &bytes);
+        batch.put_value(&key, kind, bytes);
         batch.put_entry(&key, &entry);
         batch.commit()?;
         reservation.consume(&mut index);
+        if let Some(kept) = kept {
+            self.links().link(key.clone(), kept);
+        }
         index.insert(key, entry);
         Ok(())
     }
@@ -384,7 +453,9 @@ impl Catalog {
         match kind {
             EntryKind::InlineBlob => self.read_inline(digest, key, offset, end),
             EntryKind::FileBlob => self.files.stream(digest, offset, end, pin),
-            EntryKind::ActionResult => Err(Error::Internal("blob key names an action".into())),
+            EntryKind::ActionResult | EntryKind::Asset => {
+                Err(Error::Internal("blob key names no blob".into()))
+            }
         }
     }
 
@@ -418,21 +489,65 @@ impl Catalog {
         Ok(Some(ActionResult::decode(&*bytes)?))
     }
 
-    /// Forgets an entry and deletes its bytes.
+    /// The asset record under `key`, marking it used. One the index knows
+    /// but whose bytes are gone or do not decode is forgotten.
+    pub fn asset(&self, key: &[u8]) -> Result<Option<AssetRecord>> {
+        if self.touch(key)?.is_none() {
+            return Ok(None);
+        }
+        match self.asset_record(key)? {
+            Ok(record) => Ok(Some(record)),
+            Err(why) => {
+                self.forget_broken(key, &why);
+                Ok(None)
+            }
+        }
+    }
+
+    /// Reads and decodes an asset record.
+    fn asset_record(&self, key: &[u8]) -> Result<RecordRead> {
+        let Some(bytes) = self.db.asset(key)? else {
+            return Ok(Err("asset entry without a record".into()));
+        };
+        Ok(AssetRecord::decode(&*bytes).map_err(|e| format!("undecodable asset record: {e}")))
+    }
+
+    /// The stored blob with this hash, whatever its size, marking it used;
+    /// the empty blob is always there.
+    pub fn find_by_hash(
+        &self,
+        function: DigestFunction,
+        hash: &[u8; 32],
+    ) -> Result<Option<Digest>> {
+        let empty = Digest::of(function, &[]);
+        if empty.hash == *hash {
+            return Ok(Some(empty));
+        }
+        for digest in self.db.blobs_with_hash(function, hash)? {
+            if self.touch(&blob_key(&digest))?.is_some() {
+                return Ok(Some(digest));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Forgets an entry and deletes its bytes (and the asset entries that
+    /// keep it alive).
     pub fn remove(&self, key: Vec<u8>) -> Result<()> {
         let mut index = self.index.lock();
         match index.remove(&key) {
-            Some(entry) => self.delete_entries(&[(key, entry)]),
+            Some(entry) => self.delete_entries(&mut index, &[(key, entry)]),
             None => Ok(()),
         }
     }
 
-    /// Drops an entry whose bytes turned out to be missing or damaged.
+    /// Drops an entry whose bytes turned out to be missing or damaged (and
+    /// the asset entries that keep it alive).
     pub fn forget_broken(&self, key: &[u8], why: &str) {
         tracing::warn!("dropping damaged store entry: {why}");
         let mut index = self.index.lock();
         if let Some(entry) = index.remove(key)
-            && let Err(e) = self.delete_entries(&[(key.to_vec(), entry)])
+            && let Err(e) = self.delete_entries(&mut index, &[(key.to_vec(), entry)])
         {
             tracing::warn!("cannot delete damaged entry: {e}");
         }

@@ -2,29 +2,34 @@
 //! keys and index values (see docs/architecture.md), and typed write batches.
 //!
 //! Column families: `index` (every entry's kind, size and last access),
-//! `inline` (small blobs), `actions` (encoded ActionResults). Every key starts
-//! with a one-byte kind and the digest function, so that several digest
-//! functions can share the store without collisions.
+//! `inline` (small blobs), `actions` (encoded ActionResults), `assets`
+//! (encoded Remote Asset records). Every key starts with a one-byte kind;
+//! blob and action keys go on with the digest function, so that several
+//! digest functions can share the store without collisions; asset keys with
+//! the 32-byte [`AssetKey`] (which hashes everything the entry is keyed by).
 
 use std::path::Path;
 
 use rocksdb::{
-    ColumnFamily, ColumnFamilyDescriptor, DB, DBPinnableSlice, IteratorMode, Options, WriteBatch,
-    WriteOptions,
+    ColumnFamily, ColumnFamilyDescriptor, DB, DBPinnableSlice, Direction, IteratorMode, Options,
+    WriteBatch, WriteOptions,
 };
 
 use super::quota::{Entry, EntryKind};
 use crate::digest::{Digest, DigestFunction};
 use crate::error::Result;
 use crate::store::ActionKey;
+use crate::store::asset_index::AssetKey;
 
 const CF_INDEX: &str = "index";
 const CF_INLINE: &str = "inline";
 const CF_ACTIONS: &str = "actions";
+const CF_ASSETS: &str = "assets";
+const ALL_CFS: [&str; 4] = [CF_INDEX, CF_INLINE, CF_ACTIONS, CF_ASSETS];
 
 /// The local store's RocksDB database.
 pub struct Db {
-    /// The database with its three column families.
+    /// The database with its four column families.
     db: DB,
     /// Options for commits: synced when the store was opened with `sync`.
     commit_opts: WriteOptions,
@@ -45,10 +50,13 @@ impl Db {
         inline_opts.set_compression_type(rocksdb::DBCompressionType::None);
         let mut action_opts = Options::default();
         action_opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        let mut asset_opts = Options::default();
+        asset_opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
         let cfs = vec![
             ColumnFamilyDescriptor::new(CF_INDEX, index_opts),
             ColumnFamilyDescriptor::new(CF_INLINE, inline_opts),
             ColumnFamilyDescriptor::new(CF_ACTIONS, action_opts),
+            ColumnFamilyDescriptor::new(CF_ASSETS, asset_opts),
         ];
         let db = DB::open_cf_descriptors(&opts, path, cfs)?;
         let mut commit_opts = WriteOptions::default();
@@ -83,6 +91,35 @@ impl Db {
         Ok(self.db.get_pinned_cf(self.cf(CF_ACTIONS), key)?)
     }
 
+    /// The encoded AssetRecord stored under an asset key.
+    pub fn asset(&self, key: &[u8]) -> Result<Option<DBPinnableSlice<'_>>> {
+        Ok(self.db.get_pinned_cf(self.cf(CF_ASSETS), key)?)
+    }
+
+    /// Every blob the `index` names with this hash, whatever its size (a
+    /// seek to `b` · function · hash, then the keys sharing that prefix):
+    /// what a lookup by checksum alone needs. The caller checks the
+    /// in-memory index, which is what says a blob is stored.
+    pub fn blobs_with_hash(
+        &self,
+        function: DigestFunction,
+        hash: &[u8; 32],
+    ) -> Result<Vec<Digest>> {
+        let mut prefix = Vec::with_capacity(2 + hash.len());
+        prefix.extend_from_slice(&[BLOB, function.tag()]);
+        prefix.extend_from_slice(hash);
+        let mode = IteratorMode::From(&prefix, Direction::Forward);
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(CF_INDEX), mode) {
+            let (key, _) = item?;
+            if !key.starts_with(&prefix) {
+                break;
+            }
+            out.extend(parse_blob_key(&key));
+        }
+        Ok(out)
+    }
+
     /// Starts an atomic write.
     pub fn batch(&self) -> Batch<'_> {
         Batch {
@@ -93,7 +130,7 @@ impl Db {
 
     /// Flushes memtables so a clean shutdown leaves a short WAL to replay.
     pub fn flush(&self) -> Result<()> {
-        for cf in [CF_INDEX, CF_INLINE, CF_ACTIONS] {
+        for cf in ALL_CFS {
             self.db.flush_cf(self.cf(cf))?;
         }
         Ok(())
@@ -121,9 +158,16 @@ impl Batch<'_> {
         self.batch.put_cf(self.db.cf(CF_INLINE), key, data);
     }
 
-    /// Stores an encoded ActionResult.
-    pub fn put_action(&mut self, key: &[u8], bytes: &[u8]) {
-        self.batch.put_cf(self.db.cf(CF_ACTIONS), key, bytes);
+    /// Stores the bytes of an entry of `kind`: an encoded ActionResult in
+    /// `actions`, an encoded AssetRecord in `assets`, a small blob in `inline`
+    /// (a file blob has none).
+    pub fn put_value(&mut self, key: &[u8], kind: EntryKind, bytes: &[u8]) {
+        match kind {
+            EntryKind::InlineBlob => self.put_inline(key, bytes),
+            EntryKind::ActionResult => self.batch.put_cf(self.db.cf(CF_ACTIONS), key, bytes),
+            EntryKind::Asset => self.batch.put_cf(self.db.cf(CF_ASSETS), key, bytes),
+            EntryKind::FileBlob => {}
+        }
     }
 
     /// Deletes an entry and its RocksDB bytes (a file blob's file is the
@@ -133,6 +177,7 @@ impl Batch<'_> {
         match kind {
             EntryKind::InlineBlob => self.batch.delete_cf(self.db.cf(CF_INLINE), key),
             EntryKind::ActionResult => self.batch.delete_cf(self.db.cf(CF_ACTIONS), key),
+            EntryKind::Asset => self.batch.delete_cf(self.db.cf(CF_ASSETS), key),
             EntryKind::FileBlob => {}
         }
     }
@@ -158,6 +203,7 @@ impl Batch<'_> {
 
 const BLOB: u8 = b'b';
 const ACTION: u8 = b'a';
+const ASSET: u8 = b's';
 const DIGEST_LEN: usize = 1 + 32 + 8;
 
 fn push_digest(key: &mut Vec<u8>, digest: &Digest) {
@@ -202,12 +248,21 @@ pub fn action_key(key: &ActionKey) -> Vec<u8> {
     out
 }
 
+/// `s` · [`AssetKey`] (32 bytes).
+pub fn asset_key(key: &AssetKey) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1 + key.0.len());
+    out.push(ASSET);
+    out.extend_from_slice(&key.0);
+    out
+}
+
 /// Stable one-byte tag of an entry's kind in the persisted index; never renumber.
 fn kind_tag(kind: EntryKind) -> u8 {
     match kind {
         EntryKind::InlineBlob => 0,
         EntryKind::FileBlob => 1,
         EntryKind::ActionResult => 2,
+        EntryKind::Asset => 3,
     }
 }
 
@@ -217,6 +272,7 @@ fn kind_from_tag(tag: u8) -> Option<EntryKind> {
         0 => Some(EntryKind::InlineBlob),
         1 => Some(EntryKind::FileBlob),
         2 => Some(EntryKind::ActionResult),
+        3 => Some(EntryKind::Asset),
         _ => None,
     }
 }
@@ -276,11 +332,16 @@ mod tests {
             (EntryKind::InlineBlob, 0),
             (EntryKind::FileBlob, 1),
             (EntryKind::ActionResult, 2),
+            (EntryKind::Asset, 3),
         ] {
             assert_eq!(kind_tag(kind), tag);
             assert_eq!(kind_from_tag(tag), Some(kind));
         }
-        assert_eq!(kind_from_tag(3), None);
+        assert_eq!(kind_from_tag(4), None);
+        let asset = asset_key(&AssetKey([7; 32]));
+        assert_eq!(asset.len(), 33);
+        assert_eq!(asset[0], b's');
+        assert_eq!(&asset[1..], &[7; 32]);
         assert_eq!(parse_index_value(&[0; 16]), None);
     }
 
@@ -311,5 +372,46 @@ mod tests {
         batch.write_unsynced().unwrap();
         assert!(db.inline(&key).unwrap().is_none());
         assert!(db.scan_index().unwrap().is_empty());
+    }
+
+    #[test]
+    fn assets_put_read_and_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path(), false).unwrap();
+        let key = asset_key(&AssetKey([1; 32]));
+        let mut batch = db.batch();
+        batch.put_value(&key, EntryKind::Asset, b"record");
+        batch.commit().unwrap();
+        assert_eq!(&*db.asset(&key).unwrap().unwrap(), b"record");
+        let mut batch = db.batch();
+        batch.delete(&key, EntryKind::Asset);
+        batch.commit().unwrap();
+        assert!(db.asset(&key).unwrap().is_none());
+    }
+
+    #[test]
+    fn blobs_with_hash_finds_every_size_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path(), false).unwrap();
+        let d = Digest::of(DigestFunction::Sha256, b"x");
+        let other_size = Digest { size: 9, ..d };
+        let mut next_hash = d;
+        next_hash.hash[31] = next_hash.hash[31].wrapping_add(1);
+        let entry = Entry {
+            kind: EntryKind::InlineBlob,
+            size: 1,
+            persisted_atime: 0,
+        };
+        let mut batch = db.batch();
+        for digest in [d, other_size, next_hash] {
+            batch.put_entry(&blob_key(&digest), &entry);
+        }
+        batch.commit().unwrap();
+        let found = db.blobs_with_hash(DigestFunction::Sha256, &d.hash).unwrap();
+        assert_eq!(found, vec![d, other_size]);
+        let unknown = db
+            .blobs_with_hash(DigestFunction::Sha256, &[0; 32])
+            .unwrap();
+        assert!(unknown.is_empty());
     }
 }

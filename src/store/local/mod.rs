@@ -1,17 +1,23 @@
-//! The local store: CAS blobs and action results in RocksDB (large blobs as
-//! files beside it), under a byte quota with LRU eviction.
+//! The local store: CAS blobs, action results and Remote Asset entries in
+//! RocksDB (large blobs as files beside it), under a byte quota with LRU
+//! eviction.
 //!
-//! This file is the [`BlobStore`] and [`ActionResultStore`] glue; the pieces
-//! below never import it:
+//! This file is the [`BlobStore`], [`ActionResultStore`] and [`AssetIndex`]
+//! glue; the pieces below never import it:
 //!
 //! - [`catalog`]: index, RocksDB and files changed together under the index
 //!   lock (commit, eviction, start-up recovery): the crash-safety rules.
+//! - [`asset_links`]: which asset entries keep which blobs alive, so a blob
+//!   that leaves drops them.
 //! - [`db`]: RocksDB column families, key layouts, typed write batches.
 //! - [`quota`]: the in-memory LRU index with pins and reservations.
 //! - [`files`]: large blobs as files; `tmp/`, rename, unlink, read streams.
 //! - [`writer`]: the [`BlobWriter`]: memory buffer or temp file, hashed as
 //!   the bytes arrive, verified at commit.
 
+mod asset_links;
+#[cfg(test)]
+mod asset_tests;
 mod catalog;
 mod db;
 mod files;
@@ -27,13 +33,14 @@ use bytes::Bytes;
 use futures::stream;
 
 use self::catalog::Catalog;
-use self::db::{Db, action_key, blob_key};
+use self::db::{Db, action_key, asset_key, blob_key};
 use self::files::FileArea;
 use self::writer::{Commit, LocalWriter, Sink};
 use crate::context::RequestContext;
-use crate::digest::Digest;
+use crate::digest::{Digest, DigestFunction};
 use crate::error::{Error, Result};
 use crate::stats::Stats;
+use crate::store::asset_index::{AssetIndex, AssetKey, AssetRecord};
 use crate::store::{ActionKey, ActionResultStore, BlobStore, BlobWriter, ChunkStream};
 
 pub use self::catalog::EvictionListener;
@@ -44,7 +51,7 @@ pub use self::quota::Occupancy;
 pub struct LocalStoreOptions {
     /// Directory for RocksDB (`db/`) and blob files (`blobs/`, `tmp/`).
     pub dir: PathBuf,
-    /// Byte budget for blobs plus action results.
+    /// Byte budget for blobs, action results and asset entries.
     pub quota_bytes: u64,
     /// Blobs up to this size are RocksDB values; larger ones are files.
     pub inline_limit: u64,
@@ -91,6 +98,17 @@ impl LocalStore {
     /// Flushes memtables so a clean shutdown leaves a short WAL to replay.
     pub fn flush(&self) -> Result<()> {
         self.catalog.flush()
+    }
+
+    /// The stored blob with this hash, whatever its size, marking it used
+    /// (`checksum.sri` names content by hash alone); the empty blob is
+    /// always there.
+    pub fn find_by_hash(
+        &self,
+        function: DigestFunction,
+        hash: &[u8; 32],
+    ) -> Result<Option<Digest>> {
+        self.catalog.find_by_hash(function, hash)
     }
 }
 
@@ -222,6 +240,21 @@ impl ActionResultStore for LocalStore {
     }
 }
 
+#[async_trait]
+impl AssetIndex for LocalStore {
+    async fn get_asset(&self, key: &AssetKey) -> Result<Option<AssetRecord>> {
+        self.catalog.asset(&asset_key(key))
+    }
+
+    async fn put_asset(&self, key: &AssetKey, record: &AssetRecord) -> Result<()> {
+        self.catalog.put_asset(asset_key(key), record)
+    }
+
+    async fn remove_asset(&self, key: &AssetKey) -> Result<()> {
+        self.catalog.remove(asset_key(key))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;
@@ -231,7 +264,7 @@ mod tests {
     use crate::digest::DigestFunction;
     use crate::store::{read_to_bytes, write_bytes};
 
-    fn open(dir: &Path, quota_bytes: u64, stats: &Arc<Stats>) -> LocalStore {
+    pub(super) fn open(dir: &Path, quota_bytes: u64, stats: &Arc<Stats>) -> LocalStore {
         let options = LocalStoreOptions {
             dir: dir.to_path_buf(),
             quota_bytes,
@@ -241,7 +274,7 @@ mod tests {
         LocalStore::open(options, stats.clone()).unwrap()
     }
 
-    fn blob(len: usize, seed: u8) -> (Digest, Bytes) {
+    pub(super) fn blob(len: usize, seed: u8) -> (Digest, Bytes) {
         let data: Bytes = (0..len).map(|i| (i as u8).wrapping_add(seed)).collect();
         (Digest::of(DigestFunction::Sha256, &data), data)
     }

@@ -28,13 +28,8 @@ pub enum EntryKind {
     FileBlob,
     /// An encoded ActionResult.
     ActionResult,
-}
-
-impl EntryKind {
-    /// Blobs and action results are counted apart in [`Occupancy`].
-    fn is_blob(self) -> bool {
-        self != EntryKind::ActionResult
-    }
+    /// An encoded Remote Asset entry ([`crate::store::asset_index::AssetRecord`]).
+    Asset,
 }
 
 /// What the index knows about one stored entry.
@@ -60,6 +55,10 @@ pub struct Occupancy {
     pub action_count: u64,
     /// Bytes of action results held.
     pub action_bytes: u64,
+    /// Remote Asset entries held.
+    pub asset_count: u64,
+    /// Bytes of Remote Asset entries held.
+    pub asset_bytes: u64,
     /// Bytes reserved by writes in progress.
     pub reserved_bytes: u64,
 }
@@ -98,7 +97,8 @@ impl Index {
     }
 
     fn used(&self) -> u64 {
-        self.occupancy.blob_bytes + self.occupancy.action_bytes + self.occupancy.reserved_bytes
+        let o = &self.occupancy;
+        o.blob_bytes + o.action_bytes + o.asset_bytes + o.reserved_bytes
     }
 
     /// Adds (or replaces) an entry as most recently used.
@@ -111,10 +111,10 @@ impl Index {
 
     fn account(&mut self, entry: Entry, add: bool) {
         let o = &mut self.occupancy;
-        let (count, bytes) = if entry.kind.is_blob() {
-            (&mut o.blob_count, &mut o.blob_bytes)
-        } else {
-            (&mut o.action_count, &mut o.action_bytes)
+        let (count, bytes) = match entry.kind {
+            EntryKind::InlineBlob | EntryKind::FileBlob => (&mut o.blob_count, &mut o.blob_bytes),
+            EntryKind::ActionResult => (&mut o.action_count, &mut o.action_bytes),
+            EntryKind::Asset => (&mut o.asset_count, &mut o.asset_bytes),
         };
         if add {
             *count += 1;
@@ -387,6 +387,25 @@ mod tests {
         assert_eq!(index.occupancy().action_bytes, 70);
         let victims = index.reserve(20).unwrap();
         assert_eq!(victims[0].0, b"r".to_vec(), "the oldest entry goes first");
+    }
+
+    #[test]
+    fn asset_entries_are_counted_apart_against_the_same_quota() {
+        let mut index = Index::new(100);
+        let asset = |size| Entry {
+            kind: EntryKind::Asset,
+            size,
+            persisted_atime: 0,
+        };
+        index.insert(b"s".to_vec(), asset(30));
+        index.insert(b"s".to_vec(), asset(50));
+        index.insert(b"a".to_vec(), blob(40));
+        let o = index.occupancy();
+        assert_eq!((o.asset_count, o.asset_bytes), (1, 50));
+        assert_eq!((o.blob_count, o.blob_bytes), (1, 40));
+        let victims = index.reserve(20).unwrap();
+        assert_eq!(victims[0].0, b"s".to_vec(), "the oldest entry goes first");
+        assert_eq!(index.occupancy().asset_count, 0);
     }
 
     #[test]

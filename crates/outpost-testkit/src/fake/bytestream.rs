@@ -1,6 +1,6 @@
 //! ByteStream of the fake: Read in chunks (with an optional delay per chunk
 //! and injected aborts), resumable Write (partial uploads are kept), and
-//! QueryWriteStatus.
+//! QueryWriteStatus. Log stream names go to `logstream`.
 
 use std::sync::atomic::Ordering;
 
@@ -235,6 +235,9 @@ impl bs::byte_stream_server::ByteStream for Svc {
         request: Request<bs::ReadRequest>,
     ) -> Result<Response<Self::ReadStream>, Status> {
         let (guard, req) = self.s.enter(Method::Read, request).await?;
+        if self.s.is_log_name(&req.resource_name) {
+            return self.read_log(guard, req);
+        }
         let checked = (|| {
             let res = self.s.checked_resource(&req.resource_name, false)?;
             let size = res.digest.size_bytes;
@@ -325,7 +328,11 @@ impl bs::byte_stream_server::ByteStream for Svc {
         let name = first.resource_name.clone();
         let entry = first.entry(&self.s);
         let guard = self.s.begin(Method::Write, entry, &headers).await?;
-        let result = self.write_inner(&guard, &name, first, &mut stream).await;
+        let result = if self.s.is_log_name(&name) {
+            self.write_log(&guard, first, &mut stream).await
+        } else {
+            self.write_inner(&guard, &name, first, &mut stream).await
+        };
         guard.complete(&result);
         result.map(Response::new)
     }
@@ -335,6 +342,9 @@ impl bs::byte_stream_server::ByteStream for Svc {
         request: Request<bs::QueryWriteStatusRequest>,
     ) -> Result<Response<bs::QueryWriteStatusResponse>, Status> {
         self.unary(Method::QueryWriteStatus, request, |_, req| {
+            if self.s.is_log_name(&req.resource_name) {
+                return self.query_log(&req.resource_name);
+            }
             let res = parse_resource(&req.resource_name, true)?;
             if self.s.has(&res.digest) {
                 return Ok(bs::QueryWriteStatusResponse {

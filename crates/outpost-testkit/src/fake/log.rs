@@ -21,7 +21,8 @@ pub struct Call {
     /// The RPC.
     pub method: Method,
     /// From the request field, or parsed from the ByteStream resource name
-    /// (empty if it could not be parsed).
+    /// (empty if it could not be parsed, e.g. a log stream name);
+    /// CreateLogStream: the parent.
     pub instance_name: String,
     /// The request headers exactly as received (gRPC metadata).
     pub headers: MetadataMap,

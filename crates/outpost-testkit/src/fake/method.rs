@@ -25,11 +25,12 @@ pub enum Method {
     DeleteOperation,
     CancelOperation,
     WaitOperation,
+    CreateLogStream,
 }
 
 impl Method {
     /// Every method, in declaration order.
-    pub const ALL: [Method; 21] = [
+    pub const ALL: [Method; 22] = [
         Method::GetCapabilities,
         Method::FindMissingBlobs,
         Method::BatchUpdateBlobs,
@@ -51,6 +52,7 @@ impl Method {
         Method::DeleteOperation,
         Method::CancelOperation,
         Method::WaitOperation,
+        Method::CreateLogStream,
     ];
 
     /// The gRPC method name.
@@ -77,6 +79,7 @@ impl Method {
             Method::DeleteOperation => "DeleteOperation",
             Method::CancelOperation => "CancelOperation",
             Method::WaitOperation => "WaitOperation",
+            Method::CreateLogStream => "CreateLogStream",
         }
     }
 

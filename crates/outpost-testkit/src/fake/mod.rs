@@ -33,6 +33,9 @@
 //!   FAILED_PRECONDITION with MISSING violations; delays, held jobs, broken
 //!   streams (reattach with WaitExecution), injected failures, CancelOperation
 //!   and counters of streams the client dropped; [`TestAction`] builds actions.
+//! - **Remote Logstream** (`logstream`): CreateLogStream, and ByteStream
+//!   Write / tailing Read / QueryWriteStatus of log names, with a count of
+//!   readers in progress ([`FakeUpstream::active_log_readers`]).
 //! - **Seeding**: [`FakeUpstream::put_blob`], [`FakeUpstream::put_message`],
 //!   [`FakeUpstream::put_blob_unchecked`] (e.g. corrupt data),
 //!   [`FakeUpstream::put_action_result`], and the matching getters.
@@ -49,6 +52,7 @@
 //! - `state`: blobs, action results, partial uploads; seeding.
 //! - `net`: the listener and connections that outages stall or reset.
 //! - `cas`, `bytestream`, `action_cache`: the cache services.
+//! - `logstream`: LogStreamService and the log side of ByteStream.
 //! - [`execution`]: Execution and Operations.
 
 mod action_cache;
@@ -58,6 +62,7 @@ mod cas;
 mod control;
 pub mod execution;
 mod log;
+mod logstream;
 mod method;
 mod net;
 mod state;
@@ -74,6 +79,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint, Server};
 
 use crate::{bs, re};
+use bazel_remote_apis::build::bazel::remote::logstream::v1::log_stream_service_server::LogStreamServiceServer;
 use re::action_cache_server::ActionCacheServer;
 use re::capabilities_server::CapabilitiesServer;
 use re::content_addressable_storage_server::ContentAddressableStorageServer;
@@ -189,10 +195,11 @@ impl FakeUpstream {
                     .max_encoding_message_size(MAX_MESSAGE),
             )
             .add_service(
-                ActionCacheServer::new(svc)
+                ActionCacheServer::new(svc.clone())
                     .max_decoding_message_size(MAX_MESSAGE)
                     .max_encoding_message_size(MAX_MESSAGE),
             )
+            .add_service(LogStreamServiceServer::new(svc))
             .add_service(execution)
             .add_service(operations);
         let server = tokio::spawn(async move {

@@ -19,6 +19,7 @@ use super::FakeUpstream;
 use super::control::{Fault, Latency, PauseState};
 use super::execution::ExecState;
 use super::log::Log;
+use super::logstream::Logs;
 use super::net::{Conn, Net, NetCounters};
 use crate::re;
 use crate::workload::digest;
@@ -55,6 +56,7 @@ pub(super) struct Shared {
     pub(super) counters: Arc<NetCounters>,
     pub(super) conn_tx: mpsc::Sender<io::Result<Conn>>,
     pub(super) exec: ExecState,
+    pub(super) logs: Logs,
 }
 
 /// Locks `m`, ignoring poisoning (a panicking test must not wedge the fake).
@@ -86,6 +88,7 @@ impl Shared {
             counters: Arc::default(),
             conn_tx,
             exec: ExecState::default(),
+            logs: Logs::default(),
         }
     }
 
