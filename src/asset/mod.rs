@@ -15,6 +15,7 @@
 //! - [`sri`]: `checksum.sri` values, parsed and verified as bytes stream by.
 //! - [`origin`]: downloads http(s) URIs into the CAS, verified, bounded.
 //! - [`hosts`]: which hosts and addresses origin downloads may reach.
+//! - [`spool`]: where a download waits until it is verified.
 
 pub mod content;
 pub mod fetch;
@@ -24,5 +25,6 @@ pub mod local;
 pub mod origin;
 pub mod push;
 pub mod request;
+pub mod spool;
 pub mod sri;
 pub mod upstream;

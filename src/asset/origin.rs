@@ -1,10 +1,13 @@
 //! Downloads Remote Asset content from its http(s) origin into the CAS:
-//! each mirror in turn, streamed to a spool file while it is hashed (the
-//! digest is known only at the end), verified against every
-//! `checksum.sri`, bounded in size and time, only from allowed hosts
-//! ([`hosts`](super::hosts)); then copied into the store. A failed or
-//! mismatching download stores nothing, and its spool file is removed
-//! whatever happens.
+//! each mirror in turn, verified against every `checksum.sri`, bounded in
+//! size and time, only from allowed hosts ([`hosts`](super::hosts)).
+//!
+//! When one SHA-256 checksum and a Content-Length give the digest up front,
+//! the body streams straight into the store's writer, which verifies it.
+//! Otherwise the digest is known only at the end: the body goes to a spool
+//! file ([`spool`](super::spool)) while it is hashed, and only a verified
+//! file is copied into the store. Either way a failed or mismatching
+//! download stores nothing and leaves no file behind.
 //!
 //! Request headers (credentials) go only to the URI they were given for,
 //! and stay behind when a redirect leaves that URI's origin. They are never
@@ -12,19 +15,18 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use futures::StreamExt;
+use bytes::Bytes;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, LOCATION};
 use reqwest::{Response, StatusCode};
 use rustls_platform_verifier::BuilderVerifierExt;
-use tokio::io::{AsyncWriteExt, BufWriter};
 use tokio::time::Instant;
 use tonic::Code;
 use url::Url;
 
 use crate::asset::hosts::{HostPolicy, PolicyResolver, Refused};
+use crate::asset::spool::Spool;
 use crate::asset::sri::{Sri, SriVerifier};
 use crate::config::AssetConfig;
 use crate::context::RequestContext;
@@ -39,8 +41,6 @@ const MAX_REDIRECTS: usize = 10;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Silence from an origin after which the mirror is given up.
 const READ_TIMEOUT: Duration = Duration::from_secs(60);
-/// Buffer of spool writes and chunk size of the copy into the store.
-const SPOOL_CHUNK: usize = 1 << 20;
 /// Longest error text kept from the HTTP client.
 const MESSAGE_LIMIT: usize = 300;
 
@@ -232,7 +232,10 @@ impl OriginFetcher {
         Ok(OriginOutcome::Failed { uri, code, message })
     }
 
-    /// One mirror: download into a spool file, verify, store.
+    /// One mirror: download, verify, store. When the digest is known up
+    /// front (one sha256 value and a Content-Length) the body streams
+    /// straight into the store, which verifies it; otherwise it goes
+    /// through a spool file.
     async fn download_mirror(
         &self,
         ctx: &RequestContext,
@@ -245,40 +248,76 @@ impl OriginFetcher {
             MirrorError::Origin(Code::NotFound, format!("{shown}: not a valid URL"))
         })?;
         let mut response = self.get(url, headers, &shown).await?;
-        let too_big = |what: &str| {
-            let max = self.config.max_size;
-            let message = format!("{shown}: {what} exceeds [asset] max_size ({max} bytes)");
-            MirrorError::Origin(Code::ResourceExhausted, message)
-        };
-        if let Some(length) = response.content_length()
+        let length = response.content_length();
+        if let Some(length) = length
             && length > self.config.max_size
         {
-            return Err(too_big(&format!("Content-Length {length}")));
+            return Err(self.too_big(&shown, &format!("Content-Length {length}")));
+        }
+        if let Some(digest) = known_digest(request, length) {
+            return self.download_known(ctx, response, digest, &shown).await;
         }
         let mut spool = self.spool.create().await?;
         let mut hasher = Hasher::new(request.digest_function);
         let mut verifier = SriVerifier::new(&request.checksums);
-        while let Some(chunk) = response
-            .chunk()
-            .await
-            .map_err(|e| client_error(&shown, e))?
-        {
-            Stats::add(&self.stats.origin_bytes, chunk.len() as u64);
+        while let Some(chunk) = self.next_chunk(&mut response, &shown).await? {
             if hasher.size() + chunk.len() as u64 > self.config.max_size {
-                return Err(too_big("the body"));
+                return Err(self.too_big(&shown, "the body"));
             }
             hasher.update(&chunk);
             verifier.update(&chunk);
-            spool.file.write_all(&chunk).await?;
+            spool.write(&chunk).await?;
         }
         if !verifier.matches() {
-            let message = format!("{shown}: content of URI does not match checksum.sri");
-            return Err(MirrorError::Origin(Code::Aborted, message));
+            return Err(mismatch(&shown));
         }
-        spool.file.flush().await?;
         let digest = hasher.finish();
-        self.store_spooled(ctx, &spool, &digest).await?;
+        spool.copy_into(self.store.as_ref(), ctx, &digest).await?;
         Ok(digest)
+    }
+
+    /// Streams a body whose digest is known into the store; the store's
+    /// writer verifies it (INVALID_ARGUMENT on a mismatch, nothing stored).
+    async fn download_known(
+        &self,
+        ctx: &RequestContext,
+        mut response: Response,
+        digest: Digest,
+        shown: &str,
+    ) -> Result<Digest, MirrorError> {
+        if self.store.find_missing(ctx, &[digest]).await?.is_empty() {
+            return Ok(digest);
+        }
+        let mismatch_or_own = |e: Error| match e {
+            Error::InvalidArgument(_) => mismatch(shown),
+            e => MirrorError::Local(e),
+        };
+        let mut writer = self.store.begin_write(ctx, &digest).await?;
+        while let Some(chunk) = self.next_chunk(&mut response, shown).await? {
+            writer.write(chunk).await.map_err(mismatch_or_own)?;
+        }
+        writer.commit().await.map_err(mismatch_or_own)?;
+        Ok(digest)
+    }
+
+    /// The next piece of a body, counted.
+    async fn next_chunk(
+        &self,
+        response: &mut Response,
+        shown: &str,
+    ) -> Result<Option<Bytes>, MirrorError> {
+        let chunk = response.chunk().await.map_err(|e| client_error(shown, e))?;
+        if let Some(chunk) = &chunk {
+            Stats::add(&self.stats.origin_bytes, chunk.len() as u64);
+        }
+        Ok(chunk)
+    }
+
+    /// The failure of a download larger than `max_size`.
+    fn too_big(&self, shown: &str, what: &str) -> MirrorError {
+        let max = self.config.max_size;
+        let message = format!("{shown}: {what} exceeds [asset] max_size ({max} bytes)");
+        MirrorError::Origin(Code::ResourceExhausted, message)
     }
 
     /// GET `url`, following redirects by hand: every hop is checked
@@ -316,25 +355,29 @@ impl OriginFetcher {
         let message = format!("{shown}: more than {MAX_REDIRECTS} redirects");
         Err(MirrorError::Origin(Code::NotFound, message))
     }
+}
 
-    /// Copies a verified spool file into the store (unless it is there).
-    async fn store_spooled(
-        &self,
-        ctx: &RequestContext,
-        spool: &SpoolFile,
-        digest: &Digest,
-    ) -> Result<()> {
-        if self.store.find_missing(ctx, &[*digest]).await?.is_empty() {
-            return Ok(());
-        }
-        let file = tokio::fs::File::open(&spool.path).await?;
-        let mut chunks = tokio_util::io::ReaderStream::with_capacity(file, SPOOL_CHUNK);
-        let mut writer = self.store.begin_write(ctx, digest).await?;
-        while let Some(chunk) = chunks.next().await {
-            writer.write(chunk?).await?;
-        }
-        writer.commit().await
+/// The digest of the content, when the request and the response pin it:
+/// a single SHA-256 checksum (several would each have to be tried) and a
+/// Content-Length.
+fn known_digest(request: &OriginRequest, length: Option<u64>) -> Option<Digest> {
+    let [only] = request.checksums.as_slice() else {
+        return None;
+    };
+    match (request.digest_function, only.sha256(), length) {
+        (DigestFunction::Sha256, Some(hash), Some(size)) => Some(Digest {
+            function: DigestFunction::Sha256,
+            hash,
+            size,
+        }),
+        _ => None,
     }
+}
+
+/// The failure of content that matches no checksum.
+fn mismatch(shown: &str) -> MirrorError {
+    let message = format!("{shown}: content of URI does not match checksum.sri");
+    MirrorError::Origin(Code::Aborted, message)
 }
 
 /// Each URI's headers as a [`HeaderMap`]; INVALID_ARGUMENT for a name or
@@ -423,63 +466,16 @@ pub fn redact_uri(uri: &str) -> String {
     }
 }
 
-/// The spool directory: one file per download in progress.
-struct Spool {
-    /// The directory.
-    dir: PathBuf,
-    /// Next file number.
-    next: AtomicU64,
-}
-
-impl Spool {
-    /// Creates `dir` and removes what a crash left in it.
-    fn open(dir: PathBuf) -> std::io::Result<Self> {
-        std::fs::create_dir_all(&dir)?;
-        for entry in std::fs::read_dir(&dir)? {
-            let entry = entry?;
-            if entry.file_type()?.is_file() {
-                std::fs::remove_file(entry.path())?;
-            }
-        }
-        Ok(Spool {
-            dir,
-            next: AtomicU64::new(0),
-        })
-    }
-
-    /// A new, empty spool file.
-    async fn create(&self) -> std::io::Result<SpoolFile> {
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let path = self.dir.join(format!("download-{n}"));
-        let file = tokio::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .await?;
-        Ok(SpoolFile {
-            file: BufWriter::with_capacity(SPOOL_CHUNK, file),
-            path,
-        })
-    }
-}
-
-/// A spool file, removed when dropped (success, failure or cancellation).
-struct SpoolFile {
-    /// Where it is.
-    path: PathBuf,
-    /// The download is written here.
-    file: BufWriter<tokio::fs::File>,
-}
-
-impl Drop for SpoolFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The fetch runs in spawned tasks (it outlives the client's deadline).
+    #[allow(dead_code)]
+    fn fetch_is_send(f: &OriginFetcher, ctx: &RequestContext, r: &OriginRequest) {
+        fn send<T: Send>(_: T) {}
+        send(f.fetch(ctx, r));
+    }
 
     #[test]
     fn handles_http_and_https_only() {

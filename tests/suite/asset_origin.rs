@@ -213,42 +213,63 @@ fn fetched(outcome: OriginOutcome) -> (String, Digest) {
     }
 }
 
+/// Checksums that send a download through each path: one sha256 value and
+/// a Content-Length stream straight into the store; anything else (another
+/// algorithm, several values, no Content-Length) goes through a spool file.
+fn both_paths(origin: &Origin, data: &[u8]) -> [(String, String); 3] {
+    [
+        (origin.url("/blob"), sri("sha256", data)),
+        (
+            origin.url("/blob"),
+            format!("sha1-AAAA {}", sri("sha512", data)),
+        ),
+        (origin.url("/chunked"), sri("sha256", data)),
+    ]
+}
+
 #[tokio::test]
 async fn a_blob_matching_its_checksum_is_stored_and_readable() {
     let origin = Origin::start().await;
-    let f = fixture(local_origin_config());
-    let checksum = format!("sha1-AAAA {}", sri("sha512", &origin.blob));
-    let (uri, digest) = fetched(
-        f.fetch(&request(&[origin.url("/blob")], Some(&checksum)))
-            .await,
-    );
-    assert_eq!(uri, origin.url("/blob"));
-    assert_eq!(digest, digest_of(&origin.blob));
-    let stored = read_to_bytes(f.store.as_ref(), &ctx(), &digest)
-        .await
-        .unwrap();
-    assert_eq!(stored, origin.blob);
-    assert_eq!(spool_files(&f.spool), 0);
-    assert_eq!(Stats::get(&f.stats.origin_fetches), 1);
-    assert_eq!(Stats::get(&f.stats.origin_fetch_failures), 0);
-    assert_eq!(Stats::get(&f.stats.origin_bytes), BLOB_SIZE as u64);
+    for (url, checksum) in both_paths(&origin, &origin.blob) {
+        let f = fixture(local_origin_config());
+        let (uri, digest) = fetched(
+            f.fetch(&request(std::slice::from_ref(&url), Some(&checksum)))
+                .await,
+        );
+        assert_eq!(uri, url);
+        assert_eq!(digest, digest_of(&origin.blob));
+        let stored = read_to_bytes(f.store.as_ref(), &ctx(), &digest)
+            .await
+            .unwrap();
+        assert_eq!(stored, origin.blob);
+        assert_eq!(spool_files(&f.spool), 0);
+        assert_eq!(Stats::get(&f.stats.origin_fetches), 1);
+        assert_eq!(Stats::get(&f.stats.origin_fetch_failures), 0);
+        assert_eq!(Stats::get(&f.stats.origin_bytes), BLOB_SIZE as u64);
+    }
 }
 
 #[tokio::test]
 async fn a_checksum_mismatch_is_aborted_and_stores_nothing() {
     let origin = Origin::start().await;
-    let f = fixture(local_origin_config());
-    let wrong = sri("sha256", b"something else");
-    let (uri, code, message) = failure(
-        f.fetch(&request(&[origin.url("/blob")], Some(&wrong)))
-            .await,
-    );
-    assert_eq!(uri, origin.url("/blob"));
-    assert_eq!(code, Code::Aborted);
-    assert!(message.contains("does not match checksum.sri"), "{message}");
-    assert!(!f.holds(&digest_of(&origin.blob)).await);
-    assert_eq!(spool_files(&f.spool), 0);
-    assert_eq!(Stats::get(&f.stats.origin_fetch_failures), 1);
+    for (i, (url, wrong)) in both_paths(&origin, b"something else")
+        .into_iter()
+        .enumerate()
+    {
+        let f = fixture(local_origin_config());
+        let (uri, code, message) = failure(
+            f.fetch(&request(std::slice::from_ref(&url), Some(&wrong)))
+                .await,
+        );
+        assert_eq!((uri, code), (url, Code::Aborted), "{message}");
+        assert!(message.contains("does not match checksum.sri"), "{message}");
+        assert!(!f.holds(&digest_of(&origin.blob)).await);
+        assert_eq!(spool_files(&f.spool), 0);
+        assert_eq!(Stats::get(&f.stats.origin_fetch_failures), 1);
+        // Only the direct path hands the content to the store's verification.
+        let refused_by_store = Stats::get(&f.stats.digest_mismatches);
+        assert_eq!(refused_by_store, u64::from(i == 0), "case {i}");
+    }
 }
 
 #[tokio::test]
