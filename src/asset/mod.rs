@@ -3,6 +3,7 @@
 //!
 //! - [`request`]: a request validated once: URIs, qualifiers (credentials
 //!   split off), checksums, origin headers.
+//! - [`headers`]: origin request headers from the credential qualifiers.
 //! - [`content`]: an entry's content (blobs and whole trees) and what a
 //!   store lacks of it.
 //! - [`local`]: entries in the local store: lookups that check content,
@@ -18,6 +19,7 @@
 
 pub mod content;
 pub mod fetch;
+pub mod headers;
 pub mod hosts;
 pub mod local;
 pub mod origin;
