@@ -77,6 +77,18 @@ impl std::fmt::Display for UpstreamStatus {
     }
 }
 
+/// Client strings echoed in error messages are cut to this many characters,
+/// so an error about a huge name stays small enough to deliver.
+pub const ECHO_LIMIT: usize = 200;
+
+/// `text` (a client's string) cut to a length fit for an error message.
+pub fn clip(text: &str) -> String {
+    match text.char_indices().nth(ECHO_LIMIT) {
+        Some((at, _)) => format!("{}…", &text[..at]),
+        None => text.to_string(),
+    }
+}
+
 /// Result alias used across the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -240,6 +252,13 @@ mod tests {
         assert_eq!(err.to_string(), "internal error: i/o: disk on fire");
         assert_eq!(err.code(), Code::Internal);
         assert!(std::error::Error::source(&err).is_some());
+    }
+
+    #[test]
+    fn long_client_strings_are_clipped() {
+        let long = "x".repeat(1000);
+        assert_eq!(clip(&long).chars().count(), ECHO_LIMIT + 1);
+        assert_eq!(clip("short"), "short");
     }
 
     #[test]

@@ -308,6 +308,16 @@ counters! {
         origin_fetch_failures: "Remote Asset origin downloads where every mirror failed.";
         /// Bytes received from origin URLs, stored or not (origin fetcher).
         origin_bytes: "Bytes received from Remote Asset origin URLs.";
+        /// Blobs found corrupt on disk (hash mismatch) and removed (local store).
+        corrupt_blobs: "Blobs found corrupt on disk and removed.";
+        /// Interrupted uploads dropped: expired, over the cap, or to make room
+        /// (ByteStream service).
+        parked_uploads_dropped:
+            "Interrupted uploads dropped (expired, over the cap, or to make room).";
+        /// Upstream batch requests sent on their own because too many batchers
+        /// were live (upstream batchers).
+        unbatched_upstream_requests:
+            "Upstream batch requests sent unbatched because too many batchers were live.";
     }
     by_method {
         /// Upstream calls started, by [`UpstreamMethod`] (upstream client).

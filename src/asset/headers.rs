@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use bazel_remote_apis::build::bazel::remote::asset::v1::Qualifier;
 
-use crate::asset::request::clip;
+use crate::error::clip;
 use crate::error::{Error, Result};
 
 /// `http_header:NAME`: a request header for every URI.

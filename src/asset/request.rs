@@ -18,27 +18,16 @@ use tonic::Code;
 use crate::asset::headers::{AUTH_HEADERS, HTTP_HEADER, HTTP_HEADER_URL, origin_headers};
 use crate::asset::sri::Sri;
 use crate::digest::DigestFunction;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, clip};
 use crate::store::asset_index::{AssetKey, AssetKind};
 
 /// The standard qualifier carrying SRI checksums.
 pub const CHECKSUM_SRI: &str = "checksum.sri";
 /// Bazel's canonical id of a download (a cache-busting string).
 pub const CANONICAL_ID: &str = "bazel.canonical_id";
-/// Client strings echoed in error messages are cut to this many characters.
-const ECHO_LIMIT: usize = 200;
-
 /// Whether a qualifier carries credentials (never keyed, stored or logged).
 pub fn is_credential(name: &str) -> bool {
     name.starts_with(HTTP_HEADER) || name.starts_with(HTTP_HEADER_URL) || name == AUTH_HEADERS
-}
-
-/// `text` cut to a length fit for an error message.
-pub fn clip(text: &str) -> String {
-    match text.char_indices().nth(ECHO_LIMIT) {
-        Some((at, _)) => format!("{}…", &text[..at]),
-        None => text.to_string(),
-    }
 }
 
 /// Unix seconds now.
@@ -445,12 +434,5 @@ mod tests {
         )
         .unwrap();
         assert!(!typed.origin_can_honour());
-    }
-
-    #[test]
-    fn long_client_strings_are_clipped() {
-        let long = "x".repeat(1000);
-        assert_eq!(clip(&long).chars().count(), ECHO_LIMIT + 1);
-        assert_eq!(clip("short"), "short");
     }
 }
