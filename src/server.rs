@@ -42,6 +42,7 @@ use crate::service::cas::CasService;
 use crate::service::execution::ExecutionService;
 use crate::service::logstream::LogStreamService;
 use crate::service::operations::OperationsService;
+use crate::service::parked::{ParkedLimits, ParkedUploads};
 use crate::stack::Stack;
 use crate::stats::Stats;
 use crate::store::BlobStore;
@@ -191,6 +192,12 @@ impl RunningServer {
             &stats,
             &background,
         )?);
+        // Interrupted uploads: the first thing to go when the store needs room.
+        let parked = Arc::new(ParkedUploads::new(
+            ParkedLimits::for_quota(config.quota_bytes),
+            stats.clone(),
+        ));
+        local.set_reclaimer(parked.reclaimer());
         let services = Services {
             capabilities: Arc::new(CapabilitiesService::new(
                 config.max_batch_total_size_bytes,
@@ -198,7 +205,9 @@ impl RunningServer {
             )),
             cas: Arc::new(CasService::new(backend.clone())),
             bytestream: Arc::new(
-                ByteStreamService::new(backend.clone()).with_passthrough(passthrough.clone()),
+                ByteStreamService::new(backend.clone())
+                    .with_passthrough(passthrough.clone())
+                    .with_parked(parked),
             ),
             action_cache: Arc::new(ActionCacheService::new(backend)),
             asset,

@@ -3,10 +3,8 @@
 //! names; any other name (Remote Logstream) goes to the passthrough when
 //! there is an upstream.
 
-use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 
 use bazel_remote_apis::google::bytestream::{
     QueryWriteStatusRequest, QueryWriteStatusResponse, ReadRequest, ReadResponse, WriteRequest,
@@ -22,25 +20,16 @@ use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::reapi::resource::{ResourceName, is_cas_name};
 use crate::service::Backend;
-use crate::store::BlobWriter;
+use crate::service::parked::{ParkedLimits, ParkedUploads};
 use crate::upstream::passthrough::Passthrough;
 
 /// Largest `data` in one ReadResponse (well under gRPC's 4 MiB message limit).
 pub const READ_CHUNK: usize = 64 << 10;
-/// How long an interrupted upload waits to be resumed before it is dropped.
-const PARKED_UPLOAD_TTL: Duration = Duration::from_secs(600);
-
-/// An upload whose stream ended before `finish_write`, kept for resumption.
-struct ParkedUpload {
-    writer: Box<dyn BlobWriter>,
-    since: Instant,
-}
-
 /// Serves ByteStream over the backend's blob store.
 pub struct ByteStreamService {
     backend: Backend,
     /// Interrupted uploads by resource name, for QueryWriteStatus and resume.
-    parked: Mutex<HashMap<String, ParkedUpload>>,
+    parked: Arc<ParkedUploads>,
     /// Where names that are not CAS names go (proxy mode only).
     passthrough: Option<Arc<Passthrough>>,
 }
@@ -55,13 +44,21 @@ fn unsupported_compression(name: &ResourceName) -> Result<()> {
 }
 
 impl ByteStreamService {
-    /// A ByteStream service over `backend`.
+    /// A ByteStream service over `backend` (interrupted uploads parked
+    /// with the default bounds of a 4 GiB store).
     pub fn new(backend: Backend) -> Self {
+        let parked = ParkedUploads::new(ParkedLimits::for_quota(4 << 30), backend.stats.clone());
         ByteStreamService {
             backend,
-            parked: Mutex::new(HashMap::new()),
+            parked: Arc::new(parked),
             passthrough: None,
         }
+    }
+
+    /// Parks interrupted uploads in `parked` (the server's, whose reclaimer
+    /// the local store calls).
+    pub fn with_parked(self, parked: Arc<ParkedUploads>) -> Self {
+        ByteStreamService { parked, ..self }
     }
 
     /// Sends names that are not CAS names to `passthrough` (when set);
@@ -76,29 +73,6 @@ impl ByteStreamService {
     /// The passthrough, if `name` is not a CAS name and there is one.
     fn passthrough_for(&self, name: &str) -> Option<&Passthrough> {
         self.passthrough.as_deref().filter(|_| !is_cas_name(name))
-    }
-
-    fn park(&self, resource: String, writer: Box<dyn BlobWriter>) {
-        let mut parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
-        parked.retain(|_, p| p.since.elapsed() < PARKED_UPLOAD_TTL);
-        parked.insert(
-            resource,
-            ParkedUpload {
-                writer,
-                since: Instant::now(),
-            },
-        );
-    }
-
-    fn unpark(&self, resource: &str) -> Option<Box<dyn BlobWriter>> {
-        let mut parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
-        parked.retain(|_, p| p.since.elapsed() < PARKED_UPLOAD_TTL);
-        parked.remove(resource).map(|p| p.writer)
-    }
-
-    fn parked_size(&self, resource: &str) -> Option<u64> {
-        let parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
-        parked.get(resource).map(|p| p.writer.committed_size())
     }
 
     async fn exists(&self, ctx: &RequestContext, digest: &Digest) -> Result<bool> {
@@ -157,18 +131,18 @@ impl ByteStreamService {
         let ctx = RequestContext::from_metadata(name.instance.clone(), metadata);
         if self.exists(&ctx, &digest).await? {
             // Early completion: the blob is already here.
-            self.unpark(&resource);
+            self.parked.take(&resource);
             return Ok(WriteResponse {
                 committed_size: digest.size as i64,
             });
         }
-        let mut writer = match (first.write_offset, self.unpark(&resource)) {
+        let mut writer = match (first.write_offset, self.parked.take(&resource)) {
             (0, _) => self.backend.blobs.begin_write(&ctx, &digest).await?,
             (offset, Some(writer)) if offset as u64 == writer.committed_size() => writer,
             (offset, parked) => {
                 let committed = parked.as_ref().map_or(0, |w| w.committed_size());
                 if let Some(writer) = parked {
-                    self.park(resource.clone(), writer);
+                    self.parked.park(resource.clone(), writer);
                 }
                 return Err(Error::InvalidArgument(format!(
                     "write_offset {offset} does not match the committed size {committed} of {resource}"
@@ -185,13 +159,13 @@ impl ByteStreamService {
                         // The client closed without finish_write: keep what
                         // we have so it can resume, and say how much that is.
                         let committed = writer.committed_size();
-                        self.park(resource, writer);
+                        self.parked.park(resource, writer);
                         return Ok(WriteResponse {
                             committed_size: committed as i64,
                         });
                     }
                     Err(status) => {
-                        self.park(resource, writer);
+                        self.parked.park(resource, writer);
                         return Err(Error::Unavailable(format!("Write stream broke: {status}")));
                     }
                 },
@@ -234,7 +208,7 @@ impl ByteStreamService {
                 complete: true,
             });
         }
-        match self.parked_size(&req.resource_name) {
+        match self.parked.committed_size(&req.resource_name) {
             Some(size) => Ok(QueryWriteStatusResponse {
                 committed_size: size as i64,
                 complete: false,

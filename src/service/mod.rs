@@ -12,6 +12,7 @@ pub mod cas;
 pub mod execution;
 pub mod logstream;
 pub mod operations;
+pub mod parked;
 
 use std::sync::Arc;
 

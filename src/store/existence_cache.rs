@@ -222,6 +222,10 @@ impl BlobWriter for NotingWriter {
         self.inner.committed_size()
     }
 
+    fn park(&mut self) -> bool {
+        self.inner.park()
+    }
+
     async fn commit(self: Box<Self>) -> Result<()> {
         self.inner.commit().await?;
         note(&self.known, self.instance, [self.digest]);

@@ -107,6 +107,14 @@ pub trait BlobWriter: Send {
     /// Bytes accepted so far (what QueryWriteStatus reports).
     fn committed_size(&self) -> u64;
 
+    /// The client went away mid-write and the writer is put aside for a
+    /// resumption: give back what is held beyond the bytes received (quota
+    /// reserved ahead, an upstream stream). `false` when the write cannot be
+    /// resumed, so it is dropped instead of parked.
+    fn park(&mut self) -> bool {
+        true
+    }
+
     /// Verifies the data against the digest and makes the blob visible.
     /// On a mismatch nothing is stored and INVALID_ARGUMENT is returned.
     async fn commit(self: Box<Self>) -> Result<()>;

@@ -77,8 +77,9 @@ impl Replicator {
     }
 }
 
-/// Streams one blob from `from` into `to` (which verifies it).
-async fn copy_blob(
+/// Streams one blob from `from` into `to` (which verifies it); also how a
+/// resumed tee write sends its blob up ([`crate::store::write_through`]).
+pub async fn copy_blob(
     from: &dyn BlobStore,
     to: &dyn BlobStore,
     ctx: &RequestContext,

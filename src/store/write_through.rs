@@ -6,6 +6,16 @@
 //! a large one streams to both as it arrives. A blob larger than the whole
 //! local store goes to the upstream only (verified here when buffered, by
 //! the upstream otherwise).
+//!
+//! A tee write that is parked (the client went away mid-way) lets go of
+//! its upstream copy at once, cancelling a streamed upload: a parked upload
+//! must not hold an upstream stream for the minutes it may wait. When it is
+//! resumed and committed, the blob goes up from the local store once the
+//! local commit has verified it (the [`Replicator`]'s copy). An
+//! upstream-only write cannot be resumed without its upstream stream, so
+//! it is not parked but dropped (the client starts again from 0).
+//!
+//! [`Replicator`]: crate::store::replicator::Replicator
 
 use std::sync::Arc;
 
@@ -15,6 +25,7 @@ use bytes::{Bytes, BytesMut};
 use crate::context::RequestContext;
 use crate::digest::Digest;
 use crate::error::{Error, Result};
+use crate::store::replicator::copy_blob;
 use crate::store::{BlobStore, BlobWriter, SMALL_BLOB};
 
 /// The local store and the upstream, for writes.
@@ -62,6 +73,7 @@ impl WriteThrough {
             digest: *digest,
             local,
             upstream,
+            local_store: self.local.clone(),
             upstream_store: self.upstream.clone(),
             written: 0,
         }))
@@ -94,6 +106,9 @@ enum Sink {
     Buffer(BytesMut),
     /// Large blob: streamed to the upstream alongside the local write.
     Stream(Box<dyn BlobWriter>),
+    /// The write was parked: the blob is copied up from the local store
+    /// after the local commit.
+    FromLocal,
 }
 
 /// Writes one blob to the local store and the upstream together.
@@ -103,7 +118,9 @@ struct TeeWriter {
     /// `None` when the blob is too large for the local store.
     local: Option<Box<dyn BlobWriter>>,
     upstream: Sink,
-    /// Where a buffered blob is sent on commit.
+    /// Where a parked write's blob is copied from on commit.
+    local_store: Arc<dyn BlobStore>,
+    /// Where a buffered (or parked) blob is sent on commit.
     upstream_store: Arc<dyn BlobStore>,
     written: u64,
 }
@@ -122,6 +139,7 @@ impl BlobWriter for TeeWriter {
         match &mut self.upstream {
             Sink::Buffer(buf) => buf.extend_from_slice(&data),
             Sink::Stream(upstream) => upstream.write(data.clone()).await?,
+            Sink::FromLocal => {}
         }
         self.written += data.len() as u64;
         Ok(())
@@ -131,12 +149,22 @@ impl BlobWriter for TeeWriter {
         self.written
     }
 
+    fn park(&mut self) -> bool {
+        let Some(local) = &mut self.local else {
+            return false; // upstream-only: nothing to resume from
+        };
+        // Dropping a streamed upload cancels its upstream call.
+        self.upstream = Sink::FromLocal;
+        local.park()
+    }
+
     async fn commit(self: Box<Self>) -> Result<()> {
         let TeeWriter {
             ctx,
             digest,
             local,
             upstream,
+            local_store,
             upstream_store,
             ..
         } = *self;
@@ -157,6 +185,7 @@ impl BlobWriter for TeeWriter {
                 .pop()
                 .expect("one result per blob"),
             Sink::Stream(upstream) => upstream.commit().await,
+            Sink::FromLocal => copy_blob(&*local_store, &*upstream_store, &ctx, &digest).await,
         }
     }
 }
@@ -213,6 +242,42 @@ mod tests {
         assert!(upstream.has(&d) && !local.has(&d));
         let err = write(&tee, &d, blob(101, 1)).await;
         assert!(matches!(err, Err(Error::InvalidArgument(_))), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn a_parked_tee_write_resumes_and_sends_the_blob_up_from_the_local_store() {
+        let (local, upstream) = (
+            Arc::new(MemoryStore::default()),
+            Arc::new(MemoryStore::default()),
+        );
+        let tee = tee(&local, 1 << 30, &upstream);
+        let ctx = RequestContext::default();
+        for len in [10, 3 << 20] {
+            let data = blob(len, 6);
+            let d = Digest::of(DigestFunction::Sha256, &data);
+            let mut writer = tee.begin_write(&ctx, &d).await.unwrap();
+            writer.write(data.slice(..len / 2)).await.unwrap();
+            assert!(writer.park(), "a tee write with a local copy can resume");
+            writer.write(data.slice(len / 2..)).await.unwrap();
+            writer.commit().await.unwrap();
+            assert!(local.has(&d) && upstream.has(&d));
+        }
+    }
+
+    #[tokio::test]
+    async fn an_upstream_only_write_cannot_be_parked() {
+        let (local, upstream) = (
+            Arc::new(MemoryStore::default()),
+            Arc::new(MemoryStore::default()),
+        );
+        let tee = tee(&local, 5, &upstream);
+        let d = Digest::of(DigestFunction::Sha256, &blob(100, 1));
+        let mut writer = tee
+            .begin_write(&RequestContext::default(), &d)
+            .await
+            .unwrap();
+        writer.write(blob(50, 1)).await.unwrap();
+        assert!(!writer.park());
     }
 
     #[tokio::test]

@@ -1,16 +1,30 @@
 //! One [`Batcher`] per group key (instance + credentials): only requests that
 //! may share an upstream call are merged. A batcher is made on first use and
-//! forgotten once it has retired (idle for [`Limits::idle`]), so clients that
-//! rotate credentials do not grow the map without bound.
+//! forgotten once it has retired (idle for [`Limits::idle`]). At most
+//! [`MAX_LIVE_BATCHERS`] live at once: clients that rotate credentials per
+//! request could otherwise start thousands within the idle time. Beyond
+//! that, a request for a new key is sent on its own (one direct call of the
+//! flush, same results) and counted in `unbatched_upstream_requests`.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 
+use futures::FutureExt;
+use futures::future::BoxFuture;
+
 use crate::context::RequestContext;
 use crate::error::{Error, Result};
+use crate::stats::Stats;
 use crate::tasks::Background;
 use crate::upstream::batcher::{Batcher, Limits};
+
+/// Most batchers live at once (each is a task and a queue).
+pub const MAX_LIVE_BATCHERS: usize = 256;
+
+/// One call of the flush, boxed: what a batcher does per merged call.
+type Flush<T, R> =
+    Arc<dyn Fn(RequestContext, Vec<T>) -> BoxFuture<'static, Result<Vec<R>>> + Send + Sync>;
 
 /// Batchers of one kind of call, one per group key.
 pub struct KeyedBatchers<T, R> {
@@ -19,31 +33,43 @@ pub struct KeyedBatchers<T, R> {
     /// Starts a batcher for a key seen for the first time (or again after
     /// its batcher retired).
     make: Box<dyn Fn() -> Batcher<T, R> + Send + Sync>,
+    /// The flush itself, for requests sent unbatched.
+    flush: Flush<T, R>,
+    /// Most live batchers; a new key beyond it goes unbatched.
+    max_live: usize,
+    /// Counts unbatched requests.
+    stats: Arc<Stats>,
     /// Where the workers run; once it shuts down, no new batcher starts.
     background: Background,
 }
 
 impl<T: Send + 'static, R: Send + 'static> KeyedBatchers<T, R> {
     /// Batchers that merge up to `limits` and call `flush` (see
-    /// [`Batcher::new`]), their workers running in `background`.
+    /// [`Batcher::new`]), their workers running in `background`; at most
+    /// [`MAX_LIVE_BATCHERS`] live, unbatched requests counted in `stats`.
     pub fn new<F, Fut>(
         limits: Limits,
         weigh: fn(&T) -> u64,
         flush: F,
         background: &Background,
+        stats: Arc<Stats>,
     ) -> Self
     where
         F: Fn(RequestContext, Vec<T>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Vec<R>>> + Send + 'static,
     {
-        let flush = Arc::new(flush);
+        let flush: Flush<T, R> = Arc::new(move |ctx, items| flush(ctx, items).boxed());
+        let for_batchers = flush.clone();
         let workers = background.clone();
         KeyedBatchers {
             batchers: Mutex::new(HashMap::new()),
             make: Box::new(move || {
-                let flush = flush.clone();
+                let flush = for_batchers.clone();
                 Batcher::new(limits, weigh, move |ctx, items| flush(ctx, items), &workers)
             }),
+            flush,
+            max_live: MAX_LIVE_BATCHERS,
+            stats,
             background: background.clone(),
         }
     }
@@ -64,22 +90,34 @@ impl<T: Send + 'static, R: Send + 'static> KeyedBatchers<T, R> {
                 None => Err(items),
             };
             match refused {
-                Ok(pending) => pending,
+                Ok(pending) => Ok(pending),
                 Err(items) => {
                     if self.background.is_cancelled() {
                         return Err(Error::Unavailable("the server is shutting down".into()));
                     }
                     // A new key, or one whose batcher retired: forget every
-                    // retired batcher, then start one for this key.
+                    // retired batcher, then start one for this key, if
+                    // there is room for one more.
                     batchers.retain(|_, batcher| !batcher.is_retired());
-                    let batcher = (self.make)();
-                    let pending = batcher.enqueue(ctx, items);
-                    batchers.insert(key, batcher);
-                    pending.map_err(|_| Error::Internal("a new batcher refused work".into()))?
+                    if batchers.len() >= self.max_live {
+                        Err(items)
+                    } else {
+                        let batcher = (self.make)();
+                        let pending = batcher.enqueue(ctx, items);
+                        batchers.insert(key, batcher);
+                        Ok(pending
+                            .map_err(|_| Error::Internal("a new batcher refused work".into()))?)
+                    }
                 }
             }
         };
-        pending.wait().await
+        match pending {
+            Ok(pending) => pending.wait().await,
+            Err(items) => {
+                Stats::add(&self.stats.unbatched_upstream_requests, 1);
+                (self.flush)(ctx.clone(), items).await
+            }
+        }
     }
 
     /// How many batchers are live (for tests).
@@ -110,6 +148,14 @@ mod tests {
     }
 
     fn doubling(background: &Background, calls: Arc<AtomicUsize>) -> KeyedBatchers<u32, u32> {
+        doubling_with_stats(background, calls, Arc::new(Stats::default()))
+    }
+
+    fn doubling_with_stats(
+        background: &Background,
+        calls: Arc<AtomicUsize>,
+        stats: Arc<Stats>,
+    ) -> KeyedBatchers<u32, u32> {
         let limits = Limits {
             max_items: 100,
             max_weight: u64::MAX,
@@ -124,7 +170,31 @@ mod tests {
                 async move { Ok(items.into_iter().map(|i| i * 2).collect()) }
             },
             background,
+            stats,
         )
+    }
+
+    #[tokio::test]
+    async fn beyond_the_live_cap_requests_go_unbatched_with_the_same_results() {
+        let background = Background::new();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let stats = Arc::new(Stats::default());
+        let mut batchers = doubling_with_stats(&background, calls.clone(), stats.clone());
+        batchers.max_live = 2;
+        for token in ["one", "two"] {
+            let got = batchers.submit(&with_token(token), vec![1]).await;
+            assert_eq!(got.unwrap(), vec![2]);
+        }
+        for token in ["three", "four", "five"] {
+            let got = batchers.submit(&with_token(token), vec![3, 4]).await;
+            assert_eq!(got.unwrap(), vec![6, 8]);
+        }
+        assert_eq!(batchers.len(), 2, "no batcher beyond the cap");
+        assert_eq!(Stats::get(&stats.unbatched_upstream_requests), 3);
+        assert_eq!(calls.load(Ordering::SeqCst), 5, "one call per request");
+        // A key that has a batcher keeps using it.
+        batchers.submit(&with_token("one"), vec![1]).await.unwrap();
+        assert_eq!(Stats::get(&stats.unbatched_upstream_requests), 3);
     }
 
     #[tokio::test]

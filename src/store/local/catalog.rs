@@ -44,6 +44,11 @@ const ATIME_GRANULARITY_SECS: u64 = 60;
 /// Called with each blob evicted to stay under the quota.
 pub type EvictionListener = Arc<dyn Fn(&Digest, u64) + Send + Sync>;
 
+/// Asked to free at least this many bytes of quota held outside the index
+/// (parked uploads), before any stored entry is evicted. Called without the
+/// index lock, since what it drops gives its reservation back.
+pub type Reclaimer = Arc<dyn Fn(u64) + Send + Sync>;
+
 /// The local store's contents: index, RocksDB and files, changed together.
 pub struct Catalog {
     /// CAS index, inline blobs and action results.
@@ -57,6 +62,8 @@ pub struct Catalog {
     stats: Arc<Stats>,
     /// Told about every blob evicted to make room (prefetch bookkeeping).
     eviction_listener: Mutex<Option<EvictionListener>>,
+    /// Frees quota held by parked uploads before anything is evicted.
+    reclaimer: Mutex<Option<Reclaimer>>,
     /// Which asset entries keep which blobs alive; locked only under the
     /// index lock.
     links: Mutex<AssetLinks>,
@@ -83,6 +90,7 @@ impl Catalog {
             index: SharedIndex::new(quota_bytes),
             stats,
             eviction_listener: Mutex::new(None),
+            reclaimer: Mutex::new(None),
             links: Mutex::new(AssetLinks::default()),
         };
         catalog.load()?;
@@ -179,6 +187,11 @@ impl Catalog {
             .unwrap_or_else(|e| e.into_inner()) = Some(listener);
     }
 
+    /// Registers the function asked to free quota before eviction.
+    pub fn set_reclaimer(&self, reclaimer: Reclaimer) {
+        *self.reclaimer.lock().unwrap_or_else(|e| e.into_inner()) = Some(reclaimer);
+    }
+
     /// Flushes RocksDB's memtables.
     pub fn flush(&self) -> Result<()> {
         self.db.flush()
@@ -196,8 +209,20 @@ impl Catalog {
     }
 
     /// Reserves quota for a write, evicting as needed (see
-    /// [`super::quota::Index::reserve`]).
+    /// [`super::quota::Index::reserve`]); when the quota is short, the
+    /// reclaimer (parked uploads) is asked first, outside the lock.
     pub fn reserve(&self, bytes: u64) -> Result<Reservation> {
+        let short = self.index.lock().shortfall(bytes);
+        if short > 0 {
+            let reclaimer = self
+                .reclaimer
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            if let Some(reclaim) = reclaimer {
+                reclaim(short);
+            }
+        }
         let mut index = self.index.lock();
         let victims = index.reserve(bytes)?;
         if let Err(e) = self.delete_victims(&mut index, victims) {

@@ -35,7 +35,7 @@ use futures::stream;
 use self::catalog::Catalog;
 use self::db::{Db, action_key, asset_key, blob_key};
 use self::files::FileArea;
-use self::writer::{Commit, LocalWriter, Sink};
+use self::writer::{Commit, LocalWriter, Reserve, Room, Sink};
 use crate::context::RequestContext;
 use crate::digest::{Digest, DigestFunction};
 use crate::error::{Error, Result};
@@ -43,8 +43,12 @@ use crate::stats::Stats;
 use crate::store::asset_index::{AssetIndex, AssetKey, AssetRecord};
 use crate::store::{ActionKey, ActionResultStore, BlobStore, BlobWriter, ChunkStream};
 
-pub use self::catalog::EvictionListener;
+pub use self::catalog::{EvictionListener, Reclaimer};
 pub use self::quota::Occupancy;
+
+/// How far ahead of the bytes received a write of a file blob reserves
+/// quota: what a client that declares a large size and goes away can hold.
+pub const WRITE_WINDOW: u64 = 4 << 20;
 
 /// How to open a [`LocalStore`].
 #[derive(Clone, Debug)]
@@ -93,6 +97,12 @@ impl LocalStore {
     /// Registers the function told about evicted blobs (one at a time).
     pub fn set_eviction_listener(&self, listener: EvictionListener) {
         self.catalog.set_eviction_listener(listener);
+    }
+
+    /// Registers the function asked to free quota held outside the index
+    /// (parked uploads) before any stored entry is evicted.
+    pub fn set_reclaimer(&self, reclaimer: Reclaimer) {
+        self.catalog.set_reclaimer(reclaimer);
     }
 
     /// Flushes memtables so a clean shutdown leaves a short WAL to replay.
@@ -160,8 +170,10 @@ impl BlobStore for LocalStore {
         result
     }
 
-    /// Reserves quota (evicting if needed) and opens the sink. A blob that is
-    /// already stored needs no room, so writing it again evicts nothing.
+    /// Reserves quota (evicting if needed) and opens the sink: a small blob
+    /// reserves its whole size, a file blob a [`WRITE_WINDOW`] at a time as
+    /// its bytes arrive. A blob that is already stored needs no room, so
+    /// writing it again evicts nothing.
     async fn begin_write(
         &self,
         _ctx: &RequestContext,
@@ -172,16 +184,34 @@ impl BlobStore for LocalStore {
         if digest.size == 0 || self.catalog.mark_used(&blob_key(&digest)) {
             return Ok(Box::new(LocalWriter::verifying_only(digest, stats)));
         }
-        let reservation = self.catalog.reserve(digest.size)?;
-        let sink = if digest.size <= self.inline_limit {
-            Sink::memory(digest.size)
+        let quota = self.catalog.occupancy().1;
+        if digest.size > quota {
+            return Err(Error::ResourceExhausted(format!(
+                "a {}-byte blob does not fit in the {quota}-byte store quota",
+                digest.size
+            )));
+        }
+        let (first, sink) = if digest.size <= self.inline_limit {
+            (digest.size, Sink::memory(digest.size))
         } else {
-            Sink::File(self.catalog.create_temp()?)
+            let first = digest.size.min(WRITE_WINDOW);
+            (first, Sink::File(self.catalog.create_temp()?))
+        };
+        let held = self.catalog.reserve(first)?;
+        let catalog = self.catalog.clone();
+        let reserve: Reserve = Arc::new(move |bytes| catalog.reserve(bytes));
+        let room = Room {
+            held,
+            reserve,
+            window: WRITE_WINDOW,
         };
         let catalog = self.catalog.clone();
-        let commit: Commit =
-            Box::new(move |payload| catalog.commit_blob(&digest, payload, reservation));
-        Ok(Box::new(LocalWriter::storing(digest, stats, sink, commit)))
+        let commit: Commit = Box::new(move |payload, reservation| {
+            catalog.commit_blob(&digest, payload, reservation)
+        });
+        Ok(Box::new(LocalWriter::storing(
+            digest, stats, sink, room, commit,
+        )))
     }
 
     async fn write_many(

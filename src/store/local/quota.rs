@@ -3,8 +3,10 @@
 //! It answers existence checks without touching disk, orders entries by last
 //! use for eviction, counts bytes against the quota, and knows which entries
 //! are pinned (being read) so that eviction skips them. Bytes of writes in
-//! progress are *reserved* up front, so a write never has to evict while it
-//! streams and concurrent writes can never overshoot the quota together.
+//! progress are *reserved* before they arrive (a bounded window ahead of
+//! what was received, grown as the bytes come), so concurrent writes can
+//! never overshoot the quota together, and a write that declares a large
+//! size but sends little holds little.
 //!
 //! [`Index`] is plain data; [`SharedIndex`] puts it behind the lock that also
 //! serialises commits against eviction, and hands out the guards
@@ -175,6 +177,12 @@ impl Index {
         Ok(victims)
     }
 
+    /// How many bytes are missing for a reservation of `bytes` to fit
+    /// without evicting (0 when it fits).
+    pub fn shortfall(&self, bytes: u64) -> u64 {
+        (self.used() + bytes).saturating_sub(self.quota)
+    }
+
     /// Returns an unused reservation.
     pub fn release(&mut self, bytes: u64) {
         self.occupancy.reserved_bytes -= bytes;
@@ -255,6 +263,27 @@ pub struct Reservation {
 }
 
 impl Reservation {
+    /// The reserved bytes.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Adds a further reservation (of the same index) to this one.
+    pub fn absorb(&mut self, mut more: Reservation) {
+        self.bytes += more.bytes;
+        more.index = None;
+    }
+
+    /// Gives back everything above `bytes`.
+    pub fn shrink_to(&mut self, bytes: u64) {
+        if bytes < self.bytes
+            && let Some(index) = &self.index
+        {
+            index.lock().release(self.bytes - bytes);
+            self.bytes = bytes;
+        }
+    }
+
     /// Releases the reservation under a lock the caller already holds (the
     /// commit that turns it into stored bytes).
     pub fn consume(mut self, index: &mut Index) {
@@ -431,6 +460,24 @@ mod tests {
         let occupancy = shared.lock().occupancy();
         assert_eq!(occupancy.reserved_bytes, 0);
         assert_eq!(occupancy.blob_bytes, 60);
+    }
+
+    #[test]
+    fn a_reservation_grows_and_shrinks_and_gives_back_what_it_holds() {
+        let shared = SharedIndex::new(100);
+        shared.lock().reserve(10).unwrap();
+        let mut reservation = shared.reservation(10);
+        shared.lock().reserve(30).unwrap();
+        reservation.absorb(shared.reservation(30));
+        assert_eq!(reservation.bytes(), 40);
+        assert_eq!(shared.lock().occupancy().reserved_bytes, 40);
+        reservation.shrink_to(25);
+        assert_eq!(reservation.bytes(), 25);
+        assert_eq!(shared.lock().occupancy().reserved_bytes, 25);
+        reservation.shrink_to(30); // never grows by shrinking
+        assert_eq!(shared.lock().occupancy().reserved_bytes, 25);
+        drop(reservation);
+        assert_eq!(shared.lock().occupancy().reserved_bytes, 0);
     }
 
     #[test]

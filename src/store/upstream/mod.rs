@@ -109,12 +109,14 @@ where
         max_in_flight: BATCH_CALLS_IN_FLIGHT,
         idle: BATCHER_IDLE,
     };
+    let stats = upstream.stats().clone();
     let upstream = upstream.clone();
     KeyedBatchers::new(
         limits,
         weigh,
         move |ctx, items| flush(upstream.clone(), ctx, items),
         background,
+        stats,
     )
 }
 
