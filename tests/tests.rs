@@ -7,6 +7,7 @@
 mod common;
 
 mod suite {
+    mod abandoned_uploads;
     mod action_cache;
     mod asset;
     mod asset_origin;

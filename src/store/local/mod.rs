@@ -416,6 +416,63 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_large_write_reserves_a_window_not_its_declared_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let stats = Arc::new(Stats::default());
+        let ctx = RequestContext::default();
+        let store = open(dir.path(), 1 << 30, &stats);
+        let declared = Digest {
+            size: 512 << 20,
+            ..blob(10, 1).0
+        };
+        let mut writer = store.begin_write(&ctx, &declared).await.unwrap();
+        assert_eq!(store.occupancy().0.reserved_bytes, WRITE_WINDOW);
+        writer.write(Bytes::from(vec![1u8; 1024])).await.unwrap();
+        assert!(writer.park());
+        assert_eq!(store.occupancy().0.reserved_bytes, 1024);
+        drop(writer);
+        assert_eq!(store.occupancy().0.reserved_bytes, 0);
+        let too_large = Digest {
+            size: (1 << 30) + 1,
+            ..declared
+        };
+        let err = store.begin_write(&ctx, &too_large).await.err().unwrap();
+        assert!(matches!(err, Error::ResourceExhausted(_)), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn the_reclaimer_is_asked_before_anything_is_evicted() {
+        let dir = tempfile::tempdir().unwrap();
+        let stats = Arc::new(Stats::default());
+        let ctx = RequestContext::default();
+        let store = open(dir.path(), 1000, &stats);
+        let (kept, kept_data) = blob(500, 1);
+        write_bytes(&store, &ctx, &kept, kept_data).await.unwrap();
+        // A write put aside with 300 bytes received.
+        let (parked, parked_data) = blob(400, 2);
+        let mut writer = store.begin_write(&ctx, &parked).await.unwrap();
+        writer.write(parked_data.slice(..300)).await.unwrap();
+        assert!(writer.park());
+        let held = Arc::new(Mutex::new(Some(writer)));
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        let (lot, log) = (held.clone(), asked.clone());
+        store.set_reclaimer(Arc::new(move |bytes| {
+            log.lock().unwrap().push(bytes);
+            drop(lot.lock().unwrap().take());
+        }));
+        // 500 + 300 + 400 > 1000: the parked write goes, nothing is evicted.
+        let (next, next_data) = blob(400, 3);
+        write_bytes(&store, &ctx, &next, next_data).await.unwrap();
+        assert_eq!(*asked.lock().unwrap(), vec![200]);
+        assert!(held.lock().unwrap().is_none());
+        assert_eq!(
+            store.find_missing(&ctx, &[kept, next]).await.unwrap(),
+            vec![]
+        );
+        assert_eq!(Stats::get(&stats.evicted_entries), 0);
+    }
+
+    #[tokio::test]
     async fn write_many_fails_only_the_bad_blob_and_stores_duplicates_once() {
         let dir = tempfile::tempdir().unwrap();
         let stats = Arc::new(Stats::default());
