@@ -353,6 +353,49 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_corrupt_file_blob_fails_its_read_with_data_loss_and_is_removed() {
+        use futures::StreamExt;
+        let dir = tempfile::tempdir().unwrap();
+        let stats = Arc::new(Stats::default());
+        let ctx = RequestContext::default();
+        let store = open(dir.path(), 1 << 20, &stats);
+        let (d, data) = blob(1000, 1);
+        write_bytes(&store, &ctx, &d, data.clone()).await.unwrap();
+        let asset = AssetKey::of("", "https://x/rotten.tar.gz", &[]);
+        let record = AssetRecord {
+            uri: "https://x/rotten.tar.gz".into(),
+            digest_function: DigestFunction::Sha256.to_proto(),
+            digest: Some(d.to_proto()),
+            ..Default::default()
+        };
+        store.put_asset(&asset, &record).await.unwrap();
+        let path = FileArea::open(dir.path(), false).unwrap().path_for(&d);
+        let mut rotten = data.to_vec();
+        rotten[999] ^= 0x40;
+        std::fs::write(&path, rotten).unwrap();
+
+        // Even a read of an untouched range fails: nothing is sent.
+        let items: Vec<Result<Bytes>> = store.read(&ctx, &d, 0, 10).await.unwrap().collect().await;
+        assert_eq!(items.len(), 1);
+        let Err(Error::DataLoss(why)) = &items[0] else {
+            panic!("expected DATA_LOSS, got {items:?}");
+        };
+        assert!(why.contains(&d.to_string()), "{why}");
+        assert_eq!(Stats::get(&stats.corrupt_blobs), 1);
+        assert_eq!(store.find_missing(&ctx, &[d]).await.unwrap(), vec![d]);
+        assert!(!path.exists(), "the file is deleted");
+        assert_eq!(store.occupancy().0.blob_count, 0);
+        assert_eq!(
+            store.get_asset(&asset).await.unwrap(),
+            None,
+            "its asset entry too"
+        );
+        // It can be uploaded again.
+        write_bytes(&store, &ctx, &d, data.clone()).await.unwrap();
+        assert_eq!(read_to_bytes(&store, &ctx, &d).await.unwrap(), data);
+    }
+
+    #[tokio::test]
     async fn the_eviction_listener_hears_of_evicted_blobs_only() {
         let dir = tempfile::tempdir().unwrap();
         let stats = Arc::new(Stats::default());
