@@ -179,6 +179,11 @@ impl Catalog {
             .unwrap_or_else(|e| e.into_inner()) = Some(listener);
     }
 
+    /// The blob files (for verification: [`super::scrub`]).
+    pub fn files(&self) -> &FileArea {
+        &self.files
+    }
+
     /// Flushes RocksDB's memtables.
     pub fn flush(&self) -> Result<()> {
         self.db.flush()

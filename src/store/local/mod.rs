@@ -14,6 +14,9 @@
 //! - [`files`]: large blobs as files; `tmp/`, rename, unlink, read streams.
 //! - [`writer`]: the [`BlobWriter`]: memory buffer or temp file, hashed as
 //!   the bytes arrive, verified at commit.
+//! - [`running`]: the marker that tells a start after an unclean stop.
+//! - [`scrub`]: verifying stored entries: recent files after an unclean
+//!   stop, the whole store offline (`outpost verify`).
 
 mod asset_links;
 #[cfg(test)]
@@ -22,6 +25,8 @@ mod catalog;
 mod db;
 mod files;
 mod quota;
+mod running;
+pub mod scrub;
 mod writer;
 
 use std::path::PathBuf;
@@ -35,6 +40,7 @@ use futures::stream;
 use self::catalog::Catalog;
 use self::db::{Db, action_key, asset_key, blob_key};
 use self::files::FileArea;
+use self::running::RunningMarker;
 use self::writer::{Commit, LocalWriter, Sink};
 use crate::context::RequestContext;
 use crate::digest::{Digest, DigestFunction};
@@ -45,6 +51,7 @@ use crate::store::{ActionKey, ActionResultStore, BlobStore, BlobWriter, ChunkStr
 
 pub use self::catalog::EvictionListener;
 pub use self::quota::Occupancy;
+pub use self::running::REFRESH_INTERVAL as RUNNING_MARKER_REFRESH;
 
 /// How to open a [`LocalStore`].
 #[derive(Clone, Debug)]
@@ -68,21 +75,55 @@ pub struct LocalStore {
     stats: Arc<Stats>,
     /// Blobs up to this size go inline.
     inline_limit: u64,
+    /// Present while the store is open; removed by a clean stop.
+    marker: Arc<RunningMarker>,
 }
 
 impl LocalStore {
     /// Opens or creates the store, rebuilds the index and removes debris a
-    /// crash may have left behind.
+    /// crash may have left behind. After an unclean stop, blob files written
+    /// in its last moments are verified first and the corrupt ones removed
+    /// ([`scrub::check_recent`]).
     pub fn open(options: LocalStoreOptions, stats: Arc<Stats>) -> Result<Self> {
         std::fs::create_dir_all(&options.dir)?;
         let db = Db::open(&options.dir.join("db"), options.sync)?;
+        let suspect_since = RunningMarker::unclean_stop(&options.dir)?;
         let files = FileArea::open(&options.dir, options.sync)?;
         let catalog = Catalog::open(db, files, options.quota_bytes, stats.clone())?;
+        if let Some(since) = suspect_since {
+            let started = std::time::Instant::now();
+            let found = scrub::check_recent(&catalog, since)?;
+            tracing::warn!(
+                checked = found.checked,
+                bytes = found.bytes,
+                corrupt = found.corrupt.len(),
+                seconds = started.elapsed().as_secs_f64(),
+                "the last run did not stop cleanly: verified the blob files it wrote last"
+            );
+            for digest in &found.corrupt {
+                tracing::warn!("removed corrupt blob {digest} after the unclean stop");
+            }
+        }
+        let marker = RunningMarker::create(&options.dir)?;
         Ok(LocalStore {
             catalog: Arc::new(catalog),
             stats,
             inline_limit: options.inline_limit,
+            marker: Arc::new(marker),
         })
+    }
+
+    /// Tells a later start that this store is still running (see
+    /// [`running`]); call every [`RUNNING_MARKER_REFRESH`].
+    pub fn refresh_running_marker(&self) -> Result<()> {
+        self.marker.refresh()
+    }
+
+    /// Flushes and records a clean stop, so the next start trusts the files
+    /// written last. Call once, after the last write.
+    pub fn close_cleanly(&self) -> Result<()> {
+        self.catalog.flush()?;
+        self.marker.remove()
     }
 
     /// Occupancy and quota, for stats.
@@ -393,6 +434,79 @@ mod tests {
         // It can be uploaded again.
         write_bytes(&store, &ctx, &d, data.clone()).await.unwrap();
         assert_eq!(read_to_bytes(&store, &ctx, &d).await.unwrap(), data);
+    }
+
+    /// Flips one bit of a blob's file, keeping its size (and, with `age`,
+    /// dates its modification back that far).
+    fn rot(dir: &Path, d: &Digest, age: Option<std::time::Duration>) {
+        let path = FileArea::open(dir, false).unwrap().path_for(d);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[0] ^= 1;
+        std::fs::write(&path, bytes).unwrap();
+        if let Some(age) = age {
+            let file = std::fs::File::options().write(true).open(&path).unwrap();
+            file.set_modified(std::time::SystemTime::now() - age)
+                .unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn after_an_unclean_stop_recent_corrupt_files_are_removed_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let stats = Arc::new(Stats::default());
+        let ctx = RequestContext::default();
+        let (fresh, fresh_data) = blob(1000, 1);
+        let (intact, intact_data) = blob(1000, 2);
+        let (old, old_data) = blob(1000, 3);
+        {
+            let store = open(dir.path(), 1 << 20, &stats);
+            for (d, data) in [(fresh, fresh_data), (intact, intact_data), (old, old_data)] {
+                write_bytes(&store, &ctx, &d, data).await.unwrap();
+            }
+            // Dropped without close_cleanly: the marker stays, as after kill -9.
+        }
+        rot(dir.path(), &fresh, None);
+        rot(dir.path(), &old, Some(std::time::Duration::from_secs(3600)));
+
+        let store = open(dir.path(), 1 << 20, &stats);
+        assert_eq!(Stats::get(&stats.corrupt_blobs), 1);
+        assert_eq!(
+            store
+                .find_missing(&ctx, &[fresh, intact, old])
+                .await
+                .unwrap(),
+            vec![fresh],
+            "only files written in the last moments are checked"
+        );
+        assert!(
+            !FileArea::open(dir.path(), false)
+                .unwrap()
+                .path_for(&fresh)
+                .exists()
+        );
+    }
+
+    #[tokio::test]
+    async fn after_a_clean_stop_nothing_is_checked_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let stats = Arc::new(Stats::default());
+        let ctx = RequestContext::default();
+        let (d, data) = blob(1000, 1);
+        {
+            let store = open(dir.path(), 1 << 20, &stats);
+            write_bytes(&store, &ctx, &d, data).await.unwrap();
+            store.close_cleanly().unwrap();
+        }
+        assert!(!dir.path().join(running::MARKER).exists());
+        rot(dir.path(), &d, None);
+        let store = open(dir.path(), 1 << 20, &stats);
+        assert!(dir.path().join(running::MARKER).exists());
+        assert_eq!(store.find_missing(&ctx, &[d]).await.unwrap(), vec![]);
+        assert_eq!(
+            Stats::get(&stats.corrupt_blobs),
+            0,
+            "found at its first read"
+        );
     }
 
     #[tokio::test]
