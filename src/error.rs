@@ -47,6 +47,10 @@ pub enum Error {
     /// A deadline expired before the work finished.
     #[error("{0}")]
     DeadlineExceeded(String),
+    /// Stored bytes are corrupt (they no longer hash to their digest): the
+    /// entry was removed, a retry fetches it again or reports it missing.
+    #[error("{0}")]
+    DataLoss(String),
     /// A bug or an unexpected storage failure.
     #[error("internal error: {0}")]
     Internal(String),
@@ -106,6 +110,7 @@ impl Error {
             Error::Unauthenticated(_) => Code::Unauthenticated,
             Error::PermissionDenied(_) => Code::PermissionDenied,
             Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
+            Error::DataLoss(_) => Code::DataLoss,
             Error::Internal(_) | Error::Io(_) | Error::RocksDb(_) => Code::Internal,
             Error::Upstream(status) | Error::Detailed(status) => status.0.code(),
         }
@@ -126,6 +131,7 @@ impl Error {
             Error::Unauthenticated(m) => Error::Unauthenticated(m.clone()),
             Error::PermissionDenied(m) => Error::PermissionDenied(m.clone()),
             Error::DeadlineExceeded(m) => Error::DeadlineExceeded(m.clone()),
+            Error::DataLoss(m) => Error::DataLoss(m.clone()),
             Error::Internal(m) => Error::Internal(m.clone()),
             Error::Io(e) => Error::Io(std::io::Error::new(e.kind(), e.to_string())),
             Error::RocksDb(e) => Error::Internal(format!("rocksdb: {e}")),
@@ -266,6 +272,7 @@ mod tests {
         let errors = [
             Error::NotFound("gone".into()),
             Error::Unavailable("down".into()),
+            Error::DataLoss("rotten".into()),
             Error::from(std::io::Error::new(std::io::ErrorKind::NotFound, "x")),
         ];
         for err in errors {

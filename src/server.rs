@@ -252,6 +252,8 @@ impl RunningServer {
             ));
         }
 
+        tasks.spawn(refresh_running_marker(local.clone(), shutdown.clone()));
+
         if let Some(path) = &config.unix_socket {
             let incoming = bind_unix(path)?;
             let router = services.router();
@@ -325,7 +327,7 @@ impl RunningServer {
                 "{running} background tasks still running after {BACKGROUND_DRAIN_TIMEOUT:?}; flushing anyway"
             );
         }
-        self.local.flush()?;
+        self.local.close_cleanly()?;
         Ok(())
     }
 
@@ -345,6 +347,25 @@ impl RunningServer {
             }
         }
         self.stop().await
+    }
+}
+
+/// Refreshes the store's running marker until shutdown, so that after an
+/// unclean stop the next start knows which files were written last.
+async fn refresh_running_marker(
+    local: LocalStore,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut tick = tokio::time::interval(crate::store::local::RUNNING_MARKER_REFRESH);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tick.tick() => {
+                if let Err(e) = local.refresh_running_marker() {
+                    tracing::warn!("cannot refresh the running marker: {e}");
+                }
+            }
+        }
     }
 }
 

@@ -13,6 +13,7 @@ mod suite {
     mod asset_origin;
     mod asset_proxy;
     mod bad_input;
+    mod bitrot;
     mod bytestream;
     mod capabilities;
     mod cas;

@@ -192,6 +192,11 @@ impl Catalog {
         *self.reclaimer.lock().unwrap_or_else(|e| e.into_inner()) = Some(reclaimer);
     }
 
+    /// The blob files (for verification: [`super::scrub`]).
+    pub fn files(&self) -> &FileArea {
+        &self.files
+    }
+
     /// Flushes RocksDB's memtables.
     pub fn flush(&self) -> Result<()> {
         self.db.flush()
@@ -465,9 +470,14 @@ impl Catalog {
 
     /// Streams `[offset, end)` of a stored blob, pinned against eviction
     /// while the stream lives. NOT_FOUND means its bytes are missing or
-    /// damaged (see [`Catalog::forget_broken`]).
+    /// damaged (see [`Catalog::forget_broken`]). A file blob is verified as
+    /// it streams ([`FileArea::stream`]): one that does not hash to its
+    /// digest ends the stream with DATA_LOSS and is removed
+    /// ([`Catalog::forget_corrupt`]). Inline blobs are not hashed again:
+    /// RocksDB checks each block's checksum when it reads it from disk, and
+    /// they were hashed right before their write batch.
     pub fn read_blob(
-        &self,
+        self: &Arc<Self>,
         digest: &Digest,
         key: &[u8],
         kind: EntryKind,
@@ -477,7 +487,16 @@ impl Catalog {
         let pin = self.index.pin(key);
         match kind {
             EntryKind::InlineBlob => self.read_inline(digest, key, offset, end),
-            EntryKind::FileBlob => self.files.stream(digest, offset, end, pin),
+            EntryKind::FileBlob => {
+                let catalog = Arc::downgrade(self);
+                let key = key.to_vec();
+                let on_corrupt = move |why: &str| {
+                    if let Some(catalog) = catalog.upgrade() {
+                        catalog.forget_corrupt(&key, why);
+                    }
+                };
+                self.files.stream(digest, offset, end, pin, on_corrupt)
+            }
             EntryKind::ActionResult | EntryKind::Asset => {
                 Err(Error::Internal("blob key names no blob".into()))
             }
@@ -564,6 +583,16 @@ impl Catalog {
             Some(entry) => self.delete_entries(&mut index, &[(key, entry)]),
             None => Ok(()),
         }
+    }
+
+    /// Drops a blob whose bytes no longer hash to its digest (and the asset
+    /// entries that keep it alive), counting it in `corrupt_blobs`. Action
+    /// results that name it as an output are dropped by the completeness
+    /// check ([`crate::store::complete`]) at their next lookup.
+    pub fn forget_corrupt(&self, key: &[u8], why: &str) {
+        Stats::add(&self.stats.corrupt_blobs, 1);
+        tracing::error!("corrupt blob in the local store: {why}");
+        self.forget_broken(key, why);
     }
 
     /// Drops an entry whose bytes turned out to be missing or damaged (and

@@ -8,14 +8,14 @@
 //! Reads stream a file a block at a time on the blocking pool.
 
 use std::fs::{self, File};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use futures::stream;
 
-use crate::digest::{Digest, DigestFunction};
+use crate::digest::{Digest, DigestFunction, Hasher};
 use crate::error::{Error, Result};
 use crate::store::ChunkStream;
 
@@ -141,19 +141,65 @@ impl FileArea {
         Ok(out)
     }
 
-    /// Streams `[offset, end)` of the committed file of `digest` in blocks,
-    /// reading on the blocking pool one block at a time. `guard` (the
-    /// caller's pin) is held until the stream is dropped. NOT_FOUND if the
-    /// file is missing or has the wrong size.
-    pub fn stream<G: Send + 'static>(
+    /// Streams `[offset, end)` of the committed file of `digest`, verified:
+    /// the whole file is read and hashed (bytes outside the range are hashed,
+    /// not sent) on the blocking pool, one block ahead of the consumer, and
+    /// the chunk that ends the range is held back until the hash checks. On
+    /// a mismatch the stream ends with DATA_LOSS instead of that chunk and
+    /// `on_corrupt` is called (once) with the reason. `guard` (the caller's
+    /// pin) is held until the stream is dropped. NOT_FOUND if the file is
+    /// missing or has the wrong size.
+    pub fn stream<G, C>(
         &self,
         digest: &Digest,
         offset: u64,
         end: u64,
         guard: G,
-    ) -> Result<ChunkStream> {
+        on_corrupt: C,
+    ) -> Result<ChunkStream>
+    where
+        G: Send + 'static,
+        C: FnOnce(&str) + Send + 'static,
+    {
+        let file = self.open_checked(digest)?;
+        let reader = VerifyingReader {
+            file,
+            hasher: Hasher::new(digest.function),
+            digest: *digest,
+            pos: 0,
+            offset,
+            end,
+        };
+        let state = ReadAhead {
+            next: Some(tokio::task::spawn_blocking(move || reader.step())),
+            _guard: guard,
+            on_corrupt: Some(on_corrupt),
+        };
+        Ok(Box::pin(stream::unfold(state, |mut state| async move {
+            let task = state.next.take()?;
+            let (item, reader) = match task.await {
+                Ok(Ok((Step::More(chunk), reader))) => (Ok(chunk), Some(reader)),
+                Ok(Ok((Step::Last(chunk), _))) if chunk.is_empty() => return None,
+                Ok(Ok((Step::Last(chunk), _))) => (Ok(chunk), None),
+                Ok(Err(e)) => (Err(e), None),
+                Err(e) => (Err(Error::Internal(format!("read task failed: {e}"))), None),
+            };
+            if let Err(Error::DataLoss(why)) = &item
+                && let Some(on_corrupt) = state.on_corrupt.take()
+            {
+                on_corrupt(why);
+            }
+            // Read (and hash) the next block while this one is sent.
+            state.next = reader.map(|r| tokio::task::spawn_blocking(move || r.step()));
+            Some((item, state))
+        })))
+    }
+
+    /// Opens the committed file of `digest`; NOT_FOUND if it is missing or
+    /// has the wrong size.
+    fn open_checked(&self, digest: &Digest) -> Result<File> {
         let path = self.path_for(digest);
-        let mut file = match File::open(&path) {
+        let file = match File::open(&path) {
             Ok(file) => file,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(Error::NotFound(format!("blob {digest} file is missing")));
@@ -165,27 +211,115 @@ impl FileArea {
                 "blob {digest} file has the wrong size"
             )));
         }
-        file.seek(SeekFrom::Start(offset))?;
-        let state = Some((file, offset, guard));
-        Ok(Box::pin(stream::unfold(state, move |state| async move {
-            let (mut file, pos, guard) = state?;
-            if pos >= end {
-                return None;
+        Ok(file)
+    }
+
+    /// Reads and hashes the whole committed file of `digest` (blocking):
+    /// DATA_LOSS if it does not hash to `digest`, NOT_FOUND as
+    /// [`FileArea::stream`]. For scrubs and start-up checks.
+    pub fn verify(&self, digest: &Digest) -> Result<()> {
+        let file = self.open_checked(digest)?;
+        let reader = VerifyingReader {
+            file,
+            hasher: Hasher::new(digest.function),
+            digest: *digest,
+            pos: 0,
+            offset: 0,
+            end: 0,
+        };
+        reader.step().map(|_| ())
+    }
+}
+
+/// The state of a verified read stream: the block being read ahead.
+struct ReadAhead<G, C> {
+    /// The blocking read of the next block, if the stream goes on.
+    next: Option<tokio::task::JoinHandle<Result<(Step, VerifyingReader)>>>,
+    /// The caller's pin, held while the stream lives.
+    _guard: G,
+    /// Told once about a mismatch.
+    on_corrupt: Option<C>,
+}
+
+/// What one blocking step of a [`VerifyingReader`] yields.
+enum Step {
+    /// A piece of the range; more follow.
+    More(Bytes),
+    /// The piece that ends the range (maybe empty), sent only because the
+    /// whole file hashed to its digest.
+    Last(Bytes),
+}
+
+/// Reads a blob file from its start to its end, hashing every byte, and
+/// hands out the bytes of `[offset, end)`.
+struct VerifyingReader {
+    /// The open file, positioned at `pos`.
+    file: File,
+    /// Hash of `[0, pos)`.
+    hasher: Hasher,
+    /// What the file must hash to.
+    digest: Digest,
+    /// Bytes read so far.
+    pos: u64,
+    /// First byte to hand out.
+    offset: u64,
+    /// One past the last byte to hand out.
+    end: u64,
+}
+
+impl VerifyingReader {
+    /// Reads blocks until one holds bytes of the range: `More` with them, or,
+    /// once the range is complete, the rest of the file is hashed and `Last`
+    /// returned (DATA_LOSS on a mismatch). Blocks the thread.
+    fn step(mut self) -> Result<(Step, Self)> {
+        loop {
+            let block = self.read_block()?;
+            let start = self.pos - block.len() as u64;
+            let from = self.offset.clamp(start, self.pos) - start;
+            let to = self.end.clamp(start, self.pos) - start;
+            let piece = block.slice(from as usize..to as usize);
+            if self.pos >= self.end.max(self.offset) {
+                self.finish()?;
+                return Ok((Step::Last(piece), self));
             }
-            let n = (end - pos).min(FILE_READ_BLOCK as u64) as usize;
-            let read = tokio::task::spawn_blocking(move || {
-                let mut buf = vec![0u8; n];
-                file.read_exact(&mut buf).map(|_| (file, buf))
-            })
-            .await;
-            match read {
-                Ok(Ok((file, buf))) => {
-                    Some((Ok(Bytes::from(buf)), Some((file, pos + n as u64, guard))))
-                }
-                Ok(Err(e)) => Some((Err(e.into()), None)),
-                Err(e) => Some((Err(Error::Internal(format!("read task failed: {e}"))), None)),
+            if !piece.is_empty() {
+                return Ok((Step::More(piece), self));
             }
-        })))
+        }
+    }
+
+    /// The next block of the file, hashed (empty at the end of the file).
+    fn read_block(&mut self) -> Result<Bytes> {
+        let n = (self.digest.size - self.pos).min(FILE_READ_BLOCK as u64) as usize;
+        let mut buf = vec![0u8; n];
+        if let Err(e) = self.file.read_exact(&mut buf) {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                return Err(self.data_loss("is shorter than its size"));
+            }
+            return Err(e.into());
+        }
+        self.hasher.update(&buf);
+        self.pos += n as u64;
+        Ok(Bytes::from(buf))
+    }
+
+    /// Hashes the rest of the file and checks the digest.
+    fn finish(&mut self) -> Result<()> {
+        while self.pos < self.digest.size {
+            self.read_block()?;
+        }
+        let hasher = std::mem::replace(&mut self.hasher, Hasher::new(self.digest.function));
+        if hasher.finish() != self.digest {
+            return Err(self.data_loss("does not hash to its digest"));
+        }
+        Ok(())
+    }
+
+    fn data_loss(&self, what: &str) -> Error {
+        Error::DataLoss(format!(
+            "blob {} is corrupt in the local store (its file {what}); it was removed",
+            self.digest
+        ))
     }
 }
 
@@ -263,19 +397,46 @@ mod tests {
         assert!(!path.exists());
     }
 
+    fn publish_blob(area: &FileArea, data: &[u8]) -> Digest {
+        let digest = Digest::of(DigestFunction::Sha256, data);
+        let mut tmp = area.create_temp().unwrap();
+        tmp.write_all(data).unwrap();
+        area.publish(tmp, &digest).unwrap();
+        digest
+    }
+
+    /// Every chunk the stream yields, and the reason `on_corrupt` was given.
+    async fn drain(
+        area: &FileArea,
+        digest: &Digest,
+        offset: u64,
+        end: u64,
+    ) -> (Vec<Result<Bytes>>, Option<String>) {
+        use futures::StreamExt;
+        let told = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let sink = told.clone();
+        let stream = area
+            .stream(digest, offset, end, (), move |why: &str| {
+                *sink.lock().unwrap() = Some(why.to_string())
+            })
+            .unwrap();
+        let items = stream.collect().await;
+        let why = told.lock().unwrap().take();
+        (items, why)
+    }
+
     #[tokio::test]
     async fn stream_reads_a_range_and_holds_the_guard() {
         use futures::StreamExt;
         let dir = tempfile::tempdir().unwrap();
         let area = FileArea::open(dir.path(), false).unwrap();
         let data: Vec<u8> = (0..3 * FILE_READ_BLOCK as u32).map(|i| i as u8).collect();
-        let digest = Digest::of(DigestFunction::Sha256, &data);
-        let mut tmp = area.create_temp().unwrap();
-        tmp.write_all(&data).unwrap();
-        area.publish(tmp, &digest).unwrap();
+        let digest = publish_blob(&area, &data);
         let guard = std::sync::Arc::new(());
         let (offset, end) = (10, 2 * FILE_READ_BLOCK as u64 + 5);
-        let stream = area.stream(&digest, offset, end, guard.clone()).unwrap();
+        let stream = area
+            .stream(&digest, offset, end, guard.clone(), |_: &str| {})
+            .unwrap();
         assert_eq!(std::sync::Arc::strong_count(&guard), 2);
         let chunks: Vec<Bytes> = stream.map(|c| c.unwrap()).collect().await;
         assert_eq!(chunks.concat(), data[offset as usize..end as usize]);
@@ -285,7 +446,59 @@ mod tests {
             "released at the end"
         );
         area.remove(&digest).unwrap();
-        let err = area.stream(&digest, 0, 1, ()).err().unwrap();
+        let err = area.stream(&digest, 0, 1, (), |_: &str| {}).err().unwrap();
         assert!(matches!(err, Error::NotFound(_)));
+    }
+
+    #[tokio::test]
+    async fn every_range_of_an_intact_file_reads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let area = FileArea::open(dir.path(), false).unwrap();
+        let size = 2 * FILE_READ_BLOCK + 7;
+        let data: Vec<u8> = (0..size as u32).map(|i| (i * 7) as u8).collect();
+        let digest = publish_blob(&area, &data);
+        let block = FILE_READ_BLOCK as u64;
+        let size = size as u64;
+        for (offset, end) in [
+            (0, size),
+            (0, 0),
+            (size, size),
+            (block, block),
+            (block - 1, block + 1),
+            (block, 2 * block),
+            (5, 6),
+            (size - 1, size),
+        ] {
+            let (items, why) = drain(&area, &digest, offset, end).await;
+            let bytes: Vec<Bytes> = items.into_iter().map(|c| c.unwrap()).collect();
+            assert!(bytes.iter().all(|b| !b.is_empty()), "no empty chunks");
+            assert_eq!(bytes.concat(), data[offset as usize..end as usize]);
+            assert_eq!(why, None);
+        }
+        area.verify(&digest).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_file_ends_the_stream_with_data_loss_before_its_last_chunk() {
+        let dir = tempfile::tempdir().unwrap();
+        let area = FileArea::open(dir.path(), false).unwrap();
+        let data = vec![3u8; 3 * FILE_READ_BLOCK];
+        let digest = publish_blob(&area, &data);
+        let mut rotten = data.clone();
+        rotten[2 * FILE_READ_BLOCK + 100] ^= 1; // in the last block
+        fs::write(area.path_for(&digest), &rotten).unwrap();
+
+        let (items, why) = drain(&area, &digest, 0, digest.size).await;
+        assert_eq!(items.len(), 3, "two blocks, then the error");
+        assert!(items[..2].iter().all(|c| c.is_ok()));
+        assert!(matches!(items[2], Err(Error::DataLoss(_))));
+        assert!(why.unwrap().contains("does not hash"));
+
+        // A range that does not cover the damage fails all the same.
+        let (items, why) = drain(&area, &digest, 0, 10).await;
+        assert_eq!(items.len(), 1);
+        assert!(matches!(items[0], Err(Error::DataLoss(_))));
+        assert!(why.is_some());
+        assert!(matches!(area.verify(&digest), Err(Error::DataLoss(_))));
     }
 }

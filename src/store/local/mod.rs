@@ -14,6 +14,9 @@
 //! - [`files`]: large blobs as files; `tmp/`, rename, unlink, read streams.
 //! - [`writer`]: the [`BlobWriter`]: memory buffer or temp file, hashed as
 //!   the bytes arrive, verified at commit.
+//! - [`running`]: the marker that tells a start after an unclean stop.
+//! - [`scrub`]: verifying stored entries: recent files after an unclean
+//!   stop, the whole store offline (`outpost verify`).
 
 mod asset_links;
 #[cfg(test)]
@@ -22,6 +25,8 @@ mod catalog;
 mod db;
 mod files;
 mod quota;
+mod running;
+pub mod scrub;
 mod writer;
 
 use std::path::PathBuf;
@@ -35,6 +40,7 @@ use futures::stream;
 use self::catalog::Catalog;
 use self::db::{Db, action_key, asset_key, blob_key};
 use self::files::FileArea;
+use self::running::RunningMarker;
 use self::writer::{Commit, LocalWriter, Reserve, Room, Sink};
 use crate::context::RequestContext;
 use crate::digest::{Digest, DigestFunction};
@@ -45,6 +51,7 @@ use crate::store::{ActionKey, ActionResultStore, BlobStore, BlobWriter, ChunkStr
 
 pub use self::catalog::{EvictionListener, Reclaimer};
 pub use self::quota::Occupancy;
+pub use self::running::REFRESH_INTERVAL as RUNNING_MARKER_REFRESH;
 
 /// How far ahead of the bytes received a write of a file blob reserves
 /// quota: what a client that declares a large size and goes away can hold.
@@ -72,21 +79,55 @@ pub struct LocalStore {
     stats: Arc<Stats>,
     /// Blobs up to this size go inline.
     inline_limit: u64,
+    /// Present while the store is open; removed by a clean stop.
+    marker: Arc<RunningMarker>,
 }
 
 impl LocalStore {
     /// Opens or creates the store, rebuilds the index and removes debris a
-    /// crash may have left behind.
+    /// crash may have left behind. After an unclean stop, blob files written
+    /// in its last moments are verified first and the corrupt ones removed
+    /// ([`scrub::check_recent`]).
     pub fn open(options: LocalStoreOptions, stats: Arc<Stats>) -> Result<Self> {
         std::fs::create_dir_all(&options.dir)?;
         let db = Db::open(&options.dir.join("db"), options.sync)?;
+        let suspect_since = RunningMarker::unclean_stop(&options.dir)?;
         let files = FileArea::open(&options.dir, options.sync)?;
         let catalog = Catalog::open(db, files, options.quota_bytes, stats.clone())?;
+        if let Some(since) = suspect_since {
+            let started = std::time::Instant::now();
+            let found = scrub::check_recent(&catalog, since)?;
+            tracing::warn!(
+                checked = found.checked,
+                bytes = found.bytes,
+                corrupt = found.corrupt.len(),
+                seconds = started.elapsed().as_secs_f64(),
+                "the last run did not stop cleanly: verified the blob files it wrote last"
+            );
+            for digest in &found.corrupt {
+                tracing::warn!("removed corrupt blob {digest} after the unclean stop");
+            }
+        }
+        let marker = RunningMarker::create(&options.dir)?;
         Ok(LocalStore {
             catalog: Arc::new(catalog),
             stats,
             inline_limit: options.inline_limit,
+            marker: Arc::new(marker),
         })
+    }
+
+    /// Tells a later start that this store is still running (see
+    /// [`running`]); call every [`RUNNING_MARKER_REFRESH`].
+    pub fn refresh_running_marker(&self) -> Result<()> {
+        self.marker.refresh()
+    }
+
+    /// Flushes and records a clean stop, so the next start trusts the files
+    /// written last. Call once, after the last write.
+    pub fn close_cleanly(&self) -> Result<()> {
+        self.catalog.flush()?;
+        self.marker.remove()
     }
 
     /// Occupancy and quota, for stats.
@@ -380,6 +421,122 @@ mod tests {
         assert!(matches!(err, Error::NotFound(_)));
         assert_eq!(store.find_missing(&ctx, &[d]).await.unwrap(), vec![d]);
         assert_eq!(store.occupancy().0.blob_count, 0);
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_file_blob_fails_its_read_with_data_loss_and_is_removed() {
+        use futures::StreamExt;
+        let dir = tempfile::tempdir().unwrap();
+        let stats = Arc::new(Stats::default());
+        let ctx = RequestContext::default();
+        let store = open(dir.path(), 1 << 20, &stats);
+        let (d, data) = blob(1000, 1);
+        write_bytes(&store, &ctx, &d, data.clone()).await.unwrap();
+        let asset = AssetKey::of("", "https://x/rotten.tar.gz", &[]);
+        let record = AssetRecord {
+            uri: "https://x/rotten.tar.gz".into(),
+            digest_function: DigestFunction::Sha256.to_proto(),
+            digest: Some(d.to_proto()),
+            ..Default::default()
+        };
+        store.put_asset(&asset, &record).await.unwrap();
+        let path = FileArea::open(dir.path(), false).unwrap().path_for(&d);
+        let mut rotten = data.to_vec();
+        rotten[999] ^= 0x40;
+        std::fs::write(&path, rotten).unwrap();
+
+        // Even a read of an untouched range fails: nothing is sent.
+        let items: Vec<Result<Bytes>> = store.read(&ctx, &d, 0, 10).await.unwrap().collect().await;
+        assert_eq!(items.len(), 1);
+        let Err(Error::DataLoss(why)) = &items[0] else {
+            panic!("expected DATA_LOSS, got {items:?}");
+        };
+        assert!(why.contains(&d.to_string()), "{why}");
+        assert_eq!(Stats::get(&stats.corrupt_blobs), 1);
+        assert_eq!(store.find_missing(&ctx, &[d]).await.unwrap(), vec![d]);
+        assert!(!path.exists(), "the file is deleted");
+        assert_eq!(store.occupancy().0.blob_count, 0);
+        assert_eq!(
+            store.get_asset(&asset).await.unwrap(),
+            None,
+            "its asset entry too"
+        );
+        // It can be uploaded again.
+        write_bytes(&store, &ctx, &d, data.clone()).await.unwrap();
+        assert_eq!(read_to_bytes(&store, &ctx, &d).await.unwrap(), data);
+    }
+
+    /// Flips one bit of a blob's file, keeping its size (and, with `age`,
+    /// dates its modification back that far).
+    fn rot(dir: &Path, d: &Digest, age: Option<std::time::Duration>) {
+        let path = FileArea::open(dir, false).unwrap().path_for(d);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[0] ^= 1;
+        std::fs::write(&path, bytes).unwrap();
+        if let Some(age) = age {
+            let file = std::fs::File::options().write(true).open(&path).unwrap();
+            file.set_modified(std::time::SystemTime::now() - age)
+                .unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn after_an_unclean_stop_recent_corrupt_files_are_removed_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let stats = Arc::new(Stats::default());
+        let ctx = RequestContext::default();
+        let (fresh, fresh_data) = blob(1000, 1);
+        let (intact, intact_data) = blob(1000, 2);
+        let (old, old_data) = blob(1000, 3);
+        {
+            let store = open(dir.path(), 1 << 20, &stats);
+            for (d, data) in [(fresh, fresh_data), (intact, intact_data), (old, old_data)] {
+                write_bytes(&store, &ctx, &d, data).await.unwrap();
+            }
+            // Dropped without close_cleanly: the marker stays, as after kill -9.
+        }
+        rot(dir.path(), &fresh, None);
+        rot(dir.path(), &old, Some(std::time::Duration::from_secs(3600)));
+
+        let store = open(dir.path(), 1 << 20, &stats);
+        assert_eq!(Stats::get(&stats.corrupt_blobs), 1);
+        assert_eq!(
+            store
+                .find_missing(&ctx, &[fresh, intact, old])
+                .await
+                .unwrap(),
+            vec![fresh],
+            "only files written in the last moments are checked"
+        );
+        assert!(
+            !FileArea::open(dir.path(), false)
+                .unwrap()
+                .path_for(&fresh)
+                .exists()
+        );
+    }
+
+    #[tokio::test]
+    async fn after_a_clean_stop_nothing_is_checked_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let stats = Arc::new(Stats::default());
+        let ctx = RequestContext::default();
+        let (d, data) = blob(1000, 1);
+        {
+            let store = open(dir.path(), 1 << 20, &stats);
+            write_bytes(&store, &ctx, &d, data).await.unwrap();
+            store.close_cleanly().unwrap();
+        }
+        assert!(!dir.path().join(running::MARKER).exists());
+        rot(dir.path(), &d, None);
+        let store = open(dir.path(), 1 << 20, &stats);
+        assert!(dir.path().join(running::MARKER).exists());
+        assert_eq!(store.find_missing(&ctx, &[d]).await.unwrap(), vec![]);
+        assert_eq!(
+            Stats::get(&stats.corrupt_blobs),
+            0,
+            "found at its first read"
+        );
     }
 
     #[tokio::test]
