@@ -25,4 +25,5 @@ mod suite {
     mod ready_file;
     mod tls;
     mod unix_socket;
+    mod wire_input;
 }
