@@ -11,7 +11,7 @@ use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
 use re::digest_function::Value as DigestFunctionProto;
 use sha2::{Digest as _, Sha256};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, clip};
 
 /// The hash functions Outpost can verify. Only SHA-256 today.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -103,15 +103,19 @@ pub struct Digest {
 impl Digest {
     /// Builds a digest from a hex hash and a size, rejecting malformed input.
     pub fn parse(function: DigestFunction, hash_hex: &str, size: i64) -> Result<Self> {
+        // The client's hash, as echoed in the messages below.
+        let shown = || clip(hash_hex);
         if size < 0 {
             return Err(Error::InvalidArgument(format!(
-                "digest {hash_hex}/{size}: size_bytes must not be negative"
+                "digest {}/{size}: size_bytes must not be negative",
+                shown()
             )));
         }
         let len = function.hash_len();
         if hash_hex.len() != len * 2 {
             return Err(Error::InvalidArgument(format!(
-                "digest {hash_hex}/{size}: a {} hash has {} hex characters, got {}",
+                "digest {}/{size}: a {} hash has {} hex characters, got {}",
+                shown(),
                 function.name(),
                 len * 2,
                 hash_hex.len()
@@ -119,12 +123,13 @@ impl Digest {
         }
         if hash_hex.bytes().any(|b| b.is_ascii_uppercase()) {
             return Err(Error::InvalidArgument(format!(
-                "digest {hash_hex}/{size}: the hash must be lower-case hex"
+                "digest {}/{size}: the hash must be lower-case hex",
+                shown()
             )));
         }
         let mut hash = [0u8; 32];
         hex::decode_to_slice(hash_hex, &mut hash[..len]).map_err(|_| {
-            Error::InvalidArgument(format!("digest {hash_hex}/{size}: the hash is not hex"))
+            Error::InvalidArgument(format!("digest {}/{size}: the hash is not hex", shown()))
         })?;
         Ok(Digest {
             function,
@@ -271,6 +276,15 @@ mod tests {
         assert!(Digest::parse(f, &EMPTY.to_uppercase(), 0).is_err());
         assert!(Digest::parse(f, &"g".repeat(64), 0).is_err());
         assert!(Digest::parse(f, EMPTY, -1).is_err());
+    }
+
+    #[test]
+    fn a_huge_hash_is_not_echoed_whole() {
+        let f = DigestFunction::Sha256;
+        for (hash, size) in [("a".repeat(10_000), 1), ("A".repeat(10_000), -1)] {
+            let message = Digest::parse(f, &hash, size).unwrap_err().to_string();
+            assert!(message.len() < 400, "{} bytes", message.len());
+        }
     }
 
     #[test]

@@ -93,6 +93,34 @@ pub fn clip(text: &str) -> String {
     }
 }
 
+/// Longest status message (in bytes) Outpost sends: a last resort behind
+/// [`clip`], so that no message, whatever it repeats, outgrows the header
+/// limits of a client's gRPC stack (8 KiB in gRPC Java and C++; a message
+/// is percent-encoded, up to 3 bytes a byte).
+pub const MESSAGE_CAP: usize = 1024;
+
+/// `message` cut to at most [`MESSAGE_CAP`] bytes (on a char boundary),
+/// marked with an ellipsis when cut.
+fn capped(message: &str) -> Option<String> {
+    if message.len() <= MESSAGE_CAP {
+        return None;
+    }
+    let mut end = MESSAGE_CAP - '…'.len_utf8();
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    Some(format!("{}…", &message[..end]))
+}
+
+/// Whether a status a client's request stream ended with means the
+/// transport broke (reset, connection lost) rather than that the client
+/// sent something malformed. tonic keeps the transport's error as the
+/// status's source; the statuses its decoder makes for a message that does
+/// not decode (or is too large) have none.
+pub fn broke_in_transit(status: &tonic::Status) -> bool {
+    std::error::Error::source(status).is_some()
+}
+
 /// Result alias used across the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -162,6 +190,24 @@ impl Error {
                 Error::Unavailable(msg)
             }
             _ => Error::Internal(msg),
+        }
+    }
+
+    /// The error for a client's request stream that failed mid-call
+    /// (`Streaming::message`). A message that does not decode is the
+    /// client's mistake: INVALID_ARGUMENT (retrying cannot help), or
+    /// OUT_OF_RANGE / RESOURCE_EXHAUSTED for one over the size limits. A
+    /// broken transport ([`broke_in_transit`]) is UNAVAILABLE: the client
+    /// may resume.
+    pub fn from_client_stream(status: &tonic::Status) -> Self {
+        let message = clip(status.message());
+        if broke_in_transit(status) {
+            return Error::Unavailable(format!("the request stream broke: {message}"));
+        }
+        match status.code() {
+            Code::OutOfRange => Error::OutOfRange(message),
+            Code::ResourceExhausted => Error::ResourceExhausted(message),
+            _ => Error::InvalidArgument(format!("a request message does not decode: {message}")),
         }
     }
 
@@ -236,9 +282,20 @@ impl From<Error> for tonic::Status {
             tracing::error!("{err}");
         }
         if let Error::Upstream(status) | Error::Detailed(status) = err {
-            return *status.0;
+            let status = *status.0;
+            return match capped(status.message()) {
+                None => status,
+                Some(message) => tonic::Status::with_details_and_metadata(
+                    status.code(),
+                    message,
+                    status.details().to_vec().into(),
+                    status.metadata().clone(),
+                ),
+            };
         }
-        tonic::Status::new(err.code(), err.to_string())
+        let message = err.to_string();
+        let message = capped(&message).unwrap_or(message);
+        tonic::Status::new(err.code(), message)
     }
 }
 
@@ -265,6 +322,52 @@ mod tests {
         let long = "x".repeat(1000);
         assert_eq!(clip(&long).chars().count(), ECHO_LIMIT + 1);
         assert_eq!(clip("short"), "short");
+    }
+
+    #[test]
+    fn status_messages_are_capped_on_a_char_boundary() {
+        // "é" is 2 bytes: a cut at an odd byte would split one.
+        let long = format!("x{}", "é".repeat(5000));
+        for err in [
+            Error::InvalidArgument(long.clone()),
+            Error::Internal(long.clone()),
+            Error::relayed(tonic::Status::not_found(long.clone())),
+        ] {
+            let code = err.code();
+            let status = tonic::Status::from(err);
+            assert_eq!(status.code(), code);
+            assert!(status.message().len() <= MESSAGE_CAP, "{}", status.message().len());
+            assert!(status.message().ends_with('…'));
+        }
+        let short = tonic::Status::from(Error::NotFound("gone".into()));
+        assert_eq!(short.message(), "gone");
+    }
+
+    #[test]
+    fn a_capped_relayed_status_keeps_its_details() {
+        let status = tonic::Status::with_details(
+            Code::FailedPrecondition,
+            "m".repeat(10_000),
+            bytes::Bytes::from_static(b"details"),
+        );
+        let status = tonic::Status::from(Error::relayed(status));
+        assert_eq!(status.code(), Code::FailedPrecondition);
+        assert_eq!(status.details(), b"details");
+        assert!(status.message().len() <= MESSAGE_CAP);
+    }
+
+    #[test]
+    fn a_message_that_does_not_decode_is_the_clients_mistake() {
+        let decode = tonic::Status::internal("failed to decode Protobuf message: invalid varint");
+        let err = Error::from_client_stream(&decode);
+        assert_eq!(err.code(), Code::InvalidArgument);
+        let too_big = tonic::Status::out_of_range("decoded message length too large");
+        assert_eq!(Error::from_client_stream(&too_big).code(), Code::OutOfRange);
+        // A transport failure carries its cause as the source.
+        let mut broken = tonic::Status::internal("h2 protocol error: connection reset");
+        broken.set_source(std::sync::Arc::new(std::io::Error::other("reset")));
+        assert!(broke_in_transit(&broken));
+        assert_eq!(Error::from_client_stream(&broken).code(), Code::Unavailable);
     }
 
     #[test]

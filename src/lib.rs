@@ -12,6 +12,7 @@
 //! - [`store`]: the [`store::BlobStore`] / [`store::ActionResultStore`] layers:
 //!   local RocksDB store, LRU index, blob files, action-result completeness.
 //! - [`context`]: per-request instance name and forwardable headers.
+//! - [`decode_status`]: a request that does not decode answers INVALID_ARGUMENT.
 //! - [`digest`]: validated digests and incremental hashing.
 //! - [`metrics`]: Prometheus text at `/metrics`.
 //! - [`prefetch`]: pulling finished actions' outputs into the local store.
@@ -28,6 +29,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod context;
+pub mod decode_status;
 pub mod digest;
 pub mod error;
 pub mod execution;

@@ -62,6 +62,12 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// after the listeners are closed, before it flushes the store anyway.
 const BACKGROUND_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The layers around every listener's routes (see `decode_status`).
+type DecodeLayers = tower::layer::util::Stack<
+    tower::util::MapResponseLayer<crate::decode_status::Rewrite>,
+    tower::layer::util::Identity,
+>;
+
 /// The shared service objects; each listener gets a router over the same ones.
 #[derive(Clone)]
 struct Services {
@@ -82,7 +88,7 @@ struct Services {
 }
 
 impl Services {
-    fn router(&self) -> Router {
+    fn router(&self) -> Router<DecodeLayers> {
         let max = self.max_message;
         Server::builder()
             .initial_stream_window_size(STREAM_WINDOW)
@@ -90,6 +96,8 @@ impl Services {
             .max_frame_size(MAX_FRAME)
             // One span per RPC, carrying the client's invocation ids.
             .trace_fn(crate::context::rpc_span)
+            // A request that does not decode: INVALID_ARGUMENT, not INTERNAL.
+            .layer(crate::decode_status::layer())
             .add_service(CapabilitiesServer::from_arc(self.capabilities.clone()))
             .add_service(
                 ContentAddressableStorageServer::from_arc(self.cas.clone())

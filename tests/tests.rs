@@ -27,4 +27,5 @@ mod suite {
     mod ready_file;
     mod tls;
     mod unix_socket;
+    mod wire_input;
 }

@@ -12,7 +12,7 @@ use prost::Message;
 
 use crate::context::RequestContext;
 use crate::digest::{Digest, DigestFunction};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, clip};
 use crate::reapi::tree::{IfMissing, push_files, tree_blobs};
 use crate::store::{BlobStore, read_to_bytes};
 
@@ -96,7 +96,9 @@ pub async fn referenced_blobs<B: BlobStore + ?Sized>(
 pub fn check_digests(function: DigestFunction, result: &ActionResult) -> Result<()> {
     for file in &result.output_files {
         Digest::from_proto(function, file.digest.as_ref())
-            .map_err(|e| Error::InvalidArgument(format!("output file {:?}: {e}", file.path)))?;
+            .map_err(|e| {
+                Error::InvalidArgument(format!("output file {:?}: {e}", clip(&file.path)))
+            })?;
     }
     for digest in [&result.stdout_digest, &result.stderr_digest]
         .into_iter()
@@ -108,7 +110,7 @@ pub fn check_digests(function: DigestFunction, result: &ActionResult) -> Result<
         if dir.tree_digest.is_none() && dir.root_directory_digest.is_none() {
             return Err(Error::InvalidArgument(format!(
                 "output directory {:?} has neither tree_digest nor root_directory_digest",
-                dir.path
+                clip(&dir.path)
             )));
         }
         for digest in [&dir.tree_digest, &dir.root_directory_digest]

@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status};
 
 use crate::context::RequestContext;
 use crate::digest::{Digest, DigestFunction};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, clip};
 use crate::service::Backend;
 use crate::stats::Stats;
 use crate::store::{ActionKey, read_to_bytes, write_bytes};
@@ -50,7 +50,8 @@ impl ActionCacheService {
             Stats::add(&stats.action_cache_misses, 1);
             return Err(Error::NotFound(format!(
                 "no action result for {} in instance {:?}",
-                key.action, key.instance
+                key.action,
+                clip(&key.instance)
             )));
         };
         Stats::add(&stats.action_cache_hits, 1);

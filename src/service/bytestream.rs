@@ -17,7 +17,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::context::RequestContext;
 use crate::digest::Digest;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, broke_in_transit, clip};
 use crate::reapi::resource::{ResourceName, is_cas_name};
 use crate::service::Backend;
 use crate::service::parked::{ParkedLimits, ParkedUploads};
@@ -32,15 +32,6 @@ pub struct ByteStreamService {
     parked: Arc<ParkedUploads>,
     /// Where names that are not CAS names go (proxy mode only).
     passthrough: Option<Arc<Passthrough>>,
-}
-
-fn unsupported_compression(name: &ResourceName) -> Result<()> {
-    match &name.compressor {
-        None => Ok(()),
-        Some(c) => Err(Error::Unimplemented(format!(
-            "compressed-blobs ({c}) are not supported: this server advertises no compressors"
-        ))),
-    }
 }
 
 impl ByteStreamService {
@@ -87,7 +78,6 @@ impl ByteStreamService {
     async fn read_stream(&self, metadata: &MetadataMap, req: ReadRequest) -> Result<ReadStream> {
         let name = ResourceName::parse_read(&req.resource_name)?;
         let ctx = RequestContext::from_metadata(name.instance.clone(), metadata);
-        unsupported_compression(&name)?;
         if req.read_offset < 0 {
             return Err(Error::OutOfRange(format!(
                 "read_offset {} is negative",
@@ -126,7 +116,6 @@ impl ByteStreamService {
     ) -> Result<WriteResponse> {
         let resource = first.resource_name.clone();
         let name = ResourceName::parse_write(&resource)?;
-        unsupported_compression(&name)?;
         let digest = name.digest;
         let ctx = RequestContext::from_metadata(name.instance.clone(), metadata);
         if self.exists(&ctx, &digest).await? {
@@ -145,16 +134,26 @@ impl ByteStreamService {
                     self.parked.park(resource.clone(), writer);
                 }
                 return Err(Error::InvalidArgument(format!(
-                    "write_offset {offset} does not match the committed size {committed} of {resource}"
+                    "write_offset {offset} does not match the committed size {committed} of {}",
+                    clip(&resource)
                 )));
             }
         };
         let mut next = Some(first);
+        // Set once finish_write came: the blob is committed only when the
+        // client's stream then ends; any further message fails the Write.
+        let mut finished = false;
         loop {
             let req = match next.take() {
                 Some(req) => req,
                 None => match stream.message().await {
                     Ok(Some(req)) => req,
+                    Ok(None) if finished => {
+                        writer.commit().await?;
+                        return Ok(WriteResponse {
+                            committed_size: digest.size as i64,
+                        });
+                    }
                     Ok(None) => {
                         // The client closed without finish_write: keep what
                         // we have so it can resume, and say how much that is.
@@ -165,15 +164,26 @@ impl ByteStreamService {
                         });
                     }
                     Err(status) => {
-                        self.parked.park(resource, writer);
-                        return Err(Error::Unavailable(format!("Write stream broke: {status}")));
+                        // A broken transport may be resumed; a message that
+                        // does not decode fails the Write (INVALID_ARGUMENT).
+                        if broke_in_transit(&status) {
+                            self.parked.park(resource, writer);
+                        }
+                        return Err(Error::from_client_stream(&status));
                     }
                 },
             };
+            if finished {
+                return Err(Error::InvalidArgument(
+                    "a WriteRequest followed the one with finish_write set; nothing was stored"
+                        .into(),
+                ));
+            }
             if !req.resource_name.is_empty() && req.resource_name != resource {
                 return Err(Error::InvalidArgument(format!(
-                    "resource_name changed mid-stream from {resource:?} to {:?}",
-                    req.resource_name
+                    "resource_name changed mid-stream from {:?} to {:?}",
+                    clip(&resource),
+                    clip(&req.resource_name)
                 )));
             }
             if req.write_offset as u64 != writer.committed_size() {
@@ -186,12 +196,7 @@ impl ByteStreamService {
             if !req.data.is_empty() {
                 writer.write(Bytes::from(req.data)).await?;
             }
-            if req.finish_write {
-                writer.commit().await?;
-                return Ok(WriteResponse {
-                    committed_size: digest.size as i64,
-                });
-            }
+            finished = req.finish_write;
         }
     }
 
@@ -215,7 +220,7 @@ impl ByteStreamService {
             }),
             None => Err(Error::NotFound(format!(
                 "no upload in progress for {}",
-                req.resource_name
+                clip(&req.resource_name)
             ))),
         }
     }
@@ -254,10 +259,7 @@ impl ByteStream for ByteStreamService {
         let first = match stream.message().await {
             Ok(Some(first)) => first,
             Ok(None) => return Err(Error::InvalidArgument("empty Write stream".into()).into()),
-            Err(status) => {
-                let broke = format!("Write stream broke: {}", status.message());
-                return Err(Error::Unavailable(broke).into());
-            }
+            Err(status) => return Err(Error::from_client_stream(&status).into()),
         };
         let response = match self.passthrough_for(&first.resource_name) {
             Some(passthrough) => passthrough.write(&metadata, first, stream).await?,

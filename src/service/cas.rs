@@ -17,7 +17,7 @@ use tonic::{Request, Response, Status};
 
 use crate::context::RequestContext;
 use crate::digest::{Digest, DigestFunction};
-use crate::error::{Error, Result, ok_rpc_status};
+use crate::error::{Error, Result, clip, ok_rpc_status};
 use crate::reapi::tree::TreeWalk;
 use crate::service::Backend;
 
@@ -162,7 +162,9 @@ fn parse_page_token(token: &str) -> Result<usize> {
     }
     token
         .parse()
-        .map_err(|_| Error::InvalidArgument(format!("invalid GetTree page_token {token:?}")))
+        .map_err(|_| {
+            Error::InvalidArgument(format!("invalid GetTree page_token {:?}", clip(token)))
+        })
 }
 
 /// Streams the directories under `root` breadth-first, deduplicated,

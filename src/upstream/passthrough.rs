@@ -99,9 +99,9 @@ impl Passthrough {
         rest: Streaming<WriteRequest>,
     ) -> Result<WriteResponse> {
         let (broke_tx, broke_rx) = oneshot::channel::<Status>();
-        // A broken client stream must not look like a clean end to the
-        // upstream: the outbound stream stalls instead, and the call is
-        // dropped (reset) below.
+        // A broken client stream (or one whose message does not decode)
+        // must not look like a clean end to the upstream: the outbound
+        // stream stalls instead, and the call is dropped (reset) below.
         let rest = rest.scan(Some(broke_tx), |broke, next| match next {
             Ok(message) => Either::Left(futures::future::ready(Some(message))),
             Err(status) => {
@@ -119,10 +119,9 @@ impl Passthrough {
         );
         tokio::select! {
             result = call => result,
-            Ok(status) = broke_rx => Err(Error::Unavailable(format!(
-                "the client's Write stream broke: {}",
-                status.message()
-            ))),
+            // A message that does not decode is the client's mistake
+            // (INVALID_ARGUMENT); a broken transport UNAVAILABLE.
+            Ok(status) = broke_rx => Err(Error::from_client_stream(&status)),
         }
     }
 
