@@ -1,0 +1,567 @@
+//! Load: 64 clients, each on its own connection, run every kind of RPC for
+//! a bounded time against a server whose quota is a tenth of the working
+//! set. Every byte read is checked; the only failures tolerated are misses
+//! (NOT_FOUND, and FAILED_PRECONDITION for a PushBlob whose blob was
+//! evicted). The server's memory is sampled throughout.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bazel_remote_apis::build::bazel::remote::asset::v1::{
+    FetchBlobRequest, PushBlobRequest, fetch_client::FetchClient, push_client::PushClient,
+};
+use prost::Message;
+use tokio::sync::Semaphore;
+
+use crate::common::*;
+
+const CLIENTS: u64 = 64;
+const QUOTA: u64 = 128 << 20;
+/// Reads and writes of blobs over 1 MiB in flight at once: with the 1 MiB
+/// cap on everything else, what is in flight stays well inside the quota
+/// (6 × 6 MiB + 58 × 1 MiB < 128 MiB).
+const LARGE_IN_FLIGHT: usize = 6;
+/// The server's peak RSS may not exceed this.
+const RSS_LIMIT: u64 = 1 << 30;
+/// A call without an answer for this long is a failure.
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The blobs clients draw from: blob `i` has `sizes[i]` bytes of
+/// `blob(SEED + i, size)`; 70 % small, 25 % medium, 5 % over 1 MiB.
+struct Universe {
+    sizes: Vec<usize>,
+    /// Computed once: many calls name blobs without moving their bytes.
+    digests: Vec<re::Digest>,
+}
+
+const SEED: u64 = 0x10ad_0000_0000;
+
+impl Universe {
+    /// Blobs until their total is ten times the quota.
+    fn new() -> Self {
+        let mut rng = Rng::new(42);
+        let (mut sizes, mut total) = (Vec::new(), 0u64);
+        while total < 10 * QUOTA {
+            let size = match rng.below(100) {
+                0..70 => rng.log_uniform(1, 64 << 10),
+                70..95 => rng.log_uniform(64 << 10, 1 << 20),
+                _ => rng.log_uniform((1 << 20) + 1, 6 << 20),
+            } as usize;
+            sizes.push(size);
+            total += size as u64;
+        }
+        let digests = (0..sizes.len())
+            .map(|i| digest(&blob(SEED + i as u64, sizes[i])))
+            .collect();
+        Universe { sizes, digests }
+    }
+
+    fn data(&self, id: usize) -> Vec<u8> {
+        blob(SEED + id as u64, self.sizes[id])
+    }
+
+    fn digest(&self, id: usize) -> re::Digest {
+        self.digests[id].clone()
+    }
+
+    fn large(&self, id: usize) -> bool {
+        self.sizes[id] > 1 << 20
+    }
+
+    /// A random blob of at most `max` bytes.
+    fn small(&self, rng: &mut Rng, max: usize) -> usize {
+        loop {
+            let id = rng.below(self.sizes.len());
+            if self.sizes[id] <= max {
+                return id;
+            }
+        }
+    }
+}
+
+/// What the clients share.
+struct Shared {
+    universe: Universe,
+    /// Blobs acknowledged at least once, in order.
+    written: std::sync::Mutex<Vec<usize>>,
+    large: Semaphore,
+    figures: Figures,
+    failures: Failures,
+    corrupt: AtomicU64,
+    bytes_read: AtomicU64,
+    bytes_written: AtomicU64,
+}
+
+/// How one call ended, beyond success.
+enum Fail {
+    Miss,
+    Error(String),
+    Corrupt(String),
+}
+
+type Outcome = Result<(), Fail>;
+
+fn status(what: &str, s: &Status) -> Fail {
+    if s.code() == Code::NotFound {
+        Fail::Miss
+    } else {
+        Fail::Error(format!("{what}: {:?} {}", s.code(), clip(s.message(), 300)))
+    }
+}
+
+fn read_outcome(r: Read) -> Outcome {
+    match r {
+        Read::Exact => Ok(()),
+        Read::Failed(Code::NotFound) => Err(Fail::Miss),
+        Read::Failed(code) => Err(Fail::Error(format!("read: {code:?}"))),
+        Read::Corrupt(what) => Err(Fail::Corrupt(what)),
+    }
+}
+
+impl Shared {
+    fn record(&self, kind: &'static str, started: Instant, outcome: Outcome) {
+        let (miss, error) = match &outcome {
+            Ok(()) => (false, false),
+            Err(Fail::Miss) => (true, false),
+            Err(Fail::Error(why)) => {
+                self.failures.add(format!("{kind}: {why}"));
+                (false, true)
+            }
+            Err(Fail::Corrupt(why)) => {
+                self.corrupt.fetch_add(1, Ordering::Relaxed);
+                self.failures.add(format!("{kind}: CORRUPT {why}"));
+                (false, true)
+            }
+        };
+        self.figures.record(kind, started.elapsed(), miss, error);
+    }
+
+    /// A blob written earlier: mostly a recent one (likely still stored).
+    fn written_id(&self, rng: &mut Rng) -> Option<usize> {
+        let written = self.written.lock().unwrap();
+        if written.is_empty() {
+            return None;
+        }
+        let n = written.len();
+        let i = if rng.below(5) > 0 && n > 300 {
+            n - 1 - rng.below(300)
+        } else {
+            rng.below(n)
+        };
+        Some(written[i])
+    }
+}
+
+/// One client's connection and clients.
+struct Client {
+    channel: tonic::transport::Channel,
+    bs: ByteStream,
+    cas: Cas,
+    ac: ActionCache,
+    rng: Rng,
+}
+
+async fn write_op(c: &mut Client, s: &Shared) {
+    let id = c.rng.below(s.universe.sizes.len());
+    let _slot = if s.universe.large(id) {
+        Some(s.large.acquire().await.unwrap())
+    } else {
+        None
+    };
+    if !s.universe.large(id) && c.rng.below(2) == 0 {
+        // A batch of small blobs, at most ~1 MiB together.
+        let mut ids = vec![s.universe.small(&mut c.rng, 128 << 10)];
+        while ids.len() < 8 && c.rng.below(4) > 0 {
+            ids.push(s.universe.small(&mut c.rng, 64 << 10));
+        }
+        let entries: Vec<_> = ids
+            .iter()
+            .map(|&i| (s.universe.digest(i), s.universe.data(i)))
+            .collect();
+        let bytes: usize = entries.iter().map(|(_, d)| d.len()).sum();
+        let started = Instant::now();
+        let outcome = match batch_update_raw(&mut c.cas, "", entries).await {
+            Ok(codes) if codes.iter().all(|c| *c == Code::Ok) => Ok(()),
+            Ok(codes) => Err(Fail::Error(format!("entry codes {codes:?}"))),
+            Err(e) => Err(Fail::Error(format!("{:?} {}", e.code(), e.message()))),
+        };
+        if outcome.is_ok() {
+            s.bytes_written.fetch_add(bytes as u64, Ordering::Relaxed);
+            s.written.lock().unwrap().extend(ids);
+        }
+        return s.record("BatchUpdateBlobs", started, outcome);
+    }
+    let data = Arc::new(s.universe.data(id));
+    let d = s.universe.digest(id);
+    let name = write_name("", &d);
+    let started = Instant::now();
+    let result = c.bs.write(write_stream(name.clone(), data, 256 << 10)).await;
+    let outcome = match result {
+        Ok(r) if r.get_ref().committed_size == d.size_bytes => Ok(()),
+        Ok(r) => Err(Fail::Error(format!("committed_size {}", r.get_ref().committed_size))),
+        Err(e) => Err(Fail::Error(format!("{:?} {}", e.code(), e.message()))),
+    };
+    let ok = outcome.is_ok();
+    s.record("ByteStream.Write", started, outcome);
+    if !ok {
+        return;
+    }
+    s.bytes_written.fetch_add(d.size_bytes as u64, Ordering::Relaxed);
+    s.written.lock().unwrap().push(id);
+    if c.rng.below(4) == 0 {
+        let started = Instant::now();
+        let query = bs::QueryWriteStatusRequest {
+            resource_name: name,
+        };
+        let outcome = match c.bs.query_write_status(query).await {
+            Ok(r) if r.get_ref().complete && r.get_ref().committed_size == d.size_bytes => Ok(()),
+            Ok(r) => Err(Fail::Error(format!("after a finished write: {:?}", r.get_ref()))),
+            Err(e) => Err(status("QueryWriteStatus", &e)),
+        };
+        s.record("QueryWriteStatus", started, outcome);
+    }
+}
+
+async fn read_op(c: &mut Client, s: &Shared) {
+    let Some(id) = s.written_id(&mut c.rng) else {
+        return;
+    };
+    let _slot = if s.universe.large(id) {
+        Some(s.large.acquire().await.unwrap())
+    } else {
+        None
+    };
+    let data = s.universe.data(id);
+    let d = s.universe.digest(id);
+    let (offset, limit, kind) = if c.rng.below(3) == 0 && !data.is_empty() {
+        let offset = c.rng.below(data.len());
+        (offset, c.rng.below(data.len() - offset + 1), "ByteStream.Read ranged")
+    } else {
+        (0, 0, "ByteStream.Read")
+    };
+    let started = Instant::now();
+    let outcome = read_outcome(read_verified(&mut c.bs, &d, &data, offset, limit).await);
+    if outcome.is_ok() {
+        let n = if limit == 0 { data.len() - offset } else { limit };
+        s.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
+    }
+    s.record(kind, started, outcome);
+}
+
+async fn batch_read_op(c: &mut Client, s: &Shared) {
+    let mut ids = Vec::new();
+    let mut total = 0;
+    for _ in 0..8 {
+        match s.written_id(&mut c.rng) {
+            Some(id) if !s.universe.large(id) && total + s.universe.sizes[id] < 1 << 20 => {
+                total += s.universe.sizes[id];
+                ids.push(id);
+            }
+            _ => {}
+        }
+    }
+    if ids.is_empty() {
+        return;
+    }
+    let digests: Vec<_> = ids.iter().map(|&i| s.universe.digest(i)).collect();
+    let started = Instant::now();
+    let request = re::BatchReadBlobsRequest {
+        digests: digests.clone(),
+        ..Default::default()
+    };
+    let outcome = match c.cas.batch_read_blobs(request).await {
+        Err(e) => Err(Fail::Error(format!("{:?} {}", e.code(), e.message()))),
+        Ok(r) => {
+            let mut outcome = Ok(());
+            let responses = &r.get_ref().responses;
+            if responses.len() != ids.len() {
+                outcome = Err(Fail::Error(format!("{} answers to {}", responses.len(), ids.len())));
+            }
+            for (entry, &id) in responses.iter().zip(&ids) {
+                let code = Code::from(entry.status.as_ref().map_or(-1, |s| s.code));
+                match code {
+                    Code::Ok if entry.data == s.universe.data(id) => {
+                        s.bytes_read.fetch_add(entry.data.len() as u64, Ordering::Relaxed);
+                    }
+                    Code::Ok => outcome = Err(Fail::Corrupt(format!("blob {id} in a batch"))),
+                    Code::NotFound => {
+                        if outcome.is_ok() {
+                            outcome = Err(Fail::Miss);
+                        }
+                    }
+                    other => outcome = Err(Fail::Error(format!("entry {other:?}"))),
+                }
+            }
+            outcome
+        }
+    };
+    s.record("BatchReadBlobs", started, outcome);
+}
+
+async fn find_missing_op(c: &mut Client, s: &Shared) {
+    let n = s.universe.sizes.len();
+    let digests: Vec<_> = (0..50).map(|_| s.universe.digest(c.rng.below(n))).collect();
+    let started = Instant::now();
+    let request = re::FindMissingBlobsRequest {
+        blob_digests: digests.clone(),
+        ..Default::default()
+    };
+    let outcome = match c.cas.find_missing_blobs(request).await {
+        Ok(r) if r.get_ref().missing_blob_digests.iter().all(|m| digests.contains(m)) => Ok(()),
+        Ok(_) => Err(Fail::Error("reported a digest it was not asked about".into())),
+        Err(e) => Err(Fail::Error(format!("{:?} {}", e.code(), e.message()))),
+    };
+    s.record("FindMissingBlobs", started, outcome);
+}
+
+/// Uploads small blobs and messages in one batch; false if it failed.
+async fn put_small(c: &mut Client, s: &Shared, kind: &'static str, blobs: Vec<Vec<u8>>) -> bool {
+    let entries = blobs.into_iter().map(|b| (digest(&b), b)).collect();
+    let started = Instant::now();
+    let outcome = match batch_update_raw(&mut c.cas, "", entries).await {
+        Ok(codes) if codes.iter().all(|c| *c == Code::Ok) => Ok(()),
+        Ok(codes) => Err(Fail::Error(format!("entry codes {codes:?}"))),
+        Err(e) => Err(Fail::Error(format!("{:?} {}", e.code(), e.message()))),
+    };
+    let ok = outcome.is_ok();
+    s.record(kind, started, outcome);
+    ok
+}
+
+async fn action_op(c: &mut Client, s: &Shared) {
+    let action = c.rng.below(5000);
+    let mut rng = Rng::new(0xac7_0000 + action as u64);
+    let outputs: Vec<usize> = (0..1 + rng.below(3)).map(|_| s.universe.small(&mut rng, 16 << 10)).collect();
+    let blobs = outputs.iter().map(|&i| s.universe.data(i)).collect();
+    if !put_small(c, s, "BatchUpdateBlobs", blobs).await {
+        return;
+    }
+    let action_digest = digest(format!("chaos action {action}").as_bytes());
+    let result = re::ActionResult {
+        output_files: outputs
+            .iter()
+            .enumerate()
+            .map(|(n, &i)| re::OutputFile {
+                path: format!("out/{n}"),
+                digest: Some(s.universe.digest(i)),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    };
+    let started = Instant::now();
+    let update = re::UpdateActionResultRequest {
+        action_digest: Some(action_digest.clone()),
+        action_result: Some(result.clone()),
+        ..Default::default()
+    };
+    let outcome = c.ac.update_action_result(update).await.map(|_| ());
+    let outcome = outcome.map_err(|e| Fail::Error(format!("{:?} {}", e.code(), e.message())));
+    s.record("UpdateActionResult", started, outcome);
+    let started = Instant::now();
+    let get = re::GetActionResultRequest {
+        action_digest: Some(action_digest),
+        ..Default::default()
+    };
+    let outcome = match c.ac.get_action_result(get).await {
+        Ok(r) => {
+            let got: Vec<_> = r.get_ref().output_files.iter().map(|f| (&f.path, &f.digest)).collect();
+            let want: Vec<_> = result.output_files.iter().map(|f| (&f.path, &f.digest)).collect();
+            if got == want { Ok(()) } else { Err(Fail::Corrupt(format!("action {action}: {got:?}"))) }
+        }
+        Err(e) => Err(status("GetActionResult", &e)),
+    };
+    s.record("GetActionResult", started, outcome);
+}
+
+async fn tree_op(c: &mut Client, s: &Shared) {
+    let tree = c.rng.below(500);
+    let mut rng = Rng::new(0x7ee_0000 + tree as u64);
+    let (f1, f2) = (s.universe.small(&mut rng, 8 << 10), s.universe.small(&mut rng, 8 << 10));
+    let file = |name: &str, id: usize| re::FileNode {
+        name: name.into(),
+        digest: Some(s.universe.digest(id)),
+        ..Default::default()
+    };
+    let sub = re::Directory {
+        files: vec![file("b", f2)],
+        ..Default::default()
+    };
+    let root = re::Directory {
+        files: vec![file("a", f1)],
+        directories: vec![re::DirectoryNode {
+            name: format!("sub{tree}"),
+            digest: Some(digest(&sub.encode_to_vec())),
+        }],
+        ..Default::default()
+    };
+    let blobs = vec![s.universe.data(f1), s.universe.data(f2), sub.encode_to_vec(), root.encode_to_vec()];
+    if !put_small(c, s, "BatchUpdateBlobs", blobs).await {
+        return;
+    }
+    let started = Instant::now();
+    let mut got = Vec::new();
+    let mut token = String::new();
+    let outcome = loop {
+        let request = re::GetTreeRequest {
+            root_digest: Some(digest(&root.encode_to_vec())),
+            page_size: c.rng.below(3) as i32,
+            page_token: token.clone(),
+            ..Default::default()
+        };
+        let pages = match c.cas.get_tree(request).await {
+            Ok(stream) => collect(stream.into_inner()).await,
+            Err(e) => Err(e),
+        };
+        match pages {
+            Err(e) => break Err(status("GetTree", &e)),
+            Ok(pages) => {
+                for page in &pages {
+                    got.extend(page.directories.iter().cloned());
+                }
+                token = pages.last().map(|p| p.next_page_token.clone()).unwrap_or_default();
+                if token.is_empty() {
+                    break Ok(());
+                }
+            }
+        }
+    };
+    let outcome = outcome.and_then(|()| match got.iter().all(|d| *d == root || *d == sub) {
+        true if got.first() == Some(&root) => Ok(()),
+        _ => Err(Fail::Corrupt(format!("tree {tree}: {got:?}"))),
+    });
+    s.record("GetTree", started, outcome);
+}
+
+async fn asset_op(c: &mut Client, s: &Shared) {
+    let Some(id) = s.written_id(&mut c.rng) else {
+        return;
+    };
+    let d = s.universe.digest(id);
+    let uri = format!("https://chaos.example/blob/{id}");
+    let started = Instant::now();
+    let push = PushBlobRequest {
+        uris: vec![uri.clone()],
+        blob_digest: Some(d.clone()),
+        ..Default::default()
+    };
+    let outcome = match PushClient::new(c.channel.clone()).push_blob(push).await {
+        Ok(_) => Ok(()),
+        // The blob was evicted since it was written.
+        Err(e) if e.code() == Code::FailedPrecondition => Err(Fail::Miss),
+        Err(e) => Err(status("PushBlob", &e)),
+    };
+    s.record("Push.PushBlob", started, outcome);
+    let started = Instant::now();
+    let fetch = FetchBlobRequest {
+        uris: vec![uri],
+        ..Default::default()
+    };
+    let outcome = match FetchClient::new(c.channel.clone()).fetch_blob(fetch).await {
+        Ok(r) => match Code::from(r.get_ref().status.as_ref().map_or(0, |s| s.code)) {
+            Code::Ok if r.get_ref().blob_digest.as_ref() == Some(&d) => Ok(()),
+            Code::Ok => Err(Fail::Corrupt(format!("FetchBlob {id}: {:?}", r.get_ref().blob_digest))),
+            Code::NotFound => Err(Fail::Miss),
+            other => Err(Fail::Error(format!("inline status {other:?}"))),
+        },
+        Err(e) => Err(status("FetchBlob", &e)),
+    };
+    s.record("Fetch.FetchBlob", started, outcome);
+}
+
+async fn capabilities_op(c: &mut Client, s: &Shared) {
+    let started = Instant::now();
+    let outcome = Capabilities::new(c.channel.clone())
+        .get_capabilities(re::GetCapabilitiesRequest::default())
+        .await
+        .map(|_| ())
+        .map_err(|e| Fail::Error(format!("{:?} {}", e.code(), e.message())));
+    s.record("GetCapabilities", started, outcome);
+}
+
+async fn client(mut c: Client, s: Arc<Shared>, until: Instant) {
+    while Instant::now() < until {
+        let op = c.rng.below(100);
+        let call = async {
+            match op {
+                0..25 => write_op(&mut c, &s).await,
+                25..50 => read_op(&mut c, &s).await,
+                50..60 => batch_read_op(&mut c, &s).await,
+                60..67 => find_missing_op(&mut c, &s).await,
+                67..77 => action_op(&mut c, &s).await,
+                77..85 => tree_op(&mut c, &s).await,
+                85..88 => capabilities_op(&mut c, &s).await,
+                _ => asset_op(&mut c, &s).await,
+            }
+        };
+        if tokio::time::timeout(CALL_TIMEOUT, call).await.is_err() {
+            s.failures.add(format!("operation {op}: no answer within {CALL_TIMEOUT:?}"));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_with_a_small_quota_serves_every_byte_right() {
+    let duration = Duration::from_secs(pick(20, 600));
+    let dir = tempfile::tempdir().unwrap();
+    let quota = format!("{}", QUOTA);
+    let mut server = start(dir.path(), &dir.path().join("data"), &dir.path().join("log"), &["--quota", &quota]);
+    let universe = Universe::new();
+    let working_set: u64 = universe.sizes.iter().map(|&s| s as u64).sum();
+    let shared = Arc::new(Shared {
+        universe,
+        written: Default::default(),
+        large: Semaphore::new(LARGE_IN_FLIGHT),
+        figures: Figures::default(),
+        failures: Failures::default(),
+        corrupt: AtomicU64::new(0),
+        bytes_read: AtomicU64::new(0),
+        bytes_written: AtomicU64::new(0),
+    });
+    let rss = RssSampler::start(server.pid());
+    let started = Instant::now();
+    let until = started + duration;
+    let mut clients = tokio::task::JoinSet::new();
+    for i in 0..CLIENTS {
+        let channel = endpoint(server.addr()).connect_lazy();
+        let c = Client {
+            bs: channel.bytestream(),
+            cas: channel.cas(),
+            ac: channel.action_cache(),
+            channel,
+            rng: Rng::new(0x5eed_0000 + i),
+        };
+        clients.spawn(client(c, shared.clone(), until));
+    }
+    while let Some(joined) = clients.join_next().await {
+        joined.expect("a client panicked");
+    }
+    let elapsed = started.elapsed();
+    let max_rss = rss.stop();
+    let peak = server.peak_rss_bytes();
+    let s = &shared;
+    s.figures.print("load");
+    let (read, written) = (s.bytes_read.load(Ordering::Relaxed), s.bytes_written.load(Ordering::Relaxed));
+    eprintln!(
+        "chaos load: {CLIENTS} clients for {elapsed:.1?}: {} calls, {} failed checks, {} corrupt; \
+         working set {:.0} MiB over a {:.0} MiB quota ({:.1}x); written {:.0} MiB, read {:.0} MiB; \
+         server max VmRSS {:.0} MiB, VmHWM {:.0} MiB",
+        s.figures.calls(),
+        s.failures.count(),
+        s.corrupt.load(Ordering::Relaxed),
+        mib(working_set),
+        mib(QUOTA),
+        working_set as f64 / QUOTA as f64,
+        mib(written),
+        mib(read),
+        mib(max_rss),
+        mib(peak),
+    );
+    assert!(working_set >= 10 * QUOTA);
+    if peak > RSS_LIMIT {
+        s.failures.add(format!("server VmHWM {:.0} MiB over {:.0} MiB", mib(peak), mib(RSS_LIMIT)));
+    }
+    assert_healthy(&mut server, &s.failures, "load").await;
+    s.failures.assert_none("load");
+}
