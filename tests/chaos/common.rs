@@ -84,10 +84,15 @@ impl Failures {
         if list.is_empty() {
             return;
         }
+        // All of them on stderr (shown for a failing test), the first 60 in
+        // the panic message.
+        for line in list.iter() {
+            eprintln!("chaos {class}: FAILED {}", clip(line, 400));
+        }
         let mut text = format!("{class}: {} failed checks:\n", list.len());
         for line in list.iter().take(60) {
             text.push_str("  - ");
-            text.push_str(&crate::common::clip(line, 400));
+            text.push_str(&clip(line, 400));
             text.push('\n');
         }
         panic!("{text}");
