@@ -150,7 +150,7 @@ async fn verify(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_rounds_lose_nothing_acknowledged() {
-    let rounds = pick(3, 20);
+    let rounds = pick(5, 20);
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().join("data");
     let failures = Failures::default();
