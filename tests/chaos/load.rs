@@ -1,6 +1,6 @@
 //! Load: 64 clients, each on its own connection, run every kind of RPC for
 //! a bounded time against a server whose quota is a tenth of the working
-//! set. Every byte read is checked; the only failures tolerated are misses
+//! set; 1 % of their operations are uploads abandoned half way. Every byte read is checked; the only failures tolerated are misses
 //! (NOT_FOUND, and FAILED_PRECONDITION for a PushBlob whose blob was
 //! evicted). The server's memory is sampled throughout.
 
@@ -470,6 +470,25 @@ async fn asset_op(c: &mut Client, s: &Shared) {
     s.record("Fetch.FetchBlob", started, outcome);
 }
 
+/// A client that gives up: a Write that declares a large blob, sends
+/// 64 KiB and ends its stream without `finish_write`. Whatever the server
+/// keeps of it may not crowd out other clients' writes.
+async fn abandon_op(c: &mut Client, s: &Shared) {
+    let id = loop {
+        let id = c.rng.below(s.universe.sizes.len());
+        if s.universe.large(id) {
+            break id;
+        }
+    };
+    let data = s.universe.data(id);
+    let name = write_name("", &s.universe.digest(id));
+    let first = write_requests(&name, &data[..64 << 10], 0, 64 << 10, false);
+    let started = Instant::now();
+    // Any answer will do; what matters is that later writes still succeed.
+    let _ = c.bs.write(futures::stream::iter(first)).await;
+    s.figures.record("abandoned Write", started.elapsed(), false, false);
+}
+
 async fn capabilities_op(c: &mut Client, s: &Shared) {
     let started = Instant::now();
     let outcome = Capabilities::new(c.channel.clone())
@@ -492,7 +511,8 @@ async fn client(mut c: Client, s: Arc<Shared>, until: Instant) {
                 67..77 => action_op(&mut c, &s).await,
                 77..85 => tree_op(&mut c, &s).await,
                 85..88 => capabilities_op(&mut c, &s).await,
-                _ => asset_op(&mut c, &s).await,
+                88..99 => asset_op(&mut c, &s).await,
+                _ => abandon_op(&mut c, &s).await,
             }
         };
         if tokio::time::timeout(CALL_TIMEOUT, call).await.is_err() {
