@@ -142,7 +142,12 @@ impl Figures {
 
     /// Total calls recorded.
     pub fn calls(&self) -> u64 {
-        self.0.lock().unwrap().values().map(|k| k.micros.len() as u64).sum()
+        self.0
+            .lock()
+            .unwrap()
+            .values()
+            .map(|k| k.micros.len() as u64)
+            .sum()
     }
 
     /// Prints one line per kind: calls, misses, errors, p50, p99, max.
@@ -270,7 +275,8 @@ pub async fn read_verified(
                 if at + got.len() > want.len() || want[at..at + got.len()] != got[..] {
                     return Read::Corrupt(format!(
                         "{}/{} at {offset}+{at}: {} wrong bytes",
-                        d.hash, d.size_bytes,
+                        d.hash,
+                        d.size_bytes,
                         got.len()
                     ));
                 }
@@ -356,7 +362,10 @@ where
 /// GetCapabilities, and its process is alive.
 pub async fn assert_healthy(server: &mut ServerProcess, failures: &Failures, class: &str) {
     if !server.is_running() {
-        failures.add(format!("{class}: the server process died: {}", server.log()));
+        failures.add(format!(
+            "{class}: the server process died: {}",
+            server.log()
+        ));
         return;
     }
     let data = Arc::new(blob(0xc4a0_5000 + failures.count() as u64, 3000));
@@ -364,7 +373,9 @@ pub async fn assert_healthy(server: &mut ServerProcess, failures: &Failures, cla
     let mut bs = server.bytestream();
     match upload_blob(&mut bs, data.clone()).await {
         Ok(n) if n == d.size_bytes => {}
-        other => failures.add(format!("{class}: a normal write after the class: {other:?}")),
+        other => failures.add(format!(
+            "{class}: a normal write after the class: {other:?}"
+        )),
     }
     match read_verified(&mut bs, &d, &data, 0, 0).await {
         Read::Exact => {}

@@ -16,7 +16,7 @@ const WORKERS: u64 = 8;
 #[derive(Clone)]
 enum Acked {
     Blob(re::Digest),
-    Action(re::Digest, re::ActionResult),
+    Action(re::Digest, Box<re::ActionResult>),
 }
 
 /// Write `i` of worker `w` in round `r`: its kind cycles through file blob,
@@ -88,7 +88,10 @@ async fn write_one(
                 ..Default::default()
             };
             match ac.update_action_result(update).await {
-                Ok(_) => Ok(vec![Acked::Blob(d), Acked::Action(action, result)]),
+                Ok(_) => Ok(vec![
+                    Acked::Blob(d),
+                    Acked::Action(action, Box::new(result)),
+                ]),
                 Err(e) => Err(format!("UpdateActionResult: {e}")),
             }
         }
@@ -114,18 +117,27 @@ async fn verify(
         .collect();
     for chunk in blobs.chunks(5000) {
         for lost in find_missing(&mut cas, chunk).await {
-            failures.add(format!("round {round}: acknowledged blob {lost:?} reported missing"));
+            failures.add(format!(
+                "round {round}: acknowledged blob {lost:?} reported missing"
+            ));
         }
     }
     let present: Vec<re::Digest> = {
         let missing = find_missing(&mut cas, interrupted).await;
-        interrupted.iter().filter(|d| !missing.contains(d)).cloned().collect()
+        interrupted
+            .iter()
+            .filter(|d| !missing.contains(d))
+            .cloned()
+            .collect()
     };
     let mut bytes = 0;
     for d in blobs.iter().chain(&present) {
         match read_hashed(&mut bs, d).await {
             Read::Exact => bytes += d.size_bytes as u64,
-            other => failures.add(format!("round {round}: blob {}/{}: {other:?}", d.hash, d.size_bytes)),
+            other => failures.add(format!(
+                "round {round}: blob {}/{}: {other:?}",
+                d.hash, d.size_bytes
+            )),
         }
     }
     let mut actions = 0;
@@ -139,10 +151,18 @@ async fn verify(
             ..Default::default()
         };
         match ac.get_action_result(get).await {
-            Ok(r) if r.get_ref().output_files == result.output_files
-                && r.get_ref().exit_code == result.exit_code => {}
-            Ok(r) => failures.add(format!("round {round}: action {} changed: {:?}", action.hash, r.get_ref())),
-            Err(e) => failures.add(format!("round {round}: acknowledged action {}: {e}", action.hash)),
+            Ok(r)
+                if r.get_ref().output_files == result.output_files
+                    && r.get_ref().exit_code == result.exit_code => {}
+            Ok(r) => failures.add(format!(
+                "round {round}: action {} changed: {:?}",
+                action.hash,
+                r.get_ref()
+            )),
+            Err(e) => failures.add(format!(
+                "round {round}: acknowledged action {}: {e}",
+                action.hash
+            )),
         }
     }
     (blobs.len() + present.len(), bytes, actions)
@@ -160,7 +180,12 @@ async fn kill_9_rounds_lose_nothing_acknowledged() {
     let mut restarts = Vec::new();
     for round in 0..=rounds {
         let started = Instant::now();
-        let server = start(dir.path(), &data_dir, &dir.path().join(format!("log-{round}")), &[]);
+        let server = start(
+            dir.path(),
+            &data_dir,
+            &dir.path().join(format!("log-{round}")),
+            &[],
+        );
         restarts.push(started.elapsed());
         let checking = Instant::now();
         let (blobs, bytes, actions) = verify(&server, &acked, &interrupted, &failures, round).await;
@@ -181,10 +206,15 @@ async fn kill_9_rounds_lose_nothing_acknowledged() {
         let mut workers = tokio::task::JoinSet::new();
         for w in 0..WORKERS {
             let channel = endpoint(server.addr()).connect_lazy();
-            let (attempted, round_acked, killed, failures) =
-                (attempted.clone(), round_acked.clone(), killed.clone(), failures.clone());
+            let (attempted, round_acked, killed, failures) = (
+                attempted.clone(),
+                round_acked.clone(),
+                killed.clone(),
+                failures.clone(),
+            );
             workers.spawn(async move {
-                let (mut bs, mut cas, mut ac) = (channel.bytestream(), channel.cas(), channel.action_cache());
+                let (mut bs, mut cas, mut ac) =
+                    (channel.bytestream(), channel.cas(), channel.action_cache());
                 for i in 0.. {
                     match write_one(&mut bs, &mut cas, &mut ac, round, w, i, &attempted).await {
                         Ok(done) => round_acked.lock().unwrap().extend(done),

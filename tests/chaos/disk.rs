@@ -58,7 +58,11 @@ fn damage(path: &Path, how: Damage) {
     use std::io::{Seek, SeekFrom, Write};
     let len = std::fs::metadata(path).unwrap().len();
     let flip = |at: u64| {
-        let mut f = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .unwrap();
         let mut byte = [0u8];
         f.seek(SeekFrom::Start(at)).unwrap();
         std::io::Read::read_exact(&mut f, &mut byte).unwrap();
@@ -93,7 +97,12 @@ fn judge(failures: &Failures, what: &str, how: Damage, read: Read) -> bool {
 }
 
 /// Reads every blob every way; returns how many reads returned the bytes.
-async fn read_all(server: &ServerProcess, blobs: &[(Vec<u8>, Damage)], failures: &Failures, when: &str) -> usize {
+async fn read_all(
+    server: &ServerProcess,
+    blobs: &[(Vec<u8>, Damage)],
+    failures: &Failures,
+    when: &str,
+) -> usize {
     let (mut bs, mut cas) = (server.bytestream(), server.cas());
     let mut served = 0;
     for (data, how) in blobs {
@@ -115,20 +124,32 @@ async fn read_all(server: &ServerProcess, blobs: &[(Vec<u8>, Damage)], failures:
         let read = match cas.batch_read_blobs(request).await {
             Err(e) => Read::Failed(e.code()),
             Ok(r) => match r.get_ref().responses.first() {
-                Some(entry) if entry_code(&entry.status) != Code::Ok => Read::Failed(entry_code(&entry.status)),
+                Some(entry) if entry_code(&entry.status) != Code::Ok => {
+                    Read::Failed(entry_code(&entry.status))
+                }
                 Some(entry) if entry.data == *data => Read::Exact,
                 Some(_) => Read::Corrupt("BatchReadBlobs returned other bytes".into()),
                 None => Read::Corrupt("no entry".into()),
             },
         };
-        served += usize::from(judge(failures, &format!("{when}: BatchReadBlobs"), *how, read));
+        served += usize::from(judge(
+            failures,
+            &format!("{when}: BatchReadBlobs"),
+            *how,
+            read,
+        ));
     }
     served
 }
 
 /// FindMissingBlobs must not call present what cannot be read; returns how
 /// many damaged blobs it still calls present.
-async fn present_means_readable(server: &ServerProcess, blobs: &[(Vec<u8>, Damage)], failures: &Failures, when: &str) -> usize {
+async fn present_means_readable(
+    server: &ServerProcess,
+    blobs: &[(Vec<u8>, Damage)],
+    failures: &Failures,
+    when: &str,
+) -> usize {
     let (mut bs, mut cas) = (server.bytestream(), server.cas());
     let digests: Vec<_> = blobs.iter().map(|(b, _)| digest(b)).collect();
     let missing = find_missing(&mut cas, &digests).await;
@@ -143,7 +164,9 @@ async fn present_means_readable(server: &ServerProcess, blobs: &[(Vec<u8>, Damag
         damaged_present += usize::from(*how != Damage::Intact);
         match read_verified(&mut bs, d, data, 0, 0).await {
             Read::Exact => {}
-            other => failures.add(format!("{when}: FindMissingBlobs calls a {how:?} blob present; reading it: {other:?}")),
+            other => failures.add(format!(
+                "{when}: FindMissingBlobs calls a {how:?} blob present; reading it: {other:?}"
+            )),
         }
     }
     damaged_present
@@ -163,21 +186,30 @@ async fn damaged_blob_files_are_never_served() {
         let blobs: Vec<(Vec<u8>, Damage)> = (0..per_kind * DAMAGES.len())
             .map(|i| {
                 let len = rng.log_uniform((1 << 20) + 4096, 3 << 20) as usize;
-                (blob(0xd15c_0000 + (round << 16) + i as u64, len), DAMAGES[i % DAMAGES.len()])
+                (
+                    blob(0xd15c_0000 + (round << 16) + i as u64, len),
+                    DAMAGES[i % DAMAGES.len()],
+                )
             })
             .collect();
         let mut bs = server.bytestream();
         for (data, _) in &blobs {
-            let n = upload_blob(&mut bs, Arc::new(data.clone())).await.expect("upload");
+            let n = upload_blob(&mut bs, Arc::new(data.clone()))
+                .await
+                .expect("upload");
             assert_eq!(n, data.len() as i64);
         }
         // Read each once so that caches, if any, are warm.
         for (data, _) in &blobs {
-            assert_eq!(read_verified(&mut bs, &digest(data), data, 0, 0).await, Read::Exact);
+            assert_eq!(
+                read_verified(&mut bs, &digest(data), data, 0, 0).await,
+                Read::Exact
+            );
         }
         for (data, how) in &blobs {
             let d = digest(data);
-            let path = blob_file(&data_dir, &d).unwrap_or_else(|| panic!("no file for blob {}", d.hash));
+            let path =
+                blob_file(&data_dir, &d).unwrap_or_else(|| panic!("no file for blob {}", d.hash));
             damage(&path, *how);
         }
         let when = format!("round {round}");
@@ -192,7 +224,12 @@ async fn damaged_blob_files_are_never_served() {
 
         // An unclean restart changes nothing of that.
         server.kill();
-        server = start(dir.path(), &data_dir, &dir.path().join(format!("log-{}", round + 1)), &[]);
+        server = start(
+            dir.path(),
+            &data_dir,
+            &dir.path().join(format!("log-{}", round + 1)),
+            &[],
+        );
         let when = format!("round {round} after kill -9");
         read_all(&server, &blobs, &failures, &when).await;
         present_means_readable(&server, &blobs, &failures, &when).await;
@@ -203,11 +240,15 @@ async fn damaged_blob_files_are_never_served() {
             let d = digest(data);
             match upload_blob(&mut bs, Arc::new(data.clone())).await {
                 Ok(n) if n == d.size_bytes => {}
-                other => failures.add(format!("round {round}: re-upload of a {how:?} blob: {other:?}")),
+                other => failures.add(format!(
+                    "round {round}: re-upload of a {how:?} blob: {other:?}"
+                )),
             }
             match read_verified(&mut bs, &d, data, 0, 0).await {
                 Read::Exact => {}
-                other => failures.add(format!("round {round}: a {how:?} blob after its re-upload: {other:?}")),
+                other => failures.add(format!(
+                    "round {round}: a {how:?} blob after its re-upload: {other:?}"
+                )),
             }
         }
     }

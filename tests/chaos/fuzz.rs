@@ -2,9 +2,11 @@
 //! status (within 10 s), never OK, never INTERNAL, UNKNOWN or UNAVAILABLE
 //! (the client's mistake is not the server's failure, and clients retry
 //! UNAVAILABLE forever), with a short message; where the REAPI says which
-//! code, that code. The server must be healthy afterwards. Raw-bytes bodies
-//! (garbage, truncated, invalid UTF-8) are in `fuzz/raw_bodies.rs`.
+//! code, that code. The server must be healthy afterwards. The requests are
+//! in `fuzz/requests.rs` and `fuzz/messages.rs`; raw-bytes bodies (garbage,
+//! truncated, invalid UTF-8) in `fuzz/raw_bodies.rs`.
 
+mod messages;
 mod raw_bodies;
 mod requests;
 
@@ -58,14 +60,17 @@ impl Fuzz {
         let result = match tokio::time::timeout(CALL_TIMEOUT, call).await {
             Ok(result) => result,
             Err(_) => {
-                self.failures.add(format!("{class}: {what}: no status within {CALL_TIMEOUT:?}"));
+                self.failures.add(format!(
+                    "{class}: {what}: no status within {CALL_TIMEOUT:?}"
+                ));
                 return;
             }
         };
         let status = match result {
             Ok(answer) => {
                 let answer = clip(&format!("{answer:?}"), 200);
-                self.failures.add(format!("{class}: {what}: OK for invalid input: {answer}"));
+                self.failures
+                    .add(format!("{class}: {what}: OK for invalid input: {answer}"));
                 return;
             }
             Err(status) => status,
@@ -74,9 +79,13 @@ impl Fuzz {
         *self.codes.entry(format!("{code:?}")).or_default() += 1;
         let message = clip(status.message(), 160);
         if matches!(code, Code::Internal | Code::Unknown | Code::Unavailable) {
-            self.failures.add(format!("{class}: {what}: {code:?} for the client's mistake: {message}"));
+            self.failures.add(format!(
+                "{class}: {what}: {code:?} for the client's mistake: {message}"
+            ));
         } else if !allowed.is_empty() && !allowed.contains(&code) {
-            self.failures.add(format!("{class}: {what}: {code:?}, expected {allowed:?}: {message}"));
+            self.failures.add(format!(
+                "{class}: {what}: {code:?}, expected {allowed:?}: {message}"
+            ));
         }
         if status.message().len() > MAX_MESSAGE {
             self.failures.add(format!(
@@ -159,7 +168,12 @@ pub fn bad_names(d: &re::Digest) -> Vec<(String, &'static [Code])> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_input_gets_a_client_error_and_the_server_stays_healthy() {
     let dir = tempfile::tempdir().unwrap();
-    let mut server = start(dir.path(), &dir.path().join("data"), &dir.path().join("log"), &[]);
+    let mut server = start(
+        dir.path(),
+        &dir.path().join("data"),
+        &dir.path().join("log"),
+        &[],
+    );
     let good = blob(0xf022, 5000);
     let codes = batch_update(&mut server.cas(), "", &[&good]).await;
     assert_eq!(codes, [Code::Ok]);
@@ -174,11 +188,11 @@ async fn malformed_input_gets_a_client_error_and_the_server_stays_healthy() {
     requests::names(&mut fuzz).await;
     requests::read_ranges(&mut fuzz).await;
     requests::write_sequences(&mut fuzz).await;
-    requests::batches(&mut fuzz).await;
-    requests::functions_and_compressors(&mut fuzz).await;
-    requests::trees(&mut fuzz).await;
-    requests::actions(&mut fuzz).await;
-    requests::assets(&mut fuzz).await;
+    messages::batches(&mut fuzz).await;
+    messages::functions_and_compressors(&mut fuzz).await;
+    messages::trees(&mut fuzz).await;
+    messages::actions(&mut fuzz).await;
+    messages::assets(&mut fuzz).await;
     raw_bodies::garbage(&mut fuzz).await;
     raw_bodies::unknown_methods(&mut fuzz).await;
     raw_bodies::broken_write_streams(&mut fuzz).await;
@@ -197,7 +211,8 @@ async fn malformed_input_gets_a_client_error_and_the_server_stays_healthy() {
     // The server is healthy, and still holds the blob stored first.
     let mut bs = server.bytestream();
     if read_verified(&mut bs, &fuzz.good_digest(), &fuzz.good, 0, 0).await != Read::Exact {
-        fuzz.failures.add("the blob stored before the fuzzing no longer reads");
+        fuzz.failures
+            .add("the blob stored before the fuzzing no longer reads");
     }
     assert_healthy(&mut server, &fuzz.failures, "fuzz").await;
     fuzz.failures.assert_none("fuzz");

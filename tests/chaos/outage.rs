@@ -41,7 +41,6 @@ struct Shared {
     failures: Failures,
 }
 
-
 impl Shared {
     /// Records a call; a local call must always succeed, an upstream-bound
     /// one whenever the upstream was up for all of it.
@@ -85,7 +84,14 @@ async fn local_client(channel: tonic::transport::Channel, s: Arc<Shared>, seed: 
                     ..Default::default()
                 };
                 match cas.batch_read_blobs(request).await {
-                    Ok(r) if r.get_ref().responses.first().is_some_and(|e| e.data == *data) => Ok(()),
+                    Ok(r)
+                        if r.get_ref()
+                            .responses
+                            .first()
+                            .is_some_and(|e| e.data == *data) =>
+                    {
+                        Ok(())
+                    }
                     other => Err(format!("BatchReadBlobs: {other:?}")),
                 }
             }
@@ -94,7 +100,10 @@ async fn local_client(channel: tonic::transport::Channel, s: Arc<Shared>, seed: 
                     action_digest: Some(s.action.clone()),
                     ..Default::default()
                 };
-                ac.get_action_result(get).await.map(|_| ()).map_err(|e| format!("GetActionResult: {e}"))
+                ac.get_action_result(get)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| format!("GetActionResult: {e}"))
             }
             _ => Capabilities::new(channel.clone())
                 .get_capabilities(re::GetCapabilitiesRequest::default())
@@ -130,7 +139,10 @@ async fn upstream_client(channel: tonic::transport::Channel, s: Arc<Shared>, see
             // A fresh blob, written through to the upstream.
             1 => {
                 let n = s.fresh.fetch_add(1, Ordering::SeqCst);
-                let data = Arc::new(blob(0x07a9_e000_0000 + n, 1000 + (n as usize % 5) * 300_000));
+                let data = Arc::new(blob(
+                    0x07a9_e000_0000 + n,
+                    1000 + (n as usize % 5) * 300_000,
+                ));
                 match upload_blob(&mut bs, data.clone()).await {
                     Ok(n) if n == data.len() as i64 => Ok(()),
                     other => Err(format!("write-through: {other:?}")),
@@ -163,20 +175,41 @@ fn upstream(dir: &Path, data: &Path, n: usize, addr: Option<SocketAddr>) -> Serv
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_killed_under_load_fails_fast_and_recovers() {
     let cycles = pick(1, 5);
-    let (steady, outage) = (Duration::from_secs(pick(3, 30)), Duration::from_secs(pick(4, 20)));
+    let (steady, outage) = (
+        Duration::from_secs(pick(3, 30)),
+        Duration::from_secs(pick(4, 20)),
+    );
     let dir = tempfile::tempdir().unwrap();
     let up_data = dir.path().join("upstream");
     let mut up = Some(upstream(dir.path(), &up_data, 0, None));
     let addr = up.as_ref().unwrap().addr();
     let url = format!("grpc://{addr}");
-    let mut proxy = start(dir.path(), &dir.path().join("proxy"), &dir.path().join("proxy.log"), &["--upstream", &url]);
+    let mut proxy = start(
+        dir.path(),
+        &dir.path().join("proxy"),
+        &dir.path().join("proxy.log"),
+        &["--upstream", &url],
+    );
 
     // Local blobs and an action result, through the proxy; remote-only blobs
     // straight to the upstream.
-    let local: Vec<Vec<u8>> = (0..40u64).map(|i| blob(0x10ca1 + i, if i % 5 == 0 { 2 << 20 } else { 100 + i as usize * 997 })).collect();
+    let local: Vec<Vec<u8>> = (0..40u64)
+        .map(|i| {
+            blob(
+                0x10ca1 + i,
+                if i % 5 == 0 {
+                    2 << 20
+                } else {
+                    100 + i as usize * 997
+                },
+            )
+        })
+        .collect();
     let mut bs = proxy.bytestream();
     for data in &local {
-        upload_blob(&mut bs, Arc::new(data.clone())).await.expect("upload through the proxy");
+        upload_blob(&mut bs, Arc::new(data.clone()))
+            .await
+            .expect("upload through the proxy");
     }
     let action = digest(b"outage action");
     let result = re::ActionResult {
@@ -196,19 +229,31 @@ async fn an_upstream_killed_under_load_fails_fast_and_recovers() {
         })
         .await
         .expect("UpdateActionResult through the proxy");
-    let remote: Vec<Vec<u8>> = (0..pick(600, 3000)).map(|i| blob(0x7e30_7e00 + i, 50 + (i as usize * 7919) % 30_000)).collect();
+    let remote: Vec<Vec<u8>> = (0..pick(600, 3000))
+        .map(|i| blob(0x7e30_7e00 + i, 50 + (i as usize * 7919) % 30_000))
+        .collect();
     // One blob per cycle that only the recovery check reads.
-    let probes: Vec<Vec<u8>> = (0..cycles as u64).map(|i| blob(0x940b_e000 + i, 5000)).collect();
+    let probes: Vec<Vec<u8>> = (0..cycles as u64)
+        .map(|i| blob(0x940b_e000 + i, 5000))
+        .collect();
     let mut up_cas = up.as_ref().unwrap().cas();
     for batch in remote.chunks(100).chain(probes.chunks(100)) {
         let refs: Vec<&[u8]> = batch.iter().map(|b| b.as_slice()).collect();
-        assert!(batch_update(&mut up_cas, "", &refs).await.iter().all(|c| *c == Code::Ok));
+        assert!(
+            batch_update(&mut up_cas, "", &refs)
+                .await
+                .iter()
+                .all(|c| *c == Code::Ok)
+        );
     }
 
     let s = Arc::new(Shared {
         local,
         action,
-        remote: remote.into_iter().map(|b| (b, AtomicBool::new(false))).collect(),
+        remote: remote
+            .into_iter()
+            .map(|b| (b, AtomicBool::new(false)))
+            .collect(),
         phase: AtomicU8::new(UP),
         stop: AtomicBool::new(false),
         fresh: AtomicU64::new(0),
@@ -225,7 +270,7 @@ async fn an_upstream_killed_under_load_fails_fast_and_recovers() {
         }
     }
     let mut recoveries = Vec::new();
-    for cycle in 0..cycles {
+    for (cycle, probe) in probes.iter().enumerate() {
         tokio::time::sleep(steady).await;
         s.phase.store(DOWN, Ordering::SeqCst);
         up.take().unwrap().kill();
@@ -235,7 +280,6 @@ async fn an_upstream_killed_under_load_fails_fast_and_recovers() {
         // Back: an upstream-only blob reads through the same proxy process.
         let restarted = Instant::now();
         let bs = proxy.bytestream();
-        let probe = &probes[cycle];
         let recovered = eventually(RECOVERY_LIMIT, || {
             let mut bs = bs.clone();
             async move { read_verified(&mut bs, &digest(probe), probe, 0, 0).await == Read::Exact }
@@ -243,10 +287,15 @@ async fn an_upstream_killed_under_load_fails_fast_and_recovers() {
         .await;
         recoveries.push(restarted.elapsed());
         if !recovered {
-            s.failures.add(format!("cycle {cycle}: no recovery within {RECOVERY_LIMIT:?}"));
+            s.failures.add(format!(
+                "cycle {cycle}: no recovery within {RECOVERY_LIMIT:?}"
+            ));
         }
         s.phase.store(UP, Ordering::SeqCst);
-        eprintln!("chaos outage: cycle {cycle}: upstream down {outage:?}, proxy recovered {:.1?} after the restart", restarted.elapsed());
+        eprintln!(
+            "chaos outage: cycle {cycle}: upstream down {outage:?}, proxy recovered {:.1?} after the restart",
+            restarted.elapsed()
+        );
     }
     tokio::time::sleep(steady).await;
     s.stop.store(true, Ordering::SeqCst);
@@ -254,14 +303,19 @@ async fn an_upstream_killed_under_load_fails_fast_and_recovers() {
         joined.expect("a client panicked");
     }
     s.figures.print("outage");
-    let p99 = s.figures.quantile("upstream-bound, down", 0.99).unwrap_or_default();
+    let p99 = s
+        .figures
+        .quantile("upstream-bound, down", 0.99)
+        .unwrap_or_default();
     eprintln!(
         "chaos outage: {cycles} cycles: {} calls; upstream-bound p99 while down {p99:.2?}; recovery {recoveries:.1?}; {} failed checks",
         s.figures.calls(),
         s.failures.count()
     );
     if p99 >= FAIL_FAST_P99 {
-        s.failures.add(format!("upstream-bound calls while down: p99 {p99:?} (limit {FAIL_FAST_P99:?})"));
+        s.failures.add(format!(
+            "upstream-bound calls while down: p99 {p99:?} (limit {FAIL_FAST_P99:?})"
+        ));
     }
     assert_healthy(&mut proxy, &s.failures, "outage").await;
     s.failures.assert_none("outage");
