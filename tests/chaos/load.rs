@@ -1,6 +1,6 @@
 //! Load: 64 clients, each on its own connection, run every kind of RPC for
 //! a bounded time against a server whose quota is a tenth of the working
-//! set; 1 % of their operations are uploads abandoned half way. Every byte
+//! set; 2 % of their operations are uploads abandoned half way. Every byte
 //! read is checked; the only failures tolerated are misses (NOT_FOUND, and
 //! FAILED_PRECONDITION for a PushBlob whose blob was evicted). The server's
 //! memory is sampled throughout. The operations are in `load/ops.rs`.
@@ -174,7 +174,7 @@ async fn client(mut c: Client, s: Arc<Shared>, until: Instant) {
                 67..77 => action_op(&mut c, &s).await,
                 77..85 => tree_op(&mut c, &s).await,
                 85..88 => capabilities_op(&mut c, &s).await,
-                88..99 => asset_op(&mut c, &s).await,
+                88..98 => asset_op(&mut c, &s).await,
                 _ => abandon_op(&mut c, &s).await,
             }
         };
