@@ -24,6 +24,8 @@ pub struct ServerCommand {
     bin: PathBuf,
     data_dir: PathBuf,
     args: Vec<OsString>,
+    /// `--listen` (default `127.0.0.1:0`).
+    listen: String,
     /// Where stderr goes; inherited when `None`.
     log: Option<PathBuf>,
     /// `RUST_LOG` of the child.
@@ -41,6 +43,13 @@ impl ServerCommand {
     pub fn args(mut self, args: impl IntoIterator<Item = impl AsRef<OsStr>>) -> Self {
         self.args
             .extend(args.into_iter().map(|a| a.as_ref().to_owned()));
+        self
+    }
+
+    /// Listens on `addr` instead of `127.0.0.1:0` (to restart a server on
+    /// the port it had, e.g. an upstream that clients keep pointing at).
+    pub fn listen(mut self, addr: SocketAddr) -> Self {
+        self.listen = addr.to_string();
         self
     }
 
@@ -77,7 +86,7 @@ impl ServerCommand {
         };
         let child = Command::new(&self.bin)
             .arg("serve")
-            .args(["--listen", "127.0.0.1:0", "--no-unix-socket"])
+            .args(["--listen", &self.listen, "--no-unix-socket"])
             .arg("--data-dir")
             .arg(&self.data_dir)
             .arg("--ready-file")
@@ -130,6 +139,7 @@ impl ServerProcess {
             bin: bin.as_ref().to_path_buf(),
             data_dir: data_dir.as_ref().to_path_buf(),
             args: Vec::new(),
+            listen: "127.0.0.1:0".to_string(),
             log: None,
             rust_log: "warn".to_string(),
         }
@@ -204,18 +214,29 @@ impl ServerProcess {
 
     /// The peak resident set size of the process (VmHWM), in bytes.
     pub fn peak_rss_bytes(&self) -> u64 {
+        self.proc_status_bytes("VmHWM")
+    }
+
+    /// The current resident set size of the process (VmRSS), in bytes.
+    pub fn rss_bytes(&self) -> u64 {
+        self.proc_status_bytes("VmRSS")
+    }
+
+    /// A `kB` field of `/proc/PID/status`, in bytes.
+    fn proc_status_bytes(&self, field: &str) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
             .expect("read /proc/PID/status");
-        let line = status
+        let kib: u64 = status
             .lines()
-            .find(|l| l.starts_with("VmHWM:"))
-            .expect("VmHWM line");
-        let kib: u64 = line
-            .split_whitespace()
-            .nth(1)
-            .and_then(|v| v.parse().ok())
-            .expect("VmHWM value");
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no {field} in /proc/PID/status"));
         kib * 1024
+    }
+
+    /// Whether the process is still running (it has not exited or crashed).
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     /// The process's stderr so far (empty unless sent to a log file).
