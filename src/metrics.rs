@@ -113,6 +113,11 @@ fn samples(stats: &Stats, local: &LocalStore) -> Vec<Sample> {
             "Byte quota of the local store.",
             quota,
         ),
+        gauge(
+            "outpost_store_reserved_bytes",
+            "Bytes of the quota held by writes in progress and parked uploads.",
+            occupancy.reserved_bytes,
+        ),
     ];
     samples.extend(Stats::COUNTERS.iter().map(|c| Sample {
         name: c.metric,
@@ -208,7 +213,7 @@ mod tests {
         let samples = text.lines().filter(|l| !l.starts_with('#')).count();
         assert_eq!(
             samples,
-            6 + Stats::COUNTERS.len() + UpstreamMethod::ALL.len()
+            7 + Stats::COUNTERS.len() + UpstreamMethod::ALL.len()
         );
         let map = values(&stats, &local);
         assert_eq!(map.len(), samples);

@@ -158,11 +158,12 @@ async fn a_parked_proxy_upload_holds_no_upstream_stream_and_resumes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_only_upload_is_dropped_not_parked() {
     let fake = FakeUpstream::start().await;
-    let server = start_proxy(&fake, |_| {}, |c| c.quota_bytes = 2 << 20).await;
+    let server = start_proxy(&fake, |_| {}, |c| c.quota_bytes = 8 << 20).await;
     fake.reset_stats();
     let mut bs = server.bytestream();
-    // Larger than the local store: it can only stream to the upstream.
-    let data = blob(1, 3 * MIB);
+    // Larger than the local store: it can only stream to the upstream. (The
+    // 1 MiB sent is within the 2 MiB cap of parked bytes.)
+    let data = blob(1, 10 * MIB);
     let d = digest(&data);
     let name = write_name("", &d);
     abandon(&mut bs, &name, &data, MIB).await;
