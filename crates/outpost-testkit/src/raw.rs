@@ -62,11 +62,14 @@ impl Decoder for RawDecoder {
 /// `messages` as they are, and returns every response message, or the
 /// status the call ended with. Works for unary and streaming methods alike
 /// (a unary method gets its one message as a one-element stream).
-pub async fn call(channel: Channel, path: &str, messages: Vec<Bytes>) -> Result<Vec<Bytes>, Status> {
+pub async fn call(
+    channel: Channel,
+    path: &str,
+    messages: Vec<Bytes>,
+) -> Result<Vec<Bytes>, Status> {
     let path = PathAndQuery::try_from(path.to_string())
         .map_err(|e| Status::internal(format!("bad path {path:?}: {e}")))?;
-    let mut grpc =
-        tonic::client::Grpc::new(channel).max_decoding_message_size(CLIENT_MAX_MESSAGE);
+    let mut grpc = tonic::client::Grpc::new(channel).max_decoding_message_size(CLIENT_MAX_MESSAGE);
     grpc.ready()
         .await
         .map_err(|e| Status::unavailable(format!("channel not ready: {e}")))?;
