@@ -41,7 +41,8 @@ pub fn layer() -> MapResponseLayer<Rewrite> {
 pub fn rewrite<B>(mut response: Response<B>) -> Response<B> {
     let headers = response.headers_mut();
     let internal = Code::Internal as i32;
-    if headers.get(Status::GRPC_STATUS).map(|v| v.as_bytes()) != Some(internal.to_string().as_bytes())
+    if headers.get(Status::GRPC_STATUS).map(|v| v.as_bytes())
+        != Some(internal.to_string().as_bytes())
     {
         return response;
     }

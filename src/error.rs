@@ -336,7 +336,11 @@ mod tests {
             let code = err.code();
             let status = tonic::Status::from(err);
             assert_eq!(status.code(), code);
-            assert!(status.message().len() <= MESSAGE_CAP, "{}", status.message().len());
+            assert!(
+                status.message().len() <= MESSAGE_CAP,
+                "{}",
+                status.message().len()
+            );
             assert!(status.message().ends_with('…'));
         }
         let short = tonic::Status::from(Error::NotFound("gone".into()));

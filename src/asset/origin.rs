@@ -31,7 +31,7 @@ use crate::asset::sri::{Sri, SriVerifier};
 use crate::config::AssetConfig;
 use crate::context::RequestContext;
 use crate::digest::{Digest, DigestFunction, Hasher};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, clip};
 use crate::stats::Stats;
 use crate::store::BlobStore;
 
@@ -452,7 +452,7 @@ fn client_error(shown: &str, error: reqwest::Error) -> MirrorError {
 }
 
 /// `uri` fit for logs and messages: no userinfo, query or fragment (they
-/// may carry credentials).
+/// may carry credentials), clipped like any echoed client string.
 pub fn redact_uri(uri: &str) -> String {
     match Url::parse(uri) {
         Ok(mut url) => {
@@ -460,7 +460,7 @@ pub fn redact_uri(uri: &str) -> String {
             let _ = url.set_password(None);
             url.set_query(None);
             url.set_fragment(None);
-            url.to_string()
+            clip(url.as_str())
         }
         Err(_) => "(an invalid URI)".to_string(),
     }

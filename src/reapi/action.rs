@@ -95,10 +95,9 @@ pub async fn referenced_blobs<B: BlobStore + ?Sized>(
 /// a stored result can always be checked and served.
 pub fn check_digests(function: DigestFunction, result: &ActionResult) -> Result<()> {
     for file in &result.output_files {
-        Digest::from_proto(function, file.digest.as_ref())
-            .map_err(|e| {
-                Error::InvalidArgument(format!("output file {:?}: {e}", clip(&file.path)))
-            })?;
+        Digest::from_proto(function, file.digest.as_ref()).map_err(|e| {
+            Error::InvalidArgument(format!("output file {:?}: {e}", clip(&file.path)))
+        })?;
     }
     for digest in [&result.stdout_digest, &result.stderr_digest]
         .into_iter()

@@ -225,7 +225,10 @@ fn parse_blob_part<'a>(
     })?;
     let digest =
         Digest::parse(function, hash, size).map_err(|e| malformed(name, &e.to_string()))?;
-    if let Some(c) = compressor.as_deref().filter(|c| !SERVED_COMPRESSORS.contains(c)) {
+    if let Some(c) = compressor
+        .as_deref()
+        .filter(|c| !SERVED_COMPRESSORS.contains(c))
+    {
         return Err(Error::Unimplemented(format!(
             "compressed-blobs ({}) are not supported: this server advertises no compressors",
             clip(c)
@@ -290,7 +293,11 @@ mod tests {
             ResourceName::parse_read(&format!("{}/blobs/{H}/0", "//".repeat(5000))).unwrap_err(),
         ] {
             assert!(matches!(err, Error::InvalidArgument(_)), "{err:?}");
-            assert!(err.to_string().len() < 1000, "{} bytes", err.to_string().len());
+            assert!(
+                err.to_string().len() < 1000,
+                "{} bytes",
+                err.to_string().len()
+            );
         }
     }
 

@@ -163,13 +163,14 @@ impl ByteStreamService {
                             committed_size: committed as i64,
                         });
                     }
-                    Err(status) => {
-                        // A broken transport may be resumed; a message that
-                        // does not decode fails the Write (INVALID_ARGUMENT).
-                        if broke_in_transit(&status) {
-                            self.parked.park(resource, writer);
-                        }
+                    Err(status) if !broke_in_transit(&status) => {
+                        // A message that does not decode fails the Write
+                        // (INVALID_ARGUMENT); nothing is kept.
                         return Err(Error::from_client_stream(&status));
+                    }
+                    Err(status) => {
+                        self.parked.park(resource, writer);
+                        return Err(Error::Unavailable(format!("Write stream broke: {status}")));
                     }
                 },
             };

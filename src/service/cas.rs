@@ -160,11 +160,9 @@ fn parse_page_token(token: &str) -> Result<usize> {
     if token.is_empty() {
         return Ok(0);
     }
-    token
-        .parse()
-        .map_err(|_| {
-            Error::InvalidArgument(format!("invalid GetTree page_token {:?}", clip(token)))
-        })
+    token.parse().map_err(|_| {
+        Error::InvalidArgument(format!("invalid GetTree page_token {:?}", clip(token)))
+    })
 }
 
 /// Streams the directories under `root` breadth-first, deduplicated,
