@@ -217,12 +217,17 @@ fn parse_blob_part<'a>(
     let [hash, size, tail @ ..] = rest else {
         return Err(malformed(name, "expected `{hash}/{size}`"));
     };
-    let size: i64 = size.parse().map_err(|_| {
-        malformed(
-            name,
-            &format!("size {:?} is not a non-negative integer", clip(size)),
-        )
-    })?;
+    // Digits only: `parse` would also take `+5000`, a second spelling of
+    // one name.
+    let size: i64 = Some(size)
+        .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| {
+            malformed(
+                name,
+                &format!("size {:?} is not a non-negative integer", clip(size)),
+            )
+        })?;
     let digest =
         Digest::parse(function, hash, size).map_err(|e| malformed(name, &e.to_string()))?;
     if let Some(c) = compressor
@@ -280,6 +285,20 @@ mod tests {
         // Malformed stays malformed, compressed or not.
         let err = ResourceName::parse_read(&format!("compressed-blobs/zstd/{H}/x")).unwrap_err();
         assert!(matches!(err, Error::InvalidArgument(_)), "{err:?}");
+    }
+
+    #[test]
+    fn a_size_is_digits_only() {
+        for size in ["+5", "-0", " 5", "5 ", "0x5", ""] {
+            let name = format!("blobs/{H}/{size}");
+            assert!(
+                matches!(
+                    ResourceName::parse_read(&name),
+                    Err(Error::InvalidArgument(_))
+                ),
+                "{size:?}"
+            );
+        }
     }
 
     #[test]
