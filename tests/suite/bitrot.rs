@@ -55,7 +55,10 @@ async fn a_corrupt_blob_file_answers_data_loss_and_is_then_missing() {
         .await
         .expect_err("corrupt bytes are not served");
     assert_eq!(err.code(), Code::DataLoss, "{err:?}");
-    assert_eq!(find_missing(&mut server.cas(), std::slice::from_ref(&d)).await, vec![d]);
+    assert_eq!(
+        find_missing(&mut server.cas(), std::slice::from_ref(&d)).await,
+        vec![d]
+    );
     let s = stats(&server).await;
     assert_eq!(
         (s.metrics["outpost_corrupt_blobs_total"], s.blob_count),
