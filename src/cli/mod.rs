@@ -1,8 +1,9 @@
 //! The client side of the `outpost` binary: commands that talk to a running
-//! server, and the formatting they share. `main.rs` only parses flags and
-//! dispatches here.
+//! server or check a stopped one's store, and the formatting they share.
+//! `main.rs` only parses flags and dispatches here.
 
 pub mod stats;
+pub mod verify;
 
 /// `1536` → `"1.5 KiB"`: sizes for people, in log lines and reports.
 pub fn human_bytes(n: u64) -> String {

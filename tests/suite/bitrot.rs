@@ -11,6 +11,20 @@ use crate::common::*;
 
 const MIB: usize = 1 << 20;
 
+/// Runs `outpost verify --data-dir DIR [extra]`: exit success, stdout, stderr.
+fn verify(data_dir: &Path, extra: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .arg("verify")
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(extra)
+        .env_remove("OUTPOST_CONFIG")
+        .output()
+        .expect("outpost verify runs");
+    let text = |b: Vec<u8>| String::from_utf8(b).expect("utf-8 output");
+    (out.status.success(), text(out.stdout), text(out.stderr))
+}
+
 /// Where the local store keeps the file of `d` (`blobs/sha256/xx/hash-size`).
 fn blob_path(data_dir: &Path, d: &re::Digest) -> PathBuf {
     data_dir
@@ -41,7 +55,10 @@ async fn a_corrupt_blob_file_answers_data_loss_and_is_then_missing() {
         .await
         .expect_err("corrupt bytes are not served");
     assert_eq!(err.code(), Code::DataLoss, "{err:?}");
-    assert_eq!(find_missing(&mut server.cas(), &[d.clone()]).await, vec![d]);
+    assert_eq!(
+        find_missing(&mut server.cas(), std::slice::from_ref(&d)).await,
+        vec![d]
+    );
     let s = stats(&server).await;
     assert_eq!(
         (s.metrics["outpost_corrupt_blobs_total"], s.blob_count),
@@ -77,7 +94,7 @@ async fn a_corrupt_local_blob_is_never_uploaded_and_leaves_the_store() {
     fake.reset_stats();
 
     assert_eq!(
-        find_missing(&mut server.cas(), &[d.clone()]).await,
+        find_missing(&mut server.cas(), std::slice::from_ref(&d)).await,
         vec![d.clone()],
         "a blob that could not be uploaded is missing"
     );
@@ -99,4 +116,50 @@ async fn a_corrupt_local_blob_is_never_uploaded_and_leaves_the_store() {
         ),
         (1, 0, 0)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_kill_9_rotten_recent_files_are_removed_at_start_and_verify_reports_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let server = spawn_server(&data_dir, &dir.path().join("log-1"));
+    let (rotten, intact) = (blob(71, 2 * MIB), blob(72, 2 * MIB));
+    let (dr, di) = (digest(&rotten), digest(&intact));
+    for data in [&rotten, &intact] {
+        upload(&mut server.bytestream(), "", data, 256 << 10)
+            .await
+            .expect("upload");
+    }
+    let (ok, _, err) = verify(&data_dir, &[]);
+    assert!(!ok && err.contains("Outpost is running on"), "{err}");
+
+    server.kill(); // the running marker stays behind
+    flip_bit(&blob_path(&data_dir, &dr), 100);
+    let (ok, out, _) = verify(&data_dir, &[]);
+    assert!(!ok, "corruption remains: {out}");
+    assert!(
+        out.contains(&format!("corrupt: file blob {}/", dr.hash)),
+        "{out}"
+    );
+    assert!(out.contains("2 files"), "{out}");
+
+    // The restart verifies the files written last before it serves.
+    let server = spawn_server(&data_dir, &dir.path().join("log-2"));
+    assert_eq!(
+        find_missing(&mut server.cas(), &[dr.clone(), di.clone()]).await,
+        vec![dr.clone()]
+    );
+    assert!(
+        server.log().contains("did not stop cleanly"),
+        "{}",
+        server.log()
+    );
+    let (data, _) = read_blob(&mut server.bytestream(), &read_name("", &di), 0, 0)
+        .await
+        .expect("the intact blob is served");
+    assert_eq!(data, intact);
+    drop(server); // a clean stop
+
+    let (ok, out, _) = verify(&data_dir, &["--repair"]);
+    assert!(ok && out.contains("OK: no corrupt entries"), "{out}");
 }
