@@ -186,6 +186,7 @@ impl Error {
             Code::Unauthenticated => Error::Unauthenticated(msg),
             Code::PermissionDenied => Error::PermissionDenied(msg),
             Code::DeadlineExceeded => Error::DeadlineExceeded(msg),
+            Code::DataLoss => Error::DataLoss(msg),
             Code::Unavailable | Code::Cancelled | Code::Aborted | Code::Unknown => {
                 Error::Unavailable(msg)
             }
