@@ -161,15 +161,7 @@ impl FileArea {
         G: Send + 'static,
         C: FnOnce(&str) + Send + 'static,
     {
-        let file = self.open_checked(digest)?;
-        let reader = VerifyingReader {
-            file,
-            hasher: Hasher::new(digest.function),
-            digest: *digest,
-            pos: 0,
-            offset,
-            end,
-        };
+        let reader = VerifyingReader::new(self.open_checked(digest)?, digest, offset, end);
         let state = ReadAhead {
             next: Some(tokio::task::spawn_blocking(move || reader.step())),
             _guard: guard,
@@ -218,15 +210,7 @@ impl FileArea {
     /// DATA_LOSS if it does not hash to `digest`, NOT_FOUND as
     /// [`FileArea::stream`]. For scrubs and start-up checks.
     pub fn verify(&self, digest: &Digest) -> Result<()> {
-        let file = self.open_checked(digest)?;
-        let reader = VerifyingReader {
-            file,
-            hasher: Hasher::new(digest.function),
-            digest: *digest,
-            pos: 0,
-            offset: 0,
-            end: 0,
-        };
+        let reader = VerifyingReader::new(self.open_checked(digest)?, digest, 0, 0);
         reader.step().map(|_| ())
     }
 }
@@ -268,6 +252,19 @@ struct VerifyingReader {
 }
 
 impl VerifyingReader {
+    /// A reader of `file` (opened at its start) that hands out
+    /// `[offset, end)` and checks the whole file against `digest`.
+    fn new(file: File, digest: &Digest, offset: u64, end: u64) -> Self {
+        VerifyingReader {
+            file,
+            hasher: Hasher::new(digest.function),
+            digest: *digest,
+            pos: 0,
+            offset,
+            end,
+        }
+    }
+
     /// Reads blocks until one holds bytes of the range: `More` with them, or,
     /// once the range is complete, the rest of the file is hashed and `Last`
     /// returned (DATA_LOSS on a mismatch). Blocks the thread.
