@@ -13,12 +13,6 @@ const MIB: usize = 1 << 20;
 /// Upper bound for anything the tests wait for (never reached when all is well).
 const WAIT: Duration = Duration::from_secs(10);
 
-fn query(name: &str) -> bs::QueryWriteStatusRequest {
-    bs::QueryWriteStatusRequest {
-        resource_name: name.to_string(),
-    }
-}
-
 /// Sends `data[..sent]` of an upload named `name` and closes the stream
 /// without `finish_write`, as a client that gave up would.
 async fn abandon(bs: &mut ByteStream, name: &str, data: &[u8], sent: usize) {
@@ -58,12 +52,12 @@ async fn abandoned_uploads_do_not_hold_the_quota_hostage() {
     );
 
     // The parked upload is still there and can be finished.
-    let status = bs
-        .query_write_status(query(&resumed_name))
-        .await
-        .expect("the upload is parked")
-        .into_inner();
-    assert_eq!((status.committed_size, status.complete), (1024, false));
+    assert_eq!(
+        write_status(&mut bs, &resumed_name)
+            .await
+            .expect("the upload is parked"),
+        (1024, false)
+    );
     let rest = write_requests(&resumed_name, &resumed, 1024, 256 << 10, true);
     assert_eq!(
         write(&mut bs, rest).await.expect("resumed"),
@@ -99,10 +93,7 @@ async fn parked_uploads_go_before_cached_blobs_are_evicted() {
         vec![],
         "nothing cached was evicted"
     );
-    assert_code(
-        bs.query_write_status(query(&parked_name)).await,
-        Code::NotFound,
-    );
+    assert_code(write_status(&mut bs, &parked_name).await, Code::NotFound);
     server.stop().await;
 }
 
@@ -136,13 +127,8 @@ async fn a_parked_proxy_upload_holds_no_upstream_stream_and_resumes() {
     wait_upstream_writes_ended(&fake).await;
     assert!(!fake.has_blob(&d));
 
-    let status = bs
-        .query_write_status(query(&name))
-        .await
-        .unwrap()
-        .into_inner();
     assert_eq!(
-        (status.committed_size, status.complete),
+        write_status(&mut bs, &name).await.unwrap(),
         (MIB as i64, false)
     );
     let rest = write_requests(&name, &data, MIB, 256 << 10, true);
@@ -168,7 +154,7 @@ async fn an_upstream_only_upload_is_dropped_not_parked() {
     let name = write_name("", &d);
     abandon(&mut bs, &name, &data, MIB).await;
     wait_upstream_writes_ended(&fake).await;
-    assert_code(bs.query_write_status(query(&name)).await, Code::NotFound);
+    assert_code(write_status(&mut bs, &name).await, Code::NotFound);
 
     // The client starts again from 0.
     let again = write_requests(&name, &data, 0, 256 << 10, true);

@@ -159,20 +159,12 @@ async fn interrupted_write_can_be_queried_and_resumed() {
         let d = digest(&data);
         let half = data.len() / 2;
         let name = write_name("inst", &d);
-        let query = |name: &str| bs::QueryWriteStatusRequest {
-            resource_name: name.to_string(),
-        };
 
         // Send the first half and close the stream without finish_write.
         let first = write_requests(&name, &data[..half], 0, 64 << 10, false);
         assert_eq!(write(&mut bs, first).await.unwrap(), half as i64);
-        let status = bs
-            .query_write_status(query(&name))
-            .await
-            .unwrap()
-            .into_inner();
         assert_eq!(
-            (status.committed_size, status.complete),
+            write_status(&mut bs, &name).await.unwrap(),
             (half as i64, false)
         );
         assert_eq!(
@@ -183,26 +175,16 @@ async fn interrupted_write_can_be_queried_and_resumed() {
         // Resuming at the wrong offset is refused and keeps the upload.
         let wrong = write_requests(&name, &data, half + 1, 64 << 10, true);
         assert_code(write(&mut bs, wrong).await, Code::InvalidArgument);
-        let status = bs
-            .query_write_status(query(&name))
-            .await
-            .unwrap()
-            .into_inner();
         assert_eq!(
-            (status.committed_size, status.complete),
+            write_status(&mut bs, &name).await.unwrap(),
             (half as i64, false)
         );
 
         // Resume from the committed size and finish.
         let rest = write_requests(&name, &data, half, 64 << 10, true);
         assert_eq!(write(&mut bs, rest).await.unwrap(), data.len() as i64);
-        let status = bs
-            .query_write_status(query(&name))
-            .await
-            .unwrap()
-            .into_inner();
         assert_eq!(
-            (status.committed_size, status.complete),
+            write_status(&mut bs, &name).await.unwrap(),
             (data.len() as i64, true)
         );
         assert_eq!(read_digest(&mut bs, &d).await.unwrap(), d);

@@ -179,6 +179,17 @@ where
     }))
 }
 
+/// QueryWriteStatus of the upload `name`: `(committed_size, complete)`.
+pub async fn write_status(bs: &mut ByteStream, name: &str) -> Result<(i64, bool), Status> {
+    let status = bs
+        .query_write_status(bs::QueryWriteStatusRequest {
+            resource_name: name.to_string(),
+        })
+        .await?
+        .into_inner();
+    Ok((status.committed_size, status.complete))
+}
+
 /// Sends `requests` as one Write call and returns `committed_size`.
 pub async fn write(bs: &mut ByteStream, requests: Vec<bs::WriteRequest>) -> Result<i64, Status> {
     Ok(bs
