@@ -24,6 +24,17 @@ const HOP_HEADERS: &[&str] = &[
     "content-length",
 ];
 
+/// Whose work an upstream call is: a client waiting for it, or prefetch,
+/// which must only use the link capacity clients leave idle.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Priority {
+    /// A client is waiting for the answer.
+    #[default]
+    Client,
+    /// Work done ahead of any client (output prefetch): yields to clients.
+    Prefetch,
+}
+
 /// Who is asking, for which instance, with which credentials.
 #[derive(Clone, Debug, Default)]
 pub struct RequestContext {
@@ -33,6 +44,8 @@ pub struct RequestContext {
     /// `build.bazel.remote.execution.v2.requestmetadata-bin`), for layers that
     /// call an upstream. Hop-by-hop and `grpc-*` headers are already removed.
     pub headers: MetadataMap,
+    /// Whether a client waits for this work or prefetch does it ahead.
+    pub priority: Priority,
 }
 
 impl RequestContext {
@@ -41,13 +54,24 @@ impl RequestContext {
         RequestContext {
             instance: instance.into(),
             headers: MetadataMap::new(),
+            priority: Priority::Client,
         }
     }
 
+    /// The same request, done at `priority` (prefetch marks its work so).
+    pub fn with_priority(mut self, priority: Priority) -> Self {
+        self.priority = priority;
+        self
+    }
+
     /// Requests with equal keys may share one upstream call: same instance,
-    /// same credentials. Request metadata (per action) is not part of it.
+    /// same credentials, same priority. Request metadata (per action) is not
+    /// part of it.
     pub fn group_key(&self) -> String {
         let mut key = self.instance.clone();
+        if self.priority == Priority::Prefetch {
+            key.push_str("\0prefetch");
+        }
         for entry in self.headers.iter() {
             if let KeyAndValueRef::Ascii(name, value) = entry {
                 key.push('\0');
@@ -80,6 +104,7 @@ impl RequestContext {
         RequestContext {
             instance: instance.into(),
             headers,
+            priority: Priority::Client,
         }
     }
 }
@@ -152,6 +177,19 @@ mod tests {
         assert_eq!(ctx.headers.len(), 2);
         assert!(ctx.headers.get("authorization").is_some());
         assert!(ctx.headers.get("user-agent").is_none());
+    }
+
+    #[test]
+    fn prefetch_work_never_shares_a_call_with_client_work() {
+        let client = RequestContext::for_instance("i");
+        let prefetch = client.clone().with_priority(Priority::Prefetch);
+        assert_ne!(client.group_key(), prefetch.group_key());
+        assert_eq!(
+            prefetch.group_key(),
+            RequestContext::for_instance("i")
+                .with_priority(Priority::Prefetch)
+                .group_key()
+        );
     }
 
     #[test]

@@ -285,6 +285,8 @@ counters! {
         prefetch_skipped: "Output blobs not prefetched (over max_blob_size).";
         /// Client reads served from prefetched data (first read of each blob).
         prefetch_hits: "Client reads served from prefetched blobs (first read each).";
+        /// Client reads that waited for a prefetch transfer still in flight.
+        prefetch_joins: "Client reads that joined a prefetch transfer still in flight (first read each).";
         /// Prefetched bytes evicted before any client read them.
         prefetch_wasted_bytes: "Prefetched bytes evicted before any client read them.";
         /// FetchBlob and FetchDirectory calls (asset service).

@@ -144,11 +144,12 @@ pub fn report(s: &GetStatsResponse, server: &str) -> String {
         m("outpost_repaired_blobs_total")
     ));
     line(format!(
-        "  prefetch:      {} actions, {} blobs ({}), {} read by clients, {} wasted, {} dropped",
+        "  prefetch:      {} actions, {} blobs ({}), {} read by clients ({} while in flight), {} wasted, {} dropped",
         m("outpost_prefetch_jobs_total"),
         m("outpost_prefetched_blobs_total"),
         human_bytes(m("outpost_prefetched_bytes_total")),
-        m("outpost_prefetch_hits_total"),
+        m("outpost_prefetch_hits_total") + m("outpost_prefetch_joins_total"),
+        m("outpost_prefetch_joins_total"),
         human_bytes(m("outpost_prefetch_wasted_bytes_total")),
         m("outpost_prefetch_dropped_total")
     ));

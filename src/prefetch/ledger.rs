@@ -1,9 +1,10 @@
-//! Prefetch's score: which prefetched blobs a client then read (hits) and
-//! which were evicted unread (waste).
+//! Prefetch's score: which prefetched blobs a client then read (hits, or
+//! joins when the read came while the transfer was still running) and which
+//! were evicted unread (waste).
 //!
 //! A blob is entered when a prefetch starts its transfer, and leaves on its
-//! first local read (a hit), on eviction (waste, in bytes) or when the
-//! transfer fails. The ledger hears of local reads through the read-through's
+//! first client read (a hit if served locally, a join if it waited for the
+//! transfer), on eviction (waste, in bytes) or when the transfer fails. The ledger hears of local reads through the read-through's
 //! [`ReadHook`] and of evictions through the local store's eviction
 //! listener, which it installs.
 
@@ -15,7 +16,7 @@ use lru::LruCache;
 use crate::digest::Digest;
 use crate::stats::Stats;
 use crate::store::local::LocalStore;
-use crate::store::read_through::ReadHook;
+use crate::store::read_through::{ReadHook, ReadSource};
 
 /// Prefetched blobs remembered until first read or eviction (bounds memory).
 const PREFETCHED_MEMORY: usize = 1 << 20;
@@ -66,10 +67,15 @@ impl Ledger {
 }
 
 impl ReadHook for Ledger {
-    /// A client's first read of a prefetched blob is a hit.
-    fn served_locally(&self, digest: &Digest) {
-        if self.unread().pop(digest).is_some() {
-            Stats::add(&self.stats.prefetch_hits, 1);
+    /// A client's first read of a prefetched blob is a hit, or a join when
+    /// it had to wait for the prefetch's transfer.
+    fn client_read(&self, digest: &Digest, source: ReadSource) {
+        if self.unread().pop(digest).is_none() {
+            return;
+        }
+        match source {
+            ReadSource::Local => Stats::add(&self.stats.prefetch_hits, 1),
+            ReadSource::Upstream => Stats::add(&self.stats.prefetch_joins, 1),
         }
     }
 }
@@ -92,21 +98,25 @@ mod tests {
         let stats = Arc::new(Stats::default());
         let local = LocalStore::open(options, stats.clone()).unwrap();
         let ledger = Ledger::new(&local, stats.clone());
-        let (read, evicted, failed) = (
+        let (read, joined, evicted, failed) = (
             Digest::of(DigestFunction::Sha256, b"read"),
+            Digest::of(DigestFunction::Sha256, b"joined"),
             Digest::of(DigestFunction::Sha256, b"evicted"),
             Digest::of(DigestFunction::Sha256, b"failed"),
         );
-        for d in [&read, &evicted, &failed] {
+        for d in [&read, &joined, &evicted, &failed] {
             ledger.started(d);
         }
         ledger.failed(&failed);
-        ledger.served_locally(&read);
-        ledger.served_locally(&read);
-        ledger.served_locally(&failed);
+        ledger.client_read(&read, ReadSource::Local);
+        ledger.client_read(&read, ReadSource::Local);
+        ledger.client_read(&joined, ReadSource::Upstream);
+        ledger.client_read(&joined, ReadSource::Local);
+        ledger.client_read(&failed, ReadSource::Local);
         ledger.evicted(&evicted, 7);
         ledger.evicted(&read, 4);
         assert_eq!(Stats::get(&stats.prefetch_hits), 1);
+        assert_eq!(Stats::get(&stats.prefetch_joins), 1);
         assert_eq!(Stats::get(&stats.prefetch_wasted_bytes), 7);
     }
 }

@@ -23,7 +23,7 @@ use bazel_remote_apis::build::bazel::remote::execution::v2::ActionResult;
 use tokio::sync::{Semaphore, mpsc};
 
 use crate::config::PrefetchConfig;
-use crate::context::RequestContext;
+use crate::context::{Priority, RequestContext};
 use crate::digest::{Digest, DigestFunction};
 use crate::reapi::action::referenced_blobs;
 use crate::stats::Stats;
@@ -87,7 +87,7 @@ impl Prefetcher {
     /// Queues the outputs of `result` for prefetch; never waits.
     pub fn submit(&self, ctx: &RequestContext, function: DigestFunction, result: &ActionResult) {
         let job = Job {
-            ctx: ctx.clone(),
+            ctx: ctx.clone().with_priority(Priority::Prefetch),
             function,
             result: result.clone(),
         };

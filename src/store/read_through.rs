@@ -26,11 +26,22 @@ use crate::store::single_flight::{Role, SingleFlight, Ticket};
 use crate::store::{BlobStore, ChunkStream, SMALL_BLOB, read_to_bytes};
 use crate::tasks::Background;
 
-/// Told about reads served by the local store, so a higher layer (prefetch's
-/// hit/waste ledger) can keep score without `store/` depending on it.
+/// Where a client's read of a blob was served from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadSource {
+    /// The blob was in the local store.
+    Local,
+    /// The blob had to come from the upstream: the read started a transfer
+    /// or joined one in flight (perhaps a prefetch's).
+    Upstream,
+}
+
+/// Told about every client read, so a higher layer (prefetch's hit/waste
+/// ledger, its read tracking) can keep score without `store/` depending on
+/// it. Prefetch's own transfers ([`ReadThrough::bring_in`]) are no reads.
 pub trait ReadHook: Send + Sync {
-    /// A client read `digest` from the local store.
-    fn served_locally(&self, digest: &Digest);
+    /// A client read `digest`, served from `source`.
+    fn client_read(&self, digest: &Digest, source: ReadSource);
 }
 
 /// The local store in front of the upstream, for reads.
@@ -85,11 +96,12 @@ impl ReadThrough {
         match self.local.read(ctx, digest, offset, limit).await {
             Err(Error::NotFound(_)) => {}
             Ok(stream) => {
-                self.served_locally(digest);
+                self.tell(digest, ReadSource::Local);
                 return Ok(stream);
             }
             other => return other,
         }
+        self.tell(digest, ReadSource::Upstream);
         if digest.size > self.local_capacity {
             return self.upstream.read(ctx, digest, offset, limit).await;
         }
@@ -108,13 +120,16 @@ impl ReadThrough {
         let mut results = self.local.read_many(ctx, digests).await;
         for (d, r) in digests.iter().zip(&results) {
             if r.is_ok() {
-                self.served_locally(d);
+                self.tell(d, ReadSource::Local);
             }
         }
         let misses: Vec<usize> = (0..digests.len())
             .filter(|&i| matches!(results[i], Err(Error::NotFound(_))))
             .collect();
         let wanted: Vec<Digest> = misses.iter().map(|&i| digests[i]).collect();
+        for d in &wanted {
+            self.tell(d, ReadSource::Upstream);
+        }
         let tickets = self.claim(ctx, &wanted);
         let fetched =
             futures::future::join_all(wanted.iter().zip(tickets).map(|(d, ticket)| async move {
@@ -161,9 +176,9 @@ impl ReadThrough {
         Ok(outcomes)
     }
 
-    fn served_locally(&self, digest: &Digest) {
+    fn tell(&self, digest: &Digest, source: ReadSource) {
         if let Some(hook) = &self.hook {
-            hook.served_locally(digest);
+            hook.client_read(digest, source);
         }
     }
 
@@ -348,10 +363,10 @@ mod tests {
 
     #[tokio::test]
     async fn bring_in_reports_what_it_started_and_hits_reach_the_hook() {
-        struct Hits(Mutex<Vec<Digest>>);
+        struct Hits(Mutex<Vec<(Digest, ReadSource)>>);
         impl ReadHook for Hits {
-            fn served_locally(&self, digest: &Digest) {
-                self.0.lock().unwrap().push(*digest);
+            fn client_read(&self, digest: &Digest, source: ReadSource) {
+                self.0.lock().unwrap().push((*digest, source));
             }
         }
         let (local, upstream) = (
@@ -381,7 +396,15 @@ mod tests {
             "prefetch is no client read"
         );
         read(&store, &small).await.unwrap();
-        assert_eq!(*hits.0.lock().unwrap(), vec![small]);
+        let elsewhere = upstream.insert(&blob(10, 3));
+        read(&store, &elsewhere).await.unwrap();
+        assert_eq!(
+            *hits.0.lock().unwrap(),
+            vec![
+                (small, ReadSource::Local),
+                (elsewhere, ReadSource::Upstream)
+            ]
+        );
     }
 
     #[tokio::test]
