@@ -8,7 +8,10 @@
 #   (b) with --remote_download_minimal a fresh build still succeeds: once
 #       served from the action cache, once executed again
 #       (--noremote_accept_cached), so every action's inputs are outputs of
-#       earlier remote actions that Bazel never downloaded;
+#       earlier remote actions that Bazel never downloaded; with
+#       --remote_download_toplevel, executed again, the top-level outputs
+#       (the calc binary, which must run) are on disk and the intermediate
+#       ones (mathlib's object file) are not;
 #   (c) `bazel test //...` passes: the tests (run remotely) check the
 #       binaries, the genrule outputs and the directory output built before.
 # DIRECT=1 runs the same steps with Bazel pointed straight at BuildGrid (no
@@ -95,8 +98,31 @@ check() {
   echo "ok ($label): $remote remote, $hits remote cache hits, none local"
 }
 
-# (a) Fresh build: all remote; after clean: all remote-cache hits.
-build exec-and-clean CLEAN_REBUILD=1
+# downloaded LABEL: from the output base that build kept (KEEP_OB=1), what
+# the calc binary prints (calc_says) and how many object files Bazel
+# downloaded (objects); the output base is then removed.
+downloaded() {
+  local ob bin
+  ob=$(echo "$OUT" | sed -n 's/^output base kept: \([^ ]*\) .*/\1/p')
+  bin=$(echo "$ob"/execroot/*/bazel-out/k8-fastbuild/bin/small)
+  if [ -z "$ob" ] || [ ! -d "$bin" ]; then
+    echo "FAIL ($1): no output base with bazel-bin/small was kept"; show_logs; exit 1
+  fi
+  calc_says=$("$bin/calc" 2>&1 || true)
+  objects=$(find "$bin" -name '*.o' | wc -l)
+  rm -rf "$ob" "$ob.log"
+}
+
+# (a) Fresh build: all remote; after clean: all remote-cache hits, and every
+# output downloaded (the object files too: the toplevel check below relies
+# on finding them when they are there).
+build exec-and-clean CLEAN_REBUILD=1 KEEP_OB=1
+downloaded exec-and-clean
+if [ "$calc_says" != "2+3=5 4*5=20" ] || [ "$objects" = 0 ]; then
+  echo "FAIL (exec-and-clean): expected calc to run and its object files downloaded;" \
+       "calc said '$calc_says', $objects object files"
+  show_logs; exit 1
+fi
 t_a=$(date +%s.%N)
 echo "$OUT" | grep -E '^\[|^RESULT'
 check first "$(echo "$OUT" | grep '^RESULT label=first')" "$EXPECT_ACTIONS" 0
@@ -110,6 +136,17 @@ build minimal-exec DOWNLOAD=minimal ACCEPT_CACHED=0
 t_b=$(date +%s.%N)
 echo "$OUT" | grep -E '^\[|^RESULT'
 check minimal-exec "$(echo "$OUT" | grep '^RESULT')" "$EXPECT_ACTIONS" 0
+build toplevel-exec DOWNLOAD=toplevel ACCEPT_CACHED=0 KEEP_OB=1
+echo "$OUT" | grep -E '^\[|^RESULT'
+check toplevel-exec "$(echo "$OUT" | grep '^RESULT')" "$EXPECT_ACTIONS" 0
+downloaded toplevel-exec
+if [ "$calc_says" != "2+3=5 4*5=20" ] || [ "$objects" != 0 ]; then
+  echo "FAIL (toplevel-exec): expected the top-level calc binary to run and no object files;" \
+       "calc said '$calc_says', $objects object files downloaded"
+  show_logs
+  exit 1
+fi
+echo "ok (toplevel-exec): the top-level binary runs, no intermediate outputs downloaded"
 
 # (c) The tests pass, run remotely on what was built and cached before.
 build test CMD=test
