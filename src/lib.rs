@@ -15,7 +15,8 @@
 //! - [`decode_status`]: a request that does not decode answers INVALID_ARGUMENT.
 //! - [`digest`]: validated digests and incremental hashing.
 //! - [`metrics`]: Prometheus text at `/metrics`.
-//! - [`prefetch`]: pulling finished actions' outputs into the local store.
+//! - [`prefetch`]: pulling finished actions' outputs into the local store, adaptively
+//!   (per invocation: does the client read them?).
 //! - [`execution`]: execution passthrough: input check, MISSING repair, relay, caching.
 //! - [`reapi`]: REAPI domain helpers: resource names, the Directory-tree walker,
 //!   Actions, ActionResults and Operations.

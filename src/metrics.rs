@@ -1,6 +1,6 @@
 //! Prometheus text metrics at `GET /metrics` on an optional HTTP port.
 //!
-//! The local store's occupancy as gauges, then every counter of the
+//! The local store's occupancy and the [`Stats`] gauges, then every counter of the
 //! [`Stats`] table, rendered in the Prometheus text exposition format
 //! (version 0.0.4). The same samples fill `GetStats`'s `metrics` map.
 
@@ -119,6 +119,13 @@ fn samples(stats: &Stats, local: &LocalStore) -> Vec<Sample> {
             occupancy.reserved_bytes,
         ),
     ];
+    samples.extend(Stats::GAUGES.iter().map(|g| Sample {
+        name: g.metric,
+        help: g.help,
+        kind: "gauge",
+        label: None,
+        value: (g.read)(stats),
+    }));
     samples.extend(Stats::COUNTERS.iter().map(|c| Sample {
         name: c.metric,
         help: c.help,
@@ -198,6 +205,13 @@ mod tests {
                 1
             );
         }
+        for g in Stats::GAUGES {
+            assert_eq!(
+                text.matches(&format!("# TYPE {} gauge\n", g.metric))
+                    .count(),
+                1
+            );
+        }
         assert!(
             text.contains("\noutpost_prefetch_wasted_bytes_total 42\n"),
             "{text}"
@@ -213,7 +227,7 @@ mod tests {
         let samples = text.lines().filter(|l| !l.starts_with('#')).count();
         assert_eq!(
             samples,
-            7 + Stats::COUNTERS.len() + UpstreamMethod::ALL.len()
+            7 + Stats::GAUGES.len() + Stats::COUNTERS.len() + UpstreamMethod::ALL.len()
         );
         let map = values(&stats, &local);
         assert_eq!(map.len(), samples);

@@ -181,6 +181,7 @@ impl RunningServer {
             operations,
             asset_upstream,
             passthrough,
+            inputs,
         } = stack;
         let local_blobs: Arc<dyn BlobStore> = Arc::new(local.clone());
         let actions = Arc::new(
@@ -211,7 +212,7 @@ impl RunningServer {
                 config.max_batch_total_size_bytes,
                 upstream,
             )),
-            cas: Arc::new(CasService::new(backend.clone())),
+            cas: Arc::new(CasService::new(backend.clone()).with_inputs(inputs)),
             bytestream: Arc::new(
                 ByteStreamService::new(backend.clone())
                     .with_passthrough(passthrough.clone())

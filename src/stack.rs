@@ -8,8 +8,7 @@ use crate::asset::upstream::AssetUpstream;
 use crate::config::Config;
 use crate::context::RequestContext;
 use crate::execution::{ExecutionDeps, Executor};
-use crate::prefetch::Prefetcher;
-use crate::prefetch::ledger::Ledger;
+use crate::prefetch::{ClientInputs, Prefetcher, Scores};
 use crate::service::execution::ExecutionService;
 use crate::service::operations::OperationsService;
 use crate::stats::Stats;
@@ -44,6 +43,8 @@ pub struct Stack {
     pub asset_upstream: Option<Arc<AssetUpstream>>,
     /// Remote Logstream passthrough (logstream endpoint), when proxying.
     pub passthrough: Option<Arc<Passthrough>>,
+    /// Told of clients' FindMissingBlobs (adaptive prefetch), when prefetching.
+    pub inputs: Option<Arc<dyn ClientInputs>>,
 }
 
 impl Stack {
@@ -57,6 +58,7 @@ impl Stack {
             operations: None,
             asset_upstream: None,
             passthrough: None,
+            inputs: None,
         }
     }
 
@@ -83,12 +85,13 @@ impl Stack {
             background,
         ));
         let cached: Arc<dyn BlobStore> = existence.clone();
-        // Prefetch keeps score of local reads and evictions through its ledger.
-        let ledger = config
+        // Prefetch keeps score of client reads and evictions (its ledger)
+        // and learns who reads outputs (its learner).
+        let scores = config
             .prefetch
             .enabled
-            .then(|| Ledger::new(local, stats.clone()));
-        let hook = ledger.clone().map(|l| l as Arc<dyn ReadHook>);
+            .then(|| Scores::new(local, &config.prefetch, stats.clone()));
+        let hook = scores.clone().map(|s| s as Arc<dyn ReadHook>);
         let proxy = Arc::new(ProxyStore::new(
             local.clone(),
             cached,
@@ -97,11 +100,11 @@ impl Stack {
             hook,
         ));
         let blobs: Arc<dyn BlobStore> = proxy.clone();
-        let prefetcher = ledger.map(|ledger| {
+        let prefetcher = scores.as_ref().map(|scores| {
             Arc::new(Prefetcher::start(
                 blobs.clone(),
                 proxy.read_through(),
-                ledger,
+                scores,
                 config.prefetch.clone(),
                 stats.clone(),
                 background,
@@ -155,6 +158,7 @@ impl Stack {
             operations: Some(operations),
             asset_upstream: Some(asset_upstream),
             passthrough: Some(passthrough),
+            inputs: scores.map(|s| s.learner.clone() as Arc<dyn ClientInputs>),
         })
     }
 }

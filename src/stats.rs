@@ -143,7 +143,8 @@ impl Stats {
 /// `/// doc` `field: "Prometheus help"` and, for counters that
 /// `GetStatsResponse` also carries as a typed field (kept for wire
 /// compatibility), `, admin proto_field`. Rows in `by_method` are arrays with
-/// one counter per [`UpstreamMethod`]. Row order is `/metrics` order.
+/// one counter per [`UpstreamMethod`]; rows in `gauges` are current values
+/// (`outpost_<field>`, no `_total`). Row order is `/metrics` order.
 macro_rules! counters {
     (
         plain {
@@ -158,15 +159,33 @@ macro_rules! counters {
                 $mfield:ident: $mhelp:literal $(, admin $madmin:ident)?;
             )*
         }
+        gauges {
+            $(
+                $(#[doc = $gdoc:literal])*
+                $gfield:ident: $ghelp:literal;
+            )*
+        }
     ) => {
-        /// Counters since start-up. Each field says which layer bumps it.
+        /// Counters since start-up, and a few gauges. Each field says which
+        /// layer bumps it.
         #[derive(Debug, Default)]
         pub struct Stats {
             $( $(#[doc = $doc])* pub $field: AtomicU64, )*
             $( $(#[doc = $mdoc])* pub $mfield: [AtomicU64; UpstreamMethod::ALL.len()], )*
+            $( $(#[doc = $gdoc])* pub $gfield: AtomicU64, )*
         }
 
         impl Stats {
+            /// Every gauge (a current value, not a total), in table order;
+            /// Prometheus name `outpost_<field>`.
+            pub const GAUGES: &'static [Counter] = &[
+                $( Counter {
+                    metric: concat!("outpost_", stringify!($gfield)),
+                    help: $ghelp,
+                    read: |s| Stats::get(&s.$gfield),
+                }, )*
+            ];
+
             /// Every plain counter, in table order.
             pub const COUNTERS: &'static [Counter] = &[
                 $( Counter {
@@ -283,6 +302,25 @@ counters! {
         prefetched_bytes: "Bytes fetched into the local store by prefetch.";
         /// Blobs skipped by prefetch (over the size limit).
         prefetch_skipped: "Output blobs not prefetched (over max_blob_size).";
+        /// Blobs skipped by adaptive prefetch while learning (over small_output_size).
+        prefetch_skipped_learning:
+            "Output blobs not prefetched: over small_output_size while the invocation was learning.";
+        /// Blobs skipped by adaptive prefetch: the invocation does not read outputs.
+        prefetch_skipped_not_reading:
+            "Output blobs not prefetched: the invocation does not read outputs.";
+        /// Blobs skipped by adaptive prefetch: a later action took them as input.
+        prefetch_skipped_input:
+            "Output blobs not prefetched: a later action of the invocation took them as input.";
+        /// Outputs (files, directories) of finished actions offered to prefetch.
+        prefetch_outputs_offered:
+            "Outputs (files and directories) of finished actions offered to prefetch.";
+        /// Offered outputs a client read (first read each; prefetch learner).
+        prefetch_outputs_read: "Offered outputs a client read (each once).";
+        /// Offered outputs a later action of the same invocation took as input.
+        prefetch_outputs_consumed:
+            "Offered outputs named as inputs in a FindMissingBlobs of the same invocation.";
+        /// Output blobs a client read that prefetch had skipped.
+        prefetch_missed: "Output blobs a client read after prefetch had skipped them.";
         /// Client reads served from prefetched data (first read of each blob).
         prefetch_hits: "Client reads served from prefetched blobs (first read each).";
         /// Client reads that waited for a prefetch transfer still in flight.
@@ -324,6 +362,17 @@ counters! {
     by_method {
         /// Upstream calls started, by [`UpstreamMethod`] (upstream client).
         upstream_calls: "Upstream calls, by method (each retry counts).", admin upstream_calls;
+    }
+    gauges {
+        /// Invocations the prefetch learner remembers, learning (prefetch learner).
+        prefetch_invocations_learning:
+            "Build invocations whose output reads adaptive prefetch is still learning.";
+        /// Invocations that read their outputs: full prefetch (prefetch learner).
+        prefetch_invocations_reading:
+            "Build invocations that read their outputs (full prefetch).";
+        /// Invocations that do not read their outputs (prefetch learner).
+        prefetch_invocations_not_reading:
+            "Build invocations that do not read their outputs (history-based prefetch only).";
     }
 }
 

@@ -153,6 +153,27 @@ pub fn report(s: &GetStatsResponse, server: &str) -> String {
         human_bytes(m("outpost_prefetch_wasted_bytes_total")),
         m("outpost_prefetch_dropped_total")
     ));
+    let (offered, read) = (
+        m("outpost_prefetch_outputs_offered_total"),
+        m("outpost_prefetch_outputs_read_total"),
+    );
+    line(format!(
+        "  adaptive:      {read} of {offered} outputs read ({:.1}%), {} taken as input; \
+         skipped {} learning, {} not reading, {} input, {} too large; {} skipped then read",
+        pct(read, offered),
+        m("outpost_prefetch_outputs_consumed_total"),
+        m("outpost_prefetch_skipped_learning_total"),
+        m("outpost_prefetch_skipped_not_reading_total"),
+        m("outpost_prefetch_skipped_input_total"),
+        m("outpost_prefetch_skipped_total"),
+        m("outpost_prefetch_missed_total")
+    ));
+    line(format!(
+        "  invocations:   {} learning, {} reading, {} not reading",
+        m("outpost_prefetch_invocations_learning"),
+        m("outpost_prefetch_invocations_reading"),
+        m("outpost_prefetch_invocations_not_reading")
+    ));
     let batches = |calls: &str, items: &str| {
         let (calls, items) = (m(calls), m(items));
         (calls, avg(items, calls))
@@ -200,6 +221,10 @@ mod tests {
             ),
             ("outpost_fmb_batches_total", 2),
             ("outpost_fmb_batched_digests_total", 9),
+            ("outpost_prefetch_outputs_offered_total", 8),
+            ("outpost_prefetch_outputs_read_total", 2),
+            ("outpost_prefetch_skipped_not_reading_total", 5),
+            ("outpost_prefetch_invocations_not_reading", 1),
         ] {
             s.metrics.insert(k.to_string(), v);
         }
@@ -216,6 +241,15 @@ mod tests {
         );
         assert!(
             text.contains("FindMissingBlobs 2 calls (avg 4.5 digests)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("adaptive:      2 of 8 outputs read (25.0%)"),
+            "{text}"
+        );
+        assert!(text.contains("skipped 0 learning, 5 not reading"), "{text}");
+        assert!(
+            text.contains("invocations:   0 learning, 0 reading, 1 not reading"),
             "{text}"
         );
     }

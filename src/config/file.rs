@@ -137,6 +137,17 @@ pub struct PrefetchSection {
     pub parallel_fetches: Option<usize>,
     /// Finished actions waiting for prefetch; more are dropped (and counted).
     pub queue_depth: Option<usize>,
+    /// `adaptive`, `always` or `off`: what to prefetch (see `prefetch.rs`).
+    pub mode: Option<super::prefetch::PrefetchMode>,
+    /// Adaptive: outputs up to this size are prefetched while an invocation
+    /// has not shown yet whether it reads outputs.
+    pub small_output_size: Option<ByteSize>,
+    /// Adaptive: finished actions an invocation is watched for before its
+    /// read ratio decides (a client read decides sooner).
+    pub learning_actions: Option<u64>,
+    /// Adaptive: the share of offered outputs (0 to 1) an invocation must
+    /// read to keep full prefetch.
+    pub read_ratio: Option<f64>,
 }
 
 /// `[asset]` keys.

@@ -23,7 +23,7 @@ pub use file::{
     AssetSection, FileConfig, HeaderSpec, MetricsSection, PrefetchSection, ServerSection,
     StoreSection, UpstreamSection,
 };
-pub use prefetch::PrefetchConfig;
+pub use prefetch::{PrefetchConfig, PrefetchMode};
 pub use units::{ByteSize, HumanDuration};
 pub use upstream::{EnvLookup, UpstreamConfig};
 
@@ -213,6 +213,8 @@ mod tests {
             p.enabled.is_some() && p.max_blob_size.is_some() && p.max_bytes_in_flight.is_some()
         );
         assert!(p.parallel_fetches.is_some() && p.queue_depth.is_some());
+        assert!(p.mode.is_some() && p.small_output_size.is_some());
+        assert!(p.learning_actions.is_some() && p.read_ratio.is_some());
         assert!(file.server.listen.is_some());
         assert!(file.server.allow_remote.is_some());
         assert!(file.server.unix_socket.is_some());

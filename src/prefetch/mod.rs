@@ -1,21 +1,34 @@
 //! Output prefetch: when an action finishes upstream, pull its outputs into
 //! the local store before the client asks for them.
 //!
-//! Jobs go into a bounded queue; a full queue drops the job (counted) so no
-//! RPC ever waits for prefetch. Each job walks the ActionResult (output
-//! files, stdout/stderr, Trees and `root_directory_digest` hierarchies, read
-//! through the proxy so they are fetched too) and fetches every blob up to
-//! `max_blob_size` through the read-through's single-flight: a client read
-//! that arrives meanwhile joins the transfer in flight instead of starting
-//! another.
+//! A finished action's outputs are registered with the [`Learner`] at once
+//! (so client reads and FindMissingBlobs calls are credited from the first
+//! moment), then the job goes into a bounded queue; a full queue drops the
+//! job (counted) so no RPC ever waits for prefetch. Each job lists the
+//! ActionResult's blobs (stdout/stderr, output files, Trees and
+//! `root_directory_digest` hierarchies, read through the proxy so they are
+//! fetched too: [`outputs`]), asks the learner which to fetch, group by
+//! group right before fetching it (the `mode`, the invocation's state, the
+//! outputs taken as input meanwhile: [`policy`]), and fetches those through
+//! the read-through's single-flight: a client read that arrives meanwhile
+//! joins the transfer in flight instead of starting another.
 //!
+//! - [`policy`]: the decisions, pure functions over counts.
+//! - [`registry`]: output blob → producing invocation; path history.
+//! - [`learner`]: per-invocation counts, fed by reads and FindMissingBlobs.
+//! - [`outputs`]: a result's blobs with their kinds.
 //! - [`ledger`]: the hit/waste score of prefetched blobs.
 //!
 //! The prefetcher hears of finished actions as the action cache's
 //! [`ResultObserver`] (and from execution); it reads trees through the proxy
-//! CAS and brings blobs in with [`ReadThrough::bring_in`].
+//! CAS and brings blobs in with [`ReadThrough::bring_in`]. [`Scores`] is the
+//! [`ReadHook`] the read-through tells of client reads (ledger and learner).
 
+pub mod learner;
 pub mod ledger;
+pub mod outputs;
+pub mod policy;
+pub mod registry;
 
 use std::sync::Arc;
 
@@ -25,25 +38,63 @@ use tokio::sync::{Semaphore, mpsc};
 use crate::config::PrefetchConfig;
 use crate::context::{Priority, RequestContext};
 use crate::digest::{Digest, DigestFunction};
-use crate::reapi::action::referenced_blobs;
 use crate::stats::Stats;
 use crate::store::BlobStore;
+use crate::store::local::LocalStore;
 use crate::store::proxy_ac::ResultObserver;
-use crate::store::read_through::ReadThrough;
+use crate::store::read_through::{ReadHook, ReadSource, ReadThrough};
 use crate::tasks::Background;
 use crate::upstream::batcher::split_by_weight;
+use learner::{Learner, Offer};
 use ledger::Ledger;
+
+/// Told of the digests a client names in FindMissingBlobs, so prefetch can
+/// tell outputs that later actions take as inputs (Bazel asks for every
+/// input before each Execute) without the CAS service knowing prefetch.
+pub trait ClientInputs: Send + Sync {
+    /// A client's FindMissingBlobs for `ctx` named `digests`.
+    fn named(&self, ctx: &RequestContext, digests: &[Digest]);
+}
+
+/// What prefetch learns from clients: the hit/waste ledger and the
+/// adaptive learner, told of every client read as one [`ReadHook`].
+pub struct Scores {
+    /// Hits, joins and waste of prefetched blobs.
+    pub ledger: Arc<Ledger>,
+    /// Per-invocation read tracking and the decisions.
+    pub learner: Arc<Learner>,
+}
+
+impl Scores {
+    /// Fresh scores; the ledger listens to `local`'s evictions.
+    pub fn new(local: &LocalStore, config: &PrefetchConfig, stats: Arc<Stats>) -> Arc<Self> {
+        Arc::new(Scores {
+            ledger: Ledger::new(local, stats.clone()),
+            learner: Arc::new(Learner::new(config.clone(), stats)),
+        })
+    }
+}
+
+impl ReadHook for Scores {
+    /// Both keep score of every client read.
+    fn client_read(&self, digest: &Digest, source: ReadSource) {
+        self.ledger.client_read(digest, source);
+        self.learner.client_read(digest, source);
+    }
+}
 
 /// Finished actions' results whose outputs to fetch.
 struct Job {
     ctx: RequestContext,
     function: DigestFunction,
-    result: ActionResult,
+    /// The outputs as registered with the learner.
+    offer: Offer,
 }
 
 /// The prefetch queue and its workers.
 pub struct Prefetcher {
     tx: mpsc::Sender<Job>,
+    learner: Arc<Learner>,
     stats: Arc<Stats>,
 }
 
@@ -55,6 +106,8 @@ struct Through {
     reads: Arc<ReadThrough>,
     /// Scores what prefetch brought in.
     ledger: Arc<Ledger>,
+    /// Decides what to bring in.
+    learner: Arc<Learner>,
 }
 
 /// Prefetch jobs worked on at once.
@@ -64,32 +117,42 @@ const MIB: u64 = 1 << 20;
 
 impl Prefetcher {
     /// Starts the workers on `background`: trees are read through `blobs`,
-    /// blobs brought in through `reads` and scored in `ledger`.
+    /// blobs brought in through `reads`, chosen and scored by `scores`.
     pub fn start(
         blobs: Arc<dyn BlobStore>,
         reads: Arc<ReadThrough>,
-        ledger: Arc<Ledger>,
+        scores: &Scores,
         config: PrefetchConfig,
         stats: Arc<Stats>,
         background: &Background,
     ) -> Self {
         let (tx, rx) = mpsc::channel(config.queue_depth);
+        let learner = scores.learner.clone();
         let through = Arc::new(Through {
             blobs,
             reads,
-            ledger,
+            ledger: scores.ledger.clone(),
+            learner: learner.clone(),
         });
         let workers = background.clone();
         background.spawn(dispatch(rx, through, config, stats.clone(), workers));
-        Prefetcher { tx, stats }
+        Prefetcher { tx, learner, stats }
     }
 
-    /// Queues the outputs of `result` for prefetch; never waits.
+    /// Registers the outputs of `result` with the learner and queues them
+    /// for prefetch; never waits.
     pub fn submit(&self, ctx: &RequestContext, function: DigestFunction, result: &ActionResult) {
+        let offer = match self.learner.offer(ctx, function, result) {
+            Ok(offer) => offer,
+            Err(e) => {
+                tracing::debug!("prefetch: cannot list outputs: {e}");
+                return;
+            }
+        };
         let job = Job {
             ctx: ctx.clone().with_priority(Priority::Prefetch),
             function,
-            result: result.clone(),
+            offer,
         };
         match self.tx.try_send(job) {
             Ok(()) => Stats::add(&self.stats.prefetch_jobs, 1),
@@ -143,21 +206,23 @@ async fn run(
     budget_mib: u32,
     job: Job,
 ) {
-    let digests = match referenced_blobs(&*through.blobs, &job.ctx, job.function, &job.result).await
-    {
-        Ok(digests) => digests,
+    let learner = &*through.learner;
+    let listed = outputs::list(&*through.blobs, learner, &job.ctx, job.function, &job.offer);
+    let blobs = match listed.await {
+        Ok(blobs) => blobs,
         Err(e) => {
             tracing::debug!("prefetch: cannot list outputs: {e}");
             return;
         }
     };
-    let (wanted, skipped): (Vec<Digest>, Vec<Digest>) = digests
-        .into_iter()
-        .partition(|d| d.size <= config.max_blob_size);
-    Stats::add(&stats.prefetch_skipped, skipped.len() as u64);
-    // Fetch in groups that fit the bytes-in-flight budget.
-    for group in split_by_weight(wanted, config.max_bytes_in_flight, |d| d.size) {
-        fetch_group(through, stats, budget, budget_mib, &job.ctx, &group).await;
+    // Fetch in groups that fit the bytes-in-flight budget, each decided on
+    // right before it is fetched (what was taken as input meanwhile, what
+    // the invocation has shown since).
+    for group in split_by_weight(blobs, config.max_bytes_in_flight, |(d, _)| d.size) {
+        let wanted = learner.decide(&job.offer, &group);
+        if !wanted.is_empty() {
+            fetch_group(through, stats, budget, budget_mib, &job.ctx, &wanted).await;
+        }
     }
 }
 

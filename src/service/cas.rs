@@ -1,6 +1,7 @@
 //! ContentAddressableStorage: FindMissingBlobs, Batch{Update,Read}Blobs, GetTree.
 
 use std::pin::Pin;
+use std::sync::Arc;
 
 use bazel_remote_apis::build::bazel::remote::execution::v2::{
     self as re, BatchReadBlobsRequest, BatchReadBlobsResponse, BatchUpdateBlobsRequest,
@@ -18,6 +19,7 @@ use tonic::{Request, Response, Status};
 use crate::context::RequestContext;
 use crate::digest::{Digest, DigestFunction};
 use crate::error::{Error, Result, clip, ok_rpc_status};
+use crate::prefetch::ClientInputs;
 use crate::reapi::tree::TreeWalk;
 use crate::service::Backend;
 
@@ -30,12 +32,24 @@ const MAX_TREE_PAGE_BYTES: usize = 2 << 20;
 /// Serves the CAS from the backend's blob store.
 pub struct CasService {
     backend: Backend,
+    /// Told of the digests clients name in FindMissingBlobs (prefetch learns
+    /// which outputs later actions take as inputs), if any.
+    inputs: Option<Arc<dyn ClientInputs>>,
 }
 
 impl CasService {
     /// A CAS service over `backend`.
     pub fn new(backend: Backend) -> Self {
-        CasService { backend }
+        CasService {
+            backend,
+            inputs: None,
+        }
+    }
+
+    /// Tells `inputs` (if any) of every client FindMissingBlobs from now on.
+    pub fn with_inputs(mut self, inputs: Option<Arc<dyn ClientInputs>>) -> Self {
+        self.inputs = inputs;
+        self
     }
 
     fn check_batch_size(&self, total: u64, what: &str) -> Result<()> {
@@ -61,6 +75,9 @@ impl CasService {
             .map(|d| Digest::parse(function, &d.hash, d.size_bytes))
             .collect::<Result<Vec<_>>>()?;
         let ctx = RequestContext::from_metadata(req.instance_name, metadata);
+        if let Some(inputs) = &self.inputs {
+            inputs.named(&ctx, &digests);
+        }
         let missing = self.backend.blobs.find_missing(&ctx, &digests).await?;
         Ok(FindMissingBlobsResponse {
             missing_blob_digests: missing.iter().map(Digest::to_proto).collect(),

@@ -22,6 +22,34 @@ pub use outpost_testkit::{Rng, ServerProcess, blob, bs, digest, re, sha256_hex};
 /// Outpost's Admin service (stats).
 pub type Admin = outpost::admin_proto::admin_client::AdminClient<Channel>;
 
+/// Upper bound for a metric the tests wait for (never reached when all is well).
+const METRIC_WAIT: Duration = Duration::from_secs(10);
+
+/// One of Outpost's metrics (as at `/metrics`).
+pub async fn metric(server: &TestServer, name: &str) -> u64 {
+    *stats(server)
+        .await
+        .metrics
+        .get(name)
+        .unwrap_or_else(|| panic!("no metric {name}"))
+}
+
+/// Polls metric `name` until it reaches at least `at_least`; returns its value.
+pub async fn wait_metric(server: &TestServer, name: &str, at_least: u64) -> u64 {
+    let deadline = Instant::now() + METRIC_WAIT;
+    loop {
+        let v = metric(server, name).await;
+        if v >= at_least {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {name} >= {at_least} (is {v})"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// Starts the `outpost` binary over `data_dir`, its stderr going to `log`.
 pub fn spawn_server(data_dir: &Path, log: &Path) -> ServerProcess {
     ServerProcess::command(env!("CARGO_BIN_EXE_outpost"), data_dir)

@@ -8,6 +8,7 @@
 use std::time::{Duration, Instant};
 
 use bazel_remote_apis::google::longrunning as lr;
+use outpost::config::PrefetchMode;
 use prost::Message;
 use re::execution_stage::Value as Stage;
 use tonic::metadata::MetadataValue;
@@ -37,31 +38,6 @@ async fn proxy(fake: &FakeUpstream) -> TestServer {
 
 fn exec(server: &TestServer) -> Exec {
     Exec::new(server.channel()).max_decoding_message_size(64 << 20)
-}
-
-/// One of Outpost's metrics (as at `/metrics`).
-async fn metric(server: &TestServer, name: &str) -> u64 {
-    *stats(server)
-        .await
-        .metrics
-        .get(name)
-        .unwrap_or_else(|| panic!("no metric {name}"))
-}
-
-/// Polls metric `name` until it reaches at least `at_least`; returns its value.
-async fn wait_metric(server: &TestServer, name: &str, at_least: u64) -> u64 {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let v = metric(server, name).await;
-        if v >= at_least {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {name} >= {at_least} (is {v})"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
 }
 
 /// Execute through `server`: every Operation, or the error of the call or
@@ -765,6 +741,12 @@ async fn missing_inputs_outpost_lacks_too_fail_with_the_precondition() {
 
 // ---------------------------------------------------------------- prefetch
 
+/// A proxy that prefetches every output (`mode = "always"`): these tests
+/// pin prefetch's mechanics; `prefetch_policy.rs` tests the adaptive mode.
+async fn always_prefetching(fake: &FakeUpstream) -> TestServer {
+    start_proxy(fake, |_| {}, |c| c.prefetch.mode = PrefetchMode::Always).await
+}
+
 /// An action whose outputs cover every kind: a large file (ByteStream), a
 /// small one, stdout/stderr, and a directory output (Tree + files).
 struct Outputs {
@@ -887,7 +869,7 @@ impl Outputs {
 #[tokio::test]
 async fn outputs_are_prefetched_and_then_read_locally() {
     let fake = FakeUpstream::start().await;
-    let server = proxy(&fake).await;
+    let server = always_prefetching(&fake).await;
     let mut out = prepare_outputs(&fake, b"prefetch");
     let (_, result) = expect_success(execute(&server, out.action.request("")).await);
     out.check(&fake, &result);
@@ -915,7 +897,7 @@ async fn outputs_are_prefetched_and_then_read_locally() {
 #[tokio::test]
 async fn prefetch_counts_each_blob_once() {
     let fake = FakeUpstream::start().await;
-    let server = proxy(&fake).await;
+    let server = always_prefetching(&fake).await;
     let mut out = prepare_outputs(&fake, b"counts");
     let (_, result) = expect_success(execute(&server, out.action.request("")).await);
     out.check(&fake, &result);
@@ -959,7 +941,15 @@ async fn without_prefetch_the_outputs_are_read_from_upstream() {
 #[tokio::test]
 async fn prefetch_skips_blobs_over_max_blob_size() {
     let fake = FakeUpstream::start().await;
-    let server = start_proxy(&fake, |_| {}, |c| c.prefetch.max_blob_size = MIB as u64).await;
+    let server = start_proxy(
+        &fake,
+        |_| {},
+        |c| {
+            c.prefetch.mode = PrefetchMode::Always;
+            c.prefetch.max_blob_size = MIB as u64;
+        },
+    )
+    .await;
     let mut out = prepare_outputs(&fake, b"size limit");
     let (_, result) = expect_success(execute(&server, out.action.request("")).await);
     out.check(&fake, &result);
@@ -1005,7 +995,7 @@ async fn an_upstream_action_cache_hit_starts_the_prefetch() {
         .unwrap();
     out.check(&fake, &result);
 
-    let server = proxy(&fake).await;
+    let server = always_prefetching(&fake).await;
     let got = server
         .action_cache()
         .get_action_result(re::GetActionResultRequest {
@@ -1051,7 +1041,7 @@ async fn a_cached_execute_result_is_cached_locally_and_prefetched() {
     .await;
     end.unwrap();
 
-    let server = proxy(&fake).await;
+    let server = always_prefetching(&fake).await;
     fake.reset_stats();
     let ops = execute(&server, out.action.request("")).await.unwrap();
     assert_eq!(ops.len(), 1, "one done Operation from the upstream's cache");
@@ -1084,7 +1074,7 @@ async fn a_cached_execute_result_is_cached_locally_and_prefetched() {
 #[tokio::test]
 async fn a_client_read_joins_the_prefetch_in_flight() {
     let fake = FakeUpstream::start().await;
-    let server = proxy(&fake).await;
+    let server = always_prefetching(&fake).await;
     let size = 3 * MIB;
     let action = TestAction::new(&["big"], &["big.bin"], &[("in", b"in")]);
     fake.put_test_action(&action);
