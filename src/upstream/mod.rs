@@ -8,11 +8,14 @@
 //!   retire.
 //! - [`passthrough`]: Remote Logstream (CreateLogStream and non-CAS
 //!   ByteStream names) forwarded unchanged to the logstream endpoint.
+//! - [`traffic`]: client work in flight, and the gate where prefetch waits
+//!   for the link to be free of it.
 
 pub mod batcher;
 pub mod client;
 pub mod health;
 pub mod keyed_batchers;
 pub mod passthrough;
+pub mod traffic;
 
 pub use client::Upstream;
