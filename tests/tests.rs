@@ -23,6 +23,7 @@ mod suite {
     mod large_blob;
     mod logstream;
     mod persistence;
+    mod prefetch_yield;
     mod proxy;
     mod ready_file;
     mod tls;

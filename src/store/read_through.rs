@@ -533,6 +533,98 @@ mod tests {
         );
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn prefetch_waits_for_client_traffic_but_a_joining_client_does_not() {
+        let (local, upstream) = (
+            Arc::new(MemoryStore::default()),
+            Arc::new(MemoryStore::default()),
+        );
+        let (small, large) = (
+            upstream.insert(&blob(10, 1)),
+            upstream.insert(&blob(2 << 20, 2)),
+        );
+        let stats = Arc::new(Stats::default());
+        let traffic = Traffic::new(stats.clone());
+        let store = Arc::new(ReadThrough::new(
+            local.clone(),
+            1 << 30,
+            upstream.clone(),
+            traffic.clone(),
+            stats.clone(),
+            &Background::new(),
+        ));
+        let busy = traffic.client_work();
+        let prefetch = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let ctx = RequestContext::default().with_priority(Priority::Prefetch);
+                store.bring_in(&ctx, &[small, large], |_| {}).await
+            })
+        };
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert_eq!(
+            count(&upstream.reads),
+            0,
+            "no prefetch transfer while a client works"
+        );
+        assert_eq!(count(&upstream.read_many_calls), 0);
+        // The client still works (`busy`): joining must not wait for the gate.
+        // (A client that waited for the gate would wait forever: `busy` is held.)
+        let joined = tokio::time::timeout(Duration::from_secs(3600), read(&store, &large));
+        let joined = joined.await.expect("the client waited for the gate");
+        assert_eq!(joined.unwrap(), blob(2 << 20, 2));
+        assert_eq!(
+            count(&upstream.reads),
+            1,
+            "the client joined the prefetch transfer"
+        );
+        assert_eq!(Stats::get(&stats.prefetch_promotions), 1);
+        assert_eq!(Stats::get(&stats.single_flight_joins), 1);
+        assert!(!prefetch.is_finished(), "the small blob still yields");
+        drop(busy);
+        let outcomes = prefetch.await.unwrap().unwrap();
+        assert!(outcomes.iter().all(|(_, r)| r.is_ok()));
+        assert!(local.has(&small) && local.has(&large));
+        assert_eq!(
+            traffic.client_work_in_flight(),
+            0,
+            "the promotion ended with the transfer"
+        );
+    }
+
+    #[tokio::test]
+    async fn prefetch_reads_of_trees_are_no_client_reads() {
+        struct Reads(Mutex<usize>);
+        impl ReadHook for Reads {
+            fn client_read(&self, _: &Digest, _: ReadSource) {
+                *self.0.lock().unwrap() += 1;
+            }
+        }
+        let (local, upstream) = (
+            Arc::new(MemoryStore::default()),
+            Arc::new(MemoryStore::default()),
+        );
+        let (held, missing) = (local.insert(b"tree"), upstream.insert(b"other tree"));
+        let reads = Arc::new(Reads(Mutex::new(0)));
+        let stats = Arc::new(Stats::default());
+        let store = read_through(&local, &upstream, &stats).with_hook(reads.clone());
+        let ctx = RequestContext::default().with_priority(Priority::Prefetch);
+        for d in [held, missing] {
+            let stream = store.read(&ctx, &d, 0, 0).await.unwrap();
+            let _: Vec<Bytes> = stream.try_collect().await.unwrap();
+        }
+        assert!(
+            store
+                .read_many(&ctx, &[held, missing])
+                .await
+                .iter()
+                .all(Result::is_ok)
+        );
+        assert_eq!(*reads.0.lock().unwrap(), 0);
+        read(&store, &held).await.unwrap();
+        assert_eq!(*reads.0.lock().unwrap(), 1);
+    }
+
     #[tokio::test]
     async fn local_hits_are_served_while_the_upstream_is_down() {
         let (local, upstream) = (
