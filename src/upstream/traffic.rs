@@ -32,8 +32,8 @@ use crate::stats::Stats;
 /// FindMissingBlobs, uploads, Execute) follow each other within a few
 /// milliseconds; restarting prefetch in such a gap would put a prefetch
 /// window on the link just ahead of the next call. Longer than those gaps,
-/// short next to a 40 ms round trip (measured with the WAN relay: see
-/// `docs/architecture.md`, "Priority").
+/// short next to a 40 ms round trip. Chosen, not measured: the relay runs
+/// in `docs/architecture.md` ("Priority") varied the windows only.
 pub const QUIET: Duration = Duration::from_millis(20);
 
 /// Prefetch transfers that may be on the link at once. A batched prefetch
