@@ -1,5 +1,5 @@
-//! The upstream connection: two HTTP/2 channels (TLS when `grpcs://`), one
-//! for clients' work and one with small flow-control windows for prefetch;
+//! The upstream connection: its two HTTP/2 channels ([`Channels`]: one for
+//! clients' work, one with small flow-control windows for prefetch),
 //! configured and forwarded headers, instance-name mapping, a limit on calls
 //! in flight, retries with backoff on UNAVAILABLE, the upstream's
 //! capabilities, and the [`Traffic`] count of client work in flight (taken
@@ -24,13 +24,14 @@ use bazel_remote_apis::google::bytestream::byte_stream_client::ByteStreamClient;
 use bazel_remote_apis::google::longrunning::operations_client::OperationsClient;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::metadata::{AsciiMetadataKey, AsciiMetadataValue};
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::config::UpstreamConfig;
 use crate::context::{Priority, RequestContext};
 use crate::error::{Error, Result, is_timeout};
 use crate::stats::{Stats, UpstreamMethod};
+use crate::upstream::channels::Channels;
 use crate::upstream::health::Health;
 use crate::upstream::traffic::{ClientWork, Traffic};
 
@@ -44,20 +45,6 @@ const FIRST_RETRY_DELAY: Duration = Duration::from_millis(100);
 const DEFAULT_UPSTREAM_BATCH: u64 = 4 << 20;
 /// Room left in a batch for message framing and digests.
 const BATCH_OVERHEAD: u64 = 64 << 10;
-/// HTTP/2 windows of the client channel, per stream and per connection:
-/// large, so one stream fills a long fat link.
-const CLIENT_WINDOWS: (u32, u32) = (16 << 20, 32 << 20);
-/// HTTP/2 windows of the prefetch channel, per stream and per connection.
-/// When prefetch pauses (stops reading), at most the connection window of
-/// it is still on its way over the link, ahead of the client's bytes; while
-/// it runs, one stream moves at most a stream window per round trip.
-/// Measured with the WAN relay at 40 ms / 50 Mbit/s (`docs/architecture.md`,
-/// "Priority"): 512 KiB is the smallest stream window that still fills the
-/// link (its bandwidth-delay product is 250 KB; 256 KiB prefetched at two
-/// thirds of the link rate), and a client's 4 MiB read during a prefetch
-/// took 1.04-1.08x its time on a quiet link (1.9x with the client windows).
-const PREFETCH_WINDOWS: (u32, u32) = (512 << 10, 512 << 10);
-
 /// Whether a failed call may succeed if tried again: UNAVAILABLE, and the
 /// `Unknown` / `Cancelled` that tonic reports when a connection breaks.
 /// (A timeout is not: the call already waited its full deadline.)
@@ -80,13 +67,9 @@ pub fn is_transient(status: &Status) -> bool {
 pub struct Upstream {
     /// The resolved `[upstream]` settings.
     config: UpstreamConfig,
-    /// The HTTP/2 channel for clients' work; connects lazily and reconnects
-    /// by itself.
-    channel: Channel,
-    /// A second connection for prefetch (`Priority::Prefetch`), with small
-    /// flow-control windows: a paused prefetch stream holds little of the
-    /// link (see [`PREFETCH_WINDOWS`]).
-    prefetch_channel: Channel,
+    /// The HTTP/2 channels for clients' work and for prefetch; they connect
+    /// lazily and reconnect by themselves.
+    channels: Channels,
     /// Client work in flight on the link, which prefetch yields to.
     traffic: Arc<Traffic>,
     /// Configured headers, parsed once (values marked sensitive: never logged).
@@ -106,35 +89,6 @@ impl Upstream {
     /// work is counted in a [`Traffic`] of its own (see
     /// [`Upstream::sharing_traffic`]).
     pub fn new(config: UpstreamConfig, stats: Arc<Stats>) -> anyhow::Result<Self> {
-        let mut endpoint = Endpoint::from_shared(config.uri.clone())
-            .with_context(|| format!("invalid upstream endpoint {}", config.uri))?
-            .connect_timeout(config.connect_timeout)
-            .tcp_nodelay(true)
-            // Without it the upstream sends 16 KiB DATA frames: reads at half speed.
-            .max_frame_size(1 << 20)
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(20))
-            .keep_alive_while_idle(true);
-        if config.tls {
-            let mut tls = ClientTlsConfig::new();
-            tls = match &config.ca_file {
-                Some(path) => tls.ca_certificate(Certificate::from_pem(
-                    std::fs::read(path)
-                        .with_context(|| format!("cannot read ca_file {}", path.display()))?,
-                )),
-                None => tls.with_native_roots(),
-            };
-            if let Some((cert, key)) = &config.client_identity {
-                let cert = std::fs::read(cert)
-                    .with_context(|| format!("cannot read client_cert {}", cert.display()))?;
-                let key = std::fs::read(key)
-                    .with_context(|| format!("cannot read client_key {}", key.display()))?;
-                tls = tls.identity(Identity::from_pem(cert, key));
-            }
-            endpoint = endpoint
-                .tls_config(tls)
-                .context("invalid upstream TLS settings")?;
-        }
         let mut headers = Vec::new();
         for (name, value) in &config.headers {
             let key: AsciiMetadataKey = name
@@ -146,16 +100,8 @@ impl Upstream {
             value.set_sensitive(true);
             headers.push((key, value));
         }
-        let with_windows = |(stream, connection): (u32, u32)| {
-            endpoint
-                .clone()
-                .initial_stream_window_size(stream)
-                .initial_connection_window_size(connection)
-                .connect_lazy()
-        };
         Ok(Upstream {
-            channel: with_windows(CLIENT_WINDOWS),
-            prefetch_channel: with_windows(PREFETCH_WINDOWS),
+            channels: Channels::new(&config)?,
             traffic: Traffic::new(stats.clone()),
             permits: Arc::new(Semaphore::new(config.max_concurrent_calls)),
             health: Health::new(&config.uri),
@@ -216,10 +162,12 @@ impl Upstream {
 
     /// The channel for `ctx`'s work: prefetch has its own.
     fn channel_for(&self, ctx: &RequestContext) -> Channel {
-        match ctx.priority {
-            Priority::Client => self.channel.clone(),
-            Priority::Prefetch => self.prefetch_channel.clone(),
-        }
+        self.channels.for_priority(ctx.priority)
+    }
+
+    /// The channel for clients' work.
+    fn channel(&self) -> Channel {
+        self.channels.for_priority(Priority::Client)
     }
 
     /// A CAS client on the channel for `ctx`'s priority.
@@ -238,42 +186,42 @@ impl Upstream {
 
     /// A Remote Logstream client on the shared channel.
     pub fn logstream(&self) -> LogStreamServiceClient<Channel> {
-        LogStreamServiceClient::new(self.channel.clone())
+        LogStreamServiceClient::new(self.channel())
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE)
     }
 
     /// An Execution client on the shared channel.
     pub fn execution(&self) -> ExecutionClient<Channel> {
-        ExecutionClient::new(self.channel.clone())
+        ExecutionClient::new(self.channel())
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE)
     }
 
     /// A google.longrunning Operations client on the shared channel.
     pub fn operations(&self) -> OperationsClient<Channel> {
-        OperationsClient::new(self.channel.clone())
+        OperationsClient::new(self.channel())
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE)
     }
 
     /// An ActionCache client on the shared channel.
     pub fn action_cache(&self) -> ActionCacheClient<Channel> {
-        ActionCacheClient::new(self.channel.clone())
+        ActionCacheClient::new(self.channel())
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE)
     }
 
     /// A Remote Asset Fetch client on the shared channel.
     pub fn asset_fetch(&self) -> FetchClient<Channel> {
-        FetchClient::new(self.channel.clone())
+        FetchClient::new(self.channel())
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE)
     }
 
     /// A Remote Asset Push client on the shared channel.
     pub fn asset_push(&self) -> PushClient<Channel> {
-        PushClient::new(self.channel.clone())
+        PushClient::new(self.channel())
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE)
     }
@@ -488,7 +436,7 @@ impl Upstream {
                         instance_name: instance.clone(),
                     },
                 );
-                let mut client = CapabilitiesClient::new(self.channel.clone());
+                let mut client = CapabilitiesClient::new(self.channel());
                 async move { client.get_capabilities(request).await }
             })
             .await?;

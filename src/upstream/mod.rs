@@ -1,7 +1,9 @@
 //! Talking to the one upstream REAPI cluster.
 //!
-//! - [`client`]: the connection (TLS, headers, instance mapping), concurrency
+//! - [`client`]: the connection (headers, instance mapping), concurrency
 //!   limit, retries with backoff, and capabilities.
+//! - [`channels`]: its two HTTP/2 channels (TLS, windows): one for clients,
+//!   one for prefetch.
 //! - [`health`]: fail fast while the upstream is down, recover by itself.
 //! - [`batcher`]: group commit that merges concurrent requests into few calls.
 //! - [`keyed_batchers`]: one batcher per (instance, credentials); idle ones
@@ -12,6 +14,7 @@
 //!   for the link to be free of it.
 
 pub mod batcher;
+pub mod channels;
 pub mod client;
 pub mod health;
 pub mod keyed_batchers;
