@@ -216,10 +216,7 @@ impl ReadThrough {
     /// now, the small ones together in batched reads (one for a client;
     /// [`PREFETCH_BATCH`] bytes each for prefetch), each large one alone.
     fn claim(&self, ctx: &RequestContext, digests: &[Digest]) -> Vec<Ticket<()>> {
-        let (small_blob, batch) = match ctx.priority {
-            Priority::Client => (SMALL_BLOB, u64::MAX),
-            Priority::Prefetch => (PREFETCH_BATCH, PREFETCH_BATCH),
-        };
+        let (small_blob, batch) = batch_limits(ctx.priority);
         let mut tickets: Vec<Option<Ticket<()>>> = digests.iter().map(|_| None).collect();
         let small: Vec<usize> = (0..digests.len())
             .filter(|&i| digests[i].size <= small_blob)
@@ -291,6 +288,16 @@ impl ReadThrough {
     }
 }
 
+/// For work at `priority`: the largest blob fetched in a batched read, and
+/// the most bytes in one. A client's small misses go in one batch; prefetch
+/// keeps its batches short, as one cannot pause once sent.
+fn batch_limits(priority: Priority) -> (u64, u64) {
+    match priority {
+        Priority::Client => (SMALL_BLOB, u64::MAX),
+        Priority::Prefetch => (PREFETCH_BATCH, PREFETCH_BATCH),
+    }
+}
+
 fn lock(flights: &YieldingFlights) -> MutexGuard<'_, HashMap<Digest, Arc<Yielding>>> {
     flights.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -348,12 +355,8 @@ async fn fetch_into(
     digests: &[Digest],
     gate: Option<(&Traffic, &Yielding)>,
 ) -> Vec<Result<()>> {
-    let small_blob = match ctx.priority {
-        Priority::Client => SMALL_BLOB,
-        Priority::Prefetch => PREFETCH_BATCH,
-    };
     if let [digest] = digests
-        && digest.size > small_blob
+        && digest.size > batch_limits(ctx.priority).0
     {
         return vec![fetch_large(local, upstream, ctx, digest, gate).await];
     }

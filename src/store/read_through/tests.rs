@@ -230,3 +230,35 @@ async fn local_hits_are_served_while_the_upstream_is_down() {
     let err = read(&store, &other).await;
     assert!(matches!(err, Err(Error::Unavailable(_))), "{err:?}");
 }
+
+#[tokio::test]
+async fn prefetch_fetches_small_blobs_in_short_batches_and_streams_the_rest() {
+    let (local, upstream) = (
+        Arc::new(MemoryStore::default()),
+        Arc::new(MemoryStore::default()),
+    );
+    let each = 100 << 10;
+    let small: Vec<Digest> = (0..6u8).map(|i| upstream.insert(&blob(each, i))).collect();
+    let medium = upstream.insert(&blob(PREFETCH_BATCH as usize + 1, 9));
+    let stats = Arc::new(Stats::default());
+    let store = read_through(&local, &upstream, &stats);
+    let ctx = RequestContext::default().with_priority(Priority::Prefetch);
+    let mut wanted = small.clone();
+    wanted.push(medium);
+    let outcomes = store.bring_in(&ctx, &wanted, |_| {}).await.unwrap();
+    assert!(outcomes.iter().all(|(_, r)| r.is_ok()));
+    let per_batch = (PREFETCH_BATCH / each as u64) as usize;
+    assert_eq!(
+        count(&upstream.read_many_calls) as usize,
+        small.len().div_ceil(per_batch),
+        "batches of at most PREFETCH_BATCH bytes"
+    );
+    // The memory store reads batched blobs one by one too: one more read
+    // means the larger blob streamed on its own (it can pause), in no batch.
+    assert_eq!(
+        count(&upstream.reads) as usize,
+        small.len() + 1,
+        "a larger blob streams"
+    );
+    assert!(wanted.iter().all(|d| local.has(d)));
+}
