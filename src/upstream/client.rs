@@ -45,6 +45,7 @@ const FIRST_RETRY_DELAY: Duration = Duration::from_millis(100);
 const DEFAULT_UPSTREAM_BATCH: u64 = 4 << 20;
 /// Room left in a batch for message framing and digests.
 const BATCH_OVERHEAD: u64 = 64 << 10;
+
 /// Whether a failed call may succeed if tried again: UNAVAILABLE, and the
 /// `Unknown` / `Cancelled` that tonic reports when a connection breaks.
 /// (A timeout is not: the call already waited its full deadline.)
@@ -184,42 +185,42 @@ impl Upstream {
             .max_encoding_message_size(MAX_MESSAGE)
     }
 
-    /// A Remote Logstream client on the shared channel.
+    /// A Remote Logstream client on the client channel.
     pub fn logstream(&self) -> LogStreamServiceClient<Channel> {
         LogStreamServiceClient::new(self.channel())
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE)
     }
 
-    /// An Execution client on the shared channel.
+    /// An Execution client on the client channel.
     pub fn execution(&self) -> ExecutionClient<Channel> {
         ExecutionClient::new(self.channel())
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE)
     }
 
-    /// A google.longrunning Operations client on the shared channel.
+    /// A google.longrunning Operations client on the client channel.
     pub fn operations(&self) -> OperationsClient<Channel> {
         OperationsClient::new(self.channel())
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE)
     }
 
-    /// An ActionCache client on the shared channel.
+    /// An ActionCache client on the client channel.
     pub fn action_cache(&self) -> ActionCacheClient<Channel> {
         ActionCacheClient::new(self.channel())
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE)
     }
 
-    /// A Remote Asset Fetch client on the shared channel.
+    /// A Remote Asset Fetch client on the client channel.
     pub fn asset_fetch(&self) -> FetchClient<Channel> {
         FetchClient::new(self.channel())
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE)
     }
 
-    /// A Remote Asset Push client on the shared channel.
+    /// A Remote Asset Push client on the client channel.
     pub fn asset_push(&self) -> PushClient<Channel> {
         PushClient::new(self.channel())
             .max_decoding_message_size(MAX_MESSAGE)
