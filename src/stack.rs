@@ -92,9 +92,11 @@ impl Stack {
             .enabled
             .then(|| Scores::new(local, &config.prefetch, stats.clone()));
         let hook = scores.clone().map(|s| s as Arc<dyn ReadHook>);
+        // Prefetch transfers yield to client work on the upstream link.
         let proxy = Arc::new(ProxyStore::new(
             local.clone(),
             cached,
+            upstream.traffic().clone(),
             stats.clone(),
             background,
             hook,
@@ -131,10 +133,12 @@ impl Stack {
         let operations = Arc::new(OperationsService::new(upstream.clone()));
         // Remote Asset calls get their own connection (`asset_endpoint` may
         // be another server); content moves through the proxy CAS.
+        // Its client calls are client traffic too: prefetch yields to them.
         let asset_client = Upstream::new(
             upstream_config.with_endpoint(&upstream_config.asset_uri),
             stats.clone(),
-        )?;
+        )?
+        .sharing_traffic(upstream.traffic().clone());
         let asset_upstream = Arc::new(AssetUpstream::new(
             asset_client,
             proxy.clone(),

@@ -327,6 +327,14 @@ counters! {
         prefetch_joins: "Client reads that joined a prefetch transfer still in flight (first read each).";
         /// Prefetched bytes evicted before any client read them.
         prefetch_wasted_bytes: "Prefetched bytes evicted before any client read them.";
+        /// Times a prefetch transfer waited for client traffic to the
+        /// upstream to end (upstream traffic gate).
+        prefetch_waits: "Times a prefetch transfer waited for client upstream traffic to end.";
+        /// Milliseconds prefetch transfers spent waiting for client traffic.
+        prefetch_wait_milliseconds:
+            "Milliseconds prefetch transfers spent waiting for client upstream traffic.";
+        /// Prefetch transfers a client read joined, which then stopped yielding.
+        prefetch_promotions: "Prefetch transfers promoted to client priority by a joining read.";
         /// FetchBlob and FetchDirectory calls (asset service).
         asset_fetches: "Remote Asset FetchBlob and FetchDirectory calls.";
         /// Fetches answered from the local asset index or CAS (asset service).

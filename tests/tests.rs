@@ -24,6 +24,7 @@ mod suite {
     mod logstream;
     mod persistence;
     mod prefetch_policy;
+    mod prefetch_yield;
     mod proxy;
     mod ready_file;
     mod tls;

@@ -114,7 +114,12 @@ impl AssetUpstream {
 
     /// Runs one asset call; `None` when the endpoint lacks the API (now or
     /// remembered).
-    async fn call<T, F, Fut>(&self, method: UpstreamMethod, call: F) -> Result<Option<T>>
+    async fn call<T, F, Fut>(
+        &self,
+        ctx: &RequestContext,
+        method: UpstreamMethod,
+        call: F,
+    ) -> Result<Option<T>>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
@@ -122,7 +127,7 @@ impl AssetUpstream {
         if !self.available() {
             return Ok(None);
         }
-        match self.client.unary(method, call).await {
+        match self.client.unary(ctx, method, call).await {
             Ok(answer) => Ok(Some(answer)),
             Err(Error::Unimplemented(_)) => {
                 self.remember_unimplemented();
@@ -148,7 +153,7 @@ impl AssetUpstream {
             qualifiers: request.forwarded_qualifiers(),
             digest_function: request.digest_function.to_proto(),
         };
-        self.call(UpstreamMethod::FetchBlob, || {
+        self.call(ctx, UpstreamMethod::FetchBlob, || {
             let mut call = self.client.request(ctx, message.clone());
             call.set_timeout(timeout);
             let mut client = self.client.asset_fetch();
@@ -172,7 +177,7 @@ impl AssetUpstream {
             qualifiers: request.forwarded_qualifiers(),
             digest_function: request.digest_function.to_proto(),
         };
-        self.call(UpstreamMethod::FetchDirectory, || {
+        self.call(ctx, UpstreamMethod::FetchDirectory, || {
             let mut call = self.client.request(ctx, message.clone());
             call.set_timeout(timeout);
             let mut client = self.client.asset_fetch();
@@ -203,7 +208,7 @@ impl AssetUpstream {
                     references_directories: protos(&pushed.references_directories),
                     digest_function: request.digest_function.to_proto(),
                 };
-                self.call(UpstreamMethod::PushBlob, || {
+                self.call(ctx, UpstreamMethod::PushBlob, || {
                     let call = self.client.unary_request(ctx, message.clone());
                     let mut client = self.client.asset_push();
                     async move { client.push_blob(call).await }
@@ -222,7 +227,7 @@ impl AssetUpstream {
                     references_directories: protos(&pushed.references_directories),
                     digest_function: request.digest_function.to_proto(),
                 };
-                self.call(UpstreamMethod::PushDirectory, || {
+                self.call(ctx, UpstreamMethod::PushDirectory, || {
                     let call = self.client.unary_request(ctx, message.clone());
                     let mut client = self.client.asset_push();
                     async move { client.push_directory(call).await }

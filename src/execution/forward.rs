@@ -89,7 +89,7 @@ impl Forwarder {
         let up = &self.deps.upstream;
         match (wait, &self.request) {
             (Some(name), _) => {
-                up.open_stream(UpstreamMethod::WaitExecution, || {
+                up.open_stream(&self.ctx, UpstreamMethod::WaitExecution, || {
                     let mut client = up.execution();
                     let request = up.request(
                         &self.ctx,
@@ -102,7 +102,7 @@ impl Forwarder {
                 .await
             }
             (None, Some(request)) => {
-                up.open_stream(UpstreamMethod::Execute, || {
+                up.open_stream(&self.ctx, UpstreamMethod::Execute, || {
                     let mut client = up.execution();
                     let request = up.request(&self.ctx, request.clone());
                     async move { client.execute(request).await }

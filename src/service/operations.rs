@@ -33,7 +33,7 @@ macro_rules! forward {
         let ctx = RequestContext::from_metadata(String::new(), &metadata);
         let up = &$self.upstream;
         let response = up
-            .unary(UpstreamMethod::Operations, || {
+            .unary(&ctx, UpstreamMethod::Operations, || {
                 let mut client = up.operations();
                 let request = up.unary_request(&ctx, message.clone());
                 async move { client.$method(request).await }

@@ -24,6 +24,7 @@ use crate::store::replicator::Replicator;
 use crate::store::write_through::WriteThrough;
 use crate::store::{BlobStore, BlobWriter, ChunkStream};
 use crate::tasks::Background;
+use crate::upstream::traffic::Traffic;
 
 /// Local store + upstream, as one CAS.
 pub struct ProxyStore {
@@ -38,11 +39,13 @@ pub struct ProxyStore {
 }
 
 impl ProxyStore {
-    /// Proxies `upstream` through `local`; fetches run on `background`, and
-    /// `hook` (if any) is told of every local read hit.
+    /// Proxies `upstream` through `local`; fetches run on `background`,
+    /// prefetch's yield to the client work counted in `traffic`, and `hook`
+    /// (if any) is told of every client read.
     pub fn new(
         local: LocalStore,
         upstream: Arc<dyn BlobStore>,
+        traffic: Arc<Traffic>,
         stats: Arc<Stats>,
         background: &Background,
         hook: Option<Arc<dyn ReadHook>>,
@@ -53,6 +56,7 @@ impl ProxyStore {
             local.clone(),
             capacity,
             upstream.clone(),
+            traffic,
             stats.clone(),
             background,
         );
@@ -166,6 +170,7 @@ mod tests {
         let proxy = Arc::new(ProxyStore::new(
             local(dir.path()),
             upstream.clone(),
+            Traffic::new(stats.clone()),
             stats.clone(),
             &Background::new(),
             None,
@@ -211,6 +216,7 @@ mod tests {
         let proxy = ProxyStore::new(
             local,
             upstream.clone(),
+            Traffic::new(stats.clone()),
             stats.clone(),
             &Background::new(),
             None,
@@ -228,6 +234,7 @@ mod tests {
         let proxy = ProxyStore::new(
             local(dir.path()),
             upstream.clone(),
+            Traffic::new(Arc::default()),
             Arc::new(Stats::default()),
             &Background::new(),
             None,
@@ -264,6 +271,7 @@ mod tests {
         let proxy = ProxyStore::new(
             local(dir.path()),
             upstream.clone(),
+            Traffic::new(Arc::default()),
             Arc::new(Stats::default()),
             &Background::new(),
             None,

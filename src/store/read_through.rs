@@ -9,22 +9,40 @@
 //!   upstream; so does one evicted again before it could be served.
 //! - Prefetch brings blobs in through the same flights ([`ReadThrough::bring_in`]),
 //!   so a client read arriving meanwhile joins the transfer in progress.
-//!   A [`ReadHook`] is told of every local hit, so prefetch can keep score
+//!   A [`ReadHook`] is told of every client read, so prefetch can keep score
 //!   without this layer knowing about it.
+//! - A flight started for prefetch (`Priority::Prefetch`) yields to clients
+//!   (see [`Traffic`]): it waits for its turn before calling the upstream,
+//!   a streaming one pauses between chunks, and its small blobs go in
+//!   batches of at most [`PREFETCH_BATCH`] (a batch cannot pause). A client
+//!   read that joins it promotes it: it stops yielding at once.
 
-use std::collections::HashSet;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
 use futures::TryStreamExt;
 
-use crate::context::RequestContext;
+use crate::context::{Priority, RequestContext};
 use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::stats::Stats;
 use crate::store::single_flight::{Role, SingleFlight, Ticket};
 use crate::store::{BlobStore, ChunkStream, SMALL_BLOB, read_to_bytes};
 use crate::tasks::Background;
+use crate::upstream::batcher::split_by_weight;
+use crate::upstream::traffic::{Traffic, Yielding};
+
+/// Most bytes of small blobs in one prefetch flight (one BatchReadBlobs,
+/// which cannot pause once sent); larger blobs stream and pause between
+/// chunks. With `traffic::PREFETCH_LANES` flights on the link, a client
+/// call that starts meanwhile finds at most 2 × 256 KiB of prefetch ahead
+/// of it (~85 ms at 50 Mbit/s).
+pub const PREFETCH_BATCH: u64 = 256 << 10;
+
+/// Prefetch flights still yielding, by digest, so a client read that joins
+/// one can promote it.
+type YieldingFlights = Arc<Mutex<HashMap<Digest, Arc<Yielding>>>>;
 
 /// Where a client's read of a blob was served from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,18 +72,24 @@ pub struct ReadThrough {
     local_capacity: u64,
     /// Fetches in progress, by digest.
     flights: SingleFlight<Digest, ()>,
-    /// Told of local hits (prefetch's ledger), if any.
+    /// The prefetch flights among them, which a joining client promotes.
+    yielding: YieldingFlights,
+    /// Client traffic on the upstream link, which prefetch flights yield to.
+    traffic: Arc<Traffic>,
+    /// Told of client reads (prefetch's ledger), if any.
     hook: Option<Arc<dyn ReadHook>>,
     stats: Arc<Stats>,
 }
 
 impl ReadThrough {
     /// Serves `local` (holding at most `local_capacity` bytes) in front of
-    /// `upstream`; fetches are spawned on `background`.
+    /// `upstream`; fetches are spawned on `background`, and prefetch's yield
+    /// to the client work counted in `traffic`.
     pub fn new(
         local: Arc<dyn BlobStore>,
         local_capacity: u64,
         upstream: Arc<dyn BlobStore>,
+        traffic: Arc<Traffic>,
         stats: Arc<Stats>,
         background: &Background,
     ) -> Self {
@@ -74,12 +98,14 @@ impl ReadThrough {
             upstream,
             local_capacity,
             flights: SingleFlight::new(background.clone()),
+            yielding: Arc::default(),
+            traffic,
             hook: None,
             stats,
         }
     }
 
-    /// Tells `hook` of every local hit from now on.
+    /// Tells `hook` of every client read from now on.
     pub fn with_hook(mut self, hook: Arc<dyn ReadHook>) -> Self {
         self.hook = Some(hook);
         self
@@ -96,12 +122,12 @@ impl ReadThrough {
         match self.local.read(ctx, digest, offset, limit).await {
             Err(Error::NotFound(_)) => {}
             Ok(stream) => {
-                self.tell(digest, ReadSource::Local);
+                self.tell(ctx, digest, ReadSource::Local);
                 return Ok(stream);
             }
             other => return other,
         }
-        self.tell(digest, ReadSource::Upstream);
+        self.tell(ctx, digest, ReadSource::Upstream);
         if digest.size > self.local_capacity {
             return self.upstream.read(ctx, digest, offset, limit).await;
         }
@@ -120,7 +146,7 @@ impl ReadThrough {
         let mut results = self.local.read_many(ctx, digests).await;
         for (d, r) in digests.iter().zip(&results) {
             if r.is_ok() {
-                self.tell(d, ReadSource::Local);
+                self.tell(ctx, d, ReadSource::Local);
             }
         }
         let misses: Vec<usize> = (0..digests.len())
@@ -128,7 +154,7 @@ impl ReadThrough {
             .collect();
         let wanted: Vec<Digest> = misses.iter().map(|&i| digests[i]).collect();
         for d in &wanted {
-            self.tell(d, ReadSource::Upstream);
+            self.tell(ctx, d, ReadSource::Upstream);
         }
         let tickets = self.claim(ctx, &wanted);
         let fetched =
@@ -176,25 +202,33 @@ impl ReadThrough {
         Ok(outcomes)
     }
 
-    fn tell(&self, digest: &Digest, source: ReadSource) {
-        if let Some(hook) = &self.hook {
+    /// Tells the hook of a client's read (prefetch's own reads of Tree and
+    /// Directory messages are none).
+    fn tell(&self, ctx: &RequestContext, digest: &Digest, source: ReadSource) {
+        if let Some(hook) = &self.hook
+            && ctx.priority == Priority::Client
+        {
             hook.client_read(digest, source);
         }
     }
 
     /// A ticket per digest: a fetch in progress is joined; the others start
-    /// now, the small ones together in one batched read, each large one alone.
+    /// now, the small ones together in batched reads (one for a client;
+    /// [`PREFETCH_BATCH`] bytes each for prefetch), each large one alone.
     fn claim(&self, ctx: &RequestContext, digests: &[Digest]) -> Vec<Ticket<()>> {
+        let (small_blob, batch) = batch_limits(ctx.priority);
         let mut tickets: Vec<Option<Ticket<()>>> = digests.iter().map(|_| None).collect();
         let small: Vec<usize> = (0..digests.len())
-            .filter(|&i| digests[i].size <= SMALL_BLOB)
+            .filter(|&i| digests[i].size <= small_blob)
             .collect();
-        let wanted: Vec<Digest> = small.iter().map(|&i| digests[i]).collect();
-        for (i, ticket) in small.into_iter().zip(self.start_or_join(ctx, &wanted)) {
-            tickets[i] = Some(ticket);
+        for run in split_by_weight(small, batch, |&i| digests[i].size) {
+            let wanted: Vec<Digest> = run.iter().map(|&i| digests[i]).collect();
+            for (i, ticket) in run.into_iter().zip(self.start_or_join(ctx, &wanted)) {
+                tickets[i] = Some(ticket);
+            }
         }
         for (i, d) in digests.iter().enumerate() {
-            if d.size > SMALL_BLOB {
+            if d.size > small_blob {
                 tickets[i] = self.start_or_join(ctx, std::slice::from_ref(d)).pop();
             }
         }
@@ -204,16 +238,32 @@ impl ReadThrough {
             .collect()
     }
 
-    /// Joins or starts one transfer for `digests`.
+    /// Joins or starts one transfer for `digests`. A transfer started for
+    /// prefetch yields to clients until a client joins it.
     fn start_or_join(&self, ctx: &RequestContext, digests: &[Digest]) -> Vec<Ticket<()>> {
         if digests.is_empty() {
             return Vec::new();
         }
-        let (local, upstream, ctx) = (self.local.clone(), self.upstream.clone(), ctx.clone());
+        let (local, upstream, traffic) = (
+            self.local.clone(),
+            self.upstream.clone(),
+            self.traffic.clone(),
+        );
+        let ctx = ctx.clone();
+        let priority = ctx.priority;
         let tickets = self.flights.claim(digests, |wanted| {
             Stats::add(&self.stats.upstream_fetches, wanted.len() as u64);
+            // Registered before the flight is visible to other claims, so a
+            // client that joins it always finds it here.
+            let yielding = (priority == Priority::Prefetch)
+                .then(|| YieldingFlight::register(&self.yielding, &wanted));
             async move {
-                let results = fetch_into(&*local, &*upstream, &ctx, &wanted).await;
+                let gate = yielding.as_ref().map(|y| (&*traffic, &*y.transfer));
+                let _turn = match gate {
+                    Some((traffic, transfer)) => Some(traffic.turn(transfer).await),
+                    None => None,
+                };
+                let results = fetch_into(&*local, &*upstream, &ctx, &wanted, gate).await;
                 for (d, r) in wanted.iter().zip(&results) {
                     if let Err(e) = r {
                         tracing::debug!("fetching {d} from upstream failed: {e}");
@@ -224,22 +274,91 @@ impl ReadThrough {
         });
         let joins = tickets.iter().filter(|t| t.role() == Role::Joined).count();
         Stats::add(&self.stats.single_flight_joins, joins as u64);
+        if priority == Priority::Client && joins > 0 {
+            let yielding = lock(&self.yielding);
+            for (d, ticket) in digests.iter().zip(&tickets) {
+                if ticket.role() == Role::Joined
+                    && let Some(transfer) = yielding.get(d)
+                {
+                    transfer.promote(&self.traffic);
+                }
+            }
+        }
         tickets
+    }
+}
+
+/// For work at `priority`: the largest blob fetched in a batched read, and
+/// the most bytes in one. A client's small misses go in one batch; prefetch
+/// keeps its batches short, as one cannot pause once sent.
+fn batch_limits(priority: Priority) -> (u64, u64) {
+    match priority {
+        Priority::Client => (SMALL_BLOB, u64::MAX),
+        Priority::Prefetch => (PREFETCH_BATCH, PREFETCH_BATCH),
+    }
+}
+
+fn lock(flights: &YieldingFlights) -> MutexGuard<'_, HashMap<Digest, Arc<Yielding>>> {
+    flights.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A prefetch flight's entry in the yielding table, removed (and the
+/// transfer ended) when the flight ends however it ends.
+struct YieldingFlight {
+    /// The table it is entered in.
+    table: YieldingFlights,
+    /// The digests it answers.
+    keys: Vec<Digest>,
+    /// Its standing: yielding, or promoted by a joining client.
+    transfer: Arc<Yielding>,
+}
+
+impl YieldingFlight {
+    fn register(table: &YieldingFlights, keys: &[Digest]) -> Self {
+        let transfer = Arc::new(Yielding::default());
+        let mut entries = lock(table);
+        for d in keys {
+            entries.insert(*d, transfer.clone());
+        }
+        YieldingFlight {
+            table: table.clone(),
+            keys: keys.to_vec(),
+            transfer,
+        }
+    }
+}
+
+impl Drop for YieldingFlight {
+    fn drop(&mut self) {
+        {
+            let mut entries = lock(&self.table);
+            for d in &self.keys {
+                if entries
+                    .get(d)
+                    .is_some_and(|t| Arc::ptr_eq(t, &self.transfer))
+                {
+                    entries.remove(d);
+                }
+            }
+        }
+        self.transfer.end();
     }
 }
 
 /// Fetches blobs from the upstream into the local store: one blob over
 /// ByteStream, or several small ones in one batched read. One result each.
+/// A prefetch transfer passes its `gate`: it pauses between chunks.
 async fn fetch_into(
     local: &dyn BlobStore,
     upstream: &dyn BlobStore,
     ctx: &RequestContext,
     digests: &[Digest],
+    gate: Option<(&Traffic, &Yielding)>,
 ) -> Vec<Result<()>> {
     if let [digest] = digests
-        && digest.size > SMALL_BLOB
+        && digest.size > batch_limits(ctx.priority).0
     {
-        return vec![fetch_large(local, upstream, ctx, digest).await];
+        return vec![fetch_large(local, upstream, ctx, digest, gate).await];
     }
     let reads = upstream.read_many(ctx, digests).await;
     let mut results: Vec<Result<()>> = Vec::with_capacity(digests.len());
@@ -264,12 +383,15 @@ async fn fetch_into(
     results
 }
 
-/// Streams one large blob from the upstream into the local store.
+/// Streams one large blob from the upstream into the local store; with a
+/// `gate`, waits between chunks while clients use the link (not reading
+/// lets HTTP/2 flow control stop the upstream after one window).
 async fn fetch_large(
     local: &dyn BlobStore,
     upstream: &dyn BlobStore,
     ctx: &RequestContext,
     digest: &Digest,
+    gate: Option<(&Traffic, &Yielding)>,
 ) -> Result<()> {
     // The local writer verifies; a mismatch here is the upstream's fault,
     // not the client's, so it must not come back as INVALID_ARGUMENT.
@@ -281,149 +403,17 @@ async fn fetch_large(
     };
     let mut stream = upstream.read(ctx, digest, 0, 0).await?;
     let mut writer = local.begin_write(ctx, digest).await?;
-    while let Some(chunk) = stream.try_next().await? {
+    loop {
+        if let Some((traffic, transfer)) = gate {
+            traffic.pause(transfer).await;
+        }
+        let Some(chunk) = stream.try_next().await? else {
+            break;
+        };
         writer.write(chunk).await.map_err(corrupt)?;
     }
     writer.commit().await.map_err(corrupt)
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::digest::DigestFunction;
-    use crate::store::memory::blob;
-    use crate::store::memory::{MemoryStore, count};
-    use std::sync::Mutex;
-    use std::time::Duration;
-
-    fn read_through(
-        local: &Arc<MemoryStore>,
-        upstream: &Arc<MemoryStore>,
-        stats: &Arc<Stats>,
-    ) -> ReadThrough {
-        ReadThrough::new(
-            local.clone(),
-            1 << 30,
-            upstream.clone(),
-            stats.clone(),
-            &Background::new(),
-        )
-    }
-
-    async fn read(store: &ReadThrough, d: &Digest) -> Result<Bytes> {
-        let ctx = RequestContext::default();
-        let stream = store.read(&ctx, d, 0, 0).await?;
-        let chunks: Vec<Bytes> = stream.try_collect().await?;
-        Ok(chunks.concat().into())
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn concurrent_reads_of_a_missing_blob_share_one_fetch() {
-        let (local, upstream) = (
-            Arc::new(MemoryStore::default()),
-            Arc::new(MemoryStore::default()),
-        );
-        *upstream.read_delay.lock().unwrap() = Duration::from_millis(100);
-        let data = blob(3 << 20, 1);
-        let d = upstream.insert(&data);
-        let stats = Arc::new(Stats::default());
-        let store = Arc::new(read_through(&local, &upstream, &stats));
-        let readers: Vec<_> = (0..50)
-            .map(|_| {
-                let store = store.clone();
-                tokio::spawn(async move { read(&store, &d).await.unwrap() })
-            })
-            .collect();
-        for r in readers {
-            assert_eq!(r.await.unwrap(), data);
-        }
-        assert_eq!(count(&upstream.reads), 1, "one upstream transfer");
-        assert_eq!(Stats::get(&stats.upstream_fetches), 1);
-        assert_eq!(Stats::get(&stats.single_flight_joins), 49);
-        assert!(local.has(&d), "stored locally");
-        read(&store, &d).await.unwrap();
-        assert_eq!(count(&upstream.reads), 1, "now served locally");
-    }
-
-    #[tokio::test]
-    async fn small_misses_are_fetched_in_one_batch() {
-        let (local, upstream) = (
-            Arc::new(MemoryStore::default()),
-            Arc::new(MemoryStore::default()),
-        );
-        let digests: Vec<Digest> = (0..5u8).map(|i| upstream.insert(&blob(100, i))).collect();
-        let stats = Arc::new(Stats::default());
-        let store = read_through(&local, &upstream, &stats);
-        let ctx = RequestContext::default();
-        let results = store.read_many(&ctx, &digests).await;
-        assert!(results.iter().all(Result::is_ok));
-        assert_eq!(count(&upstream.read_many_calls), 1);
-        assert!(digests.iter().all(|d| local.has(d)));
-    }
-
-    #[tokio::test]
-    async fn bring_in_reports_what_it_started_and_hits_reach_the_hook() {
-        struct Hits(Mutex<Vec<(Digest, ReadSource)>>);
-        impl ReadHook for Hits {
-            fn client_read(&self, digest: &Digest, source: ReadSource) {
-                self.0.lock().unwrap().push((*digest, source));
-            }
-        }
-        let (local, upstream) = (
-            Arc::new(MemoryStore::default()),
-            Arc::new(MemoryStore::default()),
-        );
-        let held = local.insert(b"held");
-        let small = upstream.insert(&blob(10, 1));
-        let large = upstream.insert(&blob(2 << 20, 2));
-        let absent = Digest::of(DigestFunction::Sha256, b"absent");
-        let hits = Arc::new(Hits(Mutex::new(Vec::new())));
-        let stats = Arc::new(Stats::default());
-        let store = read_through(&local, &upstream, &stats).with_hook(hits.clone());
-        let ctx = RequestContext::default();
-        let started = Mutex::new(Vec::new());
-        let outcomes = store
-            .bring_in(&ctx, &[held, small, large, small, absent], |d| {
-                started.lock().unwrap().push(*d)
-            })
-            .await
-            .unwrap();
-        assert_eq!(*started.lock().unwrap(), vec![small, large, absent]);
-        let ok: Vec<(Digest, bool)> = outcomes.iter().map(|(d, r)| (*d, r.is_ok())).collect();
-        assert_eq!(ok, vec![(small, true), (large, true), (absent, false)]);
-        assert!(
-            hits.0.lock().unwrap().is_empty(),
-            "prefetch is no client read"
-        );
-        read(&store, &small).await.unwrap();
-        let elsewhere = upstream.insert(&blob(10, 3));
-        read(&store, &elsewhere).await.unwrap();
-        assert_eq!(
-            *hits.0.lock().unwrap(),
-            vec![
-                (small, ReadSource::Local),
-                (elsewhere, ReadSource::Upstream)
-            ]
-        );
-    }
-
-    #[tokio::test]
-    async fn local_hits_are_served_while_the_upstream_is_down() {
-        let (local, upstream) = (
-            Arc::new(MemoryStore::default()),
-            Arc::new(MemoryStore::default()),
-        );
-        let d = local.insert(b"local");
-        let store = read_through(&local, &upstream, &Arc::new(Stats::default()));
-        upstream
-            .down
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-        assert_eq!(
-            read(&store, &d).await.unwrap(),
-            Bytes::from_static(b"local")
-        );
-        let other = Digest::of(DigestFunction::Sha256, b"elsewhere");
-        let err = read(&store, &other).await;
-        assert!(matches!(err, Err(Error::Unavailable(_))), "{err:?}");
-    }
-}
+mod tests;

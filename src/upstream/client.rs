@@ -1,7 +1,9 @@
-//! The upstream connection: one HTTP/2 channel (TLS when `grpcs://`),
-//! configured and forwarded headers, instance-name mapping, a limit on
-//! calls in flight, retries with backoff on UNAVAILABLE, and the upstream's
-//! capabilities.
+//! The upstream connection: its two HTTP/2 channels ([`Channels`]: one for
+//! clients' work, one with small flow-control windows for prefetch),
+//! configured and forwarded headers, instance-name mapping, a limit on calls
+//! in flight, retries with backoff on UNAVAILABLE, the upstream's
+//! capabilities, and the [`Traffic`] count of client work in flight (taken
+//! here, in the call policy, for every call made for a client).
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -22,14 +24,16 @@ use bazel_remote_apis::google::bytestream::byte_stream_client::ByteStreamClient;
 use bazel_remote_apis::google::longrunning::operations_client::OperationsClient;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::metadata::{AsciiMetadataKey, AsciiMetadataValue};
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::config::UpstreamConfig;
-use crate::context::RequestContext;
+use crate::context::{Priority, RequestContext};
 use crate::error::{Error, Result, is_timeout};
 use crate::stats::{Stats, UpstreamMethod};
+use crate::upstream::channels::Channels;
 use crate::upstream::health::Health;
+use crate::upstream::traffic::{ClientWork, Traffic};
 
 /// Largest message accepted from the upstream.
 const MAX_MESSAGE: usize = 64 << 20;
@@ -64,8 +68,11 @@ pub fn is_transient(status: &Status) -> bool {
 pub struct Upstream {
     /// The resolved `[upstream]` settings.
     config: UpstreamConfig,
-    /// The HTTP/2 channel; connects lazily and reconnects by itself.
-    channel: Channel,
+    /// The HTTP/2 channels for clients' work and for prefetch; they connect
+    /// lazily and reconnect by themselves.
+    channels: Channels,
+    /// Client work in flight on the link, which prefetch yields to.
+    traffic: Arc<Traffic>,
     /// Configured headers, parsed once (values marked sensitive: never logged).
     headers: Vec<(AsciiMetadataKey, AsciiMetadataValue)>,
     /// Bounds calls in flight.
@@ -79,39 +86,10 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// Sets up the channel; does not connect until the first call.
+    /// Sets up the channels; does not connect until the first call. Client
+    /// work is counted in a [`Traffic`] of its own (see
+    /// [`Upstream::sharing_traffic`]).
     pub fn new(config: UpstreamConfig, stats: Arc<Stats>) -> anyhow::Result<Self> {
-        let mut endpoint = Endpoint::from_shared(config.uri.clone())
-            .with_context(|| format!("invalid upstream endpoint {}", config.uri))?
-            .connect_timeout(config.connect_timeout)
-            .tcp_nodelay(true)
-            .initial_stream_window_size(16 << 20)
-            .initial_connection_window_size(32 << 20)
-            // Without it the upstream sends 16 KiB DATA frames: reads at half speed.
-            .max_frame_size(1 << 20)
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(20))
-            .keep_alive_while_idle(true);
-        if config.tls {
-            let mut tls = ClientTlsConfig::new();
-            tls = match &config.ca_file {
-                Some(path) => tls.ca_certificate(Certificate::from_pem(
-                    std::fs::read(path)
-                        .with_context(|| format!("cannot read ca_file {}", path.display()))?,
-                )),
-                None => tls.with_native_roots(),
-            };
-            if let Some((cert, key)) = &config.client_identity {
-                let cert = std::fs::read(cert)
-                    .with_context(|| format!("cannot read client_cert {}", cert.display()))?;
-                let key = std::fs::read(key)
-                    .with_context(|| format!("cannot read client_key {}", key.display()))?;
-                tls = tls.identity(Identity::from_pem(cert, key));
-            }
-            endpoint = endpoint
-                .tls_config(tls)
-                .context("invalid upstream TLS settings")?;
-        }
         let mut headers = Vec::new();
         for (name, value) in &config.headers {
             let key: AsciiMetadataKey = name
@@ -124,7 +102,8 @@ impl Upstream {
             headers.push((key, value));
         }
         Ok(Upstream {
-            channel: endpoint.connect_lazy(),
+            channels: Channels::new(&config)?,
+            traffic: Traffic::new(stats.clone()),
             permits: Arc::new(Semaphore::new(config.max_concurrent_calls)),
             health: Health::new(&config.uri),
             headers,
@@ -132,6 +111,20 @@ impl Upstream {
             capabilities: Mutex::new(None),
             config,
         })
+    }
+
+    /// Counts client work in `traffic` instead (connections to other
+    /// endpoints of the same upstream share the main one's, so prefetch
+    /// yields to their clients too).
+    pub fn sharing_traffic(mut self, traffic: Arc<Traffic>) -> Self {
+        self.traffic = traffic;
+        self
+    }
+
+    /// Client work in flight through this connection (prefetch waits for
+    /// it to end).
+    pub fn traffic(&self) -> &Arc<Traffic> {
+        &self.traffic
     }
 
     /// The resolved settings.
@@ -168,78 +161,111 @@ impl Upstream {
         request
     }
 
-    /// A CAS client on the shared channel.
-    pub fn cas(&self) -> ContentAddressableStorageClient<Channel> {
-        ContentAddressableStorageClient::new(self.channel.clone())
+    /// The channel for `ctx`'s work: prefetch has its own.
+    fn channel_for(&self, ctx: &RequestContext) -> Channel {
+        self.channels.for_priority(ctx.priority)
+    }
+
+    /// The channel for clients' work.
+    fn channel(&self) -> Channel {
+        self.channels.for_priority(Priority::Client)
+    }
+
+    /// A CAS client on the channel for `ctx`'s priority.
+    pub fn cas(&self, ctx: &RequestContext) -> ContentAddressableStorageClient<Channel> {
+        ContentAddressableStorageClient::new(self.channel_for(ctx))
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE)
     }
 
-    /// A ByteStream client on the shared channel.
-    pub fn bytestream(&self) -> ByteStreamClient<Channel> {
-        ByteStreamClient::new(self.channel.clone())
+    /// A ByteStream client on the channel for `ctx`'s priority.
+    pub fn bytestream(&self, ctx: &RequestContext) -> ByteStreamClient<Channel> {
+        ByteStreamClient::new(self.channel_for(ctx))
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE)
     }
 
-    /// A Remote Logstream client on the shared channel.
+    /// A Remote Logstream client on the client channel.
     pub fn logstream(&self) -> LogStreamServiceClient<Channel> {
-        LogStreamServiceClient::new(self.channel.clone())
+        LogStreamServiceClient::new(self.channel())
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE)
     }
 
-    /// An Execution client on the shared channel.
+    /// An Execution client on the client channel.
     pub fn execution(&self) -> ExecutionClient<Channel> {
-        ExecutionClient::new(self.channel.clone())
+        ExecutionClient::new(self.channel())
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE)
     }
 
-    /// A google.longrunning Operations client on the shared channel.
+    /// A google.longrunning Operations client on the client channel.
     pub fn operations(&self) -> OperationsClient<Channel> {
-        OperationsClient::new(self.channel.clone())
+        OperationsClient::new(self.channel())
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE)
     }
 
-    /// An ActionCache client on the shared channel.
+    /// An ActionCache client on the client channel.
     pub fn action_cache(&self) -> ActionCacheClient<Channel> {
-        ActionCacheClient::new(self.channel.clone())
+        ActionCacheClient::new(self.channel())
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE)
     }
 
-    /// A Remote Asset Fetch client on the shared channel.
+    /// A Remote Asset Fetch client on the client channel.
     pub fn asset_fetch(&self) -> FetchClient<Channel> {
-        FetchClient::new(self.channel.clone())
+        FetchClient::new(self.channel())
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE)
     }
 
-    /// A Remote Asset Push client on the shared channel.
+    /// A Remote Asset Push client on the client channel.
     pub fn asset_push(&self) -> PushClient<Channel> {
-        PushClient::new(self.channel.clone())
+        PushClient::new(self.channel())
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE)
     }
 
-    /// Waits for a call slot.
-    pub async fn permit(&self) -> Result<OwnedSemaphorePermit> {
-        self.permits
+    /// Marks `ctx`'s call of `method` as client work in flight, if it is:
+    /// a client's call other than Operations (which may be WaitOperation,
+    /// waiting as long as the remote action runs, not using the link).
+    fn client_work(&self, ctx: &RequestContext, method: UpstreamMethod) -> Option<ClientWork> {
+        let counts = ctx.priority == Priority::Client && method != UpstreamMethod::Operations;
+        counts.then(|| self.traffic.client_work())
+    }
+
+    /// Waits for a call slot for `ctx`'s call of `method`. The slot carries
+    /// the call's client work (taken before the wait: a client call queued
+    /// for a slot is client traffic too); hold it until the call or its
+    /// stream ends.
+    pub async fn slot(&self, ctx: &RequestContext, method: UpstreamMethod) -> Result<CallSlot> {
+        let work = self.client_work(ctx, method);
+        let permit = self
+            .permits
             .clone()
             .acquire_owned()
             .await
-            .map_err(|_| Error::Internal("upstream permits closed".into()))
+            .map_err(|_| Error::Internal("upstream permits closed".into()))?;
+        Ok(CallSlot {
+            _permit: permit,
+            _work: work,
+        })
     }
 
-    /// Runs one unary upstream call in a call slot (see [`Upstream::call`]).
-    pub async fn unary<T, F, Fut>(&self, method: UpstreamMethod, call: F) -> Result<T>
+    /// Runs one unary upstream call for `ctx` in a call slot (see
+    /// [`Upstream::call`]).
+    pub async fn unary<T, F, Fut>(
+        &self,
+        ctx: &RequestContext,
+        method: UpstreamMethod,
+        call: F,
+    ) -> Result<T>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = std::result::Result<Response<T>, Status>>,
     {
-        let _permit = self.permit().await?;
+        let _slot = self.slot(ctx, method).await?;
         self.call(method, call).await
     }
 
@@ -248,7 +274,8 @@ impl Upstream {
         self.health.check()
     }
 
-    /// Runs an upstream call (the caller holds a slot): fails fast while the
+    /// Runs an upstream call (the caller holds a [`CallSlot`], which counts
+    /// the client work): fails fast while the
     /// upstream is down, retries transient failures with exponential
     /// backoff, tracks health and counts. `call` is invoked once per attempt;
     /// every call made through here is idempotent, so retrying is safe.
@@ -262,14 +289,21 @@ impl Upstream {
             .await
     }
 
-    /// [`Upstream::call`] for passthrough: a failure keeps the upstream's
-    /// status whole ([`Error::Upstream`]), so the client sees the upstream's
-    /// own answer.
-    pub async fn relay<T, F, Fut>(&self, method: UpstreamMethod, call: F) -> Result<T>
+    /// [`Upstream::call`] for passthrough, without a call slot but counted
+    /// as `ctx`'s work while it runs: a failure keeps the upstream's status
+    /// whole ([`Error::Upstream`]), so the client sees the upstream's own
+    /// answer.
+    pub async fn relay<T, F, Fut>(
+        &self,
+        ctx: &RequestContext,
+        method: UpstreamMethod,
+        call: F,
+    ) -> Result<T>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = std::result::Result<Response<T>, Status>>,
     {
+        let _work = self.client_work(ctx, method);
         let attempts = self.config.max_attempts;
         self.retrying(method, attempts, call, Error::relayed).await
     }
@@ -277,10 +311,16 @@ impl Upstream {
     /// [`Upstream::relay`] for a call that cannot be made twice (it forwards
     /// a client's stream as it arrives): the same fail-fast, counting and
     /// health bookkeeping, but one attempt only.
-    pub async fn relay_once<T, Fut>(&self, method: UpstreamMethod, call: Fut) -> Result<T>
+    pub async fn relay_once<T, Fut>(
+        &self,
+        ctx: &RequestContext,
+        method: UpstreamMethod,
+        call: Fut,
+    ) -> Result<T>
     where
         Fut: Future<Output = std::result::Result<Response<T>, Status>>,
     {
+        let _work = self.client_work(ctx, method);
         let mut call = Some(call);
         let once = || {
             let call = call.take();
@@ -296,11 +336,13 @@ impl Upstream {
 
     /// Opens a server-streaming call (Execute, WaitExecution) under the same
     /// policy as [`Upstream::call`]. No call slot is held: the stream stays
-    /// open as long as the remote action runs. A failure keeps the
-    /// upstream's status whole ([`Error::Upstream`]): execution relays it to
-    /// its client as it came.
+    /// open as long as the remote action runs; only the open counts as
+    /// client work (the wait for Operations does not use the link). A
+    /// failure keeps the upstream's status whole ([`Error::Upstream`]):
+    /// execution relays it to its client as it came.
     pub async fn open_stream<T, F, Fut>(
         &self,
+        ctx: &RequestContext,
         method: UpstreamMethod,
         call: F,
     ) -> Result<Streaming<T>>
@@ -308,7 +350,7 @@ impl Upstream {
         F: FnMut() -> Fut,
         Fut: Future<Output = std::result::Result<Response<Streaming<T>>, Status>>,
     {
-        self.relay(method, call).await
+        self.relay(ctx, method, call).await
     }
 
     /// The one retry and health policy behind [`Upstream::call`] and
@@ -388,14 +430,14 @@ impl Upstream {
         }
         let instance = self.instance(ctx);
         let caps = self
-            .unary(UpstreamMethod::GetCapabilities, || {
+            .unary(ctx, UpstreamMethod::GetCapabilities, || {
                 let request = self.unary_request(
                     ctx,
                     GetCapabilitiesRequest {
                         instance_name: instance.clone(),
                     },
                 );
-                let mut client = CapabilitiesClient::new(self.channel.clone());
+                let mut client = CapabilitiesClient::new(self.channel());
                 async move { client.get_capabilities(request).await }
             })
             .await?;
@@ -426,4 +468,11 @@ impl Upstream {
             .min(DEFAULT_UPSTREAM_BATCH)
             .saturating_sub(BATCH_OVERHEAD)
     }
+}
+
+/// A call slot (bounds calls in flight) and, for a client's call, its
+/// [`ClientWork`]: held for as long as the call or its stream is open.
+pub struct CallSlot {
+    _permit: OwnedSemaphorePermit,
+    _work: Option<ClientWork>,
 }

@@ -42,6 +42,9 @@ pub type PassthroughRead =
 /// The connection to the logstream endpoint and the calls forwarded on it.
 pub struct Passthrough {
     /// Its own connection (own health), with the `[upstream]` settings.
+    /// Its client work is counted apart, in a traffic gate no prefetch
+    /// waits at: a log stream is read for as long as an action runs, at
+    /// the rate the log grows, and must not hold prefetch back meanwhile.
     upstream: Upstream,
 }
 
@@ -62,7 +65,7 @@ impl Passthrough {
     ) -> Result<LogStream> {
         let up = &self.upstream;
         let ctx = RequestContext::from_metadata(String::new(), metadata);
-        up.unary(UpstreamMethod::CreateLogStream, || {
+        up.unary(&ctx, UpstreamMethod::CreateLogStream, || {
             let mut client = up.logstream();
             let request = up.unary_request(&ctx, message.clone());
             async move { client.create_log_stream(request).await }
@@ -78,9 +81,10 @@ impl Passthrough {
         message: ReadRequest,
     ) -> Result<PassthroughRead> {
         let up = &self.upstream;
+        let ctx = RequestContext::from_metadata(String::new(), metadata);
         let stream = up
-            .open_stream(UpstreamMethod::ByteStreamPassthrough, || {
-                let mut client = up.bytestream();
+            .open_stream(&ctx, UpstreamMethod::ByteStreamPassthrough, || {
+                let mut client = up.bytestream(&ctx);
                 let request = self.forwarded(metadata, message.clone());
                 async move { client.read(request).await }
             })
@@ -112,8 +116,10 @@ impl Passthrough {
             }
         });
         let outbound = futures::stream::once(futures::future::ready(first)).chain(rest);
-        let mut client = self.upstream.bytestream();
+        let ctx = RequestContext::from_metadata(String::new(), metadata);
+        let mut client = self.upstream.bytestream(&ctx);
         let call = self.upstream.relay_once(
+            &ctx,
             UpstreamMethod::ByteStreamPassthrough,
             client.write(self.forwarded(metadata, outbound)),
         );
@@ -133,8 +139,9 @@ impl Passthrough {
         message: QueryWriteStatusRequest,
     ) -> Result<QueryWriteStatusResponse> {
         let up = &self.upstream;
-        up.relay(UpstreamMethod::ByteStreamPassthrough, || {
-            let mut client = up.bytestream();
+        let ctx = RequestContext::from_metadata(String::new(), metadata);
+        up.relay(&ctx, UpstreamMethod::ByteStreamPassthrough, || {
+            let mut client = up.bytestream(&ctx);
             let request = self.forwarded(metadata, message.clone());
             async move { client.query_write_status(request).await }
         })

@@ -28,7 +28,7 @@ impl ActionResultStore for UpstreamStore {
             digest_function: key.action.function.to_proto(),
         };
         let result = up
-            .unary(UpstreamMethod::GetActionResult, || {
+            .unary(ctx, UpstreamMethod::GetActionResult, || {
                 let mut ac = up.action_cache();
                 let request = up.unary_request(ctx, message.clone());
                 async move { ac.get_action_result(request).await }
@@ -55,7 +55,7 @@ impl ActionResultStore for UpstreamStore {
             results_cache_policy: None,
             digest_function: key.action.function.to_proto(),
         };
-        up.unary(UpstreamMethod::UpdateActionResult, || {
+        up.unary(ctx, UpstreamMethod::UpdateActionResult, || {
             let mut ac = up.action_cache();
             let request = up.unary_request(ctx, message.clone());
             async move { ac.update_action_result(request).await }

@@ -57,8 +57,8 @@ pub async fn find_missing(
             digest_function: chunk[0].function.to_proto(),
         };
         let response = up
-            .unary(UpstreamMethod::FindMissingBlobs, || {
-                let mut cas = up.cas();
+            .unary(&ctx, UpstreamMethod::FindMissingBlobs, || {
+                let mut cas = up.cas(&ctx);
                 let request = up.unary_request(&ctx, message.clone());
                 async move { cas.find_missing_blobs(request).await }
             })
@@ -115,8 +115,8 @@ async fn read_within_limit(
         digest_function: digests[0].function.to_proto(),
     };
     let response = up
-        .unary(UpstreamMethod::BatchReadBlobs, || {
-            let mut cas = up.cas();
+        .unary(ctx, UpstreamMethod::BatchReadBlobs, || {
+            let mut cas = up.cas(ctx);
             let request = up.unary_request(ctx, message.clone());
             async move { cas.batch_read_blobs(request).await }
         })
@@ -166,8 +166,8 @@ async fn write_within_limit(
         digest_function: blobs[0].0.function.to_proto(),
     };
     let response = up
-        .unary(UpstreamMethod::BatchUpdateBlobs, || {
-            let mut cas = up.cas();
+        .unary(ctx, UpstreamMethod::BatchUpdateBlobs, || {
+            let mut cas = up.cas(ctx);
             let request = up.unary_request(ctx, message.clone());
             async move { cas.batch_update_blobs(request).await }
         })

@@ -26,7 +26,8 @@ use crate::upstream::client::is_transient;
 const MAX_READ_RESUMES: u32 = 3;
 
 /// Streams `[offset, offset + limit)` of a blob from the upstream, in a call
-/// slot held until the stream ends. A stream that breaks is resumed (see
+/// slot held until the stream ends (for a client, the slot counts the
+/// stream as client work until then). A stream that breaks is resumed (see
 /// [`ResumingRead`]); one silent for a whole `rpc_timeout` counts as broken.
 pub async fn read(
     upstream: &Arc<Upstream>,
@@ -36,7 +37,7 @@ pub async fn read(
     limit: u64,
 ) -> Result<ChunkStream> {
     let end = digest.read_end(offset, limit);
-    let permit = upstream.permit().await?;
+    let permit = upstream.slot(ctx, UpstreamMethod::ByteStreamRead).await?;
     let reader = ResumingRead {
         upstream: upstream.clone(),
         ctx: ctx.clone(),
@@ -113,7 +114,7 @@ impl ResumingRead {
         // legitimately take longer than rpc_timeout.
         let timeout = up.config().rpc_timeout;
         up.call(UpstreamMethod::ByteStreamRead, || {
-            let mut bytestream = up.bytestream();
+            let mut bytestream = up.bytestream(&self.ctx);
             let request = up.request(&self.ctx, message.clone());
             async move {
                 tokio::time::timeout(timeout, bytestream.read(request))
@@ -171,14 +172,15 @@ pub struct UpstreamWriter {
 }
 
 impl UpstreamWriter {
-    /// Opens the Write call for `digest` (in a call slot held until it ends).
+    /// Opens the Write call for `digest` (in a call slot held until it ends,
+    /// counting as client work for a client's write).
     pub async fn start(up: &Arc<Upstream>, ctx: &RequestContext, digest: &Digest) -> Result<Self> {
         up.check_health()?;
-        let permit = up.permit().await?;
+        let permit = up.slot(ctx, UpstreamMethod::ByteStreamWrite).await?;
         up.stats().upstream_call(UpstreamMethod::ByteStreamWrite);
         let (tx, rx) = mpsc::channel(4);
         let request = up.request(ctx, ReceiverStream::new(rx));
-        let mut bytestream = up.bytestream();
+        let mut bytestream = up.bytestream(ctx);
         let call = tokio::spawn(async move {
             let _permit = permit;
             bytestream.write(request).await.map(|r| r.into_inner())

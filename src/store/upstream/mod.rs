@@ -5,6 +5,8 @@
 //! small-blob reads (BatchReadBlobs) and small-blob writes
 //! (BatchUpdateBlobs), each within the upstream's limits. Large blobs go over
 //! ByteStream. Data read from the upstream is verified before it is handed on.
+//! Prefetch's reads (`Priority::Prefetch`) are not merged, and travel on the
+//! upstream's prefetch connection.
 //!
 //! - this file: [`UpstreamStore`], routing each blob to a batch or ByteStream.
 //! - [`batch`]: the batched calls the batchers flush into.
@@ -24,7 +26,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use crate::context::RequestContext;
+use crate::context::{Priority, RequestContext};
 use crate::digest::Digest;
 use crate::error::{Result, each_fails};
 use crate::store::{BlobStore, BlobWriter, ChunkStream};
@@ -165,7 +167,16 @@ impl BlobStore for UpstreamStore {
             .filter(|d| d.size <= limit)
             .copied()
             .collect();
-        let mut batched = match self.reads.submit(ctx, small.clone()).await {
+        // Prefetch's batches are already sized to yield (see
+        // `read_through::PREFETCH_BATCH`): merged with others they would
+        // grow into a call too long to stay out of a client's way.
+        let batched = match ctx.priority {
+            Priority::Client => self.reads.submit(ctx, small.clone()).await,
+            Priority::Prefetch => {
+                batch::read(self.upstream.clone(), ctx.clone(), small.clone()).await
+            }
+        };
+        let mut batched = match batched {
             Ok(results) => results.into_iter(),
             Err(e) => each_fails(&e, small.len()).into_iter(),
         };

@@ -1,0 +1,264 @@
+//! The read-through alone, over in-memory stores.
+
+use super::*;
+use crate::digest::DigestFunction;
+use crate::store::memory::blob;
+use crate::store::memory::{MemoryStore, count};
+use std::sync::Mutex;
+use std::time::Duration;
+
+fn read_through(
+    local: &Arc<MemoryStore>,
+    upstream: &Arc<MemoryStore>,
+    stats: &Arc<Stats>,
+) -> ReadThrough {
+    ReadThrough::new(
+        local.clone(),
+        1 << 30,
+        upstream.clone(),
+        Traffic::new(stats.clone()),
+        stats.clone(),
+        &Background::new(),
+    )
+}
+
+async fn read(store: &ReadThrough, d: &Digest) -> Result<Bytes> {
+    let ctx = RequestContext::default();
+    let stream = store.read(&ctx, d, 0, 0).await?;
+    let chunks: Vec<Bytes> = stream.try_collect().await?;
+    Ok(chunks.concat().into())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_reads_of_a_missing_blob_share_one_fetch() {
+    let (local, upstream) = (
+        Arc::new(MemoryStore::default()),
+        Arc::new(MemoryStore::default()),
+    );
+    *upstream.read_delay.lock().unwrap() = Duration::from_millis(100);
+    let data = blob(3 << 20, 1);
+    let d = upstream.insert(&data);
+    let stats = Arc::new(Stats::default());
+    let store = Arc::new(read_through(&local, &upstream, &stats));
+    let readers: Vec<_> = (0..50)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { read(&store, &d).await.unwrap() })
+        })
+        .collect();
+    for r in readers {
+        assert_eq!(r.await.unwrap(), data);
+    }
+    assert_eq!(count(&upstream.reads), 1, "one upstream transfer");
+    assert_eq!(Stats::get(&stats.upstream_fetches), 1);
+    assert_eq!(Stats::get(&stats.single_flight_joins), 49);
+    assert!(local.has(&d), "stored locally");
+    read(&store, &d).await.unwrap();
+    assert_eq!(count(&upstream.reads), 1, "now served locally");
+}
+
+#[tokio::test]
+async fn small_misses_are_fetched_in_one_batch() {
+    let (local, upstream) = (
+        Arc::new(MemoryStore::default()),
+        Arc::new(MemoryStore::default()),
+    );
+    let digests: Vec<Digest> = (0..5u8).map(|i| upstream.insert(&blob(100, i))).collect();
+    let stats = Arc::new(Stats::default());
+    let store = read_through(&local, &upstream, &stats);
+    let ctx = RequestContext::default();
+    let results = store.read_many(&ctx, &digests).await;
+    assert!(results.iter().all(Result::is_ok));
+    assert_eq!(count(&upstream.read_many_calls), 1);
+    assert!(digests.iter().all(|d| local.has(d)));
+}
+
+#[tokio::test]
+async fn bring_in_reports_what_it_started_and_hits_reach_the_hook() {
+    struct Hits(Mutex<Vec<(Digest, ReadSource)>>);
+    impl ReadHook for Hits {
+        fn client_read(&self, digest: &Digest, source: ReadSource) {
+            self.0.lock().unwrap().push((*digest, source));
+        }
+    }
+    let (local, upstream) = (
+        Arc::new(MemoryStore::default()),
+        Arc::new(MemoryStore::default()),
+    );
+    let held = local.insert(b"held");
+    let small = upstream.insert(&blob(10, 1));
+    let large = upstream.insert(&blob(2 << 20, 2));
+    let absent = Digest::of(DigestFunction::Sha256, b"absent");
+    let hits = Arc::new(Hits(Mutex::new(Vec::new())));
+    let stats = Arc::new(Stats::default());
+    let store = read_through(&local, &upstream, &stats).with_hook(hits.clone());
+    let ctx = RequestContext::default();
+    let started = Mutex::new(Vec::new());
+    let outcomes = store
+        .bring_in(&ctx, &[held, small, large, small, absent], |d| {
+            started.lock().unwrap().push(*d)
+        })
+        .await
+        .unwrap();
+    assert_eq!(*started.lock().unwrap(), vec![small, large, absent]);
+    let ok: Vec<(Digest, bool)> = outcomes.iter().map(|(d, r)| (*d, r.is_ok())).collect();
+    assert_eq!(ok, vec![(small, true), (large, true), (absent, false)]);
+    assert!(
+        hits.0.lock().unwrap().is_empty(),
+        "prefetch is no client read"
+    );
+    read(&store, &small).await.unwrap();
+    let elsewhere = upstream.insert(&blob(10, 3));
+    read(&store, &elsewhere).await.unwrap();
+    assert_eq!(
+        *hits.0.lock().unwrap(),
+        vec![
+            (small, ReadSource::Local),
+            (elsewhere, ReadSource::Upstream)
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn prefetch_waits_for_client_traffic_but_a_joining_client_does_not() {
+    let (local, upstream) = (
+        Arc::new(MemoryStore::default()),
+        Arc::new(MemoryStore::default()),
+    );
+    let (small, large) = (
+        upstream.insert(&blob(10, 1)),
+        upstream.insert(&blob(2 << 20, 2)),
+    );
+    let stats = Arc::new(Stats::default());
+    let traffic = Traffic::new(stats.clone());
+    let store = Arc::new(ReadThrough::new(
+        local.clone(),
+        1 << 30,
+        upstream.clone(),
+        traffic.clone(),
+        stats.clone(),
+        &Background::new(),
+    ));
+    let busy = traffic.client_work();
+    let prefetch = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let ctx = RequestContext::default().with_priority(Priority::Prefetch);
+            store.bring_in(&ctx, &[small, large], |_| {}).await
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(
+        count(&upstream.reads),
+        0,
+        "no prefetch transfer while a client works"
+    );
+    assert_eq!(count(&upstream.read_many_calls), 0);
+    // The client still works (`busy`): joining must not wait for the gate.
+    // (A client that waited for the gate would wait forever: `busy` is held.)
+    let joined = tokio::time::timeout(Duration::from_secs(3600), read(&store, &large));
+    let joined = joined.await.expect("the client waited for the gate");
+    assert_eq!(joined.unwrap(), blob(2 << 20, 2));
+    assert_eq!(
+        count(&upstream.reads),
+        1,
+        "the client joined the prefetch transfer"
+    );
+    assert_eq!(Stats::get(&stats.prefetch_promotions), 1);
+    assert_eq!(Stats::get(&stats.single_flight_joins), 1);
+    assert!(!prefetch.is_finished(), "the small blob still yields");
+    drop(busy);
+    let outcomes = prefetch.await.unwrap().unwrap();
+    assert!(outcomes.iter().all(|(_, r)| r.is_ok()));
+    assert!(local.has(&small) && local.has(&large));
+    assert_eq!(
+        traffic.client_work_in_flight(),
+        0,
+        "the promotion ended with the transfer"
+    );
+}
+
+#[tokio::test]
+async fn prefetch_reads_of_trees_are_no_client_reads() {
+    struct Reads(Mutex<usize>);
+    impl ReadHook for Reads {
+        fn client_read(&self, _: &Digest, _: ReadSource) {
+            *self.0.lock().unwrap() += 1;
+        }
+    }
+    let (local, upstream) = (
+        Arc::new(MemoryStore::default()),
+        Arc::new(MemoryStore::default()),
+    );
+    let (held, missing) = (local.insert(b"tree"), upstream.insert(b"other tree"));
+    let reads = Arc::new(Reads(Mutex::new(0)));
+    let stats = Arc::new(Stats::default());
+    let store = read_through(&local, &upstream, &stats).with_hook(reads.clone());
+    let ctx = RequestContext::default().with_priority(Priority::Prefetch);
+    for d in [held, missing] {
+        let stream = store.read(&ctx, &d, 0, 0).await.unwrap();
+        let _: Vec<Bytes> = stream.try_collect().await.unwrap();
+    }
+    assert!(
+        store
+            .read_many(&ctx, &[held, missing])
+            .await
+            .iter()
+            .all(Result::is_ok)
+    );
+    assert_eq!(*reads.0.lock().unwrap(), 0);
+    read(&store, &held).await.unwrap();
+    assert_eq!(*reads.0.lock().unwrap(), 1);
+}
+
+#[tokio::test]
+async fn local_hits_are_served_while_the_upstream_is_down() {
+    let (local, upstream) = (
+        Arc::new(MemoryStore::default()),
+        Arc::new(MemoryStore::default()),
+    );
+    let d = local.insert(b"local");
+    let store = read_through(&local, &upstream, &Arc::new(Stats::default()));
+    upstream
+        .down
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(
+        read(&store, &d).await.unwrap(),
+        Bytes::from_static(b"local")
+    );
+    let other = Digest::of(DigestFunction::Sha256, b"elsewhere");
+    let err = read(&store, &other).await;
+    assert!(matches!(err, Err(Error::Unavailable(_))), "{err:?}");
+}
+
+#[tokio::test]
+async fn prefetch_fetches_small_blobs_in_short_batches_and_streams_the_rest() {
+    let (local, upstream) = (
+        Arc::new(MemoryStore::default()),
+        Arc::new(MemoryStore::default()),
+    );
+    let each = 100 << 10;
+    let small: Vec<Digest> = (0..6u8).map(|i| upstream.insert(&blob(each, i))).collect();
+    let medium = upstream.insert(&blob(PREFETCH_BATCH as usize + 1, 9));
+    let stats = Arc::new(Stats::default());
+    let store = read_through(&local, &upstream, &stats);
+    let ctx = RequestContext::default().with_priority(Priority::Prefetch);
+    let mut wanted = small.clone();
+    wanted.push(medium);
+    let outcomes = store.bring_in(&ctx, &wanted, |_| {}).await.unwrap();
+    assert!(outcomes.iter().all(|(_, r)| r.is_ok()));
+    let per_batch = (PREFETCH_BATCH / each as u64) as usize;
+    assert_eq!(
+        count(&upstream.read_many_calls) as usize,
+        small.len().div_ceil(per_batch),
+        "batches of at most PREFETCH_BATCH bytes"
+    );
+    // The memory store reads batched blobs one by one too: one more read
+    // means the larger blob streamed on its own (it can pause), in no batch.
+    assert_eq!(
+        count(&upstream.reads) as usize,
+        small.len() + 1,
+        "a larger blob streams"
+    );
+    assert!(wanted.iter().all(|d| local.has(d)));
+}
