@@ -131,9 +131,9 @@ fn skipped(r: &RunReport) -> f64 {
 
 fn print_targets(reports: &[RunReport]) -> Vec<Verdict> {
     println!(
-        "\n| reads | target | WAN total / direct | wall / direct | read Σ direct / target | issue 14 target | |"
+        "\n| reads | target | WAN total / direct | wall / direct | read Σ direct / target | wall / off | issue 14 target | |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     let mut verdicts = Vec::new();
     for r in reports.iter().filter(|r| r.target != Target::Direct) {
         let Some(d) = reports
@@ -145,6 +145,13 @@ fn print_targets(reports: &[RunReport]) -> Vec<Verdict> {
         let bytes = r.wan_total() as f64 / d.wan_total().max(1) as f64;
         let wall = r.wall.as_secs_f64() / d.wall.as_secs_f64();
         let speedup = d.read_sum() / r.read_sum().max(1e-6);
+        // What prefetch costs or gains against the same proxy without it.
+        let vs_off = reports
+            .iter()
+            .find(|o| o.target == Target::Off && o.mode == r.mode)
+            .map_or("-".into(), |o| {
+                format!("{:.2}×", r.wall.as_secs_f64() / o.wall.as_secs_f64())
+            });
         let (goal, pass) = match r.mode {
             ReadMode::Nothing => (
                 format!(
@@ -174,7 +181,7 @@ fn print_targets(reports: &[RunReport]) -> Vec<Verdict> {
             });
         }
         println!(
-            "| {} | {} | {bytes:.2}× | {wall:.2}× | {speedup:.1}× | {goal} | {} |",
+            "| {} | {} | {bytes:.2}× | {wall:.2}× | {speedup:.1}× | {vs_off} | {goal} | {} |",
             r.mode.name(),
             r.target.name(),
             match pass {
