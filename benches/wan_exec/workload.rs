@@ -1,8 +1,8 @@
 //! The build: a DAG of actions in layers, like a C++ build. Layer 0 compiles
 //! sources (each action: its own sources plus a few shared headers); every
 //! later layer takes the output files of actions of the layer below as
-//! inputs (archives, links), so every output below the last layer is consumed
-//! by a later action. The outputs of the last layer are the "top-level"
+//! inputs (archives, links; plus one small parameter file), so every output
+//! below the last layer is consumed by a later action. The outputs of the last layer are the "top-level"
 //! outputs (what `--remote_download_toplevel` downloads).
 //!
 //! The shape ([`Shape`]: layers, sizes, dependencies) is a pure function of
@@ -26,8 +26,9 @@ use super::{KIB, MIB};
 const HEADERS: usize = 24;
 /// Headers included per layer-0 action.
 const HEADERS_PER_ACTION: usize = 6;
-/// Own source files per action.
-const SOURCES_PER_ACTION: usize = 2;
+/// Own source files per compile (layer-0) action, of 1 KiB–1.5 MiB
+/// log-uniform (a few go up by ByteStream Write).
+const SOURCES_PER_COMPILE: usize = 3;
 
 /// What the workload knobs ask for.
 pub struct WorkloadSettings {
@@ -91,14 +92,23 @@ impl Shape {
                         )
                     })
                     .collect();
-                let sources = (0..SOURCES_PER_ACTION)
-                    .map(|j| {
-                        (
-                            format!("src/a{i}/s{j}.cc"),
-                            rng.log_uniform(KIB, 3 * MIB / 2) as usize,
-                        )
-                    })
-                    .collect();
+                // Compiles have sources; archives and links one small
+                // generated parameter file.
+                let sources = if layer == 0 {
+                    (0..SOURCES_PER_COMPILE)
+                        .map(|j| {
+                            (
+                                format!("src/a{i}/s{j}.cc"),
+                                rng.log_uniform(KIB, 3 * MIB / 2) as usize,
+                            )
+                        })
+                        .collect()
+                } else {
+                    vec![(
+                        format!("bazel-out/k8-fastbuild/bin/a{i}.params"),
+                        rng.log_uniform(KIB, 64 * KIB) as usize,
+                    )]
+                };
                 let headers = if layer == 0 {
                     let mut h: Vec<usize> = (0..HEADERS_PER_ACTION)
                         .map(|_| rng.below(HEADERS))
