@@ -97,13 +97,15 @@ pub fn print_tables(reports: &[RunReport], header: &str) -> Vec<Verdict> {
             r.upstream_calls.map_or("-".into(), |n| n.to_string()),
         );
     }
+    // Counters of issue 14 (policy: offered / read / missed / skipped by
+    // reason; yield: waits, promotions) show as 0 on builds without them.
     println!(
-        "\n| reads | target | read by client | prefetch jobs | prefetched | hits | joins | wasted | dropped | skipped |"
+        "\n| reads | target | read by client | prefetch jobs | prefetched | hits | joins | wasted | dropped | skipped | outputs read / offered | missed | waits | promotions |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in reports.iter().filter(|r| r.target != Target::Direct) {
         println!(
-            "| {} | {} | {} | {} | {} blobs / {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} blobs / {} | {} | {} | {} | {} | {} | {} / {} | {} | {} ({:.1} s) | {} |",
             r.mode.name(),
             r.target.name(),
             human_bytes(r.bytes_read),
@@ -115,6 +117,12 @@ pub fn print_tables(reports: &[RunReport], header: &str) -> Vec<Verdict> {
             human_bytes(r.metric("prefetch_wasted_bytes") as u64),
             r.metric("prefetch_dropped"),
             skipped(r),
+            r.metric("prefetch_outputs_read"),
+            r.metric("prefetch_outputs_offered"),
+            r.metric("prefetch_missed"),
+            r.metric("prefetch_waits"),
+            r.metric("prefetch_wait_milliseconds") / 1e3,
+            r.metric("prefetch_promotions"),
         );
     }
     print_targets(reports)
