@@ -98,7 +98,7 @@ pub struct BuildOutcome {
 enum Event {
     Executed {
         i: usize,
-        result: re::ActionResult,
+        result: Box<re::ActionResult>,
         exec: Duration,
         missing: usize,
     },
@@ -213,7 +213,7 @@ async fn execute(client: &Client, shape: &Shape, build: &Build, i: usize) -> any
         .with_context(|| format!("action {i}: Execute"))?;
     Ok(Event::Executed {
         i,
-        result,
+        result: Box::new(result),
         exec: start.elapsed(),
         missing,
     })
