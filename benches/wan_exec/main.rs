@@ -70,6 +70,8 @@ struct Settings {
     /// Extra lines for every proxy's `[prefetch]` section.
     prefetch_extra: String,
     enforce: bool,
+    /// A build that takes longer fails (a stall must not hang the bench).
+    run_timeout: Duration,
 }
 
 impl Settings {
@@ -117,6 +119,7 @@ impl Settings {
                 .map(|l| format!("{}\n", l.trim()))
                 .collect(),
             enforce: std::env::var("OUTPOST_WANX_ENFORCE").is_ok_and(|v| v == "1"),
+            run_timeout: Duration::from_secs(env_u64("OUTPOST_WANX_RUN_TIMEOUT_S", 600)?),
         })
     }
 }
@@ -175,7 +178,25 @@ async fn one_run(
         &h[20..32]
     );
     let client = Client::connect(addr, &invocation).await?;
-    let outcome = run_build(&client, shape, &build, s.jobs, mode).await?;
+    let outcome = match tokio::time::timeout(
+        s.run_timeout,
+        run_build(&client, shape, &build, s.jobs, mode),
+    )
+    .await
+    {
+        Ok(outcome) => outcome?,
+        Err(_) => {
+            let mut state = String::new();
+            if let Some(p) = &proxy {
+                let metrics = p.prefetch_metrics().await.unwrap_or_default();
+                state = format!("\nproxy prefetch metrics: {metrics:?}{}", p.log_tail());
+            }
+            bail!(
+                "the build did not finish in {:?} (OUTPOST_WANX_RUN_TIMEOUT_S){state}",
+                s.run_timeout
+            );
+        }
+    };
     let tail = wait_quiet(relay).await;
     let (wan_up, wan_down) = (relay.bytes_up(), relay.bytes_down());
     let expected = mode.output_bytes(shape) + (shape.actions.len() * (STDOUT + STDERR)) as u64;

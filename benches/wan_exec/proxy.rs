@@ -88,6 +88,7 @@ impl Proxy {
             .args(["--metrics-listen", "127.0.0.1:0"])
             .arg("--config")
             .arg(&config)
+            .log_file(&dir.path().join("outpost.log"))
             .rust_log(&std::env::var("OUTPOST_WAN_SERVER_LOG").unwrap_or_else(|_| "warn".into()))
             .start()
             .with_context(|| {
@@ -100,6 +101,16 @@ impl Proxy {
                 )
             })?;
         Ok(Proxy { process, _dir: dir })
+    }
+
+    /// The end of the proxy's log, for errors.
+    pub fn log_tail(&self) -> String {
+        let log = self.process.log();
+        let start = log.len().saturating_sub(4000);
+        let start = (start..log.len())
+            .find(|&i| log.is_char_boundary(i))
+            .unwrap_or(0);
+        format!("\nproxy log (end):\n{}", &log[start..])
     }
 
     pub fn addr(&self) -> SocketAddr {
