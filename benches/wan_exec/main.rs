@@ -91,7 +91,7 @@ impl Settings {
         };
         let reads = list(
             "OUTPOST_WANX_READS",
-            "everything:0,everything:1000,toplevel,nothing",
+            "everything:0,everything:1000,everything:2000,toplevel,nothing",
         )
         .iter()
         .map(|s| ReadMode::parse(s))
