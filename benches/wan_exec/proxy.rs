@@ -30,6 +30,7 @@ pub enum Target {
 }
 
 impl Target {
+    /// A name of `OUTPOST_WANX_ONLY`.
     pub fn parse(s: &str) -> anyhow::Result<Self> {
         Ok(match s.trim() {
             "direct" => Target::Direct,
@@ -40,6 +41,7 @@ impl Target {
         })
     }
 
+    /// Its name in the tables.
     pub fn name(self) -> &'static str {
         match self {
             Target::Direct => "direct",
@@ -113,6 +115,7 @@ impl Proxy {
         format!("\nproxy log (end):\n{}", &log[start..])
     }
 
+    /// Where the client connects.
     pub fn addr(&self) -> SocketAddr {
         self.process.addr()
     }

@@ -41,9 +41,11 @@ pub struct RunReport {
 }
 
 impl RunReport {
+    /// Bytes on the WAN, both directions.
     pub fn wan_total(&self) -> u64 {
         self.wan_up + self.wan_down
     }
+    /// Σ of the actions' read times, seconds (the "after completion" figure).
     pub fn read_sum(&self) -> f64 {
         self.timings.iter().map(|t| t.read.as_secs_f64()).sum()
     }

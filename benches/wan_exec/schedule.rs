@@ -46,6 +46,7 @@ impl ReadMode {
         })
     }
 
+    /// Its name in the tables.
     pub fn name(self) -> String {
         match self {
             ReadMode::Everything(t) => format!("everything, think {} ms", t.as_millis()),
@@ -89,9 +90,13 @@ pub struct ActionTiming {
 
 /// What a build measured.
 pub struct BuildOutcome {
+    /// First call → last read.
     pub wall: Duration,
+    /// Bytes the client read (and verified).
     pub bytes_read: u64,
+    /// Digests FindMissingBlobs reported missing, summed over actions.
     pub missing_found: usize,
+    /// One per action.
     pub timings: Vec<ActionTiming>,
 }
 

@@ -32,9 +32,13 @@ const SOURCES_PER_COMPILE: usize = 3;
 
 /// What the workload knobs ask for.
 pub struct WorkloadSettings {
+    /// Actions in the build.
     pub actions: usize,
+    /// Layers of the DAG.
     pub layers: usize,
+    /// Actions of the layer below each later action depends on.
     pub deps: usize,
+    /// Seed of the shape and the bytes.
     pub seed: u64,
 }
 
