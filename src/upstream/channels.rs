@@ -10,6 +10,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 
 use crate::config::UpstreamConfig;
 use crate::context::Priority;
+use crate::upstream::traffic::PREFETCH_LANES;
 
 /// HTTP/2 windows of the client channel, per stream and per connection:
 /// large, so one stream fills a long fat link.
@@ -23,7 +24,21 @@ const CLIENT_WINDOWS: (u32, u32) = (16 << 20, 32 << 20);
 /// link (its bandwidth-delay product is 250 KB; 256 KiB prefetched at two
 /// thirds of the link rate), and a client's 4 MiB read during a prefetch
 /// took 1.04-1.08x its time on a quiet link (1.9x with the client windows).
-const PREFETCH_WINDOWS: (u32, u32) = (512 << 10, 512 << 10);
+///
+/// The connection window must leave room beyond what paused streams hold:
+/// a paused stream's unread bytes keep their share of the connection
+/// window, and with the connection window no larger than one stream's, a
+/// single paused lane starved every other stream on the connection, among
+/// them a promoted one the client waits for, which kept the link "busy" so
+/// the paused lane never resumed (a deadlock the `wan_exec` bench hit).
+/// So: a stream window for each lane that may pause, plus one for promoted
+/// transfers, which never pause.
+const PREFETCH_WINDOWS: (u32, u32) = (
+    PREFETCH_STREAM_WINDOW,
+    PREFETCH_STREAM_WINDOW * (PREFETCH_LANES as u32 + 1),
+);
+/// See [`PREFETCH_WINDOWS`].
+const PREFETCH_STREAM_WINDOW: u32 = 512 << 10;
 
 /// The client and prefetch channels to one upstream endpoint.
 pub struct Channels {
