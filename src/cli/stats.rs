@@ -174,6 +174,12 @@ pub fn report(s: &GetStatsResponse, server: &str) -> String {
         m("outpost_prefetch_invocations_reading"),
         m("outpost_prefetch_invocations_not_reading")
     ));
+    line(format!(
+        "  yielding:      prefetch waited for clients {} times ({:.1} s), {} transfers promoted by a joining client",
+        m("outpost_prefetch_waits_total"),
+        m("outpost_prefetch_wait_milliseconds_total") as f64 / 1000.0,
+        m("outpost_prefetch_promotions_total")
+    ));
     let batches = |calls: &str, items: &str| {
         let (calls, items) = (m(calls), m(items));
         (calls, avg(items, calls))

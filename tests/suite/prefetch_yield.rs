@@ -6,6 +6,7 @@
 
 use std::time::{Duration, Instant};
 
+use outpost::config::PrefetchMode;
 use outpost_testkit::relay::{Relay, WanConfig};
 
 use crate::common::fake_upstream::{FakeUpstream, Method};
@@ -86,7 +87,12 @@ async fn a_client_read_overtakes_a_prefetch_running_over_a_narrow_link() {
     // A narrow link: each transfer below takes the best part of a second.
     let wan = WanConfig::new(Duration::from_millis(20), 40.0);
     let relay = Relay::start(fake.addr(), wan).await.expect("relay starts");
-    let server = start_proxy(&fake, |u| u.uri = relay.url(), |_| {}).await;
+    let server = start_proxy(
+        &fake,
+        |u| u.uri = relay.url(),
+        |c| c.prefetch.mode = PrefetchMode::Always,
+    )
+    .await;
     let prefetched = upstream_blob(&fake, 4 * MIB, 1);
     let action = cached_action(&fake, "prefetch me", &[&prefetched]);
     let (alone, during) = (
@@ -127,7 +133,7 @@ async fn a_client_read_overtakes_a_prefetch_running_over_a_narrow_link() {
 #[tokio::test]
 async fn a_client_read_joins_a_waiting_prefetch_and_never_waits_for_the_gate() {
     let fake = FakeUpstream::start().await;
-    let server = start_proxy(&fake, |_| {}, |_| {}).await;
+    let server = start_proxy(&fake, |_| {}, |c| c.prefetch.mode = PrefetchMode::Always).await;
     let prefetched = upstream_blob(&fake, 3 * MIB, 4);
     let action = cached_action(&fake, "join me", &[&prefetched]);
 
