@@ -229,9 +229,13 @@ impl Upstream {
 
     /// Marks `ctx`'s call of `method` as client work in flight, if it is:
     /// a client's call other than Operations (which may be WaitOperation,
-    /// waiting as long as the remote action runs, not using the link).
+    /// waiting as long as the remote action runs, not using the link) and
+    /// the uploads (their bytes cross the link's other direction; prefetch
+    /// only uses the one towards Outpost).
     fn client_work(&self, ctx: &RequestContext, method: UpstreamMethod) -> Option<ClientWork> {
-        let counts = ctx.priority == Priority::Client && method != UpstreamMethod::Operations;
+        use UpstreamMethod::{BatchUpdateBlobs, ByteStreamWrite, Operations};
+        let counts = ctx.priority == Priority::Client
+            && !matches!(method, Operations | BatchUpdateBlobs | ByteStreamWrite);
         counts.then(|| self.traffic.client_work())
     }
 

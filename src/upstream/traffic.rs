@@ -3,8 +3,9 @@
 //!
 //! - Every upstream call made for a client ([`Priority::Client`]) holds a
 //!   [`ClientWork`] guard while it is in flight: unary calls, ByteStream
-//!   bodies while they stream, the open of Execute / WaitExecution (not the
-//!   long wait for their Operations). [`Upstream`](super::Upstream) takes
+//!   read bodies while they stream, the open of Execute / WaitExecution (not
+//!   the long wait for their Operations). Uploads do not count: their bytes
+//!   cross the link's other direction. [`Upstream`](super::Upstream) takes
 //!   the guard in its call policy, so no call site has to.
 //! - A prefetch transfer asks for its [`Traffic::turn`] before it calls the
 //!   upstream: one of [`PREFETCH_LANES`] lanes, once no client work has been

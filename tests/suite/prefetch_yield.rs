@@ -137,24 +137,34 @@ async fn a_client_read_joins_a_waiting_prefetch_and_never_waits_for_the_gate() {
     let prefetched = upstream_blob(&fake, 3 * MIB, 4);
     let action = cached_action(&fake, "join me", &[&prefetched]);
 
-    // A client upload that hangs upstream: client work in flight throughout.
-    fake.pause_method(Method::BatchUpdateBlobs);
-    let upload = {
+    // A client read that hangs upstream: client work in flight throughout.
+    // (A download: uploads cross the link's other direction and do not
+    // hold prefetch back.)
+    let small = upstream_blob(&fake, 100, 5);
+    fake.pause_method(Method::BatchReadBlobs);
+    let held = {
         let mut cas = server.cas();
-        tokio::spawn(async move { batch_update(&mut cas, "", &[b"held up"]).await })
+        tokio::spawn(async move {
+            cas.batch_read_blobs(re::BatchReadBlobsRequest {
+                digests: vec![small],
+                ..Default::default()
+            })
+            .await
+            .map(|r| r.into_inner().responses.len())
+        })
     };
     assert!(fake.wait_parked(1, WAIT).await, "{}", fake.summary());
 
     get_action_result(&server, &action).await;
     // The prefetch's transfer exists (a client read would join it) but
-    // waits for the client's upload to end.
+    // waits for the client's read to end.
     wait_until("the prefetch transfer is set up", async || {
         metric(&server, "outpost_upstream_fetches_total").await >= 1
     })
     .await;
     assert_eq!(fake.fetches_of(&prefetched), 0, "prefetch did not wait");
 
-    // The upload still hangs: a read that joins the prefetch must not wait.
+    // The other read still hangs: a read that joins the prefetch must not wait.
     let read = tokio::time::timeout(WAIT, timed_read(&server, &prefetched)).await;
     read.expect("the client's read waited for the gate");
     assert_eq!(fake.fetches_of(&prefetched), 1, "one upstream read, shared");
@@ -163,8 +173,8 @@ async fn a_client_read_joins_a_waiting_prefetch_and_never_waits_for_the_gate() {
         1
     );
     assert_eq!(metric(&server, "outpost_prefetch_joins_total").await, 1);
-    assert!(!upload.is_finished());
+    assert!(!held.is_finished());
 
     fake.resume();
-    assert_eq!(upload.await.unwrap(), vec![tonic::Code::Ok]);
+    assert_eq!(held.await.unwrap().expect("BatchReadBlobs"), 1);
 }
