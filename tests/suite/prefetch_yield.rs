@@ -16,15 +16,6 @@ use crate::common::*;
 const WAIT: Duration = Duration::from_secs(30);
 const MIB: usize = 1 << 20;
 
-/// One of Outpost's metrics (as at `/metrics`).
-async fn metric(server: &TestServer, name: &str) -> u64 {
-    *stats(server)
-        .await
-        .metrics
-        .get(name)
-        .unwrap_or_else(|| panic!("no metric {name}"))
-}
-
 /// Polls until `ready` holds (bounded by [`WAIT`]).
 async fn wait_until(what: &str, mut ready: impl AsyncFnMut() -> bool) {
     let deadline = Instant::now() + WAIT;
