@@ -2,6 +2,7 @@
 //!
 //! # Layout
 //! - [`asset`]: the Remote Asset API (Fetch, Push): asset index, origin downloads.
+//! - [`auth`]: credentials, roles, and the per-RPC check on Outpost's own listener.
 //! - [`cli`]: client commands of the binary (`outpost stats`) and their formatting.
 //! - [`client`]: connecting to a server (stats, tests, benches).
 //! - [`config`]: defaults, TOML file and flags merged into one [`config::Config`]
@@ -15,6 +16,9 @@
 //! - [`decode_status`]: a request that does not decode answers INVALID_ARGUMENT.
 //! - [`digest`]: validated digests and incremental hashing.
 //! - [`metrics`]: Prometheus text at `/metrics`.
+//! - [`peer`]: who is on the other end of a connection (address, transport,
+//!   client certificate), carried into every request.
+//! - [`reload`]: re-reading certificates and credential files on change or SIGHUP.
 //! - [`prefetch`]: pulling finished actions' outputs into the local store, adaptively
 //!   (per invocation: does the client read them?).
 //! - [`execution`]: execution passthrough: input check, MISSING repair, relay, caching.
@@ -26,6 +30,7 @@
 //! - [`upstream`]: the upstream connection, health, and request batching.
 
 pub mod asset;
+pub mod auth;
 pub mod cli;
 pub mod client;
 pub mod config;
@@ -35,8 +40,10 @@ pub mod digest;
 pub mod error;
 pub mod execution;
 pub mod metrics;
+pub mod peer;
 pub mod prefetch;
 pub mod reapi;
+pub mod reload;
 pub mod server;
 pub mod service;
 pub mod stack;

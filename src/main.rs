@@ -78,7 +78,8 @@ struct ServeArgs {
     /// TCP address to listen on [default: 127.0.0.1:8980].
     #[arg(long, value_name = "ADDR")]
     listen: Option<std::net::SocketAddr>,
-    /// Allow a --listen address other than loopback (no authentication yet).
+    /// Allow a --listen address other than loopback without TLS and
+    /// credentials (anyone who can reach it may read and write the cache).
     #[arg(long)]
     allow_remote: bool,
     /// Data directory [default: $XDG_CACHE_HOME/outpost or ~/.cache/outpost].

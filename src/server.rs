@@ -19,8 +19,9 @@ use bazel_remote_apis::build::bazel::remote::execution::v2::{
 use bazel_remote_apis::build::bazel::remote::logstream::v1::log_stream_service_server::LogStreamServiceServer;
 use bazel_remote_apis::google::bytestream::byte_stream_server::ByteStreamServer;
 use bazel_remote_apis::google::longrunning::operations_server::OperationsServer;
-use tokio::net::{TcpListener, UnixListener};
+use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tokio::task::JoinSet;
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
@@ -32,6 +33,7 @@ use crate::asset::local::LocalAssets;
 use crate::asset::origin::OriginFetcher;
 use crate::asset::push::Pusher;
 use crate::config::Config;
+use crate::peer::PeerStream;
 use crate::service::Backend;
 use crate::service::action_cache::ActionCacheService;
 use crate::service::admin::AdminService;
@@ -237,7 +239,9 @@ impl RunningServer {
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         let addr = listener.local_addr()?;
-        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let incoming = TcpIncoming::from(listener)
+            .with_nodelay(Some(true))
+            .map(|conn| conn.map(PeerStream::tcp));
         let router = services.router();
         let token = shutdown.clone();
         tasks.spawn(async move {
@@ -417,7 +421,10 @@ fn asset_service(
 
 /// Binds the unix socket (replacing a stale socket file), readable and
 /// writable by the owner only.
-fn bind_unix(path: &Path) -> anyhow::Result<UnixListenerStream> {
+fn bind_unix(
+    path: &Path,
+) -> anyhow::Result<impl tokio_stream::Stream<Item = std::io::Result<PeerStream<UnixStream>>> + use<>>
+{
     use std::os::unix::fs::PermissionsExt;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
@@ -431,5 +438,5 @@ fn bind_unix(path: &Path) -> anyhow::Result<UnixListenerStream> {
     let listener = UnixListener::bind(path)
         .with_context(|| format!("cannot listen on unix socket {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(UnixListenerStream::new(listener))
+    Ok(UnixListenerStream::new(listener).map(|conn| conn.map(PeerStream::unix)))
 }

@@ -17,6 +17,15 @@ pub const MAX_BATCH: u64 = 4 << 20;
 pub const ALLOW_REMOTE: bool = false;
 /// Whether every commit is fsynced.
 pub const FSYNC: bool = false;
+/// Whether loopback and unix-socket clients must present credentials too
+/// (off: the single-workstation setup needs no configuration).
+pub const REQUIRE_AUTH_ON_LOOPBACK: bool = false;
+/// Calls one client may have open at once. Bazel opens at most
+/// `--remote_max_connections` (100 in 4.x) connections with many calls each;
+/// 512 leaves a full build room and stops a runaway loop.
+pub const MAX_CALLS_PER_CLIENT: usize = 512;
+/// How long a call over the per-client limit waits for a slot.
+pub const LIMIT_QUEUE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Name of the unix socket inside the data directory.
 pub const UNIX_SOCKET_NAME: &str = "outpost.sock";
 

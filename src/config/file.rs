@@ -32,6 +32,12 @@ pub struct FileConfig {
     /// `[asset]`: Remote Asset downloads from origin URLs.
     #[serde(default)]
     pub asset: AssetSection,
+    /// `[auth]`: who may call what on Outpost's own listener.
+    #[serde(default)]
+    pub auth: AuthSection,
+    /// `[limits]`: per-client bounds, so one runaway client cannot starve the rest.
+    #[serde(default)]
+    pub limits: LimitsSection,
 }
 
 impl FileConfig {
@@ -50,8 +56,15 @@ impl FileConfig {
 pub struct ServerSection {
     /// TCP address to listen on.
     pub listen: Option<SocketAddr>,
-    /// Permit a non-loopback `listen` address (no authentication yet!).
+    /// Permit a non-loopback `listen` address without TLS and credentials.
     pub allow_remote: Option<bool>,
+    /// PEM certificate chain of the gRPC listener: it speaks TLS (`grpcs://`).
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificates: mutual TLS, clients must present a certificate
+    /// signed by one of them.
+    pub client_ca: Option<PathBuf>,
     /// Unix socket path; `""` disables it.
     pub unix_socket: Option<String>,
     /// Largest total of a Batch* request, advertised in Capabilities.
@@ -169,6 +182,51 @@ pub struct AssetSection {
     pub deny_hosts: Vec<String>,
     /// Fetch from loopback, private and link-local addresses without listing them.
     pub origin_fetch_private: Option<bool>,
+}
+
+/// `[auth]` keys.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSection {
+    /// Bearer tokens, stored as SHA-256 hashes (`outpost token add`).
+    pub tokens_file: Option<PathBuf>,
+    /// HTTP basic credentials: an htpasswd file with bcrypt entries.
+    pub htpasswd_file: Option<PathBuf>,
+    /// Ask credentials of loopback and unix-socket clients too.
+    pub require_on_loopback: Option<bool>,
+    /// Client certificates (mutual TLS) mapped to names and roles.
+    #[serde(default)]
+    pub client_certificates: Vec<ClientCertRule>,
+}
+
+/// One `[[auth.client_certificates]]` entry: certificates matching it act as
+/// the credential `name`. Exactly one of `common_name` and `subject_alt_name`
+/// is set.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ClientCertRule {
+    /// The credential name (logs, metrics, limits).
+    pub name: String,
+    /// Matches a certificate whose subject CN is exactly this.
+    pub common_name: Option<String>,
+    /// Matches a certificate with this DNS name, e-mail or URI in its SAN.
+    pub subject_alt_name: Option<String>,
+    /// `read`, `write` or `execute`.
+    pub role: crate::auth::Role,
+    /// May also write action results.
+    #[serde(default)]
+    pub write_ac: bool,
+}
+
+/// `[limits]` keys.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSection {
+    /// Calls one client (credential, or address when unauthenticated) may
+    /// have open at once; more wait.
+    pub max_calls_per_client: Option<usize>,
+    /// How long a call over the limit waits before RESOURCE_EXHAUSTED.
+    pub queue_timeout: Option<HumanDuration>,
 }
 
 /// `[metrics]` keys.

@@ -4,14 +4,15 @@
 //!
 //! The children are leaves that never import this file: [`defaults`] (every
 //! default value), [`units`] (sizes and durations), [`file`] (the TOML as
-//! written), [`upstream`], [`prefetch`] and [`asset`] (resolving those
-//! sections). This
+//! written), [`upstream`], [`prefetch`], [`asset`] and [`security`] (the
+//! listener's TLS, `[auth]`, `[limits]`) resolving those sections. This
 //! file assembles them into one [`Config`].
 
 pub mod asset;
 pub mod defaults;
 pub mod file;
 pub mod prefetch;
+pub mod security;
 pub mod units;
 pub mod upstream;
 
@@ -20,10 +21,11 @@ use std::path::{Path, PathBuf};
 
 pub use asset::AssetConfig;
 pub use file::{
-    AssetSection, FileConfig, HeaderSpec, MetricsSection, PrefetchSection, ServerSection,
-    StoreSection, UpstreamSection,
+    AssetSection, AuthSection, ClientCertRule, FileConfig, HeaderSpec, LimitsSection,
+    MetricsSection, PrefetchSection, ServerSection, StoreSection, UpstreamSection,
 };
 pub use prefetch::{PrefetchConfig, PrefetchMode};
+pub use security::{AuthConfig, LimitsConfig, ServerTls};
 pub use units::{ByteSize, HumanDuration};
 pub use upstream::{EnvLookup, UpstreamConfig};
 
@@ -73,6 +75,12 @@ pub struct Config {
     pub prefetch: PrefetchConfig,
     /// Remote Asset origin downloads (`[asset]`).
     pub asset: AssetConfig,
+    /// TLS on the listener (`[server] tls_cert`, `tls_key`, `client_ca`).
+    pub tls: Option<ServerTls>,
+    /// Credentials and roles (`[auth]`).
+    pub auth: AuthConfig,
+    /// Per-client bounds (`[limits]`).
+    pub limits: LimitsConfig,
 }
 
 /// `$XDG_CACHE_HOME/outpost`, else `~/.cache/outpost`.
@@ -103,19 +111,28 @@ impl Config {
             .unwrap_or_else(|| defaults::LISTEN.parse().expect("valid default"));
         let allow_remote =
             flags.allow_remote || file.server.allow_remote.unwrap_or(defaults::ALLOW_REMOTE);
-        if !listen.ip().is_loopback() && !allow_remote {
+        let tls = ServerTls::resolve(&file.server)?;
+        let auth = AuthConfig::resolve(file.auth, tls.as_ref())?;
+        let limits = LimitsConfig::resolve(file.limits)?;
+        if !listen.ip().is_loopback()
+            && !security::remote_listen_allowed(allow_remote, tls.as_ref(), &auth)
+        {
             anyhow::bail!(
-                "refusing to listen on {listen}: it is reachable from other machines and Outpost \
-                 has no authentication yet; pass --allow-remote (or `allow_remote = true`) to do it anyway"
+                "refusing to listen on {listen}: it is reachable from other machines; configure \
+                 TLS ([server] tls_cert, tls_key) and credentials ([auth] tokens_file, \
+                 htpasswd_file or client_certificates), or pass --allow-remote \
+                 (`allow_remote = true`) to serve it without authentication"
             );
         }
         let metrics_listen = flags.metrics_listen.or(file.metrics.listen);
         if let Some(addr) = metrics_listen
             && !addr.ip().is_loopback()
             && !allow_remote
+            && tls.is_none()
         {
             anyhow::bail!(
-                "refusing to serve metrics on {addr}: not loopback; pass --allow-remote to do it anyway"
+                "refusing to serve metrics on {addr}: not loopback; configure TLS or pass \
+                 --allow-remote to do it anyway"
             );
         }
         let upstream = UpstreamConfig::resolve_with_env(file.upstream, flags.upstream, env)?;
@@ -167,6 +184,9 @@ impl Config {
             metrics_listen,
             prefetch: PrefetchConfig::resolve(file.prefetch),
             asset: AssetConfig::resolve(file.asset, listen.ip().is_loopback(), quota_bytes)?,
+            tls,
+            auth,
+            limits,
         })
     }
 
@@ -184,6 +204,9 @@ impl Config {
             metrics_listen: None,
             prefetch: PrefetchConfig::default(),
             asset: AssetConfig::for_tests(),
+            tls: None,
+            auth: AuthConfig::default(),
+            limits: LimitsConfig::default(),
         }
     }
 }
@@ -260,6 +283,45 @@ mod tests {
         let config = Config::resolve(FileConfig::default(), allowed).unwrap();
         // Serving other machines: origin downloads only when asked for.
         assert!(!config.asset.origin_fetch);
+    }
+
+    #[test]
+    fn remote_listen_with_tls_and_credentials_needs_no_flag() {
+        let flags = Overrides {
+            listen: Some("0.0.0.0:8980".parse().unwrap()),
+            ..Default::default()
+        };
+        let tls_only: FileConfig =
+            toml::from_str("[server]\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"\n").unwrap();
+        assert!(
+            Config::resolve(tls_only, flags.clone()).is_err(),
+            "TLS without credentials"
+        );
+        let tokens_only: FileConfig = toml::from_str("[auth]\ntokens_file = \"t\"\n").unwrap();
+        assert!(
+            Config::resolve(tokens_only, flags.clone()).is_err(),
+            "credentials in clear"
+        );
+        let both: FileConfig = toml::from_str(
+            "[server]\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"\n[auth]\ntokens_file = \"t\"\n",
+        )
+        .unwrap();
+        let config = Config::resolve(both, flags).unwrap();
+        assert!(config.tls.is_some() && config.auth.has_credentials());
+    }
+
+    #[test]
+    fn tls_settings_must_be_complete() {
+        let half: FileConfig = toml::from_str("[server]\ntls_cert = \"c.pem\"\n").unwrap();
+        assert!(Config::resolve(half, Overrides::default()).is_err());
+        let ca_only: FileConfig = toml::from_str("[server]\nclient_ca = \"ca.pem\"\n").unwrap();
+        assert!(Config::resolve(ca_only, Overrides::default()).is_err());
+        let certs_without_mtls: FileConfig = toml::from_str(
+            "[server]\ntls_cert = \"c\"\ntls_key = \"k\"\n\
+             [[auth.client_certificates]]\nname = \"ci\"\ncommon_name = \"ci\"\nrole = \"read\"\n",
+        )
+        .unwrap();
+        assert!(Config::resolve(certs_without_mtls, Overrides::default()).is_err());
     }
 
     #[test]
