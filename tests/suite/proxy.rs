@@ -373,7 +373,9 @@ async fn concurrent_find_missing_calls_share_one_upstream_call_and_the_ttl_holds
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn find_missing_uploads_blobs_only_the_proxy_holds_and_reports_them_present() {
     let fake = FakeUpstream::start().await;
-    let ttl = Duration::from_millis(300);
+    // Long enough that the re-uploads below are still remembered at the last
+    // check on a loaded machine (300 ms was flaky), short enough to wait out.
+    let ttl = Duration::from_millis(1500);
     let server = proxy_for(&fake, |u| u.existence_ttl = ttl).await;
     let small = blob(41, 10_000);
     let large = blob(42, 2 * MIB);
