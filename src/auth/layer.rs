@@ -86,6 +86,7 @@ where
             match outcome {
                 Ok(principal) => {
                     span.record("client", &*principal.name);
+                    tracing::trace!(role = %principal.role, "admitted");
                     if auth.enabled() {
                         request.headers_mut().remove(AUTHORIZATION);
                     }
