@@ -83,7 +83,10 @@ impl RequestContext {
         key
     }
 
-    /// Captures the end-to-end headers of an incoming call.
+    /// Captures the end-to-end headers of an incoming call. When Outpost
+    /// checks credentials itself (`[auth]`), the auth layer has already
+    /// removed `authorization`: that header was meant for Outpost and is
+    /// never forwarded upstream, whatever `forward_client_headers` says.
     pub fn from_metadata(instance: impl Into<String>, incoming: &MetadataMap) -> Self {
         let mut headers = MetadataMap::new();
         for entry in incoming.iter() {

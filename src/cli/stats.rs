@@ -91,6 +91,25 @@ pub fn report(s: &GetStatsResponse, server: &str) -> String {
         m("outpost_evicted_entries_total"),
         human_bytes(m("outpost_evicted_bytes_total"))
     ));
+    let refused = [
+        "outpost_auth_failures_missing_total",
+        "outpost_auth_failures_unknown_token_total",
+        "outpost_auth_failures_bad_password_total",
+        "outpost_auth_failures_unknown_certificate_total",
+    ]
+    .map(m);
+    line(format!(
+        "auth:            {} accepted; {} refused ({} no credential, {} unknown token, {} bad \
+         password, {} unknown certificate); {} denied by role; {} slowed down",
+        m("outpost_auth_accepted_total"),
+        refused.iter().sum::<u64>(),
+        refused[0],
+        refused[1],
+        refused[2],
+        refused[3],
+        m("outpost_auth_denied_total"),
+        m("outpost_auth_slowed_down_total")
+    ));
     if s.upstream.is_empty() {
         line("upstream:        none (standalone cache)".to_string());
         return out;
@@ -231,6 +250,10 @@ mod tests {
             ("outpost_prefetch_outputs_read_total", 2),
             ("outpost_prefetch_skipped_not_reading_total", 5),
             ("outpost_prefetch_invocations_not_reading", 1),
+            ("outpost_auth_accepted_total", 40),
+            ("outpost_auth_failures_missing_total", 2),
+            ("outpost_auth_failures_bad_password_total", 1),
+            ("outpost_auth_denied_total", 3),
         ] {
             s.metrics.insert(k.to_string(), v);
         }
@@ -254,6 +277,13 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("skipped 0 learning, 5 not reading"), "{text}");
+        assert!(
+            text.contains(
+                "\nauth:            40 accepted; 3 refused (2 no credential, 0 unknown token, \
+                 1 bad password, 0 unknown certificate); 3 denied by role; 0 slowed down\n"
+            ),
+            "{text}"
+        );
         assert!(
             text.contains("invocations:   0 learning, 0 reading, 1 not reading"),
             "{text}"
