@@ -6,9 +6,11 @@
 //!
 //! Each variant gets its own server (temporary store, loopback TCP,
 //! `require_on_loopback = true` when credentials are on, so every call is
-//! checked); the clients share one runtime with it, so the figure is the
+//! checked); the clients share one runtime with them, so the figure is the
 //! whole machine's cost per call. Each call asks about 10 digests, half of
-//! them stored.
+//! them stored. The variants take turns, one short round each, and each
+//! reports its median round: on a shared machine, load that comes and goes
+//! then hits every variant alike.
 //!
 //! TLS: the variants below are plain TCP. After the listener-TLS branch is
 //! merged, add variants that set `config.tls` (rcgen certificates in the
@@ -16,8 +18,8 @@
 //! `// TLS:` mark in `variants()`.
 //!
 //! Run: `cargo bench --bench auth_cost`
-//! Knobs: `OUTPOST_BENCH_CLIENTS` (default 16), `OUTPOST_BENCH_SECONDS`
-//! per variant (default 5).
+//! Knobs: `OUTPOST_BENCH_CLIENTS` (default 16), `OUTPOST_BENCH_ROUNDS`
+//! (default 7), `OUTPOST_BENCH_SECONDS` per round (default 1).
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -34,7 +36,7 @@ use outpost_testkit::env::env_usize;
 use outpost_testkit::{blob, digest};
 use tonic::metadata::MetadataValue;
 
-/// Calls per client before measuring (connections, the bcrypt cache).
+/// Calls before measuring (connections, the bcrypt cache).
 const WARMUP_CALLS: usize = 20;
 
 /// One way of running the server and of calling it.
@@ -99,101 +101,147 @@ fn main() -> anyhow::Result<()> {
 
 async fn run() -> anyhow::Result<()> {
     let clients = env_usize("OUTPOST_BENCH_CLIENTS", 16)?.max(1);
-    let seconds = env_usize("OUTPOST_BENCH_SECONDS", 5)?.max(1) as u64;
+    let rounds = env_usize("OUTPOST_BENCH_ROUNDS", 7)?.max(1);
+    let seconds = env_usize("OUTPOST_BENCH_SECONDS", 1)?.max(1) as u64;
     let dir = tempfile::tempdir()?;
     println!(
-        "FindMissingBlobs (10 digests) calls/s, {clients} concurrent clients, {seconds} s per variant"
+        "FindMissingBlobs (10 digests) calls/s, {clients} concurrent clients; \
+         median of {rounds} rounds of {seconds} s, variants taking turns"
     );
-    let mut baseline = None;
+    let mut setups = Vec::new();
     for variant in variants(dir.path())? {
-        let rate = measure(&variant, dir.path(), clients, Duration::from_secs(seconds)).await?;
-        let base = *baseline.get_or_insert(rate);
+        setups.push(Setup::start(variant, dir.path()).await?);
+    }
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); setups.len()];
+    for _ in 0..rounds {
+        for (setup, rates) in setups.iter().zip(&mut rates) {
+            rates.push(setup.round(clients, Duration::from_secs(seconds)).await?);
+        }
+    }
+    let mut baseline = None;
+    for (setup, mut rates) in setups.into_iter().zip(rates) {
+        rates.sort_by(f64::total_cmp);
+        let median = rates[rates.len() / 2];
+        let base = *baseline.get_or_insert(median);
         println!(
-            "{:<20} {:>9.0} calls/s  {:>5.2}x of no auth  ({:.1} µs per call)",
-            variant.name,
-            rate,
-            rate / base,
-            1e6 / rate
+            "{:<20} {:>9.0} calls/s  {:>5.2}x of no auth  ({:.1} µs per call; rounds {:.0}..{:.0})",
+            setup.name,
+            median,
+            median / base,
+            1e6 / median,
+            rates[0],
+            rates[rates.len() - 1]
         );
+        setup.server.stop().await?;
     }
     Ok(())
 }
 
-/// Calls per second of `variant` over `clients` concurrent callers.
-async fn measure(
-    variant: &Variant,
-    dir: &Path,
-    clients: usize,
-    duration: Duration,
-) -> anyhow::Result<f64> {
-    let data = tempfile::tempdir_in(dir)?;
-    let mut config = Config::for_tests(data.path());
-    (variant.configure)(&mut config, dir);
-    let server = RunningServer::start(&config).await?;
-    let channel = outpost::client::connect(&format!("grpc://{}", server.addr)).await?;
-    let header: Option<MetadataValue<_>> = variant
-        .authorization
-        .as_deref()
-        .map(str::parse)
-        .transpose()?;
-    let cas = ContentAddressableStorageClient::with_interceptor(
-        channel,
-        move |mut request: tonic::Request<()>| {
-            if let Some(value) = &header {
-                request
-                    .metadata_mut()
-                    .insert("authorization", value.clone());
-            }
-            Ok(request)
-        },
-    );
-    let blobs: Vec<Vec<u8>> = (0..10).map(|i| blob(i, 100)).collect();
-    // Half of the digests asked about are stored (by the same client).
-    let upload = BatchUpdateBlobsRequest {
-        requests: blobs[..5]
-            .iter()
-            .map(|b| batch_update_blobs_request::Request {
-                digest: Some(digest(b)),
-                data: b.clone().into(),
-                ..Default::default()
-            })
-            .collect(),
-        ..Default::default()
-    };
-    let stored = cas.clone().batch_update_blobs(upload).await?.into_inner();
-    anyhow::ensure!(
-        stored
-            .responses
-            .iter()
-            .all(|r| r.status.as_ref().is_none_or(|s| s.code == 0))
-    );
-    let request = FindMissingBlobsRequest {
-        blob_digests: blobs.iter().map(|b| digest(b)).collect(),
-        ..Default::default()
-    };
-    let mut tasks = Vec::new();
-    let deadline = Instant::now() + duration;
-    for _ in 0..clients {
-        let mut cas = cas.clone();
-        let request = request.clone();
-        tasks.push(tokio::spawn(async move {
-            for _ in 0..WARMUP_CALLS {
-                cas.find_missing_blobs(request.clone()).await?;
-            }
-            let start = Instant::now();
-            let mut calls = 0u64;
-            while Instant::now() < deadline {
-                cas.find_missing_blobs(request.clone()).await?;
-                calls += 1;
-            }
-            anyhow::Ok((calls, start.elapsed()))
-        }));
+/// Adds the variant's `authorization` header to every call.
+#[derive(Clone)]
+struct Header(Option<MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Header {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
     }
-    let mut rate = 0.0;
-    for task in tasks {
-        let (calls, elapsed) = task.await??;
-        rate += calls as f64 / elapsed.as_secs_f64();
+}
+
+/// The CAS client of one variant.
+type Cas = ContentAddressableStorageClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Header>,
+>;
+
+/// A running server of one variant, its client and the request it repeats.
+struct Setup {
+    name: &'static str,
+    server: RunningServer,
+    cas: Cas,
+    request: FindMissingBlobsRequest,
+    /// Owns the store's directory.
+    _data: tempfile::TempDir,
+}
+
+impl Setup {
+    async fn start(variant: Variant, dir: &Path) -> anyhow::Result<Self> {
+        let data = tempfile::tempdir_in(dir)?;
+        let mut config = Config::for_tests(data.path());
+        (variant.configure)(&mut config, dir);
+        let server = RunningServer::start(&config).await?;
+        let channel = outpost::client::connect(&format!("grpc://{}", server.addr)).await?;
+        let header: Option<MetadataValue<_>> = variant
+            .authorization
+            .as_deref()
+            .map(str::parse)
+            .transpose()?;
+        let mut cas: Cas =
+            ContentAddressableStorageClient::with_interceptor(channel, Header(header));
+        let blobs: Vec<Vec<u8>> = (0..10).map(|i| blob(i, 100)).collect();
+        // Half of the digests asked about are stored (by the same client).
+        let upload = BatchUpdateBlobsRequest {
+            requests: blobs[..5]
+                .iter()
+                .map(|b| batch_update_blobs_request::Request {
+                    digest: Some(digest(b)),
+                    data: b.clone().into(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let stored = cas.batch_update_blobs(upload).await?.into_inner();
+        anyhow::ensure!(
+            stored
+                .responses
+                .iter()
+                .all(|r| r.status.as_ref().is_none_or(|s| s.code == 0))
+        );
+        let request = FindMissingBlobsRequest {
+            blob_digests: blobs.iter().map(|b| digest(b)).collect(),
+            ..Default::default()
+        };
+        for _ in 0..WARMUP_CALLS {
+            cas.find_missing_blobs(request.clone()).await?;
+        }
+        Ok(Setup {
+            name: variant.name,
+            server,
+            cas,
+            request,
+            _data: data,
+        })
     }
-    server.stop().await?;
-    Ok(rate)
+
+    /// Calls per second over `clients` concurrent callers for `duration`.
+    async fn round(&self, clients: usize, duration: Duration) -> anyhow::Result<f64> {
+        let deadline = Instant::now() + duration;
+        let mut tasks = Vec::new();
+        for _ in 0..clients {
+            let mut cas = self.cas.clone();
+            let request = self.request.clone();
+            tasks.push(tokio::spawn(async move {
+                let start = Instant::now();
+                let mut calls = 0u64;
+                while Instant::now() < deadline {
+                    cas.find_missing_blobs(request.clone()).await?;
+                    calls += 1;
+                }
+                anyhow::Ok((calls, start.elapsed()))
+            }));
+        }
+        let mut rate = 0.0;
+        for task in tasks {
+            let (calls, elapsed) = task.await??;
+            rate += calls as f64 / elapsed.as_secs_f64();
+        }
+        Ok(rate)
+    }
 }

@@ -156,6 +156,15 @@ struct StatsArgs {
     /// Server to ask: grpc://HOST:PORT or unix:///PATH.
     #[arg(long, value_name = "URL", default_value = "grpc://127.0.0.1:8980")]
     server: String,
+    /// Bearer token, for a server that asks this client for credentials
+    /// (prefer the variable: a flag shows in `ps`).
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "OUTPOST_TOKEN",
+        hide_env_values = true
+    )]
+    token: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -169,7 +178,10 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     match cli.command {
         Command::Serve(args) => runtime.block_on(serve(args)),
-        Command::Stats(args) => runtime.block_on(outpost::cli::stats::run(&args.server)),
+        Command::Stats(args) => runtime.block_on(outpost::cli::stats::run(
+            &args.server,
+            args.token.as_deref(),
+        )),
         Command::Verify(args) => verify(args),
         Command::Token(args) => token(args),
     }

@@ -11,11 +11,20 @@ use crate::stats::UpstreamMethod;
 
 use super::human_bytes;
 
-/// Connects to `server` (`grpc://HOST:PORT` or `unix:///PATH`) and prints its stats.
-pub async fn run(server: &str) -> anyhow::Result<()> {
+/// Connects to `server` (`grpc://HOST:PORT` or `unix:///PATH`) and prints
+/// its stats, sending `authorization: Bearer <token>` when given a token.
+pub async fn run(server: &str, token: Option<&str>) -> anyhow::Result<()> {
     let channel = crate::client::connect(server).await?;
+    let mut request = tonic::Request::new(GetStatsRequest {});
+    if let Some(token) = token {
+        let mut value: tonic::metadata::AsciiMetadataValue = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| anyhow::anyhow!("the token is not a valid header value"))?;
+        value.set_sensitive(true);
+        request.metadata_mut().insert("authorization", value);
+    }
     let response = AdminClient::new(channel)
-        .get_stats(GetStatsRequest {})
+        .get_stats(request)
         .await?
         .into_inner();
     print!("{}", report(&response, server));

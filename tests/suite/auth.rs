@@ -633,6 +633,30 @@ async fn token_cli_round_trip_and_nothing_secret_in_the_log() {
         Code::Unauthenticated
     );
 
+    // `outpost stats` sends the token from the environment.
+    let stats = Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .args(["stats", "--server", &server.url()])
+        .env("OUTPOST_TOKEN", &token)
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&stats.stdout);
+    assert!(
+        stats.status.success(),
+        "{printed} {}",
+        String::from_utf8_lossy(&stats.stderr)
+    );
+    assert!(
+        printed.contains("\nauth:            3 accepted; 2 refused (0 no credential, 1 unknown token, 1 bad password"),
+        "{printed}"
+    );
+    let anonymous = Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .args(["stats", "--server", &server.url()])
+        .env_remove("OUTPOST_TOKEN")
+        .output()
+        .unwrap();
+    assert!(!anonymous.status.success());
+    assert!(String::from_utf8_lossy(&anonymous.stderr).contains("requires credentials"));
+
     outpost(&["token", "revoke", "ci", "--config", config_arg]);
     let deadline = Instant::now() + Duration::from_secs(10);
     while code(&channel, fmb, Some(&bearer(&token))).await == Code::Ok {
