@@ -44,8 +44,8 @@ struct Variant {
     name: &'static str,
     /// The `authorization` header the clients send, if any.
     authorization: Option<String>,
-    /// Adjusts the server's configuration (files go in the directory given).
-    configure: Box<dyn Fn(&mut Config, &Path)>,
+    /// Adjusts the server's configuration.
+    configure: Box<dyn Fn(&mut Config)>,
 }
 
 fn variants(dir: &Path) -> anyhow::Result<Vec<Variant>> {
@@ -66,12 +66,12 @@ fn variants(dir: &Path) -> anyhow::Result<Vec<Variant>> {
         Variant {
             name: "no auth",
             authorization: None,
-            configure: Box::new(|_, _| {}),
+            configure: Box::new(|_| {}),
         },
         Variant {
             name: "bearer token",
             authorization: Some(format!("Bearer {token}")),
-            configure: Box::new(move |c, _| {
+            configure: Box::new(move |c| {
                 c.auth.tokens_file = Some(tokens.clone());
                 c.auth.require_on_loopback = true;
             }),
@@ -79,7 +79,7 @@ fn variants(dir: &Path) -> anyhow::Result<Vec<Variant>> {
         Variant {
             name: "htpasswd (cached)",
             authorization: Some(format!("Basic {basic}")),
-            configure: Box::new(move |c, _| {
+            configure: Box::new(move |c| {
                 c.auth.htpasswd_file = Some(htpasswd.clone());
                 c.auth.htpasswd_roles.role = Role::Write;
                 c.auth.require_on_loopback = true;
@@ -174,7 +174,7 @@ impl Setup {
     async fn start(variant: Variant, dir: &Path) -> anyhow::Result<Self> {
         let data = tempfile::tempdir_in(dir)?;
         let mut config = Config::for_tests(data.path());
-        (variant.configure)(&mut config, dir);
+        (variant.configure)(&mut config);
         let server = RunningServer::start(&config).await?;
         let channel = outpost::client::connect(&format!("grpc://{}", server.addr)).await?;
         let header: Option<MetadataValue<_>> = variant
@@ -191,7 +191,7 @@ impl Setup {
                 .iter()
                 .map(|b| batch_update_blobs_request::Request {
                     digest: Some(digest(b)),
-                    data: b.clone().into(),
+                    data: b.clone(),
                     ..Default::default()
                 })
                 .collect(),
