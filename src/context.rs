@@ -83,7 +83,10 @@ impl RequestContext {
         key
     }
 
-    /// Captures the end-to-end headers of an incoming call.
+    /// Captures the end-to-end headers of an incoming call. When Outpost
+    /// checks credentials itself (`[auth]`), the auth layer has already
+    /// removed `authorization`: that header was meant for Outpost and is
+    /// never forwarded upstream, whatever `forward_client_headers` says.
     pub fn from_metadata(instance: impl Into<String>, incoming: &MetadataMap) -> Self {
         let mut headers = MetadataMap::new();
         for entry in incoming.iter() {
@@ -118,7 +121,8 @@ pub fn request_metadata(headers: &MetadataMap) -> Option<RequestMetadata> {
 /// The span every incoming RPC runs in (installed once, with tonic's
 /// `trace_fn`, in `server.rs`): the method, and the client's
 /// `tool_invocation_id`, `correlated_invocations_id` and `action_id`, so one
-/// build's calls can be picked out of the log. Only those ids are recorded,
+/// build's calls can be picked out of the log, and (recorded by the auth
+/// layer, `crate::auth::layer`) the `client`: the caller's credential name. Only those ids are recorded,
 /// never other headers (they may hold credentials). At debug level each RPC
 /// also logs one `rpc` line when it starts.
 pub fn rpc_span(request: &http::Request<()>) -> tracing::Span {
@@ -132,6 +136,8 @@ pub fn rpc_span(request: &http::Request<()>) -> tracing::Span {
         tool_invocation_id = Empty,
         correlated_invocations_id = Empty,
         action_id = Empty,
+        // The credential's name (never the secret), set by the auth layer.
+        client = Empty,
     );
     if span.is_disabled() {
         return span;

@@ -27,6 +27,7 @@ Examples:
   bazel build --remote_executor=grpc://127.0.0.1:8980 //...   # with an executing --upstream
   outpost stats
   outpost verify --data-dir /srv/outpost --repair   # offline: hash every blob, remove corrupt ones
+  outpost token add ci --role execute --write-ac --tokens-file /etc/outpost/tokens
 
 Logging: set RUST_LOG (e.g. RUST_LOG=debug or RUST_LOG=outpost=trace); default info.";
 
@@ -54,6 +55,48 @@ enum Command {
     /// dropped at their next lookup. Exit status 1 while corrupt entries
     /// remain, 0 otherwise.
     Verify(VerifyArgs),
+    /// Manage the bearer tokens file ([auth] tokens_file): add, list, revoke.
+    ///
+    /// The file holds only SHA-256 hashes; `add` prints the new token once,
+    /// as the last line of its output. A running server re-reads the file
+    /// within seconds (or on SIGHUP).
+    Token(TokenArgs),
+}
+
+#[derive(Args)]
+struct TokenArgs {
+    #[command(subcommand)]
+    action: TokenAction,
+    /// Tokens file [default: [auth] tokens_file of --config].
+    #[arg(long, value_name = "FILE", global = true)]
+    tokens_file: Option<PathBuf>,
+    /// TOML config file, for its [auth] tokens_file.
+    #[arg(long, value_name = "FILE", env = "OUTPOST_CONFIG", global = true)]
+    config: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum TokenAction {
+    /// Create a credential NAME with a new random token and print the token
+    /// (once: only its hash is stored).
+    Add {
+        /// The credential's name, shown in logs and metrics.
+        name: String,
+        /// read, write or execute.
+        #[arg(long)]
+        role: outpost::auth::Role,
+        /// May also write action results (UpdateActionResult), which every
+        /// other build trusts: for CI.
+        #[arg(long)]
+        write_ac: bool,
+    },
+    /// List the credentials (names and roles; tokens are never stored).
+    List,
+    /// Remove the credential NAME: its token stops working within seconds.
+    Revoke {
+        /// The credential's name.
+        name: String,
+    },
 }
 
 #[derive(Args)]
@@ -113,6 +156,15 @@ struct StatsArgs {
     /// Server to ask: grpc://HOST:PORT or unix:///PATH.
     #[arg(long, value_name = "URL", default_value = "grpc://127.0.0.1:8980")]
     server: String,
+    /// Bearer token, for a server that asks this client for credentials
+    /// (prefer the variable: a flag shows in `ps`).
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "OUTPOST_TOKEN",
+        hide_env_values = true
+    )]
+    token: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -126,8 +178,33 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     match cli.command {
         Command::Serve(args) => runtime.block_on(serve(args)),
-        Command::Stats(args) => runtime.block_on(outpost::cli::stats::run(&args.server)),
+        Command::Stats(args) => runtime.block_on(outpost::cli::stats::run(
+            &args.server,
+            args.token.as_deref(),
+        )),
         Command::Verify(args) => verify(args),
+        Command::Token(args) => token(args),
+    }
+}
+
+fn token(args: TokenArgs) -> anyhow::Result<()> {
+    use outpost::cli::token;
+    let path = match (args.tokens_file, &args.config) {
+        (Some(path), _) => path,
+        (None, Some(config)) => FileConfig::load(config)?
+            .auth
+            .tokens_file
+            .ok_or_else(|| anyhow::anyhow!("{} sets no [auth] tokens_file", config.display()))?,
+        (None, None) => anyhow::bail!("which tokens file? pass --tokens-file or --config"),
+    };
+    match args.action {
+        TokenAction::Add {
+            name,
+            role,
+            write_ac,
+        } => token::run_add(&path, &name, role, write_ac),
+        TokenAction::List => token::run_list(&path),
+        TokenAction::Revoke { name } => token::run_revoke(&path, &name),
     }
 }
 

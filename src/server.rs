@@ -64,10 +64,14 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// after the listeners are closed, before it flushes the store anyway.
 const BACKGROUND_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The layers around every listener's routes (see `decode_status`).
+/// The layers around every listener's routes, outermost last: `decode_status`,
+/// then authentication (`crate::auth::layer`).
 type DecodeLayers = tower::layer::util::Stack<
-    tower::util::MapResponseLayer<crate::decode_status::Rewrite>,
-    tower::layer::util::Identity,
+    crate::auth::AuthLayer,
+    tower::layer::util::Stack<
+        tower::util::MapResponseLayer<crate::decode_status::Rewrite>,
+        tower::layer::util::Identity,
+    >,
 >;
 
 /// The shared service objects; each listener gets a router over the same ones.
@@ -85,6 +89,8 @@ struct Services {
     /// Remote Logstream (UNIMPLEMENTED without an upstream).
     logstream: Arc<LogStreamService>,
     admin: Arc<AdminService>,
+    /// Who may call what: checked on every call before any service runs.
+    auth: Arc<crate::auth::Authenticator>,
     /// Decoding limit for Batch* requests: the batch limit plus framing room.
     max_message: usize,
 }
@@ -100,6 +106,8 @@ impl Services {
             .trace_fn(crate::context::rpc_span)
             // A request that does not decode: INVALID_ARGUMENT, not INTERNAL.
             .layer(crate::decode_status::layer())
+            // Credentials and roles, before anything else runs.
+            .layer(crate::auth::AuthLayer::new(self.auth.clone()))
             .add_service(CapabilitiesServer::from_arc(self.capabilities.clone()))
             .add_service(
                 ContentAddressableStorageServer::from_arc(self.cas.clone())
@@ -230,10 +238,15 @@ impl RunningServer {
                 stats.clone(),
                 config.upstream.as_ref().map(|u| u.uri.clone()),
             )),
+            auth: Arc::new(crate::auth::Authenticator::new(
+                &config.auth,
+                stats.clone(),
+            )?),
             max_message: config.max_batch_total_size_bytes as usize + (1 << 20),
         };
 
         let shutdown = background.closing_token();
+        services.auth.watch(shutdown.clone());
         let mut tasks = JoinSet::new();
         let listener = TcpListener::bind(config.listen)
             .await

@@ -366,6 +366,26 @@ counters! {
         /// were live (upstream batchers).
         unbatched_upstream_requests:
             "Upstream batch requests sent unbatched because too many batchers were live.";
+        // Authentication on Outpost's own listener (auth layer, src/auth/).
+        /// Calls admitted with a credential (token, password or certificate).
+        auth_accepted: "Calls admitted with a credential (token, password or client certificate).";
+        /// Calls refused: no credential where one is required (auth layer).
+        auth_failures_missing: "Calls refused UNAUTHENTICATED: no (supported) credential.";
+        /// Calls refused: a bearer token the tokens file does not list (auth layer).
+        auth_failures_unknown_token: "Calls refused UNAUTHENTICATED: unknown or revoked bearer token.";
+        /// Calls refused: wrong htpasswd user or password (auth layer).
+        auth_failures_bad_password: "Calls refused UNAUTHENTICATED: wrong user or password (HTTP basic).";
+        /// Calls refused: a client certificate no rule names (auth layer).
+        auth_failures_unknown_certificate:
+            "Calls refused UNAUTHENTICATED: client certificate matching no rule.";
+        /// Calls refused PERMISSION_DENIED: the role does not allow the RPC (auth layer).
+        auth_denied: "Calls refused PERMISSION_DENIED: the credential's role does not allow them.";
+        /// Attempts delayed after repeated failures from one address (auth layer).
+        auth_slowed_down: "Authentication attempts delayed after repeated failures from the address.";
+        /// Tokens/htpasswd files re-read and swapped in (auth layer).
+        auth_reloads: "Credential files re-read and swapped in.";
+        /// Tokens/htpasswd files that failed to re-read; the old ones stay (auth layer).
+        auth_reload_failures: "Credential files that failed to re-read (the previous ones stay).";
     }
     by_method {
         /// Upstream calls started, by [`UpstreamMethod`] (upstream client).

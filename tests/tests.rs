@@ -12,6 +12,7 @@ mod suite {
     mod asset;
     mod asset_origin;
     mod asset_proxy;
+    mod auth;
     mod bad_input;
     mod bitrot;
     mod bytestream;

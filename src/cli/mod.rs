@@ -3,6 +3,7 @@
 //! `main.rs` only parses flags and dispatches here.
 
 pub mod stats;
+pub mod token;
 pub mod verify;
 
 /// `1536` → `"1.5 KiB"`: sizes for people, in log lines and reports.

@@ -11,11 +11,20 @@ use crate::stats::UpstreamMethod;
 
 use super::human_bytes;
 
-/// Connects to `server` (`grpc://HOST:PORT` or `unix:///PATH`) and prints its stats.
-pub async fn run(server: &str) -> anyhow::Result<()> {
+/// Connects to `server` (`grpc://HOST:PORT` or `unix:///PATH`) and prints
+/// its stats, sending `authorization: Bearer <token>` when given a token.
+pub async fn run(server: &str, token: Option<&str>) -> anyhow::Result<()> {
     let channel = crate::client::connect(server).await?;
+    let mut request = tonic::Request::new(GetStatsRequest {});
+    if let Some(token) = token {
+        let mut value: tonic::metadata::AsciiMetadataValue = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| anyhow::anyhow!("the token is not a valid header value"))?;
+        value.set_sensitive(true);
+        request.metadata_mut().insert("authorization", value);
+    }
     let response = AdminClient::new(channel)
-        .get_stats(GetStatsRequest {})
+        .get_stats(request)
         .await?
         .into_inner();
     print!("{}", report(&response, server));
@@ -90,6 +99,25 @@ pub fn report(s: &GetStatsResponse, server: &str) -> String {
         "evicted:         {} entries, {}",
         m("outpost_evicted_entries_total"),
         human_bytes(m("outpost_evicted_bytes_total"))
+    ));
+    let refused = [
+        "outpost_auth_failures_missing_total",
+        "outpost_auth_failures_unknown_token_total",
+        "outpost_auth_failures_bad_password_total",
+        "outpost_auth_failures_unknown_certificate_total",
+    ]
+    .map(m);
+    line(format!(
+        "auth:            {} accepted; {} refused ({} no credential, {} unknown token, {} bad \
+         password, {} unknown certificate); {} denied by role; {} slowed down",
+        m("outpost_auth_accepted_total"),
+        refused.iter().sum::<u64>(),
+        refused[0],
+        refused[1],
+        refused[2],
+        refused[3],
+        m("outpost_auth_denied_total"),
+        m("outpost_auth_slowed_down_total")
     ));
     if s.upstream.is_empty() {
         line("upstream:        none (standalone cache)".to_string());
@@ -231,6 +259,10 @@ mod tests {
             ("outpost_prefetch_outputs_read_total", 2),
             ("outpost_prefetch_skipped_not_reading_total", 5),
             ("outpost_prefetch_invocations_not_reading", 1),
+            ("outpost_auth_accepted_total", 40),
+            ("outpost_auth_failures_missing_total", 2),
+            ("outpost_auth_failures_bad_password_total", 1),
+            ("outpost_auth_denied_total", 3),
         ] {
             s.metrics.insert(k.to_string(), v);
         }
@@ -254,6 +286,13 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("skipped 0 learning, 5 not reading"), "{text}");
+        assert!(
+            text.contains(
+                "\nauth:            40 accepted; 3 refused (2 no credential, 0 unknown token, \
+                 1 bad password, 0 unknown certificate); 3 denied by role; 0 slowed down\n"
+            ),
+            "{text}"
+        );
         assert!(
             text.contains("invocations:   0 learning, 0 reading, 1 not reading"),
             "{text}"

@@ -192,6 +192,11 @@ pub struct AuthSection {
     pub tokens_file: Option<PathBuf>,
     /// HTTP basic credentials: an htpasswd file with bcrypt entries.
     pub htpasswd_file: Option<PathBuf>,
+    /// The role of every htpasswd user (default `read`).
+    pub htpasswd_role: Option<crate::auth::Role>,
+    /// htpasswd users who may also write action results.
+    #[serde(default)]
+    pub htpasswd_write_ac: Vec<String>,
     /// Ask credentials of loopback and unix-socket clients too.
     pub require_on_loopback: Option<bool>,
     /// Client certificates (mutual TLS) mapped to names and roles.

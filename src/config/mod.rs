@@ -250,6 +250,10 @@ mod tests {
         assert!(a.origin_fetch.is_some() && a.origin_timeout.is_some());
         assert!(a.max_size.is_some() && a.origin_fetch_private.is_some());
         assert!(!a.allow_hosts.is_empty() && !a.deny_hosts.is_empty());
+        let auth = &file.auth;
+        assert!(auth.tokens_file.is_some() && auth.htpasswd_file.is_some());
+        assert!(auth.htpasswd_role.is_some() && !auth.htpasswd_write_ac.is_empty());
+        assert!(auth.require_on_loopback.is_some());
         Config::resolve_with_env(file, Overrides::default(), &env).unwrap();
     }
 

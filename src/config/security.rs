@@ -43,6 +43,8 @@ pub struct AuthConfig {
     pub tokens_file: Option<PathBuf>,
     /// htpasswd file (bcrypt).
     pub htpasswd_file: Option<PathBuf>,
+    /// Role and `write-ac` of htpasswd users.
+    pub htpasswd_roles: crate::auth::htpasswd::HtpasswdRoles,
     /// Client certificate rules (mutual TLS).
     pub client_certificates: Vec<ClientCertRule>,
     /// Loopback and unix-socket clients need credentials too.
@@ -64,10 +66,30 @@ impl AuthConfig {
                     rule.name
                 );
             }
+            if !crate::auth::tokens::valid_name(&rule.name) {
+                anyhow::bail!(
+                    "[[auth.client_certificates]] name {:?}: use 1 to 64 letters, digits, '.', '_', '-'",
+                    rule.name
+                );
+            }
+            if rule.write_ac && rule.role < crate::auth::Role::Write {
+                anyhow::bail!(
+                    "[[auth.client_certificates]] {:?}: write_ac needs role write or execute",
+                    rule.name
+                );
+            }
+        }
+        let htpasswd_role = section.htpasswd_role.unwrap_or(crate::auth::Role::Read);
+        if !section.htpasswd_write_ac.is_empty() && htpasswd_role < crate::auth::Role::Write {
+            anyhow::bail!("[auth] htpasswd_write_ac needs htpasswd_role write or execute");
         }
         Ok(AuthConfig {
             tokens_file: section.tokens_file,
             htpasswd_file: section.htpasswd_file,
+            htpasswd_roles: crate::auth::htpasswd::HtpasswdRoles {
+                role: htpasswd_role,
+                write_ac: section.htpasswd_write_ac,
+            },
             client_certificates: section.client_certificates,
             require_on_loopback: section
                 .require_on_loopback
