@@ -64,10 +64,13 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// after the listeners are closed, before it flushes the store anyway.
 const BACKGROUND_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The layers around every listener's routes (see `decode_status`).
+/// The layers around every listener's routes (see `decode_status`, `limits`).
 type DecodeLayers = tower::layer::util::Stack<
-    tower::util::MapResponseLayer<crate::decode_status::Rewrite>,
-    tower::layer::util::Identity,
+    crate::limits::LimitLayer,
+    tower::layer::util::Stack<
+        tower::util::MapResponseLayer<crate::decode_status::Rewrite>,
+        tower::layer::util::Identity,
+    >,
 >;
 
 /// The shared service objects; each listener gets a router over the same ones.
@@ -85,6 +88,8 @@ struct Services {
     /// Remote Logstream (UNIMPLEMENTED without an upstream).
     logstream: Arc<LogStreamService>,
     admin: Arc<AdminService>,
+    /// Per-client call slots, shared by every listener.
+    limits: crate::limits::LimitLayer,
     /// Decoding limit for Batch* requests: the batch limit plus framing room.
     max_message: usize,
 }
@@ -100,6 +105,8 @@ impl Services {
             .trace_fn(crate::context::rpc_span)
             // A request that does not decode: INVALID_ARGUMENT, not INTERNAL.
             .layer(crate::decode_status::layer())
+            // Per-client call slots (inside authentication: keyed by credential).
+            .layer(self.limits.clone())
             .add_service(CapabilitiesServer::from_arc(self.capabilities.clone()))
             .add_service(
                 ContentAddressableStorageServer::from_arc(self.cas.clone())
@@ -230,6 +237,10 @@ impl RunningServer {
                 stats.clone(),
                 config.upstream.as_ref().map(|u| u.uri.clone()),
             )),
+            limits: crate::limits::LimitLayer::new(Arc::new(crate::limits::ClientLimits::new(
+                &config.limits,
+                stats.clone(),
+            ))),
             max_message: config.max_batch_total_size_bytes as usize + (1 << 20),
         };
 

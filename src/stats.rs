@@ -366,6 +366,12 @@ counters! {
         /// were live (upstream batchers).
         unbatched_upstream_requests:
             "Upstream batch requests sent unbatched because too many batchers were live.";
+        /// Calls that waited for one of their client's call slots (limits layer).
+        client_limit_waits:
+            "Calls that waited for a slot: their client had max_calls_per_client calls open.";
+        /// Calls refused RESOURCE_EXHAUSTED after queue_timeout (limits layer).
+        client_limit_refusals:
+            "Calls refused (RESOURCE_EXHAUSTED) after waiting queue_timeout for a slot.";
     }
     by_method {
         /// Upstream calls started, by [`UpstreamMethod`] (upstream client).
@@ -381,6 +387,8 @@ counters! {
         /// Invocations that do not read their outputs (prefetch learner).
         prefetch_invocations_not_reading:
             "Build invocations that do not read their outputs (history-based prefetch only).";
+        /// Calls waiting for one of their client's call slots now (limits layer).
+        client_limit_waiting: "Calls waiting now for a slot under max_calls_per_client.";
     }
 }
 

@@ -91,6 +91,12 @@ pub fn report(s: &GetStatsResponse, server: &str) -> String {
         m("outpost_evicted_entries_total"),
         human_bytes(m("outpost_evicted_bytes_total"))
     ));
+    line(format!(
+        "client limits:   {} calls waited for a slot, {} refused, {} waiting now",
+        m("outpost_client_limit_waits_total"),
+        m("outpost_client_limit_refusals_total"),
+        m("outpost_client_limit_waiting")
+    ));
     if s.upstream.is_empty() {
         line("upstream:        none (standalone cache)".to_string());
         return out;
@@ -231,6 +237,9 @@ mod tests {
             ("outpost_prefetch_outputs_read_total", 2),
             ("outpost_prefetch_skipped_not_reading_total", 5),
             ("outpost_prefetch_invocations_not_reading", 1),
+            ("outpost_client_limit_waits_total", 6),
+            ("outpost_client_limit_refusals_total", 4),
+            ("outpost_client_limit_waiting", 2),
         ] {
             s.metrics.insert(k.to_string(), v);
         }
@@ -254,6 +263,12 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("skipped 0 learning, 5 not reading"), "{text}");
+        assert!(
+            text.contains(
+                "\nclient limits:   6 calls waited for a slot, 4 refused, 2 waiting now\n"
+            ),
+            "{text}"
+        );
         assert!(
             text.contains("invocations:   0 learning, 0 reading, 1 not reading"),
             "{text}"
