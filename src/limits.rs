@@ -82,16 +82,16 @@ impl ClientLimits {
     }
 
     /// Takes one of `client`'s slots, waiting up to the queue timeout; the
-    /// slot is free again when the returned permit drops.
-    pub async fn acquire(&self, client: &str) -> Result<OwnedSemaphorePermit, Status> {
+    /// slot is free again when the returned [`Slot`] drops.
+    pub async fn acquire(&self, client: &str) -> Result<Slot, Status> {
         let slots = self.slots_of(client);
         if let Ok(permit) = slots.clone().try_acquire_owned() {
-            return Ok(permit);
+            return Ok(Slot::new(permit, &self.stats));
         }
         Stats::add(&self.stats.client_limit_waits, 1);
         let _waiting = Waiting::start(&self.stats);
         match tokio::time::timeout(self.queue_timeout, slots.acquire_owned()).await {
-            Ok(Ok(permit)) => Ok(permit),
+            Ok(Ok(permit)) => Ok(Slot::new(permit, &self.stats)),
             // The semaphore is never closed; a timeout is the only failure.
             Ok(Err(_)) | Err(_) => {
                 Stats::add(&self.stats.client_limit_refusals, 1);
@@ -141,6 +141,29 @@ impl ClientLimits {
     pub fn remembered(&self) -> usize {
         let clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
         clients.by_name.len()
+    }
+}
+
+/// One call slot of one client, counted in the `client_calls_open` gauge;
+/// dropping it frees the slot.
+pub struct Slot {
+    _permit: OwnedSemaphorePermit,
+    stats: Arc<Stats>,
+}
+
+impl Slot {
+    fn new(permit: OwnedSemaphorePermit, stats: &Arc<Stats>) -> Self {
+        Stats::add(&stats.client_calls_open, 1);
+        Slot {
+            _permit: permit,
+            stats: stats.clone(),
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.stats.client_calls_open.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -240,15 +263,15 @@ where
         let limits = self.limits.clone();
         Box::pin(async move {
             let client = client_name(&request);
-            let permit = match limits.acquire(&client).await {
-                Ok(permit) => permit,
+            let slot = match limits.acquire(&client).await {
+                Ok(slot) => slot,
                 Err(status) => return Ok(status.into_http()),
             };
             let response = inner.call(request).await?;
             Ok(response.map(|body| {
                 Body::new(HoldSlot {
                     body,
-                    permit: Some(permit),
+                    slot: Some(slot),
                 })
             }))
         })
@@ -258,7 +281,8 @@ where
 /// A response body that keeps the call's slot until it ends or is dropped.
 struct HoldSlot {
     body: Body,
-    permit: Option<OwnedSemaphorePermit>,
+    /// Taken (freed) when the body ends.
+    slot: Option<Slot>,
 }
 
 impl http_body::Body for HoldSlot {
@@ -271,7 +295,7 @@ impl http_body::Body for HoldSlot {
     ) -> Poll<Option<Result<Frame<bytes::Bytes>, Status>>> {
         let frame = Pin::new(&mut self.body).poll_frame(cx);
         if matches!(frame, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
-            self.permit = None;
+            self.slot = None;
         }
         frame
     }
@@ -351,6 +375,7 @@ mod tests {
         assert_eq!(Stats::get(&limits.stats.client_limit_waits), 1);
         assert_eq!(Stats::get(&limits.stats.client_limit_refusals), 1);
         assert_eq!(Stats::get(&limits.stats.client_limit_waiting), 0);
+        assert_eq!(Stats::get(&limits.stats.client_calls_open), 3);
         drop(a);
         assert!(limits.acquire("a").await.is_ok(), "a freed slot is taken");
     }

@@ -389,6 +389,8 @@ counters! {
             "Build invocations that do not read their outputs (history-based prefetch only).";
         /// Calls waiting for one of their client's call slots now (limits layer).
         client_limit_waiting: "Calls waiting now for a slot under max_calls_per_client.";
+        /// Calls holding one of their client's call slots now (limits layer).
+        client_calls_open: "Calls in progress (each holds one of its client's call slots).";
     }
 }
 

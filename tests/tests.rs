@@ -17,6 +17,7 @@ mod suite {
     mod bytestream;
     mod capabilities;
     mod cas;
+    mod client_limits;
     mod crash;
     mod eviction;
     mod execution;

@@ -92,7 +92,8 @@ pub fn report(s: &GetStatsResponse, server: &str) -> String {
         human_bytes(m("outpost_evicted_bytes_total"))
     ));
     line(format!(
-        "client limits:   {} calls waited for a slot, {} refused, {} waiting now",
+        "client limits:   {} calls open, {} waited for a slot, {} refused, {} waiting now",
+        m("outpost_client_calls_open"),
         m("outpost_client_limit_waits_total"),
         m("outpost_client_limit_refusals_total"),
         m("outpost_client_limit_waiting")
@@ -265,7 +266,7 @@ mod tests {
         assert!(text.contains("skipped 0 learning, 5 not reading"), "{text}");
         assert!(
             text.contains(
-                "\nclient limits:   6 calls waited for a slot, 4 refused, 2 waiting now\n"
+                "\nclient limits:   0 calls open, 6 waited for a slot, 4 refused, 2 waiting now\n"
             ),
             "{text}"
         );
