@@ -250,6 +250,8 @@ mod tests {
         assert!(a.origin_fetch.is_some() && a.origin_timeout.is_some());
         assert!(a.max_size.is_some() && a.origin_fetch_private.is_some());
         assert!(!a.allow_hosts.is_empty() && !a.deny_hosts.is_empty());
+        let l = &file.limits;
+        assert!(l.max_calls_per_client.is_some() && l.queue_timeout.is_some());
         Config::resolve_with_env(file, Overrides::default(), &env).unwrap();
     }
 
