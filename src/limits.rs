@@ -146,6 +146,7 @@ impl ClientLimits {
 
 /// One call slot of one client, counted in the `client_calls_open` gauge;
 /// dropping it frees the slot.
+#[derive(Debug)]
 pub struct Slot {
     _permit: OwnedSemaphorePermit,
     stats: Arc<Stats>,
