@@ -49,6 +49,14 @@ fn hangups() -> signal_watch::Receiver<u64> {
         .clone()
 }
 
+/// Takes SIGHUP over from its default action (terminating the process)
+/// for good, so that a reload request (`systemctl reload`, `kill -HUP`)
+/// never stops a server that watches no file. Called once by `outpost
+/// serve`, inside its runtime.
+pub fn handle_sighup() {
+    drop(hangups());
+}
+
 /// Calls `reload` whenever one of `paths` changes (checked every `interval`)
 /// or the process gets SIGHUP, until `shutdown`. `reload` runs on a blocking
 /// thread's worth of budget: it may read and parse files, but it must not

@@ -28,6 +28,7 @@ mod suite {
     mod prefetch_yield;
     mod proxy;
     mod ready_file;
+    mod sighup;
     mod tls;
     mod unix_socket;
     mod wire_input;
