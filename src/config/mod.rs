@@ -256,6 +256,16 @@ mod tests {
     }
 
     #[test]
+    fn the_team_example_config_resolves() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/outpost-team.toml");
+        let config = Config::resolve(FileConfig::load(&path).unwrap(), Overrides::default())
+            .expect("a shared box: TLS and tokens allow the non-loopback listen");
+        assert!(!config.listen.ip().is_loopback());
+        assert!(config.tls.is_some() && config.auth.has_credentials());
+        assert_eq!(config.limits.max_calls_per_client, 256);
+    }
+
+    #[test]
     fn defaults_are_safe() {
         let config = Config::resolve(
             FileConfig::default(),
