@@ -1,19 +1,24 @@
 //! Per-client limits (`[limits]`): a client with `max_calls_per_client`
 //! calls open waits for a slot, then gets RESOURCE_EXHAUSTED with a
 //! RetryInfo; other clients are not affected; a slot is held until the call's
-//! response ends (or is dropped).
+//! response ends (or is dropped): a ByteStream Write, a Read, an Execute
+//! against the test kit's fake upstream.
 //!
 //! Without authentication a client is its address: every TCP connection
 //! from 127.0.0.1 is `local:127.0.0.1`, the unix socket is `local:unix`. The
 //! tests watch the server over the unix socket, whose calls count against
 //! that other client (and show in `client_calls_open` themselves).
 
+use std::path::Path;
 use std::time::{Duration, Instant};
+
+use outpost::config::Config;
 
 use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
 use tonic_types::StatusExt as _;
 
+use crate::common::fake_upstream::{FakeUpstream, TestAction, operation_stage};
 use crate::common::*;
 
 /// A server with the given limits and a unix socket; returns it, a channel
@@ -23,18 +28,27 @@ async fn start(
     queue_timeout: Duration,
 ) -> (TestServer, Channel, tempfile::TempDir) {
     let sockets = tempfile::tempdir().unwrap();
-    let path = sockets.path().join("outpost.sock");
-    let socket = path.clone();
-    let server = TestServer::start_with(|c| {
+    let server = TestServer::start_with(limited(max_calls, queue_timeout, sockets.path())).await;
+    let unix = connect_unix(sockets.path()).await;
+    (server, unix, sockets)
+}
+
+/// Settings: the given limits, and a unix socket in `sockets`.
+fn limited(max_calls: usize, queue_timeout: Duration, sockets: &Path) -> impl FnOnce(&mut Config) {
+    let socket = sockets.join("outpost.sock");
+    move |c| {
         c.unix_socket = Some(socket);
         c.limits.max_calls_per_client = max_calls;
         c.limits.queue_timeout = queue_timeout;
-    })
-    .await;
-    let unix = outpost::client::connect(&format!("unix://{}", path.display()))
+    }
+}
+
+/// A channel over the unix socket in `sockets`.
+async fn connect_unix(sockets: &Path) -> Channel {
+    let path = sockets.join("outpost.sock");
+    outpost::client::connect(&format!("unix://{}", path.display()))
         .await
-        .expect("connects over the unix socket");
-    (server, unix, sockets)
+        .expect("connects over the unix socket")
 }
 
 /// Metric `name` read over `channel` (a client other than the one tested).
@@ -183,4 +197,41 @@ async fn a_streaming_response_holds_its_slot_until_it_ends_or_is_dropped() {
         metric_via(&unix, "outpost_client_limit_refusals_total").await,
         1
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_execute_holds_its_slot_until_its_stream_ends() {
+    let timeout = Duration::from_millis(500);
+    let fake = FakeUpstream::start().await;
+    let sockets = tempfile::tempdir().unwrap();
+    let server = start_proxy(&fake, |_| {}, limited(1, timeout, sockets.path())).await;
+    let unix = connect_unix(sockets.path()).await;
+    let action = TestAction::new(&["sleep"], &["o"], &[]);
+    fake.put_test_action(&action);
+    fake.hold_executions();
+
+    let mut stream = re::execution_client::ExecutionClient::new(server.channel())
+        .execute(action.request(""))
+        .await
+        .expect("Execute")
+        .into_inner();
+    let first = stream.message().await.unwrap().expect("an Operation");
+    assert!(operation_stage(&first).is_some(), "{first:?}");
+    wait_for(&unix, "outpost_client_calls_open", 2).await;
+    let (result, _) = capabilities(&server.channel()).await;
+    assert_eq!(
+        result
+            .expect_err("the running Execute holds the one slot")
+            .code(),
+        Code::ResourceExhausted
+    );
+
+    fake.release_executions();
+    let (ops, end) = drain(stream).await;
+    end.expect("the Execute stream ends cleanly");
+    assert!(ops.last().is_some_and(|op| op.done), "{ops:?}");
+    wait_for(&unix, "outpost_client_calls_open", 1).await;
+    let (result, took) = capabilities(&server.channel()).await;
+    result.expect("the slot is free once the Execute ended");
+    assert!(took < timeout, "took {took:?}");
 }
