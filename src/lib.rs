@@ -15,6 +15,7 @@
 //! - [`context`]: per-request instance name and forwardable headers.
 //! - [`decode_status`]: a request that does not decode answers INVALID_ARGUMENT.
 //! - [`digest`]: validated digests and incremental hashing.
+//! - [`limits`]: per-client call slots (a runaway client waits, then RESOURCE_EXHAUSTED).
 //! - [`metrics`]: Prometheus text at `/metrics`.
 //! - [`peer`]: who is on the other end of a connection (address, transport,
 //!   client certificate), carried into every request.
@@ -39,6 +40,7 @@ pub mod decode_status;
 pub mod digest;
 pub mod error;
 pub mod execution;
+pub mod limits;
 pub mod metrics;
 pub mod peer;
 pub mod prefetch;

@@ -246,6 +246,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         config.data_dir.display(),
         human_bytes(config.quota_bytes)
     );
+    // SIGHUP asks for a reload (systemd's ExecReload); it must never kill us.
+    outpost::reload::handle_sighup();
     let server = RunningServer::start(&config).await?;
     if let Some(path) = &args.ready_file {
         server.write_ready_file(path)?;

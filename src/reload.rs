@@ -7,7 +7,7 @@
 //! keeping the old ones (and logging why) when the new ones are bad.
 
 use std::path::PathBuf;
-use std::sync::OnceLock;
+use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch as signal_watch;
@@ -27,26 +27,40 @@ fn stamp(path: &std::path::Path) -> Stamp {
 }
 
 /// A counter that goes up on every SIGHUP the process receives; installed
-/// once, shared by every watcher.
+/// once, shared by every watcher. The handler is a task of the runtime that
+/// installed it; once that runtime has shut down (in-process tests run one
+/// runtime per test), the next caller installs a new one in its own.
 fn hangups() -> signal_watch::Receiver<u64> {
-    static HANGUPS: OnceLock<signal_watch::Receiver<u64>> = OnceLock::new();
-    HANGUPS
-        .get_or_init(|| {
-            let (tx, rx) = signal_watch::channel(0u64);
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-                Ok(mut hup) => {
-                    tokio::spawn(async move {
-                        while hup.recv().await.is_some() {
-                            tracing::info!("SIGHUP: re-reading certificates and credentials");
-                            tx.send_modify(|n| *n += 1);
-                        }
-                    });
+    static HANGUPS: Mutex<Option<signal_watch::Receiver<u64>>> = Mutex::new(None);
+    let mut installed = HANGUPS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(rx) = installed.as_ref() {
+        // An error means the handler (the sender) is gone.
+        if rx.has_changed().is_ok() {
+            return rx.clone();
+        }
+    }
+    let (tx, rx) = signal_watch::channel(0u64);
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(mut hup) => {
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    tracing::info!("SIGHUP: re-reading certificates and credentials");
+                    tx.send_modify(|n| *n += 1);
                 }
-                Err(e) => tracing::warn!("cannot handle SIGHUP ({e}); files reload on change only"),
-            }
-            rx
-        })
-        .clone()
+            });
+        }
+        Err(e) => tracing::warn!("cannot handle SIGHUP ({e}); files reload on change only"),
+    }
+    *installed = Some(rx.clone());
+    rx
+}
+
+/// Takes SIGHUP over from its default action (terminating the process)
+/// for good, so that a reload request (`systemctl reload`, `kill -HUP`)
+/// never stops a server that watches no file. Called once by `outpost
+/// serve`, inside its runtime.
+pub fn handle_sighup() {
+    drop(hangups());
 }
 
 /// Calls `reload` whenever one of `paths` changes (checked every `interval`)
@@ -65,16 +79,16 @@ pub fn watch(
         let mut stamps: Vec<Stamp> = paths.iter().map(|p| stamp(p)).collect();
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // The SIGHUP task lives on the runtime that first installed it; when
-        // that runtime is gone (tests run one per test), keep polling files.
-        let mut hup_alive = true;
+        // Without a SIGHUP handler (none could be installed, or its runtime
+        // is gone) files are still polled.
+        let mut signals = true;
         loop {
             let forced = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => false,
-                changed = hup.changed(), if hup_alive => {
+                changed = hup.changed(), if signals => {
                     if changed.is_err() {
-                        hup_alive = false;
+                        signals = false;
                         continue;
                     }
                     true
@@ -121,5 +135,40 @@ mod tests {
         assert_eq!(count.load(Ordering::SeqCst), 1);
         shutdown.cancel();
         task.await.unwrap();
+    }
+
+    #[test]
+    fn a_watcher_in_a_later_runtime_still_sees_changes() {
+        // In-process tests run one runtime per test: the SIGHUP handler the
+        // first one installed is gone when the second one watches.
+        for round in 0..2 {
+            let runtime = tokio::runtime::Runtime::new().unwrap();
+            let reloads = runtime.block_on(async {
+                let dir = tempfile::tempdir().unwrap();
+                let path = dir.path().join("tokens");
+                std::fs::write(&path, "a").unwrap();
+                let count = Arc::new(AtomicUsize::new(0));
+                let seen = count.clone();
+                let shutdown = CancellationToken::new();
+                let task = watch(
+                    vec![path.clone()],
+                    Duration::from_millis(20),
+                    shutdown.clone(),
+                    move || {
+                        seen.fetch_add(1, Ordering::SeqCst);
+                    },
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                std::fs::write(&path, "bbb").unwrap();
+                let deadline = std::time::Instant::now() + Duration::from_secs(5);
+                while count.load(Ordering::SeqCst) == 0 && std::time::Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                shutdown.cancel();
+                task.await.unwrap();
+                count.load(Ordering::SeqCst)
+            });
+            assert_eq!(reloads, 1, "round {round}");
+        }
     }
 }

@@ -64,13 +64,17 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// after the listeners are closed, before it flushes the store anyway.
 const BACKGROUND_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The layers around every listener's routes, outermost last: `decode_status`,
-/// then authentication (`crate::auth::layer`).
+/// The layers around every listener's routes, from the outside in:
+/// `decode_status`, authentication (`crate::auth`), then per-client limits
+/// (`crate::limits`, keyed by the authenticated credential).
 type DecodeLayers = tower::layer::util::Stack<
-    crate::auth::AuthLayer,
+    crate::limits::LimitLayer,
     tower::layer::util::Stack<
-        tower::util::MapResponseLayer<crate::decode_status::Rewrite>,
-        tower::layer::util::Identity,
+        crate::auth::AuthLayer,
+        tower::layer::util::Stack<
+            tower::util::MapResponseLayer<crate::decode_status::Rewrite>,
+            tower::layer::util::Identity,
+        >,
     >,
 >;
 
@@ -91,6 +95,8 @@ struct Services {
     admin: Arc<AdminService>,
     /// Who may call what: checked on every call before any service runs.
     auth: Arc<crate::auth::Authenticator>,
+    /// Per-client call slots, shared by every listener.
+    limits: crate::limits::LimitLayer,
     /// Decoding limit for Batch* requests: the batch limit plus framing room.
     max_message: usize,
 }
@@ -108,6 +114,8 @@ impl Services {
             .layer(crate::decode_status::layer())
             // Credentials and roles, before anything else runs.
             .layer(crate::auth::AuthLayer::new(self.auth.clone()))
+            // Per-client call slots (inside authentication: keyed by credential).
+            .layer(self.limits.clone())
             .add_service(CapabilitiesServer::from_arc(self.capabilities.clone()))
             .add_service(
                 ContentAddressableStorageServer::from_arc(self.cas.clone())
@@ -242,6 +250,10 @@ impl RunningServer {
                 &config.auth,
                 stats.clone(),
             )?),
+            limits: crate::limits::LimitLayer::new(Arc::new(crate::limits::ClientLimits::new(
+                &config.limits,
+                stats.clone(),
+            ))),
             max_message: config.max_batch_total_size_bytes as usize + (1 << 20),
         };
 

@@ -386,6 +386,12 @@ counters! {
         auth_reloads: "Credential files re-read and swapped in.";
         /// Tokens/htpasswd files that failed to re-read; the old ones stay (auth layer).
         auth_reload_failures: "Credential files that failed to re-read (the previous ones stay).";
+        /// Calls that waited for one of their client's call slots (limits layer).
+        client_limit_waits:
+            "Calls that waited for a slot: their client had max_calls_per_client calls open.";
+        /// Calls refused RESOURCE_EXHAUSTED after queue_timeout (limits layer).
+        client_limit_refusals:
+            "Calls refused (RESOURCE_EXHAUSTED) after waiting queue_timeout for a slot.";
     }
     by_method {
         /// Upstream calls started, by [`UpstreamMethod`] (upstream client).
@@ -401,6 +407,10 @@ counters! {
         /// Invocations that do not read their outputs (prefetch learner).
         prefetch_invocations_not_reading:
             "Build invocations that do not read their outputs (history-based prefetch only).";
+        /// Calls waiting for one of their client's call slots now (limits layer).
+        client_limit_waiting: "Calls waiting now for a slot under max_calls_per_client.";
+        /// Calls holding one of their client's call slots now (limits layer).
+        client_calls_open: "Calls in progress (each holds one of its client's call slots).";
     }
 }
 

@@ -18,6 +18,7 @@ mod suite {
     mod bytestream;
     mod capabilities;
     mod cas;
+    mod client_limits;
     mod crash;
     mod eviction;
     mod execution;
@@ -28,6 +29,7 @@ mod suite {
     mod prefetch_yield;
     mod proxy;
     mod ready_file;
+    mod sighup;
     mod tls;
     mod unix_socket;
     mod wire_input;

@@ -119,6 +119,13 @@ pub fn report(s: &GetStatsResponse, server: &str) -> String {
         m("outpost_auth_denied_total"),
         m("outpost_auth_slowed_down_total")
     ));
+    line(format!(
+        "client limits:   {} calls open, {} waited for a slot, {} refused, {} waiting now",
+        m("outpost_client_calls_open"),
+        m("outpost_client_limit_waits_total"),
+        m("outpost_client_limit_refusals_total"),
+        m("outpost_client_limit_waiting")
+    ));
     if s.upstream.is_empty() {
         line("upstream:        none (standalone cache)".to_string());
         return out;
@@ -263,6 +270,9 @@ mod tests {
             ("outpost_auth_failures_missing_total", 2),
             ("outpost_auth_failures_bad_password_total", 1),
             ("outpost_auth_denied_total", 3),
+            ("outpost_client_limit_waits_total", 6),
+            ("outpost_client_limit_refusals_total", 4),
+            ("outpost_client_limit_waiting", 2),
         ] {
             s.metrics.insert(k.to_string(), v);
         }
@@ -290,6 +300,12 @@ mod tests {
             text.contains(
                 "\nauth:            40 accepted; 3 refused (2 no credential, 0 unknown token, \
                  1 bad password, 0 unknown certificate); 3 denied by role; 0 slowed down\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "\nclient limits:   0 calls open, 6 waited for a slot, 4 refused, 2 waiting now\n"
             ),
             "{text}"
         );

@@ -254,7 +254,19 @@ mod tests {
         assert!(auth.tokens_file.is_some() && auth.htpasswd_file.is_some());
         assert!(auth.htpasswd_role.is_some() && !auth.htpasswd_write_ac.is_empty());
         assert!(auth.require_on_loopback.is_some());
+        let l = &file.limits;
+        assert!(l.max_calls_per_client.is_some() && l.queue_timeout.is_some());
         Config::resolve_with_env(file, Overrides::default(), &env).unwrap();
+    }
+
+    #[test]
+    fn the_team_example_config_resolves() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/outpost-team.toml");
+        let config = Config::resolve(FileConfig::load(&path).unwrap(), Overrides::default())
+            .expect("a shared box: TLS and tokens allow the non-loopback listen");
+        assert!(!config.listen.ip().is_loopback());
+        assert!(config.tls.is_some() && config.auth.has_credentials());
+        assert_eq!(config.limits.max_calls_per_client, 256);
     }
 
     #[test]
