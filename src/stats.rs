@@ -366,6 +366,16 @@ counters! {
         /// were live (upstream batchers).
         unbatched_upstream_requests:
             "Upstream batch requests sent unbatched because too many batchers were live.";
+        /// TLS handshakes completed on Outpost's listeners (TLS listener).
+        tls_handshakes: "TLS handshakes completed on Outpost's listeners.";
+        /// TLS handshakes that failed or timed out: plaintext clients,
+        /// untrusted or missing client certificates (TLS listener).
+        tls_handshake_failures:
+            "TLS handshakes that failed or timed out (e.g. a missing or untrusted client certificate).";
+        /// Certificate/key/client CA re-reads that took effect (TLS acceptor).
+        tls_reloads: "TLS certificate reloads that took effect.";
+        /// Re-reads refused because a file was bad; the old settings stayed.
+        tls_reload_failures: "TLS certificate reloads refused (bad file; the previous certificate stays).";
     }
     by_method {
         /// Upstream calls started, by [`UpstreamMethod`] (upstream client).
