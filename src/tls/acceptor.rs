@@ -221,7 +221,10 @@ mod tests {
         let (cert, key) = write_identity(dir.path(), "server");
         let tls = ReloadingTls::load(&files(cert.clone(), key, Some(cert))).unwrap();
         assert!(tls.mutual());
-        assert_eq!(tls.config(Protocol::Grpc).alpn_protocols, vec![b"h2".to_vec()]);
+        assert_eq!(
+            tls.config(Protocol::Grpc).alpn_protocols,
+            vec![b"h2".to_vec()]
+        );
         assert_eq!(
             tls.config(Protocol::Http1).alpn_protocols,
             vec![b"http/1.1".to_vec()]

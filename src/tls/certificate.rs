@@ -71,7 +71,9 @@ mod tests {
         params
             .distinguished_name
             .push(DnType::CommonName, "ci-runner-7");
-        params.distinguished_name.push(DnType::OrganizationName, "Office");
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, "Office");
         params.subject_alt_names = vec![
             SanType::DnsName("runner7.office.example".try_into().unwrap()),
             SanType::Rfc822Name("ci@office.example".try_into().unwrap()),

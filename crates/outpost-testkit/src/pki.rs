@@ -89,7 +89,9 @@ impl TestCa {
         usage: ExtendedKeyUsagePurpose,
     ) -> Pem {
         let mut params = CertificateParams::default();
-        params.distinguished_name.push(DnType::CommonName, common_name);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
         params.subject_alt_names = subject_alt_names;
         params.extended_key_usages = vec![usage];
         let key = KeyPair::generate().expect("key");
