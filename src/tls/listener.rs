@@ -147,6 +147,12 @@ async fn handshake(
             };
             return Some(PeerStream::new(stream, peer));
         }
+        // Closed before finishing: port probes and health checks, mostly.
+        Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
+            Stats::add(&stats.tls_handshake_failures, 1);
+            tracing::debug!("TLS handshake with {addr} failed: {e}");
+            return None;
+        }
         Ok(Err(e)) => e.to_string(),
         Err(_) => format!("no handshake within {HANDSHAKE_TIMEOUT:?}"),
     };
