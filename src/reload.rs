@@ -65,13 +65,17 @@ pub fn watch(
         let mut stamps: Vec<Stamp> = paths.iter().map(|p| stamp(p)).collect();
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The SIGHUP task lives on the runtime that first installed it; when
+        // that runtime is gone (tests run one per test), keep polling files.
+        let mut hup_alive = true;
         loop {
             let forced = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => false,
-                changed = hup.changed() => {
+                changed = hup.changed(), if hup_alive => {
                     if changed.is_err() {
-                        return;
+                        hup_alive = false;
+                        continue;
                     }
                     true
                 }
