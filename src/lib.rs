@@ -28,6 +28,7 @@
 //! - [`error`]: the crate's error type and its one mapping to gRPC status.
 //! - [`stats`]: the one `counters!` table behind `Stats`, `/metrics` and `GetStats`.
 //! - [`tasks`]: background tasks that shutdown cancels and drains.
+//! - [`tls`]: TLS and mutual TLS on Outpost's own listeners, reloaded on change.
 //! - [`upstream`]: the upstream connection, health, and request batching.
 
 pub mod asset;
@@ -52,6 +53,7 @@ pub mod stack;
 pub mod stats;
 pub mod store;
 pub mod tasks;
+pub mod tls;
 pub mod upstream;
 
 /// Generated code for Outpost's own Admin service (proto/outpost/admin/v1).

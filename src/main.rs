@@ -118,7 +118,9 @@ struct ServeArgs {
     /// TOML config file (every key is documented in config.example.toml).
     #[arg(long, value_name = "FILE", env = "OUTPOST_CONFIG")]
     config: Option<PathBuf>,
-    /// TCP address to listen on [default: 127.0.0.1:8980].
+    /// TCP address to listen on [default: 127.0.0.1:8980]. It speaks TLS
+    /// (clients use grpcs://) when the config file sets [server] tls_cert and
+    /// tls_key, mutual TLS with client_ca; the unix socket stays plaintext.
     #[arg(long, value_name = "ADDR")]
     listen: Option<std::net::SocketAddr>,
     /// Allow a --listen address other than loopback without TLS and
@@ -141,7 +143,8 @@ struct ServeArgs {
     /// (TLS, headers and more in the config file's [upstream] section).
     #[arg(long, value_name = "URL")]
     upstream: Option<String>,
-    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9980).
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9980);
+    /// https:// with the listener's TLS settings when [server] tls_cert is set.
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<std::net::SocketAddr>,
     /// Once every listener is bound, write their addresses to FILE (atomically)

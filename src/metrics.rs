@@ -1,4 +1,5 @@
-//! Prometheus text metrics at `GET /metrics` on an optional HTTP port.
+//! Prometheus text metrics at `GET /metrics` on an optional HTTP port
+//! (HTTPS when the listener has TLS, see [`crate::tls`]).
 //!
 //! The local store's occupancy and the [`Stats`] gauges, then every counter of the
 //! [`Stats`] table, rendered in the Prometheus text exposition format
@@ -17,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::stats::{Stats, UpstreamMethod};
 use crate::store::local::LocalStore;
+use crate::tls::{Protocol, ReloadingTls, TlsListener};
 
 /// One sample: metric name, help text, kind, label, value.
 struct Sample {
@@ -152,31 +154,46 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
         .with_context(|| format!("cannot serve metrics on {addr}"))
 }
 
-/// Serves `/metrics` on `listener` until `shutdown` is cancelled.
+/// Serves `/metrics` on `listener` until `shutdown` is cancelled: over
+/// HTTPS with the listener's TLS settings (and client certificates, with
+/// `client_ca`) when `tls` is set.
 pub async fn serve(
     listener: tokio::net::TcpListener,
+    tls: Option<ReloadingTls>,
     stats: Arc<Stats>,
     local: LocalStore,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let addr = listener.local_addr()?;
+    let metrics_stats = stats.clone();
     let app =
         Router::new().route(
             "/metrics",
             get(move || {
-                let body = render(&stats, &local);
+                let body = render(&metrics_stats, &local);
                 async move {
                     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
                 }
             }),
         );
-    tracing::info!(
-        "serving metrics on http://{}/metrics",
-        listener.local_addr()?
-    );
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
-        .context("metrics server failed")
+    let done = shutdown.clone().cancelled_owned();
+    let served = match tls {
+        None => {
+            tracing::info!("serving metrics on http://{addr}/metrics");
+            axum::serve(listener, app)
+                .with_graceful_shutdown(done)
+                .await
+        }
+        Some(tls) => {
+            let mode = if tls.mutual() { " (mutual TLS)" } else { "" };
+            let listener = TlsListener::spawn(listener, tls, Protocol::Http1, stats, shutdown)?;
+            tracing::info!("serving metrics on https://{addr}/metrics{mode}");
+            axum::serve(listener, app)
+                .with_graceful_shutdown(done)
+                .await
+        }
+    };
+    served.context("metrics server failed")
 }
 
 #[cfg(test)]

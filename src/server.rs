@@ -1,5 +1,5 @@
-//! Assembles the store stack and the services, and serves them on TCP and a
-//! unix socket until told to shut down.
+//! Assembles the store stack and the services, and serves them on TCP (TLS
+//! when configured) and a unix socket until told to shut down.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -51,6 +51,7 @@ use crate::store::BlobStore;
 use crate::store::complete::CompleteActionResults;
 use crate::store::local::{LocalStore, LocalStoreOptions};
 use crate::tasks::Background;
+use crate::tls::{Protocol, ReloadingTls, TlsListener};
 
 /// HTTP/2 flow-control windows and frame size. tonic's defaults cap uploads
 /// at ~0.1 GB/s on loopback; these were measured to give >1 GB/s both ways
@@ -259,23 +260,27 @@ impl RunningServer {
 
         let shutdown = background.closing_token();
         services.auth.watch(shutdown.clone());
+        let tls = match &config.tls {
+            None => None,
+            Some(files) => {
+                let tls = ReloadingTls::load(files).context("cannot use [server] TLS files")?;
+                tls.watch(stats.clone(), shutdown.clone());
+                Some(tls)
+            }
+        };
         let mut tasks = JoinSet::new();
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         let addr = listener.local_addr()?;
-        let incoming = TcpIncoming::from(listener)
-            .with_nodelay(Some(true))
-            .map(|conn| conn.map(PeerStream::tcp));
-        let router = services.router();
-        let token = shutdown.clone();
-        tasks.spawn(async move {
-            router
-                .serve_with_incoming_shutdown(incoming, token.cancelled_owned())
-                .await
-                .context("TCP server failed")
-        });
-        tracing::info!("serving REAPI on grpc://{addr}");
+        serve_tcp(
+            &mut tasks,
+            listener,
+            services.router(),
+            tls.clone(),
+            &stats,
+            &shutdown,
+        )?;
 
         let mut metrics_addr = None;
         if let Some(addr) = config.metrics_listen {
@@ -284,6 +289,7 @@ impl RunningServer {
             let (stats, local) = (stats.clone(), local.clone());
             tasks.spawn(crate::metrics::serve(
                 listener,
+                tls.clone(),
                 stats,
                 local,
                 shutdown.clone(),
@@ -386,6 +392,50 @@ impl RunningServer {
         }
         self.stop().await
     }
+}
+
+/// Serves the routes on the TCP listener: plaintext gRPC, or with `tls`
+/// every connection through the TLS handshake first.
+fn serve_tcp(
+    tasks: &mut JoinSet<anyhow::Result<()>>,
+    listener: TcpListener,
+    router: Router<DecodeLayers>,
+    tls: Option<ReloadingTls>,
+    stats: &Arc<Stats>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let addr = listener.local_addr()?;
+    let token = shutdown.clone();
+    let Some(tls) = tls else {
+        let incoming = TcpIncoming::from(listener)
+            .with_nodelay(Some(true))
+            .map(|conn| conn.map(PeerStream::tcp));
+        tasks.spawn(async move {
+            router
+                .serve_with_incoming_shutdown(incoming, token.cancelled_owned())
+                .await
+                .context("TCP server failed")
+        });
+        tracing::info!("serving REAPI on grpc://{addr}");
+        return Ok(());
+    };
+    let mode = if tls.mutual() { "mutual TLS" } else { "TLS" };
+    let incoming = TlsListener::spawn(
+        listener,
+        tls,
+        Protocol::Grpc,
+        stats.clone(),
+        shutdown.clone(),
+    )?
+    .into_stream();
+    tasks.spawn(async move {
+        router
+            .serve_with_incoming_shutdown(incoming, token.cancelled_owned())
+            .await
+            .context("TLS server failed")
+    });
+    tracing::info!("serving REAPI on grpcs://{addr} ({mode})");
+    Ok(())
 }
 
 /// Refreshes the store's running marker until shutdown, so that after an

@@ -392,6 +392,16 @@ counters! {
         /// Calls refused RESOURCE_EXHAUSTED after queue_timeout (limits layer).
         client_limit_refusals:
             "Calls refused (RESOURCE_EXHAUSTED) after waiting queue_timeout for a slot.";
+        /// TLS handshakes completed on Outpost's listeners (TLS listener).
+        tls_handshakes: "TLS handshakes completed on Outpost's listeners.";
+        /// TLS handshakes that failed or timed out: plaintext clients,
+        /// untrusted or missing client certificates (TLS listener).
+        tls_handshake_failures:
+            "TLS handshakes that failed or timed out (e.g. a missing or untrusted client certificate).";
+        /// Certificate/key/client CA re-reads that took effect (TLS acceptor).
+        tls_reloads: "TLS certificate reloads that took effect.";
+        /// Re-reads refused because a file was bad; the old settings stayed.
+        tls_reload_failures: "TLS certificate reloads refused (bad file; the previous certificate stays).";
     }
     by_method {
         /// Upstream calls started, by [`UpstreamMethod`] (upstream client).

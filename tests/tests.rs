@@ -23,6 +23,7 @@ mod suite {
     mod eviction;
     mod execution;
     mod large_blob;
+    mod listener_tls;
     mod logstream;
     mod persistence;
     mod prefetch_policy;

@@ -240,6 +240,8 @@ mod tests {
         assert!(p.learning_actions.is_some() && p.read_ratio.is_some());
         assert!(file.server.listen.is_some());
         assert!(file.server.allow_remote.is_some());
+        assert!(file.server.tls_cert.is_some() && file.server.tls_key.is_some());
+        assert!(file.server.client_ca.is_some());
         assert!(file.server.unix_socket.is_some());
         assert!(file.server.max_batch_total_size_bytes.is_some());
         assert!(file.store.data_dir.is_some());

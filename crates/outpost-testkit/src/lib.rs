@@ -14,6 +14,7 @@
 //!   writes, batch calls) over a plain tonic channel.
 //! - [`env`](mod@env): bench knobs from environment variables.
 //! - [`metrics`]: a scrape of the server's Prometheus page.
+//! - [`pki`]: a private test CA issuing server and client certificates.
 //! - [`raw`]: calls with raw-bytes messages (garbage, truncated bodies).
 //! - [`relay`]: a WAN simulator (delay and bandwidth per direction) for the
 //!   WAN benches.
@@ -22,6 +23,7 @@ pub mod client;
 pub mod env;
 pub mod fake;
 pub mod metrics;
+pub mod pki;
 pub mod process;
 pub mod raw;
 pub mod relay;
