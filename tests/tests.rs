@@ -13,6 +13,7 @@ mod suite {
     mod asset_origin;
     mod asset_proxy;
     mod auth;
+    mod auth_cli;
     mod bad_input;
     mod bitrot;
     mod bytestream;

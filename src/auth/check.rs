@@ -330,3 +330,128 @@ pub fn open_principal(peer: Option<&Peer>) -> Principal {
         write_ac: true,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ClientCertRule;
+
+    fn peer(addr: &str, certificate: Option<ClientCertificate>) -> Peer {
+        Peer {
+            addr: Some(addr.parse().unwrap()),
+            transport: if certificate.is_some() {
+                Transport::Tls
+            } else {
+                Transport::Tcp
+            },
+            certificate: certificate.map(Arc::new),
+        }
+    }
+
+    fn cert(cn: &str) -> ClientCertificate {
+        ClientCertificate {
+            common_name: Some(cn.into()),
+            subject_alt_names: vec![],
+            sha256: "ab".repeat(32),
+        }
+    }
+
+    const UAR: &str = "/build.bazel.remote.execution.v2.ActionCache/UpdateActionResult";
+    const FMB: &str = "/build.bazel.remote.execution.v2.ContentAddressableStorage/FindMissingBlobs";
+
+    #[tokio::test]
+    async fn certificates_headers_and_addresses_decide_who_calls() {
+        let dir = tempfile::tempdir().unwrap();
+        let tokens = dir.path().join("tokens");
+        let token = crate::cli::token::add(&tokens, "reader", Role::Read, false).unwrap();
+        let config = AuthConfig {
+            tokens_file: Some(tokens),
+            client_certificates: vec![ClientCertRule {
+                name: "ci".into(),
+                common_name: Some("ci-runner".into()),
+                subject_alt_name: None,
+                role: Role::Execute,
+                write_ac: true,
+            }],
+            ..AuthConfig::default()
+        };
+        let stats = Arc::new(Stats::default());
+        let auth = Authenticator::new(&config, stats.clone()).unwrap();
+        let remote = |c: Option<&str>| peer("10.0.0.7:4000", c.map(cert));
+
+        // mTLS: the rule's credential, with its role and write-ac.
+        let ci = auth
+            .admit(Some(&remote(Some("ci-runner"))), None, UAR)
+            .await
+            .unwrap();
+        assert_eq!(
+            (&*ci.name, ci.role, ci.write_ac),
+            ("ci", Role::Execute, true)
+        );
+        let unknown = auth.admit(Some(&remote(Some("intruder"))), None, FMB).await;
+        match unknown {
+            Err(r @ Refusal::UnknownCertificate(_)) => {
+                assert!(
+                    r.status().message().contains("CN=intruder"),
+                    "{:?}",
+                    r.status()
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        // A header wins over the certificate.
+        let bearer = format!("Bearer {token}");
+        let header = Some(bearer.as_bytes());
+        let reader = auth
+            .admit(Some(&remote(Some("ci-runner"))), header, FMB)
+            .await;
+        assert_eq!(&*reader.unwrap().name, "reader");
+        assert!(matches!(
+            auth.admit(Some(&remote(Some("ci-runner"))), header, UAR)
+                .await,
+            Err(Refusal::Denied(..))
+        ));
+        // Another machine without a credential is refused even though
+        // loopback needs none; loopback gets the local principal.
+        assert!(matches!(
+            auth.admit(Some(&remote(None)), None, FMB).await,
+            Err(Refusal::Missing(_))
+        ));
+        let local = auth
+            .admit(Some(&peer("127.0.0.1:5", None)), None, UAR)
+            .await
+            .unwrap();
+        assert_eq!((&*local.name, local.write_ac), ("local:127.0.0.1", true));
+        assert_eq!(Stats::get(&stats.auth_failures_unknown_certificate), 1);
+        assert_eq!(Stats::get(&stats.auth_failures_missing), 1);
+        assert_eq!(Stats::get(&stats.auth_denied), 1);
+        assert_eq!(Stats::get(&stats.auth_accepted), 2);
+    }
+
+    #[tokio::test]
+    async fn without_credential_sources_everyone_is_named_by_address_with_full_rights() {
+        let auth = Authenticator::new(&AuthConfig::default(), Arc::new(Stats::default())).unwrap();
+        let names = [
+            (peer("10.0.0.7:1", None), "anonymous:10.0.0.7"),
+            (peer("[::1]:1", None), "local:::1"),
+            (
+                Peer {
+                    addr: None,
+                    transport: Transport::Unix,
+                    certificate: None,
+                },
+                "local:unix",
+            ),
+        ];
+        for (peer, name) in names {
+            let who = auth
+                .admit(Some(&peer), Some(b"Bearer junk"), UAR)
+                .await
+                .unwrap();
+            assert_eq!(
+                (&*who.name, who.role, who.write_ac),
+                (name, Role::Execute, true)
+            );
+        }
+    }
+}
