@@ -12,10 +12,10 @@
 //! reports its median round: on a shared machine, load that comes and goes
 //! then hits every variant alike.
 //!
-//! TLS: the variants below are plain TCP. After the listener-TLS branch is
-//! merged, add variants that set `config.tls` (rcgen certificates in the
-//! temporary directory) and connect the clients with the test CA: see the
-//! `// TLS:` mark in `variants()`.
+//! The last two variants serve TLS (`config.tls`, a test CA's certificate
+//! in the temporary directory) and connect the clients over https trusting
+//! that CA: the cost of TLS alone, then of TLS with a bearer token, the
+//! setup a branch office runs.
 //!
 //! Run: `cargo bench --bench auth_cost`
 //! Knobs: `OUTPOST_BENCH_CLIENTS` (default 16), `OUTPOST_BENCH_ROUNDS`
@@ -30,11 +30,13 @@ use bazel_remote_apis::build::bazel::remote::execution::v2::{
     content_addressable_storage_client::ContentAddressableStorageClient,
 };
 use outpost::auth::Role;
-use outpost::config::Config;
+use outpost::config::{Config, ServerTls};
 use outpost::server::RunningServer;
 use outpost_testkit::env::env_usize;
+use outpost_testkit::pki::TestCa;
 use outpost_testkit::{blob, digest};
 use tonic::metadata::MetadataValue;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
 /// Calls before measuring (connections, the bcrypt cache).
 const WARMUP_CALLS: usize = 20;
@@ -46,6 +48,8 @@ struct Variant {
     authorization: Option<String>,
     /// Adjusts the server's configuration.
     configure: Box<dyn Fn(&mut Config)>,
+    /// The CA certificate (PEM) the clients trust when the server speaks TLS.
+    tls_ca: Option<String>,
 }
 
 fn variants(dir: &Path) -> anyhow::Result<Vec<Variant>> {
@@ -62,11 +66,21 @@ fn variants(dir: &Path) -> anyhow::Result<Vec<Variant>> {
         ),
     )?;
     let basic = base64::engine::general_purpose::STANDARD.encode("bench:password");
+    let ca = TestCa::new("auth-cost CA");
+    let (cert, key) = ca.server().write(dir, "server");
+    let tls = ServerTls {
+        cert,
+        key,
+        client_ca: None,
+    };
+    let tls_tokens = tokens.clone();
+    let tls_plain = tls.clone();
     Ok(vec![
         Variant {
             name: "no auth",
             authorization: None,
             configure: Box::new(|_| {}),
+            tls_ca: None,
         },
         Variant {
             name: "bearer token",
@@ -75,6 +89,7 @@ fn variants(dir: &Path) -> anyhow::Result<Vec<Variant>> {
                 c.auth.tokens_file = Some(tokens.clone());
                 c.auth.require_on_loopback = true;
             }),
+            tls_ca: None,
         },
         Variant {
             name: "htpasswd (cached)",
@@ -84,10 +99,24 @@ fn variants(dir: &Path) -> anyhow::Result<Vec<Variant>> {
                 c.auth.htpasswd_roles.role = Role::Write;
                 c.auth.require_on_loopback = true;
             }),
+            tls_ca: None,
         },
-        // TLS: "TLS, no auth" and "TLS + bearer token" go here once
-        // `config.tls` is served (set c.tls = Some(ServerTls { .. }) with
-        // rcgen files written to the directory, and connect over https).
+        Variant {
+            name: "TLS, no auth",
+            authorization: None,
+            configure: Box::new(move |c| c.tls = Some(tls_plain.clone())),
+            tls_ca: Some(ca.cert.clone()),
+        },
+        Variant {
+            name: "TLS + bearer token",
+            authorization: Some(format!("Bearer {token}")),
+            configure: Box::new(move |c| {
+                c.tls = Some(tls.clone());
+                c.auth.tokens_file = Some(tls_tokens.clone());
+                c.auth.require_on_loopback = true;
+            }),
+            tls_ca: Some(ca.cert.clone()),
+        },
     ])
 }
 
@@ -176,7 +205,18 @@ impl Setup {
         let mut config = Config::for_tests(data.path());
         (variant.configure)(&mut config);
         let server = RunningServer::start(&config).await?;
-        let channel = outpost::client::connect(&format!("grpc://{}", server.addr)).await?;
+        let channel = match &variant.tls_ca {
+            None => outpost::client::connect(&format!("grpc://{}", server.addr)).await?,
+            Some(ca) => {
+                let tls = ClientTlsConfig::new()
+                    .ca_certificate(Certificate::from_pem(ca))
+                    .domain_name("localhost");
+                Endpoint::from_shared(format!("https://{}", server.addr))?
+                    .tls_config(tls)?
+                    .connect()
+                    .await?
+            }
+        };
         let header: Option<MetadataValue<_>> = variant
             .authorization
             .as_deref()

@@ -256,6 +256,7 @@ mod tests {
         assert!(auth.tokens_file.is_some() && auth.htpasswd_file.is_some());
         assert!(auth.htpasswd_role.is_some() && !auth.htpasswd_write_ac.is_empty());
         assert!(auth.require_on_loopback.is_some());
+        assert!(!auth.client_certificates.is_empty());
         let l = &file.limits;
         assert!(l.max_calls_per_client.is_some() && l.queue_timeout.is_some());
         Config::resolve_with_env(file, Overrides::default(), &env).unwrap();
