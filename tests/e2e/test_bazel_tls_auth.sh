@@ -21,7 +21,10 @@ command -v openssl >/dev/null || need+=(openssl)
 [ -f "$TCNATIVE" ] || need+=(libnetty-tcnative-jni)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "${OUTPOST_E2E_INSTALL:-0}" = 1 ]; then
-    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${need[@]}" >/dev/null
+    # A fresh machine may have no package lists yet: update once if needed.
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${need[@]}" >/dev/null 2>&1 \
+      || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+             apt-get install -y --no-install-recommends "${need[@]}" >/dev/null; }
   else
     echo "e2e: SKIP: missing ${need[*]} (OUTPOST_E2E_INSTALL=1 installs them)"; exit 0
   fi
