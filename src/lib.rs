@@ -16,6 +16,7 @@
 //! - [`decode_status`]: a request that does not decode answers INVALID_ARGUMENT.
 //! - [`digest`]: validated digests and incremental hashing.
 //! - [`limits`]: per-client call slots (a runaway client waits, then RESOURCE_EXHAUSTED).
+//! - [`listen`]: binding the gRPC listeners (TCP, TLS, unix socket).
 //! - [`metrics`]: Prometheus text at `/metrics`.
 //! - [`peer`]: who is on the other end of a connection (address, transport,
 //!   client certificate), carried into every request.
@@ -42,6 +43,7 @@ pub mod digest;
 pub mod error;
 pub mod execution;
 pub mod limits;
+pub mod listen;
 pub mod metrics;
 pub mod peer;
 pub mod prefetch;

@@ -19,13 +19,11 @@ use bazel_remote_apis::build::bazel::remote::execution::v2::{
 use bazel_remote_apis::build::bazel::remote::logstream::v1::log_stream_service_server::LogStreamServiceServer;
 use bazel_remote_apis::google::bytestream::byte_stream_server::ByteStreamServer;
 use bazel_remote_apis::google::longrunning::operations_server::OperationsServer;
-use tokio::net::{TcpListener, UnixListener, UnixStream};
+use tokio::net::TcpListener;
 use tokio::task::JoinSet;
-use tokio_stream::StreamExt;
-use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
-use tonic::transport::server::{Router, TcpIncoming};
+use tonic::transport::server::Router;
 
 use crate::admin_proto::admin_server::AdminServer;
 use crate::asset::fetch::{Fetcher, Origin};
@@ -33,7 +31,7 @@ use crate::asset::local::LocalAssets;
 use crate::asset::origin::OriginFetcher;
 use crate::asset::push::Pusher;
 use crate::config::Config;
-use crate::peer::PeerStream;
+use crate::listen::{bind_unix, serve_tcp};
 use crate::service::Backend;
 use crate::service::action_cache::ActionCacheService;
 use crate::service::admin::AdminService;
@@ -51,7 +49,7 @@ use crate::store::BlobStore;
 use crate::store::complete::CompleteActionResults;
 use crate::store::local::{LocalStore, LocalStoreOptions};
 use crate::tasks::Background;
-use crate::tls::{Protocol, ReloadingTls, TlsListener};
+use crate::tls::ReloadingTls;
 
 /// HTTP/2 flow-control windows and frame size. tonic's defaults cap uploads
 /// at ~0.1 GB/s on loopback; these were measured to give >1 GB/s both ways
@@ -68,7 +66,7 @@ const BACKGROUND_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// The layers around every listener's routes, from the outside in:
 /// `decode_status`, authentication (`crate::auth`), then per-client limits
 /// (`crate::limits`, keyed by the authenticated credential).
-type DecodeLayers = tower::layer::util::Stack<
+pub(crate) type DecodeLayers = tower::layer::util::Stack<
     crate::limits::LimitLayer,
     tower::layer::util::Stack<
         crate::auth::AuthLayer,
@@ -394,50 +392,6 @@ impl RunningServer {
     }
 }
 
-/// Serves the routes on the TCP listener: plaintext gRPC, or with `tls`
-/// every connection through the TLS handshake first.
-fn serve_tcp(
-    tasks: &mut JoinSet<anyhow::Result<()>>,
-    listener: TcpListener,
-    router: Router<DecodeLayers>,
-    tls: Option<ReloadingTls>,
-    stats: &Arc<Stats>,
-    shutdown: &CancellationToken,
-) -> anyhow::Result<()> {
-    let addr = listener.local_addr()?;
-    let token = shutdown.clone();
-    let Some(tls) = tls else {
-        let incoming = TcpIncoming::from(listener)
-            .with_nodelay(Some(true))
-            .map(|conn| conn.map(PeerStream::tcp));
-        tasks.spawn(async move {
-            router
-                .serve_with_incoming_shutdown(incoming, token.cancelled_owned())
-                .await
-                .context("TCP server failed")
-        });
-        tracing::info!("serving REAPI on grpc://{addr}");
-        return Ok(());
-    };
-    let mode = if tls.mutual() { "mutual TLS" } else { "TLS" };
-    let incoming = TlsListener::spawn(
-        listener,
-        tls,
-        Protocol::Grpc,
-        stats.clone(),
-        shutdown.clone(),
-    )?
-    .into_stream();
-    tasks.spawn(async move {
-        router
-            .serve_with_incoming_shutdown(incoming, token.cancelled_owned())
-            .await
-            .context("TLS server failed")
-    });
-    tracing::info!("serving REAPI on grpcs://{addr} ({mode})");
-    Ok(())
-}
-
 /// Refreshes the store's running marker until shutdown, so that after an
 /// unclean stop the next start knows which files were written last.
 async fn refresh_running_marker(
@@ -492,26 +446,4 @@ fn asset_service(
     );
     let pusher = Pusher::new(assets, upstream, stats.clone());
     Ok(AssetService::new(Arc::new(fetcher), Arc::new(pusher)))
-}
-
-/// Binds the unix socket (replacing a stale socket file), readable and
-/// writable by the owner only.
-fn bind_unix(
-    path: &Path,
-) -> anyhow::Result<impl tokio_stream::Stream<Item = std::io::Result<PeerStream<UnixStream>>> + use<>>
-{
-    use std::os::unix::fs::PermissionsExt;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            anyhow::bail!("{} is in use by another server", path.display());
-        }
-        std::fs::remove_file(path)?;
-    }
-    let listener = UnixListener::bind(path)
-        .with_context(|| format!("cannot listen on unix socket {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(UnixListenerStream::new(listener).map(|conn| conn.map(PeerStream::unix)))
 }
