@@ -1,21 +1,26 @@
 //! What a verified client certificate says about its holder: the DER the
-//! TLS handshake checked, read with `x509-parser` into a [`ClientCertificate`]
+//! TLS handshake checked, read with `x509-cert` (RustCrypto) into a [`ClientCertificate`]
 //! (common name, subjectAltName DNS names, e-mail addresses and URIs, and the
 //! SHA-256 of the DER) that authentication maps to a credential name.
 
 use sha2::{Digest, Sha256};
-use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+use x509_cert::Certificate;
+use x509_cert::der::asn1::{Ia5StringRef, PrintableStringRef, Utf8StringRef};
+use x509_cert::der::oid::db::rfc4519::COMMON_NAME;
+use x509_cert::der::{Decode, Tag, Tagged};
+use x509_cert::ext::pkix::SubjectAltName;
+use x509_cert::ext::pkix::name::GeneralName;
 
 use crate::peer::ClientCertificate;
 
 /// Reads the names out of `der`, a certificate rustls has already verified
-/// against `client_ca`. A certificate x509-parser cannot read still yields
-/// its SHA-256 (and no names), so it maps to no credential rather than
-/// failing the connection.
+/// against `client_ca`. A certificate that cannot be read still yields its
+/// SHA-256 (and no names), so it maps to no credential rather than failing
+/// the connection.
 pub fn client_certificate(der: &[u8]) -> ClientCertificate {
     let sha256 = hex::encode(Sha256::digest(der));
-    let cert = match X509Certificate::from_der(der) {
-        Ok((_, cert)) => cert,
+    let cert = match Certificate::from_der(der) {
+        Ok(cert) => cert,
         Err(e) => {
             tracing::debug!("cannot read the names of client certificate {sha256}: {e}");
             return ClientCertificate {
@@ -24,21 +29,22 @@ pub fn client_certificate(der: &[u8]) -> ClientCertificate {
             };
         }
     };
-    let common_name = cert
-        .subject()
-        .iter_common_name()
-        .next()
-        .and_then(|cn| cn.as_str().ok())
-        .map(str::to_string);
-    let subject_alt_names = match cert.subject_alternative_name() {
-        Ok(Some(san)) => san
-            .value
-            .general_names
+    let tbs = &cert.tbs_certificate;
+    let common_name = tbs
+        .subject
+        .0
+        .iter()
+        .flat_map(|rdn| rdn.0.iter())
+        .filter(|attr| attr.oid == COMMON_NAME)
+        .find_map(|attr| directory_string(&attr.value));
+    let subject_alt_names = match tbs.get::<SubjectAltName>() {
+        Ok(Some((_, san))) => san
+            .0
             .iter()
             .filter_map(|name| match name {
-                GeneralName::DNSName(s) | GeneralName::RFC822Name(s) | GeneralName::URI(s) => {
-                    Some(s.to_string())
-                }
+                GeneralName::DnsName(s)
+                | GeneralName::Rfc822Name(s)
+                | GeneralName::UniformResourceIdentifier(s) => Some(s.to_string()),
                 _ => None,
             })
             .collect(),
@@ -53,6 +59,21 @@ pub fn client_certificate(der: &[u8]) -> ClientCertificate {
         subject_alt_names,
         sha256,
     }
+}
+
+/// The text of a name attribute in the string types certificates use for
+/// a common name; None for other types.
+fn directory_string(value: &x509_cert::attr::AttributeValue) -> Option<String> {
+    let text = match value.tag() {
+        Tag::Utf8String => Utf8StringRef::try_from(value).ok()?.as_str().to_string(),
+        Tag::PrintableString => PrintableStringRef::try_from(value)
+            .ok()?
+            .as_str()
+            .to_string(),
+        Tag::Ia5String => Ia5StringRef::try_from(value).ok()?.as_str().to_string(),
+        _ => return None,
+    };
+    Some(text)
 }
 
 #[cfg(test)]
