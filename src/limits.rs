@@ -323,11 +323,7 @@ mod tests {
     }
 
     fn peer(addr: Option<&str>, transport: Transport) -> Peer {
-        Peer {
-            addr: addr.map(|a| a.parse().unwrap()),
-            transport,
-            certificate: None,
-        }
+        Peer::for_tests(addr, transport)
     }
 
     #[test]

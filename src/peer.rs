@@ -52,6 +52,16 @@ pub struct Peer {
 }
 
 impl Peer {
+    /// A peer without a certificate, for unit tests of the layers that read it.
+    #[cfg(test)]
+    pub(crate) fn for_tests(addr: Option<&str>, transport: Transport) -> Peer {
+        Peer {
+            addr: addr.map(|a| a.parse().expect("a socket address")),
+            transport,
+            certificate: None,
+        }
+    }
+
     /// The peer of a request, put there by the listener's [`PeerStream`].
     /// None only for requests that did not come through a listener (tests
     /// calling a service directly).
@@ -163,11 +173,7 @@ mod tests {
     use super::*;
 
     fn peer(addr: Option<&str>, transport: Transport) -> Peer {
-        Peer {
-            addr: addr.map(|a| a.parse().unwrap()),
-            transport,
-            certificate: None,
-        }
+        Peer::for_tests(addr, transport)
     }
 
     #[test]

@@ -109,22 +109,34 @@ mod tests {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    #[tokio::test]
-    async fn a_changed_file_triggers_one_reload() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("tokens");
-        std::fs::write(&path, "a").unwrap();
+    /// Watches `path` every 20 ms; the counter is the number of reloads.
+    fn counting_watch(
+        path: &std::path::Path,
+    ) -> (
+        Arc<AtomicUsize>,
+        CancellationToken,
+        tokio::task::JoinHandle<()>,
+    ) {
         let count = Arc::new(AtomicUsize::new(0));
         let shutdown = CancellationToken::new();
         let seen = count.clone();
         let task = watch(
-            vec![path.clone()],
+            vec![path.to_path_buf()],
             Duration::from_millis(20),
             shutdown.clone(),
             move || {
                 seen.fetch_add(1, Ordering::SeqCst);
             },
         );
+        (count, shutdown, task)
+    }
+
+    #[tokio::test]
+    async fn a_changed_file_triggers_one_reload() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens");
+        std::fs::write(&path, "a").unwrap();
+        let (count, shutdown, task) = counting_watch(&path);
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(count.load(Ordering::SeqCst), 0, "nothing changed yet");
         // A replaced file (new inode, new size) is a change.
@@ -147,17 +159,7 @@ mod tests {
                 let dir = tempfile::tempdir().unwrap();
                 let path = dir.path().join("tokens");
                 std::fs::write(&path, "a").unwrap();
-                let count = Arc::new(AtomicUsize::new(0));
-                let seen = count.clone();
-                let shutdown = CancellationToken::new();
-                let task = watch(
-                    vec![path.clone()],
-                    Duration::from_millis(20),
-                    shutdown.clone(),
-                    move || {
-                        seen.fetch_add(1, Ordering::SeqCst);
-                    },
-                );
+                let (count, shutdown, task) = counting_watch(&path);
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 std::fs::write(&path, "bbb").unwrap();
                 let deadline = std::time::Instant::now() + Duration::from_secs(5);
