@@ -402,6 +402,24 @@ counters! {
         tls_reloads: "TLS certificate reloads that took effect.";
         /// Re-reads refused because a file was bad; the old settings stayed.
         tls_reload_failures: "TLS certificate reloads refused (bad file; the previous certificate stays).";
+        /// Blobs put in the upload queue (write-back queue).
+        write_back_queued: "Blobs put in the write-back upload queue.";
+        /// Queued blobs uploaded to the upstream (write-back uploader).
+        write_back_uploaded: "Queued blobs uploaded to the upstream.";
+        /// Bytes of queued blobs uploaded (write-back uploader).
+        write_back_uploaded_bytes: "Bytes of queued blobs uploaded to the upstream.";
+        /// Queued blobs not sent: the upstream was known to hold them (write-back uploader).
+        write_back_skipped: "Queued blobs not sent because the upstream already held them.";
+        /// Queued action results forwarded upstream after their blobs (write-back uploader).
+        write_back_results_forwarded: "Queued action results forwarded upstream after their outputs.";
+        /// Upload attempts that failed and will be retried (write-back uploader).
+        write_back_retries: "Write-back upload attempts that failed and were retried.";
+        /// Queue entries given up: the blob was lost locally or the upstream
+        /// refused it for good; action results depending on them (write-back uploader).
+        write_back_failed: "Write-back queue entries given up (blob lost locally, or refused by the upstream).";
+        /// Writes acknowledged only after the upstream had them because the
+        /// queue was full (write-back store layer).
+        write_back_fallbacks: "Writes that went through to the upstream because the upload queue was full.";
     }
     by_method {
         /// Upstream calls started, by [`UpstreamMethod`] (upstream client).
@@ -421,6 +439,14 @@ counters! {
         client_limit_waiting: "Calls waiting now for a slot under max_calls_per_client.";
         /// Calls holding one of their client's call slots now (limits layer).
         client_calls_open: "Calls in progress (each holds one of its client's call slots).";
+        /// Blobs waiting in the upload queue (write-back queue).
+        write_back_queued_blobs: "Blobs waiting in the write-back upload queue.";
+        /// Bytes of the blobs waiting in the upload queue (write-back queue).
+        write_back_queued_bytes: "Bytes of the blobs waiting in the write-back upload queue.";
+        /// Action results waiting for their blobs' upload (write-back queue).
+        write_back_queued_results: "Action results waiting in the write-back queue for their outputs' upload.";
+        /// Age of the oldest queue entry, updated every second (write-back queue).
+        write_back_oldest_age_seconds: "Age in seconds of the oldest entry in the write-back upload queue.";
     }
 }
 

@@ -90,3 +90,10 @@ pub const ASSET_MAX_SIZE: u64 = 4 << 30;
 /// without being listed in `allow_hosts`.
 pub const ORIGIN_FETCH_PRIVATE: bool = false;
 // `origin_fetch` has no constant: it defaults to whether `listen` is loopback.
+
+/// `[upstream] write_back_drain_timeout`: a graceful stop uploads the queue
+/// for at most this long; what is left is uploaded after the next start.
+pub const WRITE_BACK_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// `[upstream] write_back_max_bytes` when unset: this share of the quota
+/// (queued blobs are pinned, so the rest stays for the cache).
+pub const WRITE_BACK_QUOTA_SHARE: f64 = 0.5;

@@ -134,6 +134,14 @@ pub struct UpstreamSection {
     /// Where Remote Logstream (CreateLogStream and log-stream ByteStream
     /// names) is served, if not at `endpoint`.
     pub logstream_endpoint: Option<String>,
+    /// `back` (default): a verified write is acknowledged once stored
+    /// locally and uploaded from a durable queue; `through`: once the
+    /// upstream has it too.
+    pub write_mode: Option<super::upstream::WriteMode>,
+    /// Most bytes waiting in the upload queue; beyond it writes go through.
+    pub write_back_max_bytes: Option<ByteSize>,
+    /// How long a graceful stop keeps uploading the queue before it exits.
+    pub write_back_drain_timeout: Option<HumanDuration>,
 }
 
 /// `[prefetch]` keys.

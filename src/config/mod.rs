@@ -230,6 +230,8 @@ mod tests {
         assert!(file.upstream.connect_timeout.is_some() && file.upstream.rpc_timeout.is_some());
         assert!(file.upstream.max_concurrent_calls.is_some());
         assert!(file.upstream.existence_ttl.is_some() && file.upstream.max_attempts.is_some());
+        assert!(file.upstream.write_mode.is_some() && file.upstream.write_back_max_bytes.is_some());
+        assert!(file.upstream.write_back_drain_timeout.is_some());
         assert!(file.metrics.listen.is_some());
         let p = &file.prefetch;
         assert!(

@@ -17,6 +17,18 @@ pub fn process_env(name: &str) -> Option<String> {
     std::env::var(name).ok()
 }
 
+/// When a client's write is acknowledged: the `write_mode` key.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WriteMode {
+    /// Once it is verified and stored locally; a durable queue uploads it
+    /// in the background (`store/write_back/`).
+    #[default]
+    Back,
+    /// Once the upstream holds it too (a tee, `store/write_through.rs`).
+    Through,
+}
+
 /// The resolved upstream settings.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UpstreamConfig {
@@ -48,6 +60,13 @@ pub struct UpstreamConfig {
     pub asset_uri: String,
     /// `http[s]://host:port` of the Remote Logstream service (default: `uri`).
     pub logstream_uri: String,
+    /// When writes are acknowledged.
+    pub write_mode: WriteMode,
+    /// Most bytes the upload queue holds; `None`: a share of the quota
+    /// ([`defaults::WRITE_BACK_QUOTA_SHARE`]).
+    pub write_back_max_bytes: Option<u64>,
+    /// Bound on uploading the queue at a graceful stop.
+    pub write_back_drain_timeout: Duration,
 }
 
 impl UpstreamConfig {
@@ -130,6 +149,11 @@ impl UpstreamConfig {
                 .max_attempts
                 .unwrap_or(defaults::MAX_ATTEMPTS)
                 .max(1),
+            write_mode: section.write_mode.unwrap_or_default(),
+            write_back_max_bytes: section.write_back_max_bytes.map(|b| b.0),
+            write_back_drain_timeout: section
+                .write_back_drain_timeout
+                .map_or(defaults::WRITE_BACK_DRAIN_TIMEOUT, |d| d.0),
         }))
     }
 
@@ -140,6 +164,12 @@ impl UpstreamConfig {
             uri: uri.to_string(),
             ..self.clone()
         }
+    }
+
+    /// The upload queue's byte cap for a store of `quota` bytes.
+    pub fn write_back_cap(&self, quota: u64) -> u64 {
+        self.write_back_max_bytes
+            .unwrap_or((quota as f64 * defaults::WRITE_BACK_QUOTA_SHARE) as u64)
     }
 
     /// The upstream instance name for a client's instance name.

@@ -17,6 +17,7 @@
 //!   the three below and answers FindMissingBlobs for the upstream.
 //! - [`read_through`]: local first; a miss fetched once, verified, kept.
 //! - [`write_through`]: a tee writer to the local store and the upstream.
+//! - [`write_back`]: the durable upload queue: writes acknowledged locally, uploaded behind.
 //! - [`replicator`]: copies blobs from one store to another (backfill, repair).
 //! - [`single_flight`]: concurrent callers of one key share one spawned flight.
 //! - [`proxy_ac`]: the proxy for the action cache.
@@ -33,6 +34,7 @@ pub mod read_through;
 pub mod replicator;
 pub mod single_flight;
 pub mod upstream;
+pub mod write_back;
 pub mod write_through;
 
 use async_trait::async_trait;
