@@ -48,6 +48,7 @@ use crate::stats::Stats;
 use crate::store::BlobStore;
 use crate::store::complete::CompleteActionResults;
 use crate::store::local::{LocalStore, LocalStoreOptions};
+use crate::store::write_back::UploadQueue;
 use crate::tasks::Background;
 use crate::tls::ReloadingTls;
 
@@ -165,6 +166,8 @@ pub struct RunningServer {
     /// Work spawned outside requests; drained before the store is flushed.
     background: Background,
     local: LocalStore,
+    /// The upload queue (write-back mode) and how long a stop uploads it.
+    uploads: Option<(Arc<UploadQueue>, Duration)>,
 }
 
 impl RunningServer {
@@ -199,7 +202,15 @@ impl RunningServer {
             asset_upstream,
             passthrough,
             inputs,
+            uploads,
         } = stack;
+        let uploads = uploads.map(|queue| {
+            let upstream = config
+                .upstream
+                .as_ref()
+                .expect("write-back needs an upstream");
+            (queue, upstream.write_back_drain_timeout)
+        });
         let local_blobs: Arc<dyn BlobStore> = Arc::new(local.clone());
         let actions = Arc::new(
             CompleteActionResults::new(results, blobs.clone(), stats.clone())
@@ -322,6 +333,7 @@ impl RunningServer {
             tasks,
             background,
             local,
+            uploads,
         })
     }
 
@@ -344,8 +356,9 @@ impl RunningServer {
             .with_context(|| format!("cannot write the ready file {}", path.display()))
     }
 
-    /// Stops accepting calls, lets in-flight ones finish (bounded), cancels
-    /// and drains background work (bounded), and flushes the store.
+    /// Stops accepting calls, lets in-flight ones finish (bounded), uploads
+    /// the write-back queue (bounded), cancels and drains background work
+    /// (bounded), and flushes the store.
     pub async fn stop(mut self) -> anyhow::Result<()> {
         self.shutdown.cancel();
         let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
@@ -362,6 +375,9 @@ impl RunningServer {
                     "calls or connections still open after {DRAIN_TIMEOUT:?}; stopping anyway"
                 )
             }
+        }
+        if let Some((queue, within)) = &self.uploads {
+            drain_uploads(queue, *within).await;
         }
         let running = self.background.shutdown(BACKGROUND_DRAIN_TIMEOUT).await;
         if running > 0 {
@@ -389,6 +405,32 @@ impl RunningServer {
             }
         }
         self.stop().await
+    }
+}
+
+/// Uploads the write-back queue for at most `within` at a graceful stop,
+/// and says what is left for the next start.
+async fn drain_uploads(queue: &UploadQueue, within: Duration) {
+    let waiting = queue.state();
+    if waiting.is_empty() {
+        return;
+    }
+    tracing::info!(
+        blobs = waiting.blobs,
+        bytes = waiting.bytes,
+        results = waiting.results,
+        "uploading the write-back queue before stopping (at most {within:?})"
+    );
+    let left = queue.drain(within).await;
+    if left.is_empty() {
+        tracing::info!("write-back queue uploaded");
+    } else {
+        tracing::warn!(
+            blobs = left.blobs,
+            bytes = left.bytes,
+            results = left.results,
+            "write-back queue not empty after {within:?}: the rest is uploaded after the next start"
+        );
     }
 }
 

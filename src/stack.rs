@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use crate::asset::upstream::AssetUpstream;
 use crate::config::Config;
+use crate::config::upstream::WriteMode;
 use crate::context::RequestContext;
 use crate::execution::{ExecutionDeps, Executor};
 use crate::prefetch::{ClientInputs, Prefetcher, Scores};
@@ -18,6 +19,7 @@ use crate::store::proxy::ProxyStore;
 use crate::store::proxy_ac::{ProxyActionCache, ResultObserver};
 use crate::store::read_through::ReadHook;
 use crate::store::upstream::UpstreamStore;
+use crate::store::write_back::{UploadQueue, UploadQueueDeps};
 use crate::store::{ActionResultStore, BlobStore};
 use crate::tasks::Background;
 use crate::upstream::Upstream;
@@ -45,6 +47,8 @@ pub struct Stack {
     pub passthrough: Option<Arc<Passthrough>>,
     /// Told of clients' FindMissingBlobs (adaptive prefetch), when prefetching.
     pub inputs: Option<Arc<dyn ClientInputs>>,
+    /// The upload queue, in write-back mode (drained at a graceful stop).
+    pub uploads: Option<Arc<UploadQueue>>,
 }
 
 impl Stack {
@@ -59,6 +63,7 @@ impl Stack {
             asset_upstream: None,
             passthrough: None,
             inputs: None,
+            uploads: None,
         }
     }
 
@@ -85,6 +90,19 @@ impl Stack {
             background,
         ));
         let cached: Arc<dyn BlobStore> = existence.clone();
+        // Write-back: acknowledged writes wait here for their upload.
+        let uploads = match upstream_config.write_mode {
+            WriteMode::Through => None,
+            WriteMode::Back => Some(UploadQueue::start(UploadQueueDeps {
+                local: local.clone(),
+                upstream: cached.clone(),
+                upstream_results: upstream_store.clone(),
+                existence: existence.clone(),
+                max_bytes: upstream_config.write_back_cap(config.quota_bytes),
+                stats: stats.clone(),
+                background: background.clone(),
+            })?),
+        };
         // Prefetch keeps score of client reads and evictions (its ledger)
         // and learns who reads outputs (its learner).
         let scores = config
@@ -100,6 +118,7 @@ impl Stack {
             stats.clone(),
             background,
             hook,
+            uploads.clone(),
         ));
         let blobs: Arc<dyn BlobStore> = proxy.clone();
         let prefetcher = scores.as_ref().map(|scores| {
@@ -113,12 +132,16 @@ impl Stack {
             ))
         });
         let local_results: Arc<dyn ActionResultStore> = Arc::new(local.clone());
-        let results = Arc::new(ProxyActionCache::new(
+        let mut results = ProxyActionCache::new(
             local_results.clone(),
             upstream_store,
             prefetcher.clone().map(|p| p as Arc<dyn ResultObserver>),
             background,
-        ));
+        );
+        if let Some(queue) = &uploads {
+            results = results.writing_back(queue.clone(), Arc::new(local.clone()));
+        }
+        let results = Arc::new(results);
         let executor = Executor::new(ExecutionDeps {
             upstream: upstream.clone(),
             blobs: proxy.clone(),
@@ -126,6 +149,7 @@ impl Stack {
             local_results,
             prefetcher,
             existence,
+            uploads: uploads.clone(),
             stats: stats.clone(),
             background: background.clone(),
         });
@@ -139,12 +163,15 @@ impl Stack {
             stats.clone(),
         )?
         .sharing_traffic(upstream.traffic().clone());
-        let asset_upstream = Arc::new(AssetUpstream::new(
-            asset_client,
-            proxy.clone(),
-            proxy.read_through(),
-            Arc::new(local.clone()),
-        ));
+        let asset_upstream = Arc::new(
+            AssetUpstream::new(
+                asset_client,
+                proxy.clone(),
+                proxy.read_through(),
+                Arc::new(local.clone()),
+            )
+            .with_upload_queue(uploads.clone()),
+        );
         let passthrough = Arc::new(Passthrough::new(upstream_config, stats.clone())?);
         let probe = upstream.clone();
         background.spawn(async move {
@@ -163,6 +190,7 @@ impl Stack {
             asset_upstream: Some(asset_upstream),
             passthrough: Some(passthrough),
             inputs: scores.map(|s| s.learner.clone() as Arc<dyn ClientInputs>),
+            uploads,
         })
     }
 }

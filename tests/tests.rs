@@ -35,4 +35,5 @@ mod suite {
     mod tls;
     mod unix_socket;
     mod wire_input;
+    mod write_back;
 }

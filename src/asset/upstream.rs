@@ -22,6 +22,7 @@ use crate::stats::UpstreamMethod;
 use crate::store::BlobStore;
 use crate::store::asset_index::AssetKind;
 use crate::store::read_through::ReadThrough;
+use crate::store::write_back::UploadQueue;
 use crate::upstream::Upstream;
 
 /// How long an UNIMPLEMENTED answer is believed before asking again.
@@ -67,6 +68,9 @@ pub struct AssetUpstream {
     local: Arc<dyn BlobStore>,
     /// Until when the asset endpoint is believed to answer UNIMPLEMENTED.
     unimplemented_until: Mutex<Option<Instant>>,
+    /// The upload queue (write-back mode): a Push is forwarded only after
+    /// its content left it.
+    uploads: Option<Arc<UploadQueue>>,
 }
 
 impl AssetUpstream {
@@ -84,7 +88,14 @@ impl AssetUpstream {
             reads,
             local,
             unimplemented_until: Mutex::new(None),
+            uploads: None,
         }
+    }
+
+    /// Pushes wait for `queue` to upload their content (write-back mode).
+    pub fn with_upload_queue(mut self, queue: Option<Arc<UploadQueue>>) -> Self {
+        self.uploads = queue;
+        self
     }
 
     /// Whether the asset endpoint is worth asking (not known to lack the API).
@@ -261,6 +272,10 @@ impl AssetUpstream {
         // local store holds.
         let missing = self.cas.find_missing(ctx, &blobs).await?;
         if missing.is_empty() {
+            // Present may mean queued: the Push waits until it is up.
+            if let Some(queue) = self.uploads.as_ref().filter(|q| !q.is_empty()) {
+                queue.flush(ctx, &blobs).await?;
+            }
             return Ok(());
         }
         Err(Error::Unavailable(format!(

@@ -172,6 +172,22 @@ pub fn report(s: &GetStatsResponse, server: &str) -> String {
         m("outpost_uploads_from_local_total")
     ));
     line(format!(
+        "  upload queue:  {} blobs ({}) and {} action results waiting, oldest {}s; \
+         {} uploaded ({}), {} already upstream, {} results forwarded, {} retries, {} given up, \
+         {} writes went through (queue full)",
+        m("outpost_write_back_queued_blobs"),
+        human_bytes(m("outpost_write_back_queued_bytes")),
+        m("outpost_write_back_queued_results"),
+        m("outpost_write_back_oldest_age_seconds"),
+        m("outpost_write_back_uploaded_total"),
+        human_bytes(m("outpost_write_back_uploaded_bytes_total")),
+        m("outpost_write_back_skipped_total"),
+        m("outpost_write_back_results_forwarded_total"),
+        m("outpost_write_back_retries_total"),
+        m("outpost_write_back_failed_total"),
+        m("outpost_write_back_fallbacks_total")
+    ));
+    line(format!(
         "  execution:     {} forwarded, {} reattached, {} repaired ({} blobs)",
         m("outpost_executions_total"),
         m("outpost_execution_reattaches_total"),
@@ -273,6 +289,11 @@ mod tests {
             ("outpost_client_limit_waits_total", 6),
             ("outpost_client_limit_refusals_total", 4),
             ("outpost_client_limit_waiting", 2),
+            ("outpost_write_back_queued_blobs", 7),
+            ("outpost_write_back_queued_results", 1),
+            ("outpost_write_back_oldest_age_seconds", 12),
+            ("outpost_write_back_uploaded_total", 30),
+            ("outpost_write_back_fallbacks_total", 2),
         ] {
             s.metrics.insert(k.to_string(), v);
         }
@@ -311,6 +332,16 @@ mod tests {
         );
         assert!(
             text.contains("invocations:   0 learning, 0 reading, 1 not reading"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "upload queue:  7 blobs (0 B) and 1 action results waiting, oldest 12s; 30 uploaded"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("2 writes went through (queue full)"),
             "{text}"
         );
     }

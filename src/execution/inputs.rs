@@ -2,7 +2,8 @@
 //! hold the Action, its Command and the whole input tree. A FindMissing
 //! through the proxy uploads what only Outpost holds; what is still missing
 //! afterwards the upstream reports itself (and [`repair`](super::repair)
-//! handles).
+//! handles). In write-back mode, inputs still waiting in the upload queue
+//! are uploaded first (the FindMissing calls them present).
 
 use crate::context::RequestContext;
 use crate::digest::Digest;
@@ -20,11 +21,12 @@ pub(super) async fn ensure_inputs(
     action: Digest,
 ) -> Result<Vec<Digest>> {
     let mut essentials = vec![action];
+    let queue = deps.uploads.as_ref().filter(|q| !q.is_empty());
     // If the upstream confirmed the Action within the existence TTL, the
     // client has just checked its whole input set through us (as Bazel does
     // before every Execute): walking the tree again would only cost round
-    // trips.
-    if deps.existence.knows(ctx, &action) {
+    // trips. Unless uploads are queued: some of them may be this action's.
+    if queue.is_none() && deps.existence.knows(ctx, &action) {
         return Ok(essentials);
     }
     match action_inputs(&*deps.blobs, ctx, &action).await {
@@ -32,6 +34,9 @@ pub(super) async fn ensure_inputs(
             essentials.push(inputs.command);
             if let Err(e) = deps.blobs.find_missing(ctx, &inputs.blobs).await {
                 tracing::debug!("input check for {action} failed: {e}");
+            }
+            if let Some(queue) = queue {
+                queue.flush(ctx, &inputs.blobs).await?;
             }
         }
         Err(e @ Error::Unavailable(_)) => return Err(e),

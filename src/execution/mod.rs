@@ -32,6 +32,7 @@ use crate::prefetch::Prefetcher;
 use crate::stats::Stats;
 use crate::store::existence_cache::ExistenceCache;
 use crate::store::replicator::Replicator;
+use crate::store::write_back::UploadQueue;
 use crate::store::{ActionResultStore, BlobStore};
 use crate::tasks::Background;
 use crate::upstream::Upstream;
@@ -54,6 +55,9 @@ pub struct ExecutionDeps {
     pub prefetcher: Option<Arc<Prefetcher>>,
     /// What the upstream is known to hold (to skip redundant input checks).
     pub existence: Arc<ExistenceCache>,
+    /// The upload queue (write-back mode): queued inputs go up before an
+    /// Execute is forwarded.
+    pub uploads: Option<Arc<UploadQueue>>,
     /// Counters.
     pub stats: Arc<Stats>,
     /// Where the Operation relays run, so shutdown can drain them.

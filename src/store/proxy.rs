@@ -2,11 +2,15 @@
 //! [`BlobStore`] composed of one decorator per job:
 //!
 //! - reads: [`ReadThrough`] (local first, a miss fetched once and kept);
-//! - writes: [`WriteThrough`] (a tee; done once both stores have the blob);
+//! - writes: [`WriteBack`] (done once stored locally; the [`UploadQueue`]
+//!   uploads it) or, with `write_mode = "through"`, [`WriteThrough`] (a tee;
+//!   done once both stores have the blob);
 //! - FindMissingBlobs: answered here, for the upstream, where the work runs.
-//!   Blobs the upstream lacks but the local store holds are copied over by
-//!   the [`Replicator`] and reported present, so the client does not send
-//!   them again.
+//!   A blob waiting in the upload queue is present (it will be uploaded and
+//!   cannot be evicted meanwhile). Blobs the upstream lacks but the local
+//!   store holds are queued (write-back) or copied over at once by the
+//!   [`Replicator`], and reported present, so the client does not send them
+//!   again.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -21,6 +25,7 @@ use crate::stats::Stats;
 use crate::store::local::LocalStore;
 use crate::store::read_through::{ReadHook, ReadThrough};
 use crate::store::replicator::Replicator;
+use crate::store::write_back::{Enqueued, UploadQueue, WriteBack};
 use crate::store::write_through::WriteThrough;
 use crate::store::{BlobStore, BlobWriter, ChunkStream};
 use crate::tasks::Background;
@@ -33,15 +38,24 @@ pub struct ProxyStore {
     /// The upstream CAS (normally behind an existence cache).
     upstream: Arc<dyn BlobStore>,
     reads: Arc<ReadThrough>,
-    writes: WriteThrough,
+    writes: Writes,
     /// Local → upstream, for FindMissingBlobs backfill (and execution repair).
     backfill: Arc<Replicator>,
+}
+
+/// How writes reach the upstream (`[upstream] write_mode`).
+enum Writes {
+    /// Acknowledged once stored locally; the queue uploads them.
+    Back(WriteBack, Arc<UploadQueue>),
+    /// Acknowledged once the upstream has them too.
+    Through(WriteThrough),
 }
 
 impl ProxyStore {
     /// Proxies `upstream` through `local`; fetches run on `background`,
     /// prefetch's yield to the client work counted in `traffic`, and `hook`
-    /// (if any) is told of every client read.
+    /// (if any) is told of every client read. With an upload `queue`,
+    /// writes are write-back; without, write-through.
     pub fn new(
         local: LocalStore,
         upstream: Arc<dyn BlobStore>,
@@ -49,6 +63,7 @@ impl ProxyStore {
         stats: Arc<Stats>,
         background: &Background,
         hook: Option<Arc<dyn ReadHook>>,
+        queue: Option<Arc<UploadQueue>>,
     ) -> Self {
         let capacity = local.occupancy().1;
         let local: Arc<dyn BlobStore> = Arc::new(local);
@@ -63,13 +78,73 @@ impl ProxyStore {
         if let Some(hook) = hook {
             reads = reads.with_hook(hook);
         }
+        let writes = match queue {
+            Some(queue) => Writes::Back(
+                WriteBack::new(
+                    local.clone(),
+                    capacity,
+                    upstream.clone(),
+                    queue.clone(),
+                    stats.clone(),
+                ),
+                queue,
+            ),
+            None => Writes::Through(WriteThrough::new(local.clone(), capacity, upstream.clone())),
+        };
         ProxyStore {
             local: local.clone(),
             upstream: upstream.clone(),
             reads: Arc::new(reads),
-            writes: WriteThrough::new(local.clone(), capacity, upstream.clone()),
+            writes,
             backfill: Arc::new(Replicator::new(local, upstream, stats)),
         }
+    }
+
+    /// The upload queue, in write-back mode.
+    pub fn upload_queue(&self) -> Option<&Arc<UploadQueue>> {
+        match &self.writes {
+            Writes::Back(_, queue) => Some(queue),
+            Writes::Through(_) => None,
+        }
+    }
+
+    /// Those of `digests` the upload queue does not hold for `ctx` (all of
+    /// them in write-through mode).
+    fn not_queued(&self, ctx: &RequestContext, digests: &[Digest]) -> Vec<Digest> {
+        let Some(queue) = self.upload_queue().filter(|q| !q.is_empty()) else {
+            return digests.to_vec();
+        };
+        let queued = queue.queued(ctx, digests);
+        digests
+            .iter()
+            .zip(queued)
+            .filter(|(_, queued)| !queued)
+            .map(|(d, _)| *d)
+            .collect()
+    }
+
+    /// Gets `held` (stored locally, missing upstream) to the upstream: queued
+    /// in write-back mode, else copied now. Returns those that could not be.
+    async fn backfill(&self, ctx: &RequestContext, held: Vec<Digest>) -> Vec<Digest> {
+        let held = match self.upload_queue() {
+            Some(queue) => match queue.enqueue_blobs(ctx, &held) {
+                Ok(answers) => held
+                    .into_iter()
+                    .zip(answers)
+                    .filter(|(_, answer)| *answer == Enqueued::Full)
+                    .map(|(d, _)| d)
+                    .collect(),
+                Err(e) => {
+                    tracing::warn!("cannot queue uploads: {e}; uploading at once");
+                    held
+                }
+            },
+            None => held,
+        };
+        if held.is_empty() {
+            return held;
+        }
+        self.backfill.copy(ctx, held).await
     }
 
     /// The read-through, for prefetch (which brings blobs in through it).
@@ -86,7 +161,12 @@ impl ProxyStore {
 #[async_trait]
 impl BlobStore for ProxyStore {
     async fn find_missing(&self, ctx: &RequestContext, digests: &[Digest]) -> Result<Vec<Digest>> {
-        let missing_upstream = self.upstream.find_missing(ctx, digests).await?;
+        // A queued blob is present: it will be uploaded, and it is pinned.
+        let ask = self.not_queued(ctx, digests);
+        if ask.is_empty() {
+            return Ok(ask);
+        }
+        let missing_upstream = self.upstream.find_missing(ctx, &ask).await?;
         if missing_upstream.is_empty() {
             return Ok(missing_upstream);
         }
@@ -101,7 +181,7 @@ impl BlobStore for ProxyStore {
             .filter(|d| !missing_locally.contains(d))
             .copied()
             .collect();
-        let failed: HashSet<Digest> = self.backfill.copy(ctx, held).await.into_iter().collect();
+        let failed: HashSet<Digest> = self.backfill(ctx, held).await.into_iter().collect();
         Ok(missing_upstream
             .into_iter()
             .filter(|d| missing_locally.contains(d) || failed.contains(d))
@@ -123,7 +203,10 @@ impl BlobStore for ProxyStore {
         ctx: &RequestContext,
         digest: &Digest,
     ) -> Result<Box<dyn BlobWriter>> {
-        self.writes.begin_write(ctx, digest).await
+        match &self.writes {
+            Writes::Back(writes, _) => writes.begin_write(ctx, digest).await,
+            Writes::Through(writes) => writes.begin_write(ctx, digest).await,
+        }
     }
 
     async fn read_many(&self, ctx: &RequestContext, digests: &[Digest]) -> Vec<Result<Bytes>> {
@@ -135,7 +218,10 @@ impl BlobStore for ProxyStore {
         ctx: &RequestContext,
         blobs: Vec<(Digest, Bytes)>,
     ) -> Vec<Result<()>> {
-        self.writes.write_many(ctx, blobs).await
+        match &self.writes {
+            Writes::Back(writes, _) => writes.write_many(ctx, blobs).await,
+            Writes::Through(writes) => writes.write_many(ctx, blobs).await,
+        }
     }
 }
 
@@ -173,6 +259,7 @@ mod tests {
             Traffic::new(stats.clone()),
             stats.clone(),
             &Background::new(),
+            None,
             None,
         ));
         let readers: Vec<_> = (0..50)
@@ -220,6 +307,7 @@ mod tests {
             stats.clone(),
             &Background::new(),
             None,
+            None,
         );
         let missing = proxy.find_missing(&ctx, &[ds, dl, nowhere]).await.unwrap();
         assert_eq!(missing, vec![nowhere]);
@@ -237,6 +325,7 @@ mod tests {
             Traffic::new(Arc::default()),
             Arc::new(Stats::default()),
             &Background::new(),
+            None,
             None,
         );
         let ctx = RequestContext::default();
@@ -274,6 +363,7 @@ mod tests {
             Traffic::new(Arc::default()),
             Arc::new(Stats::default()),
             &Background::new(),
+            None,
             None,
         );
         let ctx = RequestContext::default();

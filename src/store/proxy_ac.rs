@@ -3,7 +3,9 @@
 //! An upstream hit is stored locally (inlined contents stripped) so the next
 //! lookup costs no round trip; the completeness decorator above this layer
 //! checks the outputs (locally or upstream) before anything is served. An
-//! update goes to the upstream first, then locally. Removing (a result whose
+//! update goes to the upstream first, then locally; in write-back mode it is
+//! stored locally and queued instead, to be forwarded by the
+//! [`UploadQueue`] once the outputs it names are uploaded. Removing (a result whose
 //! outputs are gone) only forgets the local copy. An upstream hit is also
 //! told to a [`ResultObserver`] (prefetch queues its outputs: the client is
 //! about to download them). Concurrent lookups of the same action share one
@@ -17,9 +19,10 @@ use bazel_remote_apis::build::bazel::remote::execution::v2::ActionResult;
 use crate::context::RequestContext;
 use crate::digest::DigestFunction;
 use crate::error::Result;
-use crate::reapi::action::strip_inlined;
+use crate::reapi::action::{referenced_blobs, strip_inlined};
 use crate::store::single_flight::SingleFlight;
-use crate::store::{ActionKey, ActionResultStore};
+use crate::store::write_back::UploadQueue;
+use crate::store::{ActionKey, ActionResultStore, BlobStore};
 use crate::tasks::Background;
 
 /// Told of action results fetched from the upstream, so a higher layer
@@ -37,6 +40,9 @@ pub struct ProxyActionCache {
     observer: Option<Arc<dyn ResultObserver>>,
     /// Upstream lookups in flight, by action.
     lookups: SingleFlight<ActionKey, Option<ActionResult>>,
+    /// In write-back mode: the upload queue, and the local CAS where the
+    /// Trees a result names are read to list its outputs.
+    write_back: Option<(Arc<UploadQueue>, Arc<dyn BlobStore>)>,
 }
 
 impl ProxyActionCache {
@@ -53,7 +59,19 @@ impl ProxyActionCache {
             upstream,
             observer,
             lookups: SingleFlight::new(background.clone()),
+            write_back: None,
         }
+    }
+
+    /// Updates are queued behind their outputs in `queue` (write-back mode);
+    /// `local_blobs` holds the Trees they name.
+    pub fn writing_back(
+        mut self,
+        queue: Arc<UploadQueue>,
+        local_blobs: Arc<dyn BlobStore>,
+    ) -> Self {
+        self.write_back = Some((queue, local_blobs));
+        self
     }
 }
 
@@ -105,6 +123,22 @@ impl ActionResultStore for ProxyActionCache {
         key: &ActionKey,
         result: &ActionResult,
     ) -> Result<()> {
+        if let Some((queue, local_blobs)) = &self.write_back {
+            // The outputs it names: the queue forwards it after those of
+            // them it still holds. A result whose Trees are not here
+            // cannot be ordered so: it goes up now, as in write-through.
+            let function = key.action.function;
+            match referenced_blobs(&**local_blobs, ctx, function, result).await {
+                Ok(outputs) => {
+                    self.local.put_action_result(ctx, key, result).await?;
+                    return queue.enqueue_action_result(ctx, key, result, &outputs);
+                }
+                Err(e) => tracing::debug!(
+                    "result of {}: cannot list its outputs locally ({e}); forwarding it now",
+                    key.action
+                ),
+            }
+        }
         self.upstream.put_action_result(ctx, key, result).await?;
         self.local.put_action_result(ctx, key, result).await
     }

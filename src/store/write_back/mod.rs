@@ -24,6 +24,10 @@
 //! configured headers) and the client's instance name, never with the
 //! client's forwarded headers: those are never written to disk.
 
+mod writes;
+
+pub use self::writes::WriteBack;
+
 use std::sync::Arc;
 use std::time::Duration;
 
