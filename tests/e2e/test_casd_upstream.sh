@@ -40,7 +40,15 @@ port_a=$(free_port)
 start_outpost a "$port_a" --upstream "$upstream"
 build a "$port_a"
 actions=$(result_field "$RESULT_LINE" linux-sandbox)
-"$OUTPOST_BIN" stats --server "grpc://127.0.0.1:$port_a"
+stats_a=$("$OUTPOST_BIN" stats --server "grpc://127.0.0.1:$port_a")
+echo "$stats_a"
+# Bazel's uploads were acknowledged by A and sent to casd from its write-back
+# queue; the graceful stop uploads whatever is still queued, so B below sees
+# every result with its outputs.
+uploaded=$(echo "$stats_a" | sed -n 's/.*upload queue:.*; \([0-9]*\) uploaded.*/\1/p')
+if [ "${uploaded:-0}" -lt 1 ]; then
+  echo "expected Outpost A to upload Bazel's outputs from its write-back queue"; exit 1
+fi
 stop_outpost a
 
 # 2. Rebuild through Outpost B: empty local store, same casd.
