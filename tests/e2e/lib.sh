@@ -29,7 +29,8 @@ stop_outpost() {
   local dir="$E2E_TMP/$1" pid
   pid=$(cat "$dir/pid")
   kill -TERM "$pid"
-  for _ in $(seq 300); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  # up to 60 s: a graceful stop may upload the write-back queue for 30 s
+  for _ in $(seq 600); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
   if kill -0 "$pid" 2>/dev/null; then
     echo "outpost $1 ignored SIGTERM"; kill -KILL "$pid"; return 1
   fi
