@@ -52,10 +52,12 @@ pub(super) async fn run(inner: Arc<Inner>) {
             Some((work, outcome)) = running.next(), if !running.is_empty() => {
                 budget.release(&work);
                 let (succeeded, failed) = inner.settle(work, outcome);
-                if failed {
-                    paused_until = Some(Instant::now() + backoff);
+                let now = Instant::now();
+                // Several units failing together (one outage) double once.
+                if failed && !paused_until.is_some_and(|until| now < until) {
+                    paused_until = Some(now + backoff);
                     backoff = (backoff * 2).min(MAX_BACKOFF);
-                } else if succeeded {
+                } else if succeeded && !failed {
                     backoff = FIRST_BACKOFF;
                 }
             }
