@@ -12,7 +12,7 @@ use futures::{StreamExt, TryStreamExt};
 
 use crate::context::RequestContext;
 use crate::digest::Digest;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::stats::Stats;
 use crate::store::{BlobStore, SMALL_BLOB};
 
@@ -41,17 +41,8 @@ impl Replicator {
             digests.into_iter().partition(|d| d.size <= SMALL_BLOB);
         let mut failed = Vec::new();
         if !small.is_empty() {
-            let reads = self.from.read_many(ctx, &small).await;
-            let mut blobs = Vec::new();
-            for (d, r) in small.iter().zip(reads) {
-                match r {
-                    Ok(data) => blobs.push((*d, data)),
-                    Err(_) => failed.push(*d),
-                }
-            }
-            let digests: Vec<Digest> = blobs.iter().map(|(d, _)| *d).collect();
-            let results = self.to.write_many(ctx, blobs).await;
-            for (d, r) in digests.into_iter().zip(results) {
+            let results = copy_batch(&*self.from, &*self.to, ctx, &small).await;
+            for (d, r) in small.into_iter().zip(results) {
                 self.count(&d, r, &mut failed);
             }
         }
@@ -75,6 +66,37 @@ impl Replicator {
             }
         }
     }
+}
+
+/// Copies small blobs in one batched read and one batched write, one
+/// result per digest (a failed read is that digest's error); also how the
+/// upload queue sends its small blobs ([`crate::store::write_back`]).
+pub async fn copy_batch(
+    from: &dyn BlobStore,
+    to: &dyn BlobStore,
+    ctx: &RequestContext,
+    digests: &[Digest],
+) -> Vec<Result<()>> {
+    let mut results: Vec<Result<()>> = Vec::with_capacity(digests.len());
+    let mut blobs = Vec::new();
+    let mut sent = Vec::new();
+    for (i, read) in from.read_many(ctx, digests).await.into_iter().enumerate() {
+        match read {
+            Ok(data) => {
+                blobs.push((digests[i], data));
+                sent.push(i);
+                results.push(Err(Error::Internal(format!(
+                    "the batched write gave no answer for blob {}",
+                    digests[i]
+                ))));
+            }
+            Err(e) => results.push(Err(e)),
+        }
+    }
+    for (i, written) in sent.into_iter().zip(to.write_many(ctx, blobs).await) {
+        results[i] = written;
+    }
+    results
 }
 
 /// Streams one blob from `from` into `to` (which verifies it); also how a

@@ -29,7 +29,7 @@ use prost::Message;
 use super::asset_links::{AssetLinks, RecordRead, kept_blob_keys};
 use super::db::{Batch, Db, blob_key, parse_blob_key};
 use super::files::{FileArea, TempFile};
-use super::quota::{Entry, EntryKind, Index, Occupancy, Reservation, SharedIndex};
+use super::quota::{Entry, EntryKind, Index, Occupancy, PinGuard, Reservation, SharedIndex};
 use super::writer::Payload;
 use crate::digest::{Digest, DigestFunction};
 use crate::error::{Error, Result};
@@ -190,6 +190,16 @@ impl Catalog {
     /// Registers the function asked to free quota before eviction.
     pub fn set_reclaimer(&self, reclaimer: Reclaimer) {
         *self.reclaimer.lock().unwrap_or_else(|e| e.into_inner()) = Some(reclaimer);
+    }
+
+    /// Pins a stored blob against eviction; `None` when it is not stored.
+    pub fn pin_stored(&self, digest: &Digest) -> Option<PinGuard> {
+        self.index.pin_if_present(&blob_key(digest))
+    }
+
+    /// The database, for records kept beside the entries (the upload queue).
+    pub fn db(&self) -> &Db {
+        &self.db
     }
 
     /// The blob files (for verification: [`super::scrub`]).

@@ -3,7 +3,9 @@
 //!
 //! Column families: `index` (every entry's kind, size and last access),
 //! `inline` (small blobs), `actions` (encoded ActionResults), `assets`
-//! (encoded Remote Asset records). Every key starts with a one-byte kind;
+//! (encoded Remote Asset records), `uploads` (the write-back upload queue's
+//! records, laid out by [`crate::store::write_back`]; not counted in the
+//! quota). Every key starts with a one-byte kind;
 //! blob and action keys go on with the digest function, so that several
 //! digest functions can share the store without collisions; asset keys with
 //! the 32-byte [`AssetKey`] (which hashes everything the entry is keyed by).
@@ -25,11 +27,12 @@ const CF_INDEX: &str = "index";
 const CF_INLINE: &str = "inline";
 const CF_ACTIONS: &str = "actions";
 const CF_ASSETS: &str = "assets";
-const ALL_CFS: [&str; 4] = [CF_INDEX, CF_INLINE, CF_ACTIONS, CF_ASSETS];
+const CF_UPLOADS: &str = "uploads";
+const ALL_CFS: [&str; 5] = [CF_INDEX, CF_INLINE, CF_ACTIONS, CF_ASSETS, CF_UPLOADS];
 
 /// The local store's RocksDB database.
 pub struct Db {
-    /// The database with its four column families.
+    /// The database with its column families.
     db: DB,
     /// Options for commits: synced when the store was opened with `sync`.
     commit_opts: WriteOptions,
@@ -57,6 +60,7 @@ impl Db {
             ColumnFamilyDescriptor::new(CF_INLINE, inline_opts),
             ColumnFamilyDescriptor::new(CF_ACTIONS, action_opts),
             ColumnFamilyDescriptor::new(CF_ASSETS, asset_opts),
+            ColumnFamilyDescriptor::new(CF_UPLOADS, Options::default()),
         ];
         let db = DB::open_cf_descriptors(&opts, path, cfs)?;
         let mut commit_opts = WriteOptions::default();
@@ -116,6 +120,19 @@ impl Db {
                 break;
             }
             out.extend(parse_blob_key(&key));
+        }
+        Ok(out)
+    }
+
+    /// Every record of the upload queue, in key order.
+    pub fn scan_uploads(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_UPLOADS), IteratorMode::Start)
+        {
+            let (key, value) = item?;
+            out.push((key.to_vec(), value.to_vec()));
         }
         Ok(out)
     }
@@ -182,6 +199,16 @@ impl Batch<'_> {
         }
     }
 
+    /// Writes (or replaces) a record of the upload queue.
+    pub fn put_upload(&mut self, key: &[u8], value: &[u8]) {
+        self.batch.put_cf(self.db.cf(CF_UPLOADS), key, value);
+    }
+
+    /// Deletes a record of the upload queue.
+    pub fn delete_upload(&mut self, key: &[u8]) {
+        self.batch.delete_cf(self.db.cf(CF_UPLOADS), key);
+    }
+
     /// Deletes only the `index` entry (one that does not parse, or whose
     /// file is gone).
     pub fn delete_entry(&mut self, key: &[u8]) {
@@ -204,15 +231,19 @@ impl Batch<'_> {
 const BLOB: u8 = b'b';
 const ACTION: u8 = b'a';
 const ASSET: u8 = b's';
-const DIGEST_LEN: usize = 1 + 32 + 8;
 
-fn push_digest(key: &mut Vec<u8>, digest: &Digest) {
+/// Bytes of a digest in keys: function tag · hash · size (big-endian).
+pub const DIGEST_LEN: usize = 1 + 32 + 8;
+
+/// Appends a digest's [`DIGEST_LEN`] bytes.
+pub fn push_digest(key: &mut Vec<u8>, digest: &Digest) {
     key.push(digest.function.tag());
     key.extend_from_slice(&digest.hash);
     key.extend_from_slice(&digest.size.to_be_bytes());
 }
 
-fn parse_digest(bytes: &[u8]) -> Option<Digest> {
+/// Reads a digest from the first [`DIGEST_LEN`] bytes of `bytes`.
+pub fn parse_digest(bytes: &[u8]) -> Option<Digest> {
     let function = DigestFunction::from_tag(*bytes.first()?)?;
     let hash: [u8; 32] = bytes.get(1..33)?.try_into().ok()?;
     let size = u64::from_be_bytes(bytes.get(33..41)?.try_into().ok()?);
@@ -387,6 +418,32 @@ mod tests {
         batch.delete(&key, EntryKind::Asset);
         batch.commit().unwrap();
         assert!(db.asset(&key).unwrap().is_none());
+    }
+
+    #[test]
+    fn upload_records_put_scan_and_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path(), false).unwrap();
+        let mut batch = db.batch();
+        batch.put_upload(b"k2", b"v2");
+        batch.put_upload(b"k1", b"v1");
+        batch.commit().unwrap();
+        let scanned = db.scan_uploads().unwrap();
+        assert_eq!(
+            scanned,
+            vec![
+                (b"k1".to_vec(), b"v1".to_vec()),
+                (b"k2".to_vec(), b"v2".to_vec())
+            ]
+        );
+        assert!(db.scan_index().unwrap().is_empty());
+        let mut batch = db.batch();
+        batch.delete_upload(b"k1");
+        batch.write_unsynced().unwrap();
+        assert_eq!(
+            db.scan_uploads().unwrap(),
+            vec![(b"k2".to_vec(), b"v2".to_vec())]
+        );
     }
 
     #[test]

@@ -52,7 +52,8 @@ use crate::store::asset_index::{AssetIndex, AssetKey, AssetRecord};
 use crate::store::{ActionKey, ActionResultStore, BlobStore, BlobWriter, ChunkStream};
 
 pub use self::catalog::{EvictionListener, Reclaimer};
-pub use self::quota::Occupancy;
+pub use self::db::{DIGEST_LEN, parse_digest, push_digest};
+pub use self::quota::{Occupancy, PinGuard};
 pub use self::running::REFRESH_INTERVAL as RUNNING_MARKER_REFRESH;
 
 /// How far ahead of the bytes received a write of a file blob reserves
@@ -151,6 +152,38 @@ impl LocalStore {
     /// Flushes memtables so a clean shutdown leaves a short WAL to replay.
     pub fn flush(&self) -> Result<()> {
         self.catalog.flush()
+    }
+
+    /// Pins a stored blob against eviction until the guard is dropped;
+    /// `None` when it is not stored (the upload queue keeps its blobs so).
+    pub fn pin_blob(&self, digest: &Digest) -> Option<PinGuard> {
+        self.catalog.pin_stored(digest)
+    }
+
+    /// Every record of the upload queue (column family `uploads`), in key
+    /// order: what [`crate::store::write_back`] resumes from.
+    pub fn queue_records(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        self.catalog.db().scan_uploads()
+    }
+
+    /// Writes upload-queue records in one batch, with the store's commit
+    /// options (fsynced when the store syncs): a queued write is promised.
+    pub fn put_queue_records(&self, records: &[(Vec<u8>, Vec<u8>)]) -> Result<()> {
+        let mut batch = self.catalog.db().batch();
+        for (key, value) in records {
+            batch.put_upload(key, value);
+        }
+        batch.commit()
+    }
+
+    /// Deletes upload-queue records, unsynced: a deletion lost to a power
+    /// cut only uploads the entry again.
+    pub fn delete_queue_records(&self, keys: &[Vec<u8>]) -> Result<()> {
+        let mut batch = self.catalog.db().batch();
+        for key in keys {
+            batch.delete_upload(key);
+        }
+        batch.write_unsynced()
     }
 
     /// The stored blob with this hash, whatever its size, marking it used

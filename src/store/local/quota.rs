@@ -243,6 +243,18 @@ impl SharedIndex {
         }
     }
 
+    /// Pins `key` only if it is stored (checked under the same lock, so
+    /// eviction cannot slip in between): what keeps a queued upload's blob.
+    pub fn pin_if_present(&self, key: &[u8]) -> Option<PinGuard> {
+        let mut index = self.lock();
+        index.lru.peek(key)?;
+        index.pin(key);
+        Some(PinGuard {
+            index: self.clone(),
+            key: key.to_vec(),
+        })
+    }
+
     /// Takes charge of `bytes` already reserved with [`Index::reserve`], so
     /// they are given back if the write never commits.
     pub fn reservation(&self, bytes: u64) -> Reservation {

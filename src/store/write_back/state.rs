@@ -1,0 +1,531 @@
+//! The queue in memory: its entries (with their pins and waiters), the
+//! order they go up in, which results wait for which blobs, and the totals
+//! the gauges show. Plain data behind the queue's lock: nothing here does
+//! I/O or awaits; it says what to send next and what a finished attempt
+//! changes (including which durable records to delete).
+
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+
+use bazel_remote_apis::build::bazel::remote::execution::v2::ActionResult;
+use tokio::sync::oneshot;
+
+use super::records;
+use crate::digest::Digest;
+use crate::error::{Error, Result};
+use crate::store::local::PinGuard;
+use crate::store::{ActionKey, SMALL_BLOB};
+
+/// Bytes of small blobs being uploaded at once (they are read into memory).
+pub const SMALL_BYTES_IN_FLIGHT: u64 = 64 << 20;
+/// Bytes of small blobs in one batched upload.
+pub const BATCH_BYTES: u64 = 16 << 20;
+/// Large blobs streamed at once.
+pub const LARGE_IN_FLIGHT: usize = 4;
+/// Action results forwarded at once.
+pub const RESULTS_IN_FLIGHT: usize = 16;
+/// Attempts an entry the upstream refuses for good gets before it is given up.
+pub const REFUSALS: u32 = 3;
+
+/// Told when an entry's attempt ends: `Ok` once it is up, or the attempt's error.
+pub type Waiter = oneshot::Sender<Result<()>>;
+
+/// Where a blob entry is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Status {
+    /// Its record is being written; not sent yet.
+    Pending,
+    /// In one of the queues.
+    Waiting,
+    /// Being uploaded.
+    InFlight,
+}
+
+/// One queued blob of one instance name.
+struct BlobEntry {
+    status: Status,
+    /// Flushed: goes in the urgent queues, even while uploads are paused.
+    urgent: bool,
+    /// Which queue item is current (older items for it are skipped).
+    token: u64,
+    /// Refusals so far.
+    refusals: u32,
+    /// Position in the age order.
+    age: (u64, u64),
+    /// Flushes waiting for it.
+    waiters: Vec<Waiter>,
+    /// Results that wait for it.
+    dependents: HashSet<ActionKey>,
+    /// Keeps the blob in the local store until it is up.
+    _pin: PinGuard,
+}
+
+/// One queued action result.
+struct ResultEntry {
+    result: ActionResult,
+    /// Blobs of its instance still queued, which must go up first.
+    waiting_on: HashSet<Digest>,
+    /// Bumped when a later result replaces it.
+    generation: u64,
+    /// An attempt (of this or an earlier generation) is running: a
+    /// replacement is not sent until it ends, so the last one wins upstream.
+    in_flight: bool,
+    refusals: u32,
+    age: (u64, u64),
+}
+
+/// A unit of upload work, taken by the uploader.
+#[derive(Debug)]
+pub enum Work {
+    /// Small blobs of one instance name, in one batched write.
+    Small {
+        instance: String,
+        digests: Vec<Digest>,
+        bytes: u64,
+    },
+    /// One large blob, streamed.
+    Large { instance: String, digest: Digest },
+    /// One action result.
+    Result {
+        key: ActionKey,
+        generation: u64,
+        result: Box<ActionResult>,
+    },
+}
+
+/// What is in flight, against the limits.
+#[derive(Debug, Default)]
+pub struct Budget {
+    small_bytes: u64,
+    large: usize,
+    results: usize,
+}
+
+impl Budget {
+    /// Gives back what a finished unit held.
+    pub fn release(&mut self, work: &Work) {
+        match work {
+            Work::Small { bytes, .. } => self.small_bytes -= bytes,
+            Work::Large { .. } => self.large -= 1,
+            Work::Result { .. } => self.results -= 1,
+        }
+    }
+}
+
+/// What a failed attempt leads to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// Worth retrying (the upstream is down, a timeout…).
+    Transient,
+    /// The upstream refused it; retried only [`REFUSALS`] times.
+    Refused,
+    /// The blob is gone from the local store: nothing to send.
+    Lost,
+}
+
+/// What a settled blob attempt changed, for the caller to count and log.
+#[derive(Debug, Default)]
+pub struct Settled {
+    /// Durable records to delete.
+    pub delete: Vec<Vec<u8>>,
+    /// Entries given up (the blob, and the results that waited for it).
+    pub given_up: Vec<String>,
+}
+
+const URGENT_SMALL: usize = 0;
+const URGENT_LARGE: usize = 1;
+const SMALL: usize = 2;
+const LARGE: usize = 3;
+
+/// The queue's entries and order.
+#[derive(Default)]
+pub struct State {
+    blobs: HashMap<String, HashMap<Digest, BlobEntry>>,
+    results: HashMap<ActionKey, ResultEntry>,
+    /// Urgent small, urgent large, small, large: (instance, digest, token).
+    queues: [VecDeque<(String, Digest, u64)>; 4],
+    ready_results: VecDeque<(ActionKey, u64)>,
+    /// (queued at in unix ms, sequence) of every entry: the oldest first.
+    by_age: BTreeSet<(u64, u64)>,
+    blob_count: u64,
+    bytes: u64,
+    next: u64,
+}
+
+impl State {
+    fn next(&mut self) -> u64 {
+        self.next += 1;
+        self.next
+    }
+
+    /// Blobs, their bytes and results queued (pending ones included).
+    pub fn totals(&self) -> (u64, u64, u64) {
+        (self.blob_count, self.bytes, self.results.len() as u64)
+    }
+
+    /// When the oldest entry was queued (unix ms).
+    pub fn oldest(&self) -> Option<u64> {
+        self.by_age.first().map(|&(since, _)| since)
+    }
+
+    /// Whether `digest` is queued for `instance`.
+    pub fn contains(&self, instance: &str, digest: &Digest) -> bool {
+        self.blobs
+            .get(instance)
+            .is_some_and(|blobs| blobs.contains_key(digest))
+    }
+
+    /// Adds a blob whose record is still to be written ([`State::activate`]
+    /// puts it in line); `false` if it is queued already.
+    pub fn add_pending(
+        &mut self,
+        instance: &str,
+        digest: Digest,
+        since: u64,
+        pin: PinGuard,
+    ) -> bool {
+        if self.contains(instance, &digest) {
+            return false;
+        }
+        let age = (since, self.next());
+        self.by_age.insert(age);
+        self.blob_count += 1;
+        self.bytes += digest.size;
+        let entry = BlobEntry {
+            status: Status::Pending,
+            urgent: false,
+            token: 0,
+            refusals: 0,
+            age,
+            waiters: Vec::new(),
+            dependents: HashSet::new(),
+            _pin: pin,
+        };
+        self.blobs
+            .entry(instance.to_string())
+            .or_default()
+            .insert(digest, entry);
+        true
+    }
+
+    /// Puts a pending blob in line (its record is written).
+    pub fn activate(&mut self, instance: &str, digest: &Digest) {
+        self.enqueue(instance, digest, false);
+    }
+
+    /// Forgets a pending blob whose record could not be written.
+    pub fn abandon(&mut self, instance: &str, digest: &Digest, error: &Error) {
+        if let Some(mut entry) = self.remove_blob(instance, digest) {
+            for waiter in entry.waiters.drain(..) {
+                let _ = waiter.send(Err(error.duplicate()));
+            }
+        }
+    }
+
+    /// Puts a blob in its queue (at the front after a failed attempt).
+    fn enqueue(&mut self, instance: &str, digest: &Digest, front: bool) {
+        let token = self.next();
+        let Some(entry) = self.blobs.get_mut(instance).and_then(|b| b.get_mut(digest)) else {
+            return;
+        };
+        entry.status = Status::Waiting;
+        entry.token = token;
+        let large = digest.size > SMALL_BLOB;
+        let queue = match (entry.urgent, large) {
+            (true, false) => URGENT_SMALL,
+            (true, true) => URGENT_LARGE,
+            (false, false) => SMALL,
+            (false, true) => LARGE,
+        };
+        let item = (instance.to_string(), *digest, token);
+        if front {
+            self.queues[queue].push_front(item);
+        } else {
+            self.queues[queue].push_back(item);
+        }
+    }
+
+    fn remove_blob(&mut self, instance: &str, digest: &Digest) -> Option<BlobEntry> {
+        let blobs = self.blobs.get_mut(instance)?;
+        let entry = blobs.remove(digest)?;
+        if blobs.is_empty() {
+            self.blobs.remove(instance);
+        }
+        self.by_age.remove(&entry.age);
+        self.blob_count -= 1;
+        self.bytes -= digest.size;
+        Some(entry)
+    }
+
+    /// Registers a flush of a queued blob: it moves to the urgent queues.
+    /// `None` when it is not queued (nothing to wait for).
+    pub fn flush(
+        &mut self,
+        instance: &str,
+        digest: &Digest,
+    ) -> Option<oneshot::Receiver<Result<()>>> {
+        let entry = self.blobs.get_mut(instance)?.get_mut(digest)?;
+        let (tx, rx) = oneshot::channel();
+        entry.waiters.push(tx);
+        if !entry.urgent {
+            entry.urgent = true;
+            if entry.status == Status::Waiting {
+                self.enqueue(instance, digest, false);
+            }
+        }
+        Some(rx)
+    }
+
+    /// Queues (or replaces) an action result behind those of `after` still
+    /// queued for its instance name.
+    pub fn add_result(
+        &mut self,
+        key: ActionKey,
+        result: ActionResult,
+        after: &[Digest],
+        since: u64,
+    ) {
+        let seq = self.next();
+        let mut in_flight = false;
+        let mut age = (since, seq);
+        if let Some(old) = self.results.remove(&key) {
+            self.unlink(&key, &old.waiting_on);
+            in_flight = old.in_flight;
+            age = old.age;
+        } else {
+            self.by_age.insert(age);
+        }
+        let mut waiting_on = HashSet::new();
+        if let Some(blobs) = self.blobs.get_mut(&key.instance) {
+            for digest in after {
+                if let Some(entry) = blobs.get_mut(digest) {
+                    entry.dependents.insert(key.clone());
+                    waiting_on.insert(*digest);
+                }
+            }
+        }
+        let ready = waiting_on.is_empty() && !in_flight;
+        let entry = ResultEntry {
+            result,
+            waiting_on,
+            generation: seq,
+            in_flight,
+            refusals: 0,
+            age,
+        };
+        self.results.insert(key.clone(), entry);
+        if ready {
+            self.ready_results.push_back((key, seq));
+        }
+    }
+
+    fn unlink(&mut self, key: &ActionKey, waiting_on: &HashSet<Digest>) {
+        if let Some(blobs) = self.blobs.get_mut(&key.instance) {
+            for digest in waiting_on {
+                if let Some(entry) = blobs.get_mut(digest) {
+                    entry.dependents.remove(key);
+                }
+            }
+        }
+    }
+
+    /// The next units to send within `budget`: flushed blobs first (even
+    /// while `paused`), then, unless paused, results, large and small blobs.
+    pub fn take_work(&mut self, budget: &mut Budget, paused: bool) -> Vec<Work> {
+        let mut out = Vec::new();
+        self.take_large(URGENT_LARGE, budget, &mut out);
+        self.take_small(URGENT_SMALL, budget, &mut out);
+        if paused {
+            return out;
+        }
+        while budget.results < RESULTS_IN_FLIGHT {
+            let Some((key, generation)) = self.ready_results.pop_front() else {
+                break;
+            };
+            let Some(entry) = self.results.get_mut(&key) else {
+                continue;
+            };
+            if entry.generation != generation || entry.in_flight || !entry.waiting_on.is_empty() {
+                continue;
+            }
+            entry.in_flight = true;
+            budget.results += 1;
+            let result = Box::new(entry.result.clone());
+            out.push(Work::Result {
+                key,
+                generation,
+                result,
+            });
+        }
+        self.take_large(LARGE, budget, &mut out);
+        self.take_small(SMALL, budget, &mut out);
+        out
+    }
+
+    /// Pops the next current item of a queue, marking its entry in flight,
+    /// if `fits` its size.
+    fn pop(&mut self, queue: usize, fits: impl Fn(u64) -> bool) -> Option<(String, Digest)> {
+        loop {
+            let (instance, digest, token) = self.queues[queue].front()?.clone();
+            let current = self
+                .blobs
+                .get_mut(&instance)
+                .and_then(|b| b.get_mut(&digest))
+                .filter(|e| e.status == Status::Waiting && e.token == token);
+            match current {
+                None => {
+                    self.queues[queue].pop_front();
+                }
+                Some(_) if !fits(digest.size) => return None,
+                Some(entry) => {
+                    entry.status = Status::InFlight;
+                    self.queues[queue].pop_front();
+                    return Some((instance, digest));
+                }
+            }
+        }
+    }
+
+    fn take_large(&mut self, queue: usize, budget: &mut Budget, out: &mut Vec<Work>) {
+        while budget.large < LARGE_IN_FLIGHT {
+            let Some((instance, digest)) = self.pop(queue, |_| true) else {
+                return;
+            };
+            budget.large += 1;
+            out.push(Work::Large { instance, digest });
+        }
+    }
+
+    fn take_small(&mut self, queue: usize, budget: &mut Budget, out: &mut Vec<Work>) {
+        let mut batches: Vec<(String, Vec<Digest>, u64)> = Vec::new();
+        loop {
+            let used = budget.small_bytes;
+            let fits = |size| used == 0 || used + size <= SMALL_BYTES_IN_FLIGHT;
+            let Some((instance, digest)) = self.pop(queue, fits) else {
+                break;
+            };
+            budget.small_bytes += digest.size;
+            let open = batches
+                .iter_mut()
+                .position(|(i, _, bytes)| *i == instance && *bytes + digest.size <= BATCH_BYTES);
+            match open {
+                Some(at) => {
+                    batches[at].1.push(digest);
+                    batches[at].2 += digest.size;
+                }
+                None => batches.push((instance, vec![digest], digest.size)),
+            }
+        }
+        out.extend(
+            batches
+                .into_iter()
+                .map(|(instance, digests, bytes)| Work::Small {
+                    instance,
+                    digests,
+                    bytes,
+                }),
+        );
+    }
+
+    /// A blob is up (or the upstream had it): it leaves, its waiters are
+    /// told, and results waiting only for it become ready.
+    pub fn blob_done(&mut self, instance: &str, digest: &Digest) -> Vec<Vec<u8>> {
+        let Some(entry) = self.remove_blob(instance, digest) else {
+            return Vec::new();
+        };
+        for waiter in entry.waiters {
+            let _ = waiter.send(Ok(()));
+        }
+        for key in entry.dependents {
+            if let Some(result) = self.results.get_mut(&key) {
+                result.waiting_on.remove(digest);
+                if result.waiting_on.is_empty() && !result.in_flight {
+                    self.ready_results.push_back((key, result.generation));
+                }
+            }
+        }
+        vec![records::blob_key(instance, digest)]
+    }
+
+    /// A blob's attempt failed: its waiters get the error; it goes back to
+    /// the front of its queue, or is given up with the results that wait
+    /// for it (lost locally, or refused [`REFUSALS`] times).
+    pub fn blob_failed(
+        &mut self,
+        instance: &str,
+        digest: &Digest,
+        error: &Error,
+        failure: Failure,
+    ) -> Settled {
+        let mut settled = Settled::default();
+        let Some(entry) = self.blobs.get_mut(instance).and_then(|b| b.get_mut(digest)) else {
+            return settled;
+        };
+        for waiter in entry.waiters.drain(..) {
+            let _ = waiter.send(Err(error.duplicate()));
+        }
+        entry.urgent = false;
+        if failure == Failure::Refused {
+            entry.refusals += 1;
+        }
+        if failure == Failure::Transient
+            || (failure == Failure::Refused && entry.refusals < REFUSALS)
+        {
+            self.enqueue(instance, digest, true);
+            return settled;
+        }
+        let entry = self.remove_blob(instance, digest).expect("found above");
+        settled.delete.push(records::blob_key(instance, digest));
+        settled
+            .given_up
+            .push(format!("blob {digest} (instance {instance:?})"));
+        for key in entry.dependents {
+            if let Some(result) = self.results.remove(&key) {
+                self.unlink(&key, &result.waiting_on);
+                self.by_age.remove(&result.age);
+                settled.delete.push(records::result_key(&key));
+                settled.given_up.push(format!(
+                    "action result {} (instance {:?}), which waited for it",
+                    key.action, key.instance
+                ));
+            }
+        }
+        settled
+    }
+
+    /// A result's attempt ended. `None` = forwarded; `Some(refused)` = failed.
+    /// Returns the record to delete when the entry leaves (forwarded, or
+    /// refused [`REFUSALS`] times), and whether it was given up.
+    pub fn result_settled(
+        &mut self,
+        key: &ActionKey,
+        generation: u64,
+        failed: Option<bool>,
+    ) -> (Option<Vec<u8>>, bool) {
+        let Some(entry) = self.results.get_mut(key) else {
+            return (None, false);
+        };
+        entry.in_flight = false;
+        if entry.generation != generation {
+            // Replaced while in flight: the replacement goes now.
+            if entry.waiting_on.is_empty() {
+                self.ready_results
+                    .push_back((key.clone(), entry.generation));
+            }
+            return (None, false);
+        }
+        let give_up = match failed {
+            None => false,
+            Some(refused) => {
+                entry.refusals += u32::from(refused);
+                if !refused || entry.refusals < REFUSALS {
+                    self.ready_results.push_front((key.clone(), generation));
+                    return (None, false);
+                }
+                true
+            }
+        };
+        let entry = self.results.remove(key).expect("found above");
+        self.by_age.remove(&entry.age);
+        (Some(records::result_key(key)), give_up)
+    }
+}
