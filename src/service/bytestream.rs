@@ -67,12 +67,7 @@ impl ByteStreamService {
     }
 
     async fn exists(&self, ctx: &RequestContext, digest: &Digest) -> Result<bool> {
-        Ok(self
-            .backend
-            .blobs
-            .find_missing(ctx, &[*digest])
-            .await?
-            .is_empty())
+        self.backend.blobs.holds(ctx, digest).await
     }
 
     async fn read_stream(&self, metadata: &MetadataMap, req: ReadRequest) -> Result<ReadStream> {

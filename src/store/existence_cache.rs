@@ -118,6 +118,11 @@ fn note(known: &Known, instance: u64, digests: impl IntoIterator<Item = Digest>)
 
 #[async_trait]
 impl BlobStore for ExistenceCache {
+    /// Known present within the TTL; the upstream is not asked.
+    async fn holds(&self, ctx: &RequestContext, digest: &Digest) -> Result<bool> {
+        Ok(self.knows(ctx, digest))
+    }
+
     async fn find_missing(&self, ctx: &RequestContext, digests: &[Digest]) -> Result<Vec<Digest>> {
         let instance = instance_key(ctx);
         // The digests not known to be present, each once.

@@ -77,6 +77,16 @@ pub trait BlobStore: Send + Sync + 'static {
         digest: &Digest,
     ) -> Result<Box<dyn BlobWriter>>;
 
+    /// Whether the blob is here as far as this store can tell cheaply
+    /// (ByteStream's early completion asks before every upload). Stores in
+    /// front of a remote answer without calling it when they can.
+    async fn holds(&self, ctx: &RequestContext, digest: &Digest) -> Result<bool> {
+        Ok(self
+            .find_missing(ctx, std::slice::from_ref(digest))
+            .await?
+            .is_empty())
+    }
+
     /// Reads several whole blobs (meant for small ones), one result per digest.
     async fn read_many(&self, ctx: &RequestContext, digests: &[Digest]) -> Vec<Result<Bytes>> {
         let mut out = Vec::with_capacity(digests.len());

@@ -188,6 +188,23 @@ impl BlobStore for ProxyStore {
             .collect())
     }
 
+    /// Write-back: held locally and queued or known upstream, without a
+    /// round trip (an upload that goes ahead instead is queued, or found
+    /// known, at its commit). Write-through: FindMissingBlobs, as before.
+    async fn holds(&self, ctx: &RequestContext, digest: &Digest) -> Result<bool> {
+        let Some(queue) = self.upload_queue() else {
+            return Ok(self
+                .find_missing(ctx, std::slice::from_ref(digest))
+                .await?
+                .is_empty());
+        };
+        if !self.local.holds(ctx, digest).await? {
+            return Ok(false);
+        }
+        Ok(queue.queued(ctx, std::slice::from_ref(digest))[0]
+            || self.upstream.holds(ctx, digest).await?)
+    }
+
     async fn read(
         &self,
         ctx: &RequestContext,
