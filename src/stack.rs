@@ -139,7 +139,8 @@ impl Stack {
             background,
         );
         if let Some(queue) = &uploads {
-            results = results.writing_back(queue.clone(), Arc::new(local.clone()));
+            results =
+                results.writing_back(queue.clone(), Arc::new(local.clone()), upstream.clone());
         }
         let results = Arc::new(results);
         let executor = Executor::new(ExecutionDeps {

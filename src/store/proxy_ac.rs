@@ -24,6 +24,7 @@ use crate::store::single_flight::SingleFlight;
 use crate::store::write_back::UploadQueue;
 use crate::store::{ActionKey, ActionResultStore, BlobStore};
 use crate::tasks::Background;
+use crate::upstream::Upstream;
 
 /// Told of action results fetched from the upstream, so a higher layer
 /// (prefetch) can act on them without `store/` depending on it.
@@ -43,6 +44,9 @@ pub struct ProxyActionCache {
     /// In write-back mode: the upload queue, and the local CAS where the
     /// Trees a result names are read to list its outputs.
     write_back: Option<(Arc<UploadQueue>, Arc<dyn BlobStore>)>,
+    /// The upstream connection, whose capabilities say whether it accepts
+    /// action-cache updates at all (write-back mode).
+    connection: Option<Arc<Upstream>>,
 }
 
 impl ProxyActionCache {
@@ -60,18 +64,35 @@ impl ProxyActionCache {
             observer,
             lookups: SingleFlight::new(background.clone()),
             write_back: None,
+            connection: None,
         }
     }
 
     /// Updates are queued behind their outputs in `queue` (write-back mode);
-    /// `local_blobs` holds the Trees they name.
+    /// `local_blobs` holds the Trees they name. While `connection`'s
+    /// capabilities say the upstream refuses updates, they are forwarded at
+    /// once instead, so the client gets the upstream's refusal.
     pub fn writing_back(
         mut self,
         queue: Arc<UploadQueue>,
         local_blobs: Arc<dyn BlobStore>,
+        connection: Arc<Upstream>,
     ) -> Self {
         self.write_back = Some((queue, local_blobs));
+        self.connection = Some(connection);
         self
+    }
+
+    /// Whether the upstream's last known capabilities refuse action-cache
+    /// updates (unknown: no).
+    fn upstream_refuses_updates(&self) -> bool {
+        let caps = self
+            .connection
+            .as_ref()
+            .and_then(|c| c.cached_capabilities());
+        caps.and_then(|c| c.cache_capabilities)
+            .and_then(|c| c.action_cache_update_capabilities)
+            .is_some_and(|u| !u.update_enabled)
     }
 }
 
@@ -123,7 +144,9 @@ impl ActionResultStore for ProxyActionCache {
         key: &ActionKey,
         result: &ActionResult,
     ) -> Result<()> {
-        if let Some((queue, local_blobs)) = &self.write_back {
+        if let Some((queue, local_blobs)) = &self.write_back
+            && !self.upstream_refuses_updates()
+        {
             // The outputs it names: the queue forwards it after those of
             // them it still holds. A result whose Trees are not here
             // cannot be ordered so: it goes up now, as in write-through.

@@ -14,6 +14,7 @@ use outpost::server::RunningServer;
 use tonic::Code;
 use tonic::transport::Channel;
 
+pub use outpost::config::upstream::WriteMode;
 pub use outpost_testkit::client::*;
 pub use outpost_testkit::fake as fake_upstream;
 use outpost_testkit::fake::{FakeUpstream, Method};

@@ -117,7 +117,7 @@ async fn wait_upstream_writes_ended(fake: &FakeUpstream) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_parked_proxy_upload_holds_no_upstream_stream_and_resumes() {
     let fake = FakeUpstream::start().await;
-    let server = start_proxy(&fake, |_| {}, |_| {}).await;
+    let server = start_proxy(&fake, |u| u.write_mode = WriteMode::Through, |_| {}).await;
     fake.reset_stats();
     let mut bs = server.bytestream();
     let data = blob(1, 3 * MIB);
@@ -138,6 +138,30 @@ async fn a_parked_proxy_upload_holds_no_upstream_stream_and_resumes() {
             .expect("upstream has it when the write returns"),
         data.as_slice()
     );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_write_back_upload_resumes_then_goes_up_from_the_queue() {
+    let fake = FakeUpstream::start().await;
+    let server = start_proxy(&fake, |_| {}, |_| {}).await;
+    let mut bs = server.bytestream();
+    let data = blob(4, 3 * MIB);
+    let d = digest(&data);
+    let name = write_name("", &d);
+    abandon(&mut bs, &name, &data, MIB).await;
+    assert_eq!(
+        write_status(&mut bs, &name).await.unwrap(),
+        (MIB as i64, false)
+    );
+    assert_eq!(fake.count(Method::Write), 0, "nothing streams upstream");
+    let rest = write_requests(&name, &data, MIB, 256 << 10, true);
+    assert_eq!(write(&mut bs, rest).await.unwrap(), data.len() as i64);
+    let deadline = Instant::now() + WAIT;
+    while fake.blob(&d).as_deref() != Some(data.as_slice()) {
+        assert!(Instant::now() < deadline, "the queue never uploaded it");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     server.stop().await;
 }
 

@@ -76,6 +76,8 @@ async fn a_corrupt_local_blob_is_never_uploaded_and_leaves_the_store() {
         |u| {
             u.max_attempts = 1;
             u.existence_ttl = ttl;
+            // Uploaded before the answer, so the upstream can lose it.
+            u.write_mode = WriteMode::Through;
         },
         |_| {},
     )

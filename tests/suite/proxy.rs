@@ -40,8 +40,11 @@ async fn proxy_with(
     adjust: impl FnOnce(&mut UpstreamConfig),
     adjust_config: impl FnOnce(&mut Config),
 ) -> TestServer {
+    // These tests pin down the write-through proxy (a write is done once
+    // the upstream has it); write-back is tests/suite/write_back.rs.
     let adjust = |upstream: &mut UpstreamConfig| {
         upstream.max_attempts = 3;
+        upstream.write_mode = WriteMode::Through;
         adjust(upstream);
     };
     start_proxy(fake, adjust, adjust_config).await
