@@ -32,6 +32,7 @@ mod suite {
     mod proxy;
     mod ready_file;
     mod sighup;
+    mod streaming_reads;
     mod tls;
     mod unix_socket;
     mod wire_input;

@@ -1,19 +1,22 @@
 //! An in-memory [`BlobStore`] that counts its calls, for unit tests of the
-//! decorators (existence cache, proxy) without a network.
+//! decorators (existence cache, proxy) without a network. Its reads can
+//! come in chunks held back by a gate (a transfer in progress), and its
+//! writers can be followed ([`BlobWriter::follow`]).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::{Bytes, BytesMut};
-use futures::stream;
+use bytes::Bytes;
+use futures::{StreamExt, stream};
+use tokio::sync::{Semaphore, watch};
 
 use crate::context::RequestContext;
 use crate::digest::{Digest, verify};
 use crate::error::{Error, Result};
-use crate::store::{BlobStore, BlobWriter, ChunkStream};
+use crate::store::{BlobStore, BlobWriter, ChunkStream, WriteFollower, WrittenBytes};
 
 /// Blobs in a HashMap, with call counters and an optional delay per call.
 #[derive(Default)]
@@ -32,6 +35,12 @@ pub struct MemoryStore {
     pub down: std::sync::atomic::AtomicBool,
     /// Delay added to reads and existence checks.
     pub read_delay: Mutex<Duration>,
+    /// Bytes per chunk of a `read` stream (0: the whole range in one).
+    pub read_chunk: AtomicUsize,
+    /// When set, each chunk of a `read` stream after the first waits for a
+    /// permit of this semaphore: a test lets a transfer go on step by step
+    /// (or, closing it, breaks the transfer).
+    pub read_gate: Mutex<Option<Arc<Semaphore>>>,
 }
 
 impl MemoryStore {
@@ -109,7 +118,30 @@ impl BlobStore for MemoryStore {
             (offset + limit).min(data.len() as u64) as usize
         };
         let slice = data.slice(offset as usize..end);
-        Ok(Box::pin(stream::iter([Ok(slice)])))
+        let chunk = match self.read_chunk.load(Ordering::SeqCst) {
+            0 => slice.len().max(1),
+            n => n,
+        };
+        let gate = self.read_gate.lock().unwrap().clone();
+        let chunks: Vec<Bytes> = (0..slice.len().max(1))
+            .step_by(chunk)
+            .map(|at| slice.slice(at..(at + chunk).min(slice.len())))
+            .collect();
+        let gated = chunks.into_iter().enumerate().map(move |(i, c)| {
+            let gate = gate.clone().filter(|_| i > 0);
+            async move {
+                if let Some(gate) = gate {
+                    // A closed gate breaks the transfer.
+                    let permit = gate
+                        .acquire()
+                        .await
+                        .map_err(|_| Error::Unavailable("memory store: the read broke".into()))?;
+                    permit.forget();
+                }
+                Ok(c)
+            }
+        });
+        Ok(Box::pin(stream::iter(gated).then(|c| c)))
     }
 
     async fn begin_write(
@@ -121,7 +153,8 @@ impl BlobStore for MemoryStore {
         Ok(Box::new(MemoryWriter {
             blobs: self.blobs.clone(),
             digest: *digest,
-            buf: BytesMut::new(),
+            buf: Arc::default(),
+            written: watch::Sender::new(0),
         }))
     }
 
@@ -138,27 +171,56 @@ impl BlobStore for MemoryStore {
 struct MemoryWriter {
     blobs: Arc<Mutex<HashMap<Digest, Bytes>>>,
     digest: Digest,
-    buf: BytesMut,
+    /// The bytes so far, shared with followers.
+    buf: Arc<Mutex<Vec<u8>>>,
+    /// Their count, for followers.
+    written: watch::Sender<u64>,
 }
 
 #[async_trait]
 impl BlobWriter for MemoryWriter {
     async fn write(&mut self, data: Bytes) -> Result<()> {
-        self.buf.extend_from_slice(&data);
+        let len = {
+            let mut buf = self.buf.lock().unwrap();
+            buf.extend_from_slice(&data);
+            buf.len()
+        };
+        self.written.send_replace(len as u64);
         Ok(())
     }
 
     fn committed_size(&self) -> u64 {
-        self.buf.len() as u64
+        self.buf.lock().unwrap().len() as u64
     }
 
     async fn commit(self: Box<Self>) -> Result<()> {
-        verify(&self.digest, &Digest::of(self.digest.function, &self.buf))?;
-        self.blobs
-            .lock()
-            .unwrap()
-            .insert(self.digest, self.buf.freeze());
+        let data = Bytes::copy_from_slice(&self.buf.lock().unwrap());
+        verify(&self.digest, &Digest::of(self.digest.function, &data))?;
+        self.blobs.lock().unwrap().insert(self.digest, data);
         Ok(())
+    }
+
+    fn follow(&self) -> Option<WriteFollower> {
+        let bytes = Arc::new(MemoryBytes(self.buf.clone()));
+        Some(WriteFollower::new(bytes, self.written.subscribe()))
+    }
+}
+
+/// A memory writer's buffer, read by its followers.
+struct MemoryBytes(Arc<Mutex<Vec<u8>>>);
+
+#[async_trait]
+impl WrittenBytes for MemoryBytes {
+    async fn read_at(&self, offset: u64, len: usize) -> Result<Bytes> {
+        let buf = self.0.lock().unwrap();
+        let at = offset as usize;
+        match buf.get(at..at + len) {
+            Some(bytes) => Ok(Bytes::copy_from_slice(bytes)),
+            None => Err(Error::Internal(format!(
+                "read of {len} bytes at {offset}: only {} written",
+                buf.len()
+            ))),
+        }
     }
 }
 

@@ -37,11 +37,14 @@ pub mod upstream;
 pub mod write_back;
 pub mod write_through;
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use bazel_remote_apis::build::bazel::remote::execution::v2::ActionResult;
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use futures::stream::BoxStream;
+use tokio::sync::watch;
 
 use crate::context::RequestContext;
 use crate::digest::Digest;
@@ -130,6 +133,52 @@ pub trait BlobWriter: Send {
     /// Verifies the data against the digest and makes the blob visible.
     /// On a mismatch nothing is stored and INVALID_ARGUMENT is returned.
     async fn commit(self: Box<Self>) -> Result<()>;
+
+    /// A view of the bytes written so far, for readers that stream a blob
+    /// while it is still being written (a read-through fetch); `None` when
+    /// this writer cannot offer one (they wait for the commit instead).
+    /// The bytes it shows are unverified until `commit` succeeds.
+    fn follow(&self) -> Option<WriteFollower> {
+        None
+    }
+}
+
+/// What a [`BlobWriter`] shows of its write in progress: the bytes written
+/// so far and how many there are, so readers stream them as they arrive
+/// instead of waiting for the commit. Reads stay valid after the writer is
+/// committed or dropped.
+#[derive(Clone)]
+pub struct WriteFollower {
+    /// Positional reads of the bytes written.
+    bytes: Arc<dyn WrittenBytes>,
+    /// Bytes written so far; closed once the writer is gone.
+    written: watch::Receiver<u64>,
+}
+
+impl WriteFollower {
+    /// A follower reading `bytes`, told of their count by `written`.
+    pub fn new(bytes: Arc<dyn WrittenBytes>, written: watch::Receiver<u64>) -> Self {
+        WriteFollower { bytes, written }
+    }
+
+    /// Bytes `[offset, offset + len)`, which must all be written already.
+    pub async fn read_at(&self, offset: u64, len: usize) -> Result<Bytes> {
+        self.bytes.read_at(offset, len).await
+    }
+
+    /// A watch of the count of bytes written (closed once the writer is
+    /// gone, committed or not).
+    pub fn written(&self) -> watch::Receiver<u64> {
+        self.written.clone()
+    }
+}
+
+/// Where a [`WriteFollower`] reads a write's bytes (its temporary file, a
+/// buffer).
+#[async_trait]
+pub trait WrittenBytes: Send + Sync {
+    /// Bytes `[offset, offset + len)`, all written already.
+    async fn read_at(&self, offset: u64, len: usize) -> Result<Bytes>;
 }
 
 /// Reads a whole blob into memory. Use only where the size is known to be small

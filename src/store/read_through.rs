@@ -1,10 +1,13 @@
 //! Read-through: blobs are served from the local store; a miss is fetched
-//! from the upstream once, verified, stored locally, then served locally.
+//! from the upstream once, verified and stored locally.
 //!
 //! - Concurrent readers of the same missing blob join one fetch
 //!   ([`SingleFlight`]); the fetch finishes even if they all leave.
 //! - Small misses that arrive together are fetched in one batched upstream
-//!   read; a large one streams over ByteStream on its own.
+//!   read, then served locally; a large one streams over ByteStream on its
+//!   own, and its readers (the one that started it and those that join)
+//!   stream it as it is written, each holding back the end of its range
+//!   until the blob verified ([`streaming`]).
 //! - A blob larger than the whole local store streams straight from the
 //!   upstream; so does one evicted again before it could be served.
 //! - Prefetch brings blobs in through the same flights ([`ReadThrough::bring_in`]),
@@ -32,6 +35,10 @@ use crate::store::{BlobStore, ChunkStream, SMALL_BLOB, read_to_bytes};
 use crate::tasks::Background;
 use crate::upstream::batcher::split_by_weight;
 use crate::upstream::traffic::{Traffic, Yielding};
+
+use self::streaming::{Joined, StreamingFlight, StreamingFlights};
+
+mod streaming;
 
 /// Most bytes of small blobs in one prefetch flight (one BatchReadBlobs,
 /// which cannot pause once sent); larger blobs stream and pause between
@@ -74,6 +81,8 @@ pub struct ReadThrough {
     flights: SingleFlight<Digest, ()>,
     /// The prefetch flights among them, which a joining client promotes.
     yielding: YieldingFlights,
+    /// The flights that stream one large blob, which readers follow.
+    streaming: StreamingFlights,
     /// Client traffic on the upstream link, which prefetch flights yield to.
     traffic: Arc<Traffic>,
     /// Told of client reads (prefetch's ledger), if any.
@@ -99,6 +108,7 @@ impl ReadThrough {
             local_capacity,
             flights: SingleFlight::new(background.clone()),
             yielding: Arc::default(),
+            streaming: Arc::default(),
             traffic,
             hook: None,
             stats,
@@ -111,7 +121,8 @@ impl ReadThrough {
         self
     }
 
-    /// Streams a blob: locally, after fetching it on a miss.
+    /// Streams a blob: locally, or on a miss as the fetch writes it (a
+    /// large blob) or from the local store after the fetch (a small one).
     pub async fn read(
         &self,
         ctx: &RequestContext,
@@ -132,7 +143,17 @@ impl ReadThrough {
             return self.upstream.read(ctx, digest, offset, limit).await;
         }
         let ticket = self.claim(ctx, std::slice::from_ref(digest)).remove(0);
-        ticket.wait().await?;
+        // Looked up after the claim, so a streaming flight claimed or
+        // joined here is found unless it already ended.
+        match streaming::find(&self.streaming, digest) {
+            Some(stage) => {
+                let end = digest.read_end(offset, limit);
+                if let Joined::Stream(stream) = streaming::join(stage, offset, end).await? {
+                    return Ok(stream);
+                }
+            }
+            None => ticket.wait().await?,
+        }
         match self.local.read(ctx, digest, offset, limit).await {
             // Evicted again under heavy pressure: stream from upstream.
             Err(Error::NotFound(_)) => self.upstream.read(ctx, digest, offset, limit).await,
@@ -254,16 +275,28 @@ impl ReadThrough {
         let tickets = self.flights.claim(digests, |wanted| {
             Stats::add(&self.stats.upstream_fetches, wanted.len() as u64);
             // Registered before the flight is visible to other claims, so a
-            // client that joins it always finds it here.
+            // client that joins it always finds it here (and so does every
+            // reader of a streaming flight).
             let yielding = (priority == Priority::Prefetch)
                 .then(|| YieldingFlight::register(&self.yielding, &wanted));
+            let streaming = streams_alone(priority, &wanted)
+                .then(|| StreamingFlight::register(&self.streaming, wanted[0]));
             async move {
                 let gate = yielding.as_ref().map(|y| (&*traffic, &*y.transfer));
                 let _turn = match gate {
                     Some((traffic, transfer)) => Some(traffic.turn(transfer).await),
                     None => None,
                 };
-                let results = fetch_into(&*local, &*upstream, &ctx, &wanted, gate).await;
+                let results = match &streaming {
+                    Some(flight) => {
+                        let result =
+                            fetch_large(&*local, &*upstream, &ctx, &wanted[0], gate, flight);
+                        let result = result.await;
+                        flight.end(&result);
+                        vec![result]
+                    }
+                    None => fetch_many(&*local, &*upstream, &ctx, &wanted).await,
+                };
                 for (d, r) in wanted.iter().zip(&results) {
                     if let Err(e) = r {
                         tracing::debug!("fetching {d} from upstream failed: {e}");
@@ -296,6 +329,12 @@ fn batch_limits(priority: Priority) -> (u64, u64) {
         Priority::Client => (SMALL_BLOB, u64::MAX),
         Priority::Prefetch => (PREFETCH_BATCH, PREFETCH_BATCH),
     }
+}
+
+/// Whether a flight for `digests` at `priority` streams one large blob over
+/// ByteStream (rather than a batched read of small ones).
+fn streams_alone(priority: Priority, digests: &[Digest]) -> bool {
+    matches!(digests, [digest] if digest.size > batch_limits(priority).0)
 }
 
 fn lock(flights: &YieldingFlights) -> MutexGuard<'_, HashMap<Digest, Arc<Yielding>>> {
@@ -345,21 +384,14 @@ impl Drop for YieldingFlight {
     }
 }
 
-/// Fetches blobs from the upstream into the local store: one blob over
-/// ByteStream, or several small ones in one batched read. One result each.
-/// A prefetch transfer passes its `gate`: it pauses between chunks.
-async fn fetch_into(
+/// Fetches small blobs from the upstream into the local store, in one
+/// batched read. One result each.
+async fn fetch_many(
     local: &dyn BlobStore,
     upstream: &dyn BlobStore,
     ctx: &RequestContext,
     digests: &[Digest],
-    gate: Option<(&Traffic, &Yielding)>,
 ) -> Vec<Result<()>> {
-    if let [digest] = digests
-        && digest.size > batch_limits(ctx.priority).0
-    {
-        return vec![fetch_large(local, upstream, ctx, digest, gate).await];
-    }
     let reads = upstream.read_many(ctx, digests).await;
     let mut results: Vec<Result<()>> = Vec::with_capacity(digests.len());
     let mut fetched = Vec::new();
@@ -383,15 +415,17 @@ async fn fetch_into(
     results
 }
 
-/// Streams one large blob from the upstream into the local store; with a
-/// `gate`, waits between chunks while clients use the link (not reading
-/// lets HTTP/2 flow control stop the upstream after one window).
+/// Streams one large blob from the upstream into the local store, offering
+/// readers the local writer's follower through `flight`; with a `gate`,
+/// waits between chunks while clients use the link (not reading lets
+/// HTTP/2 flow control stop the upstream after one window).
 async fn fetch_large(
     local: &dyn BlobStore,
     upstream: &dyn BlobStore,
     ctx: &RequestContext,
     digest: &Digest,
     gate: Option<(&Traffic, &Yielding)>,
+    flight: &StreamingFlight,
 ) -> Result<()> {
     // The local writer verifies; a mismatch here is the upstream's fault,
     // not the client's, so it must not come back as INVALID_ARGUMENT.
@@ -403,6 +437,7 @@ async fn fetch_large(
     };
     let mut stream = upstream.read(ctx, digest, 0, 0).await?;
     let mut writer = local.begin_write(ctx, digest).await?;
+    flight.publish(writer.follow());
     loop {
         if let Some((traffic, transfer)) = gate {
             traffic.pause(transfer).await;

@@ -10,6 +10,7 @@
 use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
@@ -67,9 +68,14 @@ impl FileArea {
     pub fn create_temp(&self) -> Result<TempFile> {
         let n = self.next_tmp.fetch_add(1, Ordering::Relaxed);
         let path = self.tmp_dir.join(format!("upload-{n}"));
-        let file = File::options().write(true).create_new(true).open(&path)?;
+        // Readable too: readers follow a read-through fetch through it.
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
         Ok(TempFile {
-            file: Some(file),
+            file: Some(Arc::new(file)),
             path,
         })
     }
@@ -77,8 +83,7 @@ impl FileArea {
     /// Makes a verified temporary file the committed copy of `digest`. On
     /// failure the temporary file is deleted.
     pub fn publish(&self, mut tmp: TempFile, digest: &Digest) -> Result<()> {
-        let mut file = tmp.file.take().expect("temp file is open until publish");
-        file.flush()?;
+        let file = tmp.file.take().expect("temp file is open until publish");
         if self.sync {
             file.sync_all()?;
         }
@@ -323,8 +328,9 @@ impl VerifyingReader {
 /// A temporary file for a write in progress, deleted unless it was renamed
 /// into place by [`FileArea::publish`].
 pub struct TempFile {
-    /// The open file; taken by `publish`.
-    file: Option<File>,
+    /// The open file (read-write), shared with the readers that follow the
+    /// write ([`TempFile::shared`]); taken by `publish`.
+    file: Option<Arc<File>>,
     /// Its path under `tmp/`.
     path: PathBuf,
 }
@@ -332,8 +338,14 @@ pub struct TempFile {
 impl TempFile {
     /// Appends the next piece of the blob.
     pub fn write_all(&mut self, data: &[u8]) -> Result<()> {
-        let file = self.file.as_mut().expect("open until publish");
-        Ok(file.write_all(data)?)
+        let file = self.file.as_deref().expect("open until publish");
+        Ok((&*file).write_all(data)?)
+    }
+
+    /// The open file, for positional reads of what is written so far. The
+    /// handle stays valid after the file is renamed into place or deleted.
+    pub fn shared(&self) -> Arc<File> {
+        self.file.clone().expect("open until publish")
     }
 }
 

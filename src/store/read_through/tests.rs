@@ -4,6 +4,7 @@ use super::*;
 use crate::digest::DigestFunction;
 use crate::store::memory::blob;
 use crate::store::memory::{MemoryStore, count};
+use futures::StreamExt;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -261,4 +262,152 @@ async fn prefetch_fetches_small_blobs_in_short_batches_and_streams_the_rest() {
         "a larger blob streams"
     );
     assert!(wanted.iter().all(|d| local.has(d)));
+}
+
+/// An upstream whose reads come in `chunk`-byte pieces, each after the
+/// first waiting for a permit of the returned gate.
+fn gated_upstream(chunk: usize) -> (Arc<MemoryStore>, Arc<tokio::sync::Semaphore>) {
+    let upstream = Arc::new(MemoryStore::default());
+    upstream
+        .read_chunk
+        .store(chunk, std::sync::atomic::Ordering::SeqCst);
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    *upstream.read_gate.lock().unwrap() = Some(gate.clone());
+    (upstream, gate)
+}
+
+/// Opens a client read of `[offset, offset + limit)`.
+async fn open(store: &ReadThrough, d: &Digest, offset: u64, limit: u64) -> ChunkStream {
+    let ctx = RequestContext::default();
+    store.read(&ctx, d, offset, limit).await.unwrap()
+}
+
+/// Whether `stream` yields nothing within a moment.
+async fn holds_back(stream: &mut ChunkStream) -> bool {
+    use futures::StreamExt;
+    tokio::time::timeout(Duration::from_millis(100), stream.next())
+        .await
+        .is_err()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_of_a_large_miss_stream_it_while_it_is_fetched() {
+    let chunk = 256 << 10;
+    let (upstream, gate) = gated_upstream(chunk);
+    let local = Arc::new(MemoryStore::default());
+    let data = blob(3 << 20, 4);
+    let d = upstream.insert(&data);
+    let stats = Arc::new(Stats::default());
+    let store = read_through(&local, &upstream, &stats);
+
+    let mut first = open(&store, &d, 0, 0).await;
+    let got = first.try_next().await.unwrap().unwrap();
+    assert_eq!(
+        got,
+        data.slice(..chunk),
+        "the starter streams the first chunk"
+    );
+    // The upstream holds the rest back: the fetch cannot have ended.
+    assert!(!local.has(&d));
+    let mut joined = open(&store, &d, 0, 0).await;
+    let got = joined.try_next().await.unwrap().unwrap();
+    assert_eq!(got, data.slice(..chunk), "a joiner streams before the end");
+    assert!(!local.has(&d));
+    assert_eq!(Stats::get(&stats.single_flight_joins), 1);
+
+    gate.add_permits(1 << 20);
+    let rest: Vec<Bytes> = first.try_collect().await.unwrap();
+    assert_eq!(rest.concat(), data[chunk..]);
+    let rest: Vec<Bytes> = joined.try_collect().await.unwrap();
+    assert_eq!(rest.concat(), data[chunk..]);
+    assert_eq!(count(&upstream.reads), 1, "one upstream transfer");
+    assert!(local.has(&d), "written to the store once, verified");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_range_ends_only_once_the_blob_verified() {
+    let chunk = 256 << 10;
+    let (upstream, gate) = gated_upstream(chunk);
+    let local = Arc::new(MemoryStore::default());
+    let data = blob(2 << 20, 5);
+    let d = upstream.insert(&data);
+    let store = read_through(&local, &upstream, &Arc::new(Stats::default()));
+
+    // Within the first chunk, which has arrived: still held back.
+    let mut inside = open(&store, &d, 10, 100).await;
+    assert!(
+        holds_back(&mut inside).await,
+        "the end waits for the commit"
+    );
+    // Across chunks: what has arrived streams; the end waits.
+    let mut across = open(&store, &d, 1000, 1 << 20).await;
+    let got = across.try_next().await.unwrap().unwrap();
+    assert_eq!(got, data[1000..chunk]);
+
+    gate.add_permits(1 << 20);
+    let got: Vec<Bytes> = inside.try_collect().await.unwrap();
+    assert_eq!(got.concat(), data[10..110]);
+    let got: Vec<Bytes> = across.try_collect().await.unwrap();
+    assert_eq!(got.concat(), data[chunk..1000 + (1 << 20)]);
+    // An empty range at the end of the blob, once it is stored.
+    let empty: Vec<Bytes> = open(&store, &d, d.size, 0)
+        .await
+        .try_collect()
+        .await
+        .unwrap();
+    assert!(empty.concat().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_fetch_fails_every_reader_and_stores_nothing() {
+    let chunk = 256 << 10;
+    let (upstream, gate) = gated_upstream(chunk);
+    let local = Arc::new(MemoryStore::default());
+    let data = blob(2 << 20, 6);
+    let d = Digest::of(DigestFunction::Sha256, &data);
+    let mut rotten = data.to_vec();
+    rotten[(1 << 20) + 3] ^= 1;
+    upstream.blobs.lock().unwrap().insert(d, rotten.into());
+    let store = read_through(&local, &upstream, &Arc::new(Stats::default()));
+
+    let mut first = open(&store, &d, 0, 0).await;
+    first.try_next().await.unwrap().unwrap();
+    let joined = open(&store, &d, 0, 0).await;
+    gate.add_permits(1 << 20);
+    for (stream, name) in [(first, "starter"), (joined, "joiner")] {
+        let items: Vec<Result<Bytes>> = stream.collect().await;
+        let (last, before) = items.split_last().unwrap();
+        assert!(before.iter().all(Result::is_ok), "{name}");
+        assert!(
+            matches!(last, Err(Error::Unavailable(_))),
+            "{name}: {last:?}"
+        );
+        let sent: usize = before.iter().map(|c| c.as_ref().unwrap().len()).sum();
+        assert!(sent < data.len(), "{name}: the end was held back");
+    }
+    assert!(!local.has(&d), "nothing stored");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_transfer_fails_its_readers_and_the_next_read_fetches_again() {
+    let (upstream, gate) = gated_upstream(256 << 10);
+    let local = Arc::new(MemoryStore::default());
+    let d = upstream.insert(&blob(2 << 20, 7));
+    let store = read_through(&local, &upstream, &Arc::new(Stats::default()));
+    let mut first = open(&store, &d, 0, 0).await;
+    first.try_next().await.unwrap().unwrap();
+    let mut joined = open(&store, &d, 0, 0).await;
+    joined.try_next().await.unwrap().unwrap();
+    // The transfer breaks: the local write is abandoned.
+    gate.close();
+    for stream in [first, joined] {
+        let err = stream.try_collect::<Vec<Bytes>>().await.unwrap_err();
+        assert!(matches!(err, Error::Unavailable(_)), "{err:?}");
+    }
+    assert!(!local.has(&d));
+    // The next read starts a new fetch.
+    let (upstream_reads, data) = (count(&upstream.reads), blob(2 << 20, 7));
+    *upstream.read_gate.lock().unwrap() = None;
+    assert_eq!(read(&store, &d).await.unwrap(), data);
+    assert_eq!(count(&upstream.reads), upstream_reads + 1);
 }
