@@ -321,6 +321,11 @@ async fn run(s: Settings) -> anyhow::Result<()> {
         "\nissue 14 targets, outpost adaptive (the default): {} of {checked} PASS",
         checked - misses
     );
+    let (cold_passed, cold_checked) = report::print_cold_exec(&reports);
+    println!(
+        "\nissue 11 target (cold remote execution ≤ 1.0× direct), outpost adaptive: \
+         {cold_passed} of {cold_checked} PASS"
+    );
     if s.enforce && misses > 0 {
         bail!("{misses} target(s) missed (OUTPOST_WANX_ENFORCE=1)");
     }

@@ -203,3 +203,42 @@ fn print_targets(reports: &[RunReport]) -> Vec<Verdict> {
     }
     verdicts
 }
+
+/// Issue 11's figure: every run of this bench is a cold remote-execution
+/// build (fresh proxy, fresh sources, actions and outputs), so each proxied
+/// run against the direct run of the same read mode is "cold through Outpost
+/// vs direct" (target ≤ 1.0×). Also prints what the proxy adds to each
+/// action's FindMissingBlobs → upload → Execute → done (exec mean, target −
+/// direct). Returns the verdicts of `outpost adaptive` (passed, checked).
+pub fn print_cold_exec(reports: &[RunReport]) -> (usize, usize) {
+    println!("\nCold remote execution (issue 11: through Outpost ≤ 1.0× direct wall time)\n");
+    println!("| reads | target | wall | wall / direct | exec mean | added per action (exec) | |");
+    println!("|---|---|---|---|---|---|---|");
+    let (mut passed, mut checked) = (0, 0);
+    for r in reports.iter().filter(|r| r.target != Target::Direct) {
+        let Some(d) = reports
+            .iter()
+            .find(|d| d.target == Target::Direct && d.mode == r.mode)
+        else {
+            continue;
+        };
+        let wall = r.wall.as_secs_f64() / d.wall.as_secs_f64();
+        let (exec, _) = mean_p90(r.timings.iter().map(|t| t.exec));
+        let (exec_direct, _) = mean_p90(d.timings.iter().map(|t| t.exec));
+        let pass = wall <= 1.0;
+        if r.target == Target::Adaptive {
+            checked += 1;
+            passed += usize::from(pass);
+        }
+        println!(
+            "| {} | {} | {:.2} s | {wall:.3}× | {:.0} ms | {:+.0} ms | {} |",
+            r.mode.name(),
+            r.target.name(),
+            r.wall.as_secs_f64(),
+            exec * 1e3,
+            (exec - exec_direct) * 1e3,
+            if pass { "PASS" } else { "MISS" },
+        );
+    }
+    (passed, checked)
+}

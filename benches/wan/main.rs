@@ -24,7 +24,13 @@
 //! direct; the proxy's `upstream_calls` from GetStats when proxied) and bytes
 //! on the WAN (the relay's counters, both directions, gRPC framing included).
 //!
+//! A second workload, the cold cache-mode build (`cold_cache`), runs after
+//! those three: an empty upstream, every action executed locally and uploaded,
+//! direct vs through Outpost with `write_mode = "through"` and `"back"`.
+//!
 //! Run: `cargo bench --bench wan`. Knobs (environment): see benches/README.md.
+
+mod cold_cache;
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
@@ -55,6 +61,8 @@ use outpost_testkit::relay::{Relay, WanConfig};
 use outpost_testkit::workload::{BATCH_ENTRY_OVERHEAD, mix};
 use outpost_testkit::{Rng, ServerProcess, blob, pack};
 use tonic::transport::Channel;
+
+use cold_cache::CacheTarget;
 
 /// Largest gRPC message the clients accept or send (a 4 MiB batch + framing).
 const CLIENT_MAX_MESSAGE: usize = 16 << 20;
@@ -117,6 +125,12 @@ struct Settings {
     quota: String,
     run_timeout: Duration,
     only: Vec<Mode>,
+    /// The cold cache-mode runs (`cold_cache`).
+    cache_only: Vec<CacheTarget>,
+    /// "Local execution" of each action in the cold cache-mode build.
+    think: Duration,
+    /// Longest wait for the proxy's upload queue to drain after a build.
+    drain_timeout: Duration,
     enforce: bool,
     /// Extra TOML config for the proxy (`--config`), e.g. `[prefetch]` settings.
     proxy_config: Option<PathBuf>,
@@ -125,18 +139,29 @@ struct Settings {
 impl Settings {
     fn from_env() -> anyhow::Result<Self> {
         let bin = server_binary("OUTPOST_WAN_BIN", option_env!("CARGO_BIN_EXE_outpost"));
-        let only = match std::env::var("OUTPOST_WAN_ONLY") {
-            Ok(v) => v
-                .split(',')
-                .map(|s| match s.trim() {
-                    "direct" => Ok(Mode::Direct),
-                    "cold" => Ok(Mode::Cold),
-                    "warm" => Ok(Mode::Warm),
-                    other => bail!("OUTPOST_WAN_ONLY: unknown run {other:?} (direct, cold, warm)"),
-                })
-                .collect::<anyhow::Result<Vec<_>>>()?,
-            Err(_) => vec![Mode::Direct, Mode::Cold, Mode::Warm],
-        };
+        let (mut only, mut cache_only) = (Vec::new(), Vec::new());
+        let list =
+            std::env::var("OUTPOST_WAN_ONLY").unwrap_or_else(|_| "direct,cold,warm,cache".into());
+        for name in list.split(',').map(str::trim) {
+            match name {
+                "direct" => only.push(Mode::Direct),
+                "cold" => only.push(Mode::Cold),
+                "warm" => only.push(Mode::Warm),
+                "cache" => cache_only.extend(CacheTarget::ALL),
+                other => match CacheTarget::parse(other) {
+                    Some(t) => cache_only.push(t),
+                    None => bail!(
+                        "OUTPOST_WAN_ONLY: unknown run {other:?} (direct, cold, warm, \
+                         cache-direct, cache-through, cache-back, cache = all three)"
+                    ),
+                },
+            }
+        }
+        // Side by side in the order of CacheTarget::ALL, each once.
+        cache_only = CacheTarget::ALL
+            .into_iter()
+            .filter(|t| cache_only.contains(t))
+            .collect();
         let clients = env_usize("OUTPOST_WAN_CLIENTS", 4)?.max(1);
         let s = Settings {
             bin,
@@ -158,6 +183,9 @@ impl Settings {
             quota: std::env::var("OUTPOST_WAN_QUOTA").unwrap_or_else(|_| "8GiB".into()),
             run_timeout: Duration::from_secs(env_u64("OUTPOST_WAN_RUN_TIMEOUT_S", 900)?),
             only,
+            cache_only,
+            think: Duration::from_millis(env_u64("OUTPOST_WAN_THINK_MS", 100)?),
+            drain_timeout: Duration::from_secs(env_u64("OUTPOST_WAN_DRAIN_TIMEOUT_S", 600)?),
             enforce: std::env::var("OUTPOST_WAN_ENFORCE").is_ok_and(|v| v == "1"),
             proxy_config: std::env::var_os("OUTPOST_WAN_PROXY_CONFIG").map(PathBuf::from),
         };
@@ -1301,19 +1329,10 @@ async fn wait_for_capabilities(proxy: &Server) -> anyhow::Result<()> {
     }
 }
 
-async fn run(s: Arc<Settings>) -> anyhow::Result<()> {
-    println!("Outpost WAN benchmark: {}", s.wan);
-    let t = Instant::now();
-    let workload = Arc::new(
-        tokio::task::spawn_blocking({
-            let s = s.clone();
-            move || Workload::build(&s)
-        })
-        .await?,
-    );
-    println!("{}", workload.summary(&s));
-    println!("workload generated in {:.1} s", t.elapsed().as_secs_f64());
-
+/// The seeded build (direct, proxy cold, proxy warm) against one upstream
+/// seeded with the whole build.
+async fn run_seeded(workload: &Arc<Workload>, s: &Arc<Settings>) -> anyhow::Result<Vec<RunReport>> {
+    let (workload, s) = (workload.clone(), s.clone());
     let upstream = Server::start(&s, "upstream", &[])?;
     let t = Instant::now();
     seed(&upstream.url(), &workload, &s).await?;
@@ -1364,8 +1383,34 @@ async fn run(s: Arc<Settings>) -> anyhow::Result<()> {
         }
     }
 
-    print_table(&reports, &s.wan);
-    let missed = check_targets(&reports);
+    Ok(reports)
+}
+
+async fn run(s: Arc<Settings>) -> anyhow::Result<()> {
+    println!("Outpost WAN benchmark: {}", s.wan);
+    let t = Instant::now();
+    let workload = Arc::new(
+        tokio::task::spawn_blocking({
+            let s = s.clone();
+            move || Workload::build(&s)
+        })
+        .await?,
+    );
+    println!("{}", workload.summary(&s));
+    println!("workload generated in {:.1} s", t.elapsed().as_secs_f64());
+
+    let reports = if s.only.is_empty() {
+        Vec::new()
+    } else {
+        run_seeded(&workload, &s).await?
+    };
+    if !reports.is_empty() {
+        print_table(&reports, &s.wan);
+    }
+    let mut missed = check_targets(&reports);
+    if !s.cache_only.is_empty() {
+        missed.extend(cold_cache::run(&s.cache_only, &workload, &s).await?);
+    }
     if s.enforce && !missed.is_empty() {
         bail!("targets missed: {}", missed.join("; "));
     }
