@@ -54,7 +54,8 @@ pub(super) async fn run(inner: Arc<Inner>) {
                 let (succeeded, failed) = inner.settle(work, outcome);
                 let now = Instant::now();
                 // Several units failing together (one outage) double once.
-                if failed && !paused_until.is_some_and(|until| now < until) {
+                let pausing = paused_until.is_some_and(|until| now < until);
+                if failed && !pausing {
                     paused_until = Some(now + backoff);
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 } else if succeeded && !failed {
