@@ -41,7 +41,8 @@ pub(super) async fn run(inner: Arc<Inner>) {
     loop {
         let now = Instant::now();
         let paused = paused_until.is_some_and(|until| now < until);
-        for work in inner.state().take_work(&mut budget, paused) {
+        let taken = inner.state().take_work(&mut budget, paused);
+        for work in taken {
             let inner = inner.clone();
             running.push(async move {
                 let outcome = attempt(&inner, &work).await;
@@ -54,7 +55,8 @@ pub(super) async fn run(inner: Arc<Inner>) {
                 let (succeeded, failed) = inner.settle(work, outcome);
                 let now = Instant::now();
                 // Several units failing together (one outage) double once.
-                if failed && !paused_until.is_some_and(|until| now < until) {
+                let pausing = paused_until.is_some_and(|until| now < until);
+                if failed && !pausing {
                     paused_until = Some(now + backoff);
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 } else if succeeded && !failed {
@@ -76,7 +78,11 @@ async fn attempt(inner: &Inner, work: &Work) -> Outcome {
             let ctx = RequestContext::for_instance(instance.clone());
             let (known, send): (Vec<Digest>, Vec<Digest>) =
                 digests.iter().partition(|d| inner.existence.knows(&ctx, d));
-            let sent = copy_batch(&inner.local, &*inner.upstream, &ctx, &send).await;
+            let sent = if send.is_empty() {
+                Vec::new()
+            } else {
+                copy_batch(&inner.local, &*inner.upstream, &ctx, &send).await
+            };
             let mut out: Vec<(Digest, Result<bool>)> =
                 known.into_iter().map(|d| (d, Ok(false))).collect();
             out.extend(
