@@ -21,12 +21,12 @@ pub(super) async fn ensure_inputs(
     action: Digest,
 ) -> Result<Vec<Digest>> {
     let mut essentials = vec![action];
-    let queue = deps.uploads.as_ref().filter(|q| !q.is_empty());
+    let queued = || deps.uploads.as_ref().filter(|q| !q.is_empty());
     // If the upstream confirmed the Action within the existence TTL, the
     // client has just checked its whole input set through us (as Bazel does
     // before every Execute): walking the tree again would only cost round
     // trips. Unless uploads are queued: some of them may be this action's.
-    if queue.is_none() && deps.existence.knows(ctx, &action) {
+    if queued().is_none() && deps.existence.knows(ctx, &action) {
         return Ok(essentials);
     }
     match action_inputs(&*deps.blobs, ctx, &action).await {
@@ -35,7 +35,9 @@ pub(super) async fn ensure_inputs(
             if let Err(e) = deps.blobs.find_missing(ctx, &inputs.blobs).await {
                 tracing::debug!("input check for {action} failed: {e}");
             }
-            if let Some(queue) = queue {
+            // Asked again: the FindMissing may have just queued inputs
+            // that only the local store held.
+            if let Some(queue) = queued() {
                 queue.flush(ctx, &inputs.blobs).await?;
             }
         }

@@ -57,16 +57,7 @@ pub async fn referenced_blobs<B: BlobStore + ?Sized>(
     result: &ActionResult,
 ) -> Result<Vec<Digest>> {
     let parse = |d| Digest::from_proto(function, Some(d));
-    let mut out = Vec::new();
-    for file in &result.output_files {
-        out.push(Digest::from_proto(function, file.digest.as_ref())?);
-    }
-    for digest in [&result.stdout_digest, &result.stderr_digest]
-        .into_iter()
-        .flatten()
-    {
-        out.push(parse(digest)?);
-    }
+    let mut out = named_blobs(function, result)?;
     let dirs = &result.output_directories;
     let trees = dirs
         .iter()
@@ -74,9 +65,8 @@ pub async fn referenced_blobs<B: BlobStore + ?Sized>(
         .map(parse)
         .collect::<Result<Vec<_>>>()?;
     if !trees.is_empty() {
-        for (digest, read) in trees.iter().zip(blobs.read_many(ctx, &trees).await) {
+        for read in blobs.read_many(ctx, &trees).await {
             let tree = Tree::decode(read?)?;
-            out.push(*digest);
             for directory in tree.root.iter().chain(tree.children.iter()) {
                 push_files(function, directory, &mut out)?;
             }
@@ -88,6 +78,29 @@ pub async fn referenced_blobs<B: BlobStore + ?Sized>(
         .map(parse)
         .collect::<Result<Vec<_>>>()?;
     out.extend(tree_blobs(blobs, ctx, roots, IfMissing::Fail).await?);
+    Ok(out)
+}
+
+/// The blobs an ActionResult names itself: output files, stdout/stderr and
+/// output directories' Trees (what [`referenced_blobs`] lists without
+/// reading anything). The Trees' contents are not included.
+pub fn named_blobs(function: DigestFunction, result: &ActionResult) -> Result<Vec<Digest>> {
+    let parse = |d| Digest::from_proto(function, Some(d));
+    let mut out = Vec::new();
+    for file in &result.output_files {
+        out.push(Digest::from_proto(function, file.digest.as_ref())?);
+    }
+    for digest in [&result.stdout_digest, &result.stderr_digest]
+        .into_iter()
+        .flatten()
+    {
+        out.push(parse(digest)?);
+    }
+    for dir in &result.output_directories {
+        if let Some(tree) = &dir.tree_digest {
+            out.push(parse(tree)?);
+        }
+    }
     Ok(out)
 }
 

@@ -19,7 +19,7 @@ use bazel_remote_apis::build::bazel::remote::execution::v2::ActionResult;
 use crate::context::RequestContext;
 use crate::digest::DigestFunction;
 use crate::error::Result;
-use crate::reapi::action::{referenced_blobs, strip_inlined};
+use crate::reapi::action::{named_blobs, referenced_blobs, strip_inlined};
 use crate::store::single_flight::SingleFlight;
 use crate::store::write_back::UploadQueue;
 use crate::store::{ActionKey, ActionResultStore, BlobStore};
@@ -148,18 +148,23 @@ impl ActionResultStore for ProxyActionCache {
             && !self.upstream_refuses_updates()
         {
             // The outputs it names: the queue forwards it after those of
-            // them it still holds. A result whose Trees are not here
-            // cannot be ordered so: it goes up now, as in write-through.
+            // them it still holds. When a Tree is not here to be read, the
+            // blobs the result names itself (files, stdio, Trees) still
+            // order it; a result that names a malformed digest goes up now.
             let function = key.action.function;
-            match referenced_blobs(&**local_blobs, ctx, function, result).await {
-                Ok(outputs) => {
-                    self.local.put_action_result(ctx, key, result).await?;
-                    return queue.enqueue_action_result(ctx, key, result, &outputs);
+            let outputs = match referenced_blobs(&**local_blobs, ctx, function, result).await {
+                Ok(outputs) => Some(outputs),
+                Err(e) => {
+                    tracing::debug!(
+                        "result of {}: cannot list its trees' outputs locally ({e})",
+                        key.action
+                    );
+                    named_blobs(function, result).ok()
                 }
-                Err(e) => tracing::debug!(
-                    "result of {}: cannot list its outputs locally ({e}); forwarding it now",
-                    key.action
-                ),
+            };
+            if let Some(outputs) = outputs {
+                self.local.put_action_result(ctx, key, result).await?;
+                return queue.enqueue_action_result(ctx, key, result, &outputs);
             }
         }
         self.upstream.put_action_result(ctx, key, result).await?;

@@ -411,3 +411,44 @@ async fn kill_9_with_a_full_queue_then_restart_uploads_everything_results_last()
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inputs_the_input_check_queues_are_uploaded_before_the_execute() {
+    let fake = FakeUpstream::start().await;
+    // The proxy soon forgets what the upstream confirmed.
+    let server = proxy(&fake, |u| u.existence_ttl = Duration::from_millis(1)).await;
+    let action = TestAction::new(&["cc"], &["o"], &[("a.c", b"int a;"), ("b.h", b"int b;")]);
+    let blobs: Vec<&[u8]> = action.blobs.iter().map(|(_, b)| &b[..]).collect();
+    assert!(
+        batch_update(&mut server.cas(), "", &blobs)
+            .await
+            .iter()
+            .all(|c| *c == Code::Ok)
+    );
+    wait_until("the inputs upstream", || {
+        action.blob_digests().iter().all(|d| fake.has_blob(d))
+    })
+    .await;
+    let deadline = Instant::now() + WAIT;
+    while metric(&server, "outpost_write_back_queued_blobs").await > 0 {
+        assert!(Instant::now() < deadline, "the queue never emptied");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The upstream loses an input; only Outpost holds it now. The queue is
+    // empty when the Execute arrives: its input check queues the input, and
+    // it must go up before the Execute does.
+    let lost = action.input("a.c").unwrap();
+    assert!(fake.remove_blob(&lost));
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let mut exec = re::execution_client::ExecutionClient::new(server.channel());
+    let stream = exec.execute(action.request("")).await.unwrap().into_inner();
+    let ops = collect(stream).await.expect("Execute succeeds");
+    let response = operation_response(ops.last().unwrap()).unwrap();
+    assert_eq!(response.status.map_or(0, |s| s.code), 0);
+    assert_eq!(
+        fake.missing_input_rejections(),
+        0,
+        "the lost input was uploaded before the Execute"
+    );
+    assert!(fake.has_blob(&lost));
+}
