@@ -30,6 +30,20 @@ async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
     }
 }
 
+/// Polls the server's gauges until its upload queue holds nothing.
+async fn wait_queue_empty(clients: &impl Clients) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let m = stats(clients).await.metrics;
+        if m["outpost_write_back_queued_blobs"] == 0 && m["outpost_write_back_queued_results"] == 0
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the queue never emptied: {m:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 async fn update(
     clients: &impl Clients,
     action: &re::Digest,
@@ -400,16 +414,7 @@ async fn kill_9_with_a_full_queue_then_restart_uploads_everything_results_last()
     let server = start("log-2");
     wait_in_order(&fake, &results).await;
     // The queue settles each entry once the upstream answered.
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let m = stats(&server).await.metrics;
-        if m["outpost_write_back_queued_blobs"] == 0 && m["outpost_write_back_queued_results"] == 0
-        {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the queue never emptied: {m:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_queue_empty(&server).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -429,11 +434,7 @@ async fn inputs_the_input_check_queues_are_uploaded_before_the_execute() {
         action.blob_digests().iter().all(|d| fake.has_blob(d))
     })
     .await;
-    let deadline = Instant::now() + WAIT;
-    while metric(&server, "outpost_write_back_queued_blobs").await > 0 {
-        assert!(Instant::now() < deadline, "the queue never emptied");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_queue_empty(&server).await;
     // The upstream loses an input; only Outpost holds it now. The queue is
     // empty when the Execute arrives: its input check queues the input, and
     // it must go up before the Execute does.
