@@ -12,6 +12,7 @@
 //! - [`service`]: one thin gRPC adapter per REAPI service (and Outpost's Admin).
 //! - [`store`]: the [`store::BlobStore`] / [`store::ActionResultStore`] layers:
 //!   local RocksDB store, LRU index, blob files, action-result completeness.
+//! - [`compression`]: zstd, bounded and streaming: wire, at rest, over the WAN.
 //! - [`context`]: per-request instance name and forwardable headers.
 //! - [`decode_status`]: a request that does not decode answers INVALID_ARGUMENT.
 //! - [`digest`]: validated digests and incremental hashing.
@@ -36,6 +37,7 @@ pub mod asset;
 pub mod auth;
 pub mod cli;
 pub mod client;
+pub mod compression;
 pub mod config;
 pub mod context;
 pub mod decode_status;

@@ -420,6 +420,19 @@ counters! {
         /// Writes acknowledged only after the upstream had them because the
         /// queue was full (write-back store layer).
         write_back_fallbacks: "Writes that went through to the upstream because the upload queue was full.";
+        /// Blobs committed zstd-compressed at rest (local store).
+        store_compressed_blobs: "Blobs stored zstd-compressed at rest.";
+        /// Plain bytes of the blobs committed compressed (local store).
+        store_compressed_plain_bytes: "Uncompressed bytes of the blobs stored compressed at rest.";
+        /// Bytes on disk of the blobs committed compressed (local store).
+        store_compressed_disk_bytes: "Bytes on disk of the blobs stored compressed at rest.";
+        /// Client reads and writes of `compressed-blobs` and compressed batch
+        /// entries (ByteStream and CAS services).
+        client_compressed_blobs: "Blobs clients read or wrote zstd-compressed (ByteStream compressed-blobs and batch entries).";
+        /// Bytes crossing the WAN compressed, as sent or received (upstream store).
+        upstream_compressed_wire_bytes: "Bytes of blobs that crossed the WAN zstd-compressed, as sent or received.";
+        /// The same blobs' uncompressed bytes (upstream store).
+        upstream_compressed_plain_bytes: "Uncompressed bytes of the blobs that crossed the WAN compressed.";
     }
     by_method {
         /// Upstream calls started, by [`UpstreamMethod`] (upstream client).

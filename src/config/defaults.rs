@@ -94,6 +94,12 @@ pub const ORIGIN_FETCH_PRIVATE: bool = false;
 /// `[upstream] write_back_drain_timeout`: a graceful stop uploads the queue
 /// for at most this long; what is left is uploaded after the next start.
 pub const WRITE_BACK_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// `[upstream] compression_min_bytes`: smaller blobs cross the WAN plain
+/// (a zstd frame's overhead and the CPU are not worth it below this).
+pub const COMPRESSION_MIN_BYTES: u64 = 1024;
+/// `[store] compression`: blobs are kept zstd-compressed at rest when that
+/// saves at least 10%.
+pub const STORE_COMPRESSION: bool = true;
 /// `[upstream] write_back_max_bytes` when unset: this share of the quota
 /// (queued blobs are pinned, so the rest stays for the cache).
 pub const WRITE_BACK_QUOTA_SHARE: f64 = 0.5;

@@ -83,6 +83,9 @@ pub struct StoreSection {
     pub inline_limit: Option<ByteSize>,
     /// fsync every commit.
     pub fsync: Option<bool>,
+    /// Keep blobs zstd-compressed at rest where that saves at least 10%
+    /// (default true).
+    pub compression: Option<bool>,
 }
 
 /// One header to add to every upstream call. Exactly one of `value` and
@@ -142,6 +145,11 @@ pub struct UpstreamSection {
     pub write_back_max_bytes: Option<ByteSize>,
     /// How long a graceful stop keeps uploading the queue before it exits.
     pub write_back_drain_timeout: Option<HumanDuration>,
+    /// `auto` (default): blobs cross the WAN zstd-compressed when the
+    /// upstream advertises zstd; `off`: always plain.
+    pub compression: Option<super::upstream::UpstreamCompression>,
+    /// Blobs smaller than this cross the WAN plain even with compression on.
+    pub compression_min_bytes: Option<ByteSize>,
 }
 
 /// `[prefetch]` keys.

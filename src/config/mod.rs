@@ -65,6 +65,8 @@ pub struct Config {
     pub inline_limit: u64,
     /// fsync every commit.
     pub fsync: bool,
+    /// Keep blobs zstd-compressed at rest where it pays (`[store] compression`).
+    pub store_compression: bool,
     /// Advertised `max_batch_total_size_bytes`.
     pub max_batch_total_size_bytes: u64,
     /// The upstream to proxy, if any.
@@ -179,6 +181,10 @@ impl Config {
             quota_bytes,
             inline_limit,
             fsync: file.store.fsync.unwrap_or(defaults::FSYNC),
+            store_compression: file
+                .store
+                .compression
+                .unwrap_or(defaults::STORE_COMPRESSION),
             max_batch_total_size_bytes: max_batch,
             upstream,
             metrics_listen,
@@ -199,6 +205,7 @@ impl Config {
             quota_bytes: defaults::QUOTA,
             inline_limit: defaults::INLINE_LIMIT,
             fsync: defaults::FSYNC,
+            store_compression: defaults::STORE_COMPRESSION,
             max_batch_total_size_bytes: defaults::MAX_BATCH,
             upstream: None,
             metrics_listen: None,
@@ -231,6 +238,10 @@ mod tests {
         assert!(file.upstream.max_concurrent_calls.is_some());
         assert!(file.upstream.existence_ttl.is_some() && file.upstream.max_attempts.is_some());
         assert!(file.upstream.write_mode.is_some() && file.upstream.write_back_max_bytes.is_some());
+        assert!(
+            file.upstream.compression.is_some() && file.upstream.compression_min_bytes.is_some()
+        );
+        assert!(file.store.compression.is_some());
         assert!(file.upstream.write_back_drain_timeout.is_some());
         assert!(file.metrics.listen.is_some());
         let p = &file.prefetch;

@@ -29,6 +29,18 @@ pub enum WriteMode {
     Through,
 }
 
+/// Whether blobs cross the WAN compressed: the `compression` key.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamCompression {
+    /// zstd when the upstream advertises it (ByteStream and batches), for
+    /// blobs of at least `compression_min_bytes`.
+    #[default]
+    Auto,
+    /// Always plain.
+    Off,
+}
+
 /// The resolved upstream settings.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UpstreamConfig {
@@ -67,6 +79,10 @@ pub struct UpstreamConfig {
     pub write_back_max_bytes: Option<u64>,
     /// Bound on uploading the queue at a graceful stop.
     pub write_back_drain_timeout: Duration,
+    /// Whether blobs cross the WAN compressed.
+    pub compression: UpstreamCompression,
+    /// Smallest blob sent or fetched compressed.
+    pub compression_min_bytes: u64,
 }
 
 impl UpstreamConfig {
@@ -154,6 +170,10 @@ impl UpstreamConfig {
             write_back_drain_timeout: section
                 .write_back_drain_timeout
                 .map_or(defaults::WRITE_BACK_DRAIN_TIMEOUT, |d| d.0),
+            compression: section.compression.unwrap_or_default(),
+            compression_min_bytes: section
+                .compression_min_bytes
+                .map_or(defaults::COMPRESSION_MIN_BYTES, |b| b.0),
         }))
     }
 

@@ -46,6 +46,7 @@ use futures::StreamExt;
 use futures::stream::BoxStream;
 use tokio::sync::watch;
 
+use crate::compression::{self, Compressor, DecompressingWriter};
 use crate::context::RequestContext;
 use crate::digest::Digest;
 use crate::error::{Error, Result};
@@ -79,6 +80,39 @@ pub trait BlobStore: Send + Sync + 'static {
         ctx: &RequestContext,
         digest: &Digest,
     ) -> Result<Box<dyn BlobWriter>>;
+
+    /// Streams the blob from plain byte `offset` to its end, compressed
+    /// with `compressor` (REAPI `compressed-blobs` reads: the offset is
+    /// uncompressed, there is no limit). The default compresses
+    /// [`BlobStore::read`] as it streams; a store that holds or fetches
+    /// compressed bytes serves them as they are.
+    async fn read_compressed(
+        &self,
+        ctx: &RequestContext,
+        digest: &Digest,
+        offset: u64,
+        compressor: Compressor,
+    ) -> Result<ChunkStream> {
+        let Compressor::Zstd = compressor;
+        let plain = self.read(ctx, digest, offset, 0).await?;
+        Ok(compression::compress_stream(plain))
+    }
+
+    /// Starts a write whose pieces are `compressor`-compressed bytes of the
+    /// blob; the writer verifies the *uncompressed* digest at commit and
+    /// never expands past its declared size. Its `committed_size` counts
+    /// plain bytes. The default decodes into [`BlobStore::begin_write`]; a
+    /// store that keeps or forwards compressed bytes takes them as they are.
+    async fn begin_write_compressed(
+        &self,
+        ctx: &RequestContext,
+        digest: &Digest,
+        compressor: Compressor,
+    ) -> Result<Box<dyn BlobWriter>> {
+        let Compressor::Zstd = compressor;
+        let plain = self.begin_write(ctx, digest).await?;
+        Ok(Box::new(DecompressingWriter::new(plain, *digest)?))
+    }
 
     /// Whether the blob is here as far as this store can tell cheaply
     /// (ByteStream's early completion asks before every upload). Stores in

@@ -1,0 +1,465 @@
+//! zstd, the one compressor Outpost speaks (REAPI `Compressor.ZSTD`): the
+//! wire form of `compressed-blobs` and of compressed batch entries, the form
+//! blobs take at rest when it pays, and the form they cross the WAN in when
+//! the upstream speaks it.
+//!
+//! Everything here is push-style and bounded, on libzstd's streaming API
+//! (the `zstd` crate): a [`Decompressor`] never produces more than the
+//! digest's declared size, so a tiny upload that expands without end (a
+//! zstd bomb) is cut off at that size instead of being buffered. The one
+//! adapter from a compressed write to a plain one, [`DecompressingWriter`],
+//! is what every store that has no native compressed write uses.
+
+use async_trait::async_trait;
+use bazel_remote_apis::build::bazel::remote::execution::v2::compressor::Value as CompressorProto;
+use bytes::Bytes;
+use futures::StreamExt;
+use zstd::stream::raw::{Decoder, Encoder, InBuffer, Operation, OutBuffer};
+
+use crate::digest::Digest;
+use crate::error::{Error, Result, clip};
+use crate::store::{BlobWriter, ChunkStream, WriteFollower};
+
+/// The zstd level of everything Outpost compresses itself: level 1 runs at
+/// several hundred MB/s per core and already gets most of the gain on build
+/// outputs.
+pub const LEVEL: i32 = 1;
+
+/// Output chunk size of the streaming coders.
+const OUT_CHUNK: usize = 128 << 10;
+
+/// A compressor other than identity (identity is "no compressor": plain).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Compressor {
+    /// Zstandard.
+    Zstd,
+}
+
+impl Compressor {
+    /// Every compressor this build serves, for Capabilities.
+    pub const ALL: &'static [Compressor] = &[Compressor::Zstd];
+
+    /// The resource-name segment (`compressed-blobs/zstd/…`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Compressor::Zstd => "zstd",
+        }
+    }
+
+    /// Inverse of [`Compressor::name`]; `None` for a compressor not served.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Compressor::ALL.iter().copied().find(|c| c.name() == name)
+    }
+
+    /// The REAPI enum value.
+    pub fn to_proto(self) -> i32 {
+        match self {
+            Compressor::Zstd => CompressorProto::Zstd as i32,
+        }
+    }
+
+    /// Maps a request's `compressor` field: `Ok(None)` for identity,
+    /// INVALID_ARGUMENT for one this server does not advertise.
+    pub fn from_proto(value: i32) -> Result<Option<Self>> {
+        match CompressorProto::try_from(value) {
+            Ok(CompressorProto::Identity) => Ok(None),
+            Ok(CompressorProto::Zstd) => Ok(Some(Compressor::Zstd)),
+            Ok(other) => Err(Error::InvalidArgument(format!(
+                "compressor {} is not supported by this server (supported: ZSTD)",
+                other.as_str_name()
+            ))),
+            Err(_) => Err(Error::InvalidArgument(format!(
+                "unknown compressor value {value} (supported: ZSTD)"
+            ))),
+        }
+    }
+}
+
+/// Whether a compressed form of `compressed` bytes is worth keeping for
+/// `plain` bytes: it saves at least 10%.
+pub fn worth_it(plain: u64, compressed: u64) -> bool {
+    compressed.saturating_mul(10) <= plain.saturating_mul(9)
+}
+
+/// Compresses a whole in-memory blob (batch entries, inline blobs).
+pub fn compress(data: &[u8]) -> Bytes {
+    // Compression of a slice into a Vec fails only on allocation failure.
+    Bytes::from(zstd::bulk::compress(data, LEVEL).expect("zstd compression of a slice"))
+}
+
+/// Decompresses a whole in-memory compressed blob that must expand to
+/// exactly `size` bytes. INVALID_ARGUMENT when it is not zstd, is cut
+/// short, or expands to another size (never more than `size` is produced).
+pub fn decompress(data: &[u8], size: u64) -> Result<Bytes> {
+    let mut decoder = Decompressor::new(size)?;
+    let mut out = Vec::with_capacity(size.min(16 << 20) as usize);
+    for chunk in decoder.feed(data)? {
+        out.extend_from_slice(&chunk);
+    }
+    decoder.finish()?;
+    if decoder.produced() != size {
+        return Err(short(decoder.produced(), size));
+    }
+    Ok(Bytes::from(out))
+}
+
+/// A push-style, bounded zstd decoder: feed compressed bytes, get plain
+/// chunks. Accepts several concatenated frames.
+pub struct Decompressor {
+    decoder: Decoder<'static>,
+    /// Most plain bytes this decoder may produce.
+    limit: u64,
+    /// Plain bytes produced so far.
+    produced: u64,
+    /// Whether the last frame fed is complete (true before any input).
+    at_frame_end: bool,
+}
+
+impl Decompressor {
+    /// A decoder that fails once its output would pass `limit` bytes.
+    pub fn new(limit: u64) -> Result<Self> {
+        Ok(Decompressor {
+            decoder: Decoder::new().map_err(|e| Error::Internal(format!("zstd decoder: {e}")))?,
+            limit,
+            produced: 0,
+            at_frame_end: true,
+        })
+    }
+
+    /// Plain bytes produced so far.
+    pub fn produced(&self) -> u64 {
+        self.produced
+    }
+
+    /// Decodes `input`, returning the plain bytes it completes.
+    /// INVALID_ARGUMENT when the data is not zstd or expands past the limit.
+    pub fn feed(&mut self, input: &[u8]) -> Result<Vec<Bytes>> {
+        let mut input = InBuffer::around(input);
+        let mut chunks = Vec::new();
+        loop {
+            let mut buf = vec![0u8; OUT_CHUNK];
+            let mut output = OutBuffer::around(&mut buf[..]);
+            let consumed_before = input.pos();
+            let hint = self
+                .decoder
+                .run(&mut input, &mut output)
+                .map_err(|e| Error::InvalidArgument(format!("the zstd data is corrupt: {e}")))?;
+            let written = output.pos();
+            if hint == 0 {
+                self.at_frame_end = true;
+            } else if written > 0 || input.pos() > consumed_before {
+                self.at_frame_end = false;
+            }
+            self.produced += written as u64;
+            if self.produced > self.limit {
+                return Err(Error::InvalidArgument(format!(
+                    "the zstd data expands past the declared size of {} bytes",
+                    self.limit
+                )));
+            }
+            if written > 0 {
+                buf.truncate(written);
+                chunks.push(Bytes::from(buf));
+            }
+            // Done when all input is consumed and the decoder had room to
+            // spare (a full output buffer may mean more output is pending).
+            if input.pos() == input.src.len() && written < OUT_CHUNK {
+                return Ok(chunks);
+            }
+        }
+    }
+
+    /// Checks that the input ended at the end of a frame.
+    pub fn finish(&self) -> Result<()> {
+        if self.at_frame_end {
+            Ok(())
+        } else {
+            Err(Error::InvalidArgument(
+                "the zstd data ends in the middle of a frame".into(),
+            ))
+        }
+    }
+}
+
+/// A push-style zstd encoder: feed plain bytes, get compressed ones; one
+/// frame per encoder.
+pub struct StreamCompressor {
+    encoder: Encoder<'static>,
+}
+
+impl StreamCompressor {
+    /// An encoder at [`LEVEL`].
+    pub fn new() -> Result<Self> {
+        Ok(StreamCompressor {
+            encoder: Encoder::new(LEVEL)
+                .map_err(|e| Error::Internal(format!("zstd encoder: {e}")))?,
+        })
+    }
+
+    /// Compresses `input`; returns what the encoder emitted (may be empty).
+    pub fn feed(&mut self, input: &[u8]) -> Result<Bytes> {
+        let mut input = InBuffer::around(input);
+        let mut out = Vec::new();
+        while input.pos() < input.src.len() {
+            let mut buf = vec![0u8; OUT_CHUNK];
+            let mut output = OutBuffer::around(&mut buf[..]);
+            self.encoder
+                .run(&mut input, &mut output)
+                .map_err(|e| Error::Internal(format!("zstd compression: {e}")))?;
+            let n = output.pos();
+            out.extend_from_slice(&buf[..n]);
+        }
+        Ok(Bytes::from(out))
+    }
+
+    /// Ends the frame; returns the last compressed bytes.
+    pub fn finish(mut self) -> Result<Bytes> {
+        let mut out = Vec::new();
+        loop {
+            let mut buf = vec![0u8; OUT_CHUNK];
+            let mut output = OutBuffer::around(&mut buf[..]);
+            let remaining = self
+                .encoder
+                .finish(&mut output, true)
+                .map_err(|e| Error::Internal(format!("zstd compression: {e}")))?;
+            let n = output.pos();
+            out.extend_from_slice(&buf[..n]);
+            if remaining == 0 {
+                return Ok(Bytes::from(out));
+            }
+        }
+    }
+}
+
+/// Compresses a plain chunk stream into one zstd frame, as it streams.
+pub fn compress_stream(input: ChunkStream) -> ChunkStream {
+    let state = (input, StreamCompressor::new().map(Some));
+    futures::stream::unfold(state, |(mut input, encoder)| async move {
+        let mut encoder = match encoder {
+            Ok(Some(encoder)) => encoder,
+            Ok(None) => return None,
+            Err(e) => return Some((Err(e), (input, Ok(None)))),
+        };
+        loop {
+            match input.next().await {
+                Some(Ok(chunk)) => match encoder.feed(&chunk) {
+                    Ok(out) if out.is_empty() => continue,
+                    Ok(out) => return Some((Ok(out), (input, Ok(Some(encoder))))),
+                    Err(e) => return Some((Err(e), (input, Ok(None)))),
+                },
+                Some(Err(e)) => return Some((Err(e), (input, Ok(None)))),
+                None => return Some((encoder.finish(), (input, Ok(None)))),
+            }
+        }
+    })
+    .boxed()
+}
+
+/// Decompresses a zstd chunk stream that must expand to exactly `size`
+/// bytes (INVALID_ARGUMENT otherwise; callers reading a store or the
+/// upstream map it to what that means for them).
+pub fn decompress_stream(input: ChunkStream, size: u64) -> ChunkStream {
+    let state = (input, Decompressor::new(size).map(Some));
+    futures::stream::unfold(state, move |(mut input, decoder)| async move {
+        let mut decoder = match decoder {
+            Ok(Some(decoder)) => decoder,
+            Ok(None) => return None,
+            Err(e) => return Some((Err(e), (input, Ok(None)))),
+        };
+        loop {
+            let chunk = match input.next().await {
+                Some(Ok(chunk)) => chunk,
+                Some(Err(e)) => return Some((Err(e), (input, Ok(None)))),
+                None => {
+                    let end = decoder.finish().and_then(|()| {
+                        if decoder.produced() == size {
+                            Ok(())
+                        } else {
+                            Err(short(decoder.produced(), size))
+                        }
+                    });
+                    return match end {
+                        Ok(()) => None,
+                        Err(e) => Some((Err(e), (input, Ok(None)))),
+                    };
+                }
+            };
+            match decoder.feed(&chunk) {
+                Ok(out) if out.is_empty() => continue,
+                Ok(out) => {
+                    let joined = join(out);
+                    return Some((Ok(joined), (input, Ok(Some(decoder)))));
+                }
+                Err(e) => return Some((Err(e), (input, Ok(None)))),
+            }
+        }
+    })
+    .boxed()
+}
+
+fn join(mut chunks: Vec<Bytes>) -> Bytes {
+    if chunks.len() == 1 {
+        return chunks.pop().unwrap_or_default();
+    }
+    let mut out = Vec::with_capacity(chunks.iter().map(Bytes::len).sum());
+    for c in chunks {
+        out.extend_from_slice(&c);
+    }
+    Bytes::from(out)
+}
+
+fn short(produced: u64, size: u64) -> Error {
+    Error::InvalidArgument(format!(
+        "the zstd data expands to {produced} bytes, the digest declares {size}"
+    ))
+}
+
+/// A compressed write on top of a plain one: decodes each piece (bounded by
+/// the digest's size) and writes the plain bytes to the inner writer, which
+/// verifies the digest at commit as for any write. Every store without a
+/// native compressed write uses it (`BlobStore::begin_write_compressed`).
+///
+/// `committed_size` is the inner writer's, in plain bytes: where a client
+/// resumes a compressed upload (REAPI: the first `write_offset` of a
+/// compressed Write is an uncompressed offset). A resumed upload starts a
+/// new zstd frame, so parking resets the decoder.
+pub struct DecompressingWriter {
+    inner: Box<dyn BlobWriter>,
+    digest: Digest,
+    decoder: Decompressor,
+}
+
+impl DecompressingWriter {
+    /// Wraps the plain writer `inner` of `digest`.
+    pub fn new(inner: Box<dyn BlobWriter>, digest: Digest) -> Result<Self> {
+        let decoder = Decompressor::new(digest.size.saturating_sub(inner.committed_size()))?;
+        Ok(DecompressingWriter {
+            inner,
+            digest,
+            decoder,
+        })
+    }
+}
+
+#[async_trait]
+impl BlobWriter for DecompressingWriter {
+    async fn write(&mut self, data: Bytes) -> Result<()> {
+        let chunks = self.decoder.feed(&data).map_err(|e| {
+            Error::InvalidArgument(format!(
+                "compressed upload of {}: {}",
+                self.digest,
+                clip(&e.to_string())
+            ))
+        })?;
+        for chunk in chunks {
+            self.inner.write(chunk).await?;
+        }
+        Ok(())
+    }
+
+    fn committed_size(&self) -> u64 {
+        self.inner.committed_size()
+    }
+
+    fn park(&mut self) -> bool {
+        match Decompressor::new(self.digest.size.saturating_sub(self.inner.committed_size())) {
+            Ok(decoder) => self.decoder = decoder,
+            Err(_) => return false,
+        }
+        self.inner.park()
+    }
+
+    async fn commit(self: Box<Self>) -> Result<()> {
+        self.decoder.finish().map_err(|e| {
+            Error::InvalidArgument(format!("compressed upload of {}: {e}", self.digest))
+        })?;
+        self.inner.commit().await
+    }
+
+    fn follow(&self) -> Option<WriteFollower> {
+        self.inner.follow()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::stream;
+
+    fn text(n: usize) -> Vec<u8> {
+        (0..n)
+            .map(|i| b"build outputs compress well "[i % 28])
+            .collect()
+    }
+
+    async fn collect(s: ChunkStream) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut s = s;
+        while let Some(c) = s.next().await {
+            out.extend_from_slice(&c?);
+        }
+        Ok(out)
+    }
+
+    fn chunks(data: &[u8], n: usize) -> ChunkStream {
+        let parts: Vec<Result<Bytes>> = data
+            .chunks(n)
+            .map(|c| Ok(Bytes::copy_from_slice(c)))
+            .collect();
+        stream::iter(parts).boxed()
+    }
+
+    #[tokio::test]
+    async fn streams_round_trip() {
+        let data = text(3 << 20);
+        let packed = collect(compress_stream(chunks(&data, 70_000)))
+            .await
+            .unwrap();
+        assert!(packed.len() < data.len() / 10);
+        let plain = collect(decompress_stream(chunks(&packed, 999), data.len() as u64))
+            .await
+            .unwrap();
+        assert_eq!(plain, data);
+        assert_eq!(decompress(&packed, data.len() as u64).unwrap(), data);
+    }
+
+    #[tokio::test]
+    async fn a_bomb_stops_at_the_declared_size() {
+        let packed = compress(&vec![0u8; 64 << 20]);
+        assert!(packed.len() < 64 << 10);
+        let err = decompress(&packed, 1 << 20).unwrap_err();
+        assert!(err.to_string().contains("expands past"), "{err}");
+        let err = collect(decompress_stream(chunks(&packed, 1 << 10), 1 << 20))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("expands past"), "{err}");
+    }
+
+    #[test]
+    fn short_truncated_and_garbage_input_are_refused() {
+        let data = text(100_000);
+        let packed = compress(&data);
+        assert!(decompress(&packed, data.len() as u64 + 1).is_err());
+        assert!(decompress(&packed[..packed.len() - 3], data.len() as u64).is_err());
+        assert!(decompress(b"not zstd at all", 10).is_err());
+    }
+
+    #[test]
+    fn concatenated_frames_decode() {
+        let (a, b) = (text(5000), text(7000));
+        let mut packed = compress(&a).to_vec();
+        packed.extend_from_slice(&compress(&b));
+        let plain = decompress(&packed, 12_000).unwrap();
+        assert_eq!(&plain[..5000], &a[..]);
+    }
+
+    #[test]
+    fn worth_it_needs_ten_percent() {
+        assert!(worth_it(100, 90));
+        assert!(!worth_it(100, 91));
+        assert!(Compressor::from_proto(0).unwrap().is_none());
+        assert_eq!(Compressor::from_proto(1).unwrap(), Some(Compressor::Zstd));
+        assert!(Compressor::from_proto(2).is_err());
+        assert_eq!(Compressor::from_name("zstd"), Some(Compressor::Zstd));
+    }
+}
