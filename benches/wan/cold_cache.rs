@@ -74,12 +74,12 @@ impl CacheTarget {
 }
 
 /// What one cold cache-mode run measured.
-struct CacheReport {
+pub struct CacheReport {
     target: CacheTarget,
     /// First client call → last UpdateActionResult answered.
-    wall: Duration,
+    pub wall: Duration,
     /// End of the build → upload queue empty (proxied runs).
-    drained: Option<Duration>,
+    pub drained: Option<Duration>,
     /// WAN bytes when the clients were done, and after the drain.
     wan_at_end: (u64, u64),
     wan_total: (u64, u64),
@@ -91,7 +91,8 @@ impl CacheReport {
         self.upstream_calls.values().sum()
     }
 
-    fn wan_bytes(&self) -> u64 {
+    /// Bytes on the WAN, both directions, drain included.
+    pub fn wan_bytes(&self) -> u64 {
         self.wan_total.0 + self.wan_total.1
     }
 }
@@ -236,10 +237,10 @@ async fn run_cold_build(
     Ok(start.elapsed())
 }
 
-/// The proxy's config file: `[upstream] write_mode`, added to the user's
-/// `OUTPOST_WAN_PROXY_CONFIG` if any.
-fn proxy_config(s: &Settings, write_mode: &str) -> anyhow::Result<String> {
-    let line = format!("write_mode = \"{write_mode}\"\n");
+/// The proxy's config file: `lines` (keys of `[upstream]`) added to the
+/// user's `OUTPOST_WAN_PROXY_CONFIG` if any.
+pub fn proxy_config(s: &Settings, lines: &str) -> anyhow::Result<String> {
+    let line = format!("{lines}\n");
     let user = match &s.proxy_config {
         Some(path) => {
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?
@@ -324,11 +325,13 @@ async fn check_upstream(
     Ok(())
 }
 
-/// One cold cache-mode run: a fresh upstream, relay and (proxied) proxy.
-async fn run_one(
+/// One cold cache-mode run: a fresh upstream, relay and (proxied) proxy;
+/// `upstream_lines` are extra `[upstream]` keys for the proxy.
+pub async fn run_one(
     target: CacheTarget,
     workload: &Arc<Workload>,
     s: &Arc<Settings>,
+    upstream_lines: &str,
 ) -> anyhow::Result<CacheReport> {
     let upstream = Server::start(s, "cold-upstream", &[])?;
     let relay = Relay::start(upstream.addr(), s.wan).await?;
@@ -339,7 +342,8 @@ async fn run_one(
         None => None,
         Some(mode) => {
             let config = config_dir.path().join("proxy.toml");
-            std::fs::write(&config, proxy_config(s, mode)?)?;
+            let lines = format!("write_mode = \"{mode}\"\n{upstream_lines}");
+            std::fs::write(&config, proxy_config(s, &lines)?)?;
             let args = [
                 "--upstream".to_string(),
                 relay.url(),
@@ -504,7 +508,7 @@ pub async fn run(
     );
     let mut reports = Vec::new();
     for &target in targets {
-        reports.push(run_one(target, workload, s).await?);
+        reports.push(run_one(target, workload, s, "").await?);
     }
     print_table(&reports);
     Ok(check_targets(&reports))

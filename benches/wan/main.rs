@@ -31,6 +31,8 @@
 //! Run: `cargo bench --bench wan`. Knobs (environment): see benches/README.md.
 
 mod cold_cache;
+mod corpus;
+mod zstd_runs;
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
@@ -63,6 +65,7 @@ use outpost_testkit::{Rng, ServerProcess, blob, pack};
 use tonic::transport::Channel;
 
 use cold_cache::CacheTarget;
+use corpus::DataKind;
 
 /// Largest gRPC message the clients accept or send (a 4 MiB batch + framing).
 const CLIENT_MAX_MESSAGE: usize = 16 << 20;
@@ -127,6 +130,8 @@ struct Settings {
     only: Vec<Mode>,
     /// The cold cache-mode runs (`cold_cache`).
     cache_only: Vec<CacheTarget>,
+    /// Compression off vs auto (`zstd_runs`; `OUTPOST_WAN_ONLY=zstd`).
+    zstd: bool,
     /// "Local execution" of each action in the cold cache-mode build.
     think: Duration,
     /// Longest wait for the proxy's upload queue to drain after a build.
@@ -139,7 +144,7 @@ struct Settings {
 impl Settings {
     fn from_env() -> anyhow::Result<Self> {
         let bin = server_binary("OUTPOST_WAN_BIN", option_env!("CARGO_BIN_EXE_outpost"));
-        let (mut only, mut cache_only) = (Vec::new(), Vec::new());
+        let (mut only, mut cache_only, mut zstd) = (Vec::new(), Vec::new(), false);
         let list =
             std::env::var("OUTPOST_WAN_ONLY").unwrap_or_else(|_| "direct,cold,warm,cache".into());
         for name in list.split(',').map(str::trim) {
@@ -148,11 +153,12 @@ impl Settings {
                 "cold" => only.push(Mode::Cold),
                 "warm" => only.push(Mode::Warm),
                 "cache" => cache_only.extend(CacheTarget::ALL),
+                "zstd" => zstd = true,
                 other => match CacheTarget::parse(other) {
                     Some(t) => cache_only.push(t),
                     None => bail!(
                         "OUTPOST_WAN_ONLY: unknown run {other:?} (direct, cold, warm, \
-                         cache-direct, cache-through, cache-back, cache = all three)"
+                         cache-direct, cache-through, cache-back, cache = all three, zstd)"
                     ),
                 },
             }
@@ -184,6 +190,7 @@ impl Settings {
             run_timeout: Duration::from_secs(env_u64("OUTPOST_WAN_RUN_TIMEOUT_S", 900)?),
             only,
             cache_only,
+            zstd,
             think: Duration::from_millis(env_u64("OUTPOST_WAN_THINK_MS", 100)?),
             drain_timeout: Duration::from_secs(env_u64("OUTPOST_WAN_DRAIN_TIMEOUT_S", 600)?),
             enforce: std::env::var("OUTPOST_WAN_ENFORCE").is_ok_and(|v| v == "1"),
@@ -217,9 +224,12 @@ fn seed_of(parts: &[u64]) -> u64 {
         .fold(0x006f_7574_706f_7374, |acc, p| mix(acc ^ p))
 }
 
-/// The bytes of a blob: a pure function of its seed and size.
-fn blob_data(seed: u64, size: u64) -> Vec<u8> {
-    blob(seed, size as usize)
+/// The bytes of a blob: a pure function of its kind, seed and size.
+fn blob_data(kind: DataKind, seed: u64, size: u64) -> Vec<u8> {
+    match kind {
+        DataKind::Random => blob(seed, size as usize),
+        _ => corpus::blob(kind, seed, size as usize),
+    }
 }
 
 fn sha256(data: &[u8]) -> Digest {
@@ -231,18 +241,20 @@ fn sha256(data: &[u8]) -> Digest {
 struct BlobSpec {
     digest: Digest,
     seed: u64,
+    kind: DataKind,
 }
 
 impl BlobSpec {
-    fn new(seed: u64, size: u64) -> Self {
+    fn new(kind: DataKind, seed: u64, size: u64) -> Self {
         BlobSpec {
-            digest: sha256(&blob_data(seed, size)),
+            digest: sha256(&blob_data(kind, seed, size)),
             seed,
+            kind,
         }
     }
 
     fn data(&self) -> Vec<u8> {
-        blob_data(self.seed, self.digest.size)
+        blob_data(self.kind, self.seed, self.digest.size)
     }
 }
 
@@ -295,12 +307,22 @@ fn output_size(rng: &mut Rng, s: &Settings) -> u64 {
 }
 
 impl Workload {
-    fn build(s: &Settings) -> Self {
+    /// The build, its blobs random (`compressible` false) or slices of
+    /// source text (sources) and machine code (outputs).
+    fn build(s: &Settings, compressible: bool) -> Self {
+        let (source_kind, output_kind) = if compressible {
+            (DataKind::Text, DataKind::Code)
+        } else {
+            (DataKind::Random, DataKind::Random)
+        };
         let mut rng = Rng::new(seed_of(&[s.seed, 0x10ad]));
         let n_sources = (s.blobs as u64 * s.source_pct / 100) as usize;
         let n_outputs = (s.blobs - n_sources).max(s.actions);
         let sources: Vec<BlobSpec> = (0..n_sources)
-            .map(|i| BlobSpec::new(seed_of(&[s.seed, 1, i as u64]), source_size(&mut rng, s)))
+            .map(|i| {
+                let seed = seed_of(&[s.seed, 1, i as u64]);
+                BlobSpec::new(source_kind, seed, source_size(&mut rng, s))
+            })
             .collect();
         // Every action gets one output, the rest are spread at random.
         let mut owner: Vec<usize> = (0..s.actions).collect();
@@ -308,7 +330,11 @@ impl Workload {
         let mut outputs: Vec<Vec<BlobSpec>> = vec![Vec::new(); s.actions];
         for (j, &a) in owner.iter().enumerate() {
             let size = output_size(&mut rng, s);
-            outputs[a].push(BlobSpec::new(seed_of(&[s.seed, 2, j as u64]), size));
+            outputs[a].push(BlobSpec::new(
+                output_kind,
+                seed_of(&[s.seed, 2, j as u64]),
+                size,
+            ));
         }
         // Changed actions spread over the build and (with the default
         // round-robin assignment) over the clients.
@@ -826,7 +852,8 @@ async fn run_changed_action(client: &Client, action: &ActionSpec, tag: u64) -> a
     }
     // The edited source: same size every run, new bytes.
     let source_size = action.inputs.first().map_or(4 * KIB, |d| d.size).max(1);
-    let source = BlobSpec::new(seed_of(&[tag, i, 0x5]), source_size);
+    let kind = action.outputs.first().map_or(DataKind::Random, |o| o.kind);
+    let source = BlobSpec::new(kind, seed_of(&[tag, i, 0x5]), source_size);
     let mut inputs = action.inputs.clone();
     inputs.push(source.digest);
     let missing = client.find_missing(&inputs).await?;
@@ -840,7 +867,7 @@ async fn run_changed_action(client: &Client, action: &ActionSpec, tag: u64) -> a
         .outputs
         .iter()
         .enumerate()
-        .map(|(k, o)| BlobSpec::new(seed_of(&[tag, i, 0x0, k as u64]), o.digest.size))
+        .map(|(k, o)| BlobSpec::new(o.kind, seed_of(&[tag, i, 0x0, k as u64]), o.digest.size))
         .collect();
     let digests: Vec<Digest> = outputs.iter().map(|o| o.digest).collect();
     let missing: HashSet<Digest> = client.find_missing(&digests).await?.into_iter().collect();
@@ -1392,7 +1419,7 @@ async fn run(s: Arc<Settings>) -> anyhow::Result<()> {
     let workload = Arc::new(
         tokio::task::spawn_blocking({
             let s = s.clone();
-            move || Workload::build(&s)
+            move || Workload::build(&s, false)
         })
         .await?,
     );
@@ -1410,6 +1437,9 @@ async fn run(s: Arc<Settings>) -> anyhow::Result<()> {
     let mut missed = check_targets(&reports);
     if !s.cache_only.is_empty() {
         missed.extend(cold_cache::run(&s.cache_only, &workload, &s).await?);
+    }
+    if s.zstd {
+        missed.extend(zstd_runs::run(&workload, &s).await?);
     }
     if s.enforce && !missed.is_empty() {
         bail!("targets missed: {}", missed.join("; "));
