@@ -184,9 +184,13 @@ impl AssetRequest {
             .all(|(name, _)| name == CHECKSUM_SRI || name == CANONICAL_ID)
     }
 
-    /// The SHA-256 hashes the checksums name, for a CAS lookup.
-    pub fn sha256_checksums(&self) -> Vec<[u8; 32]> {
-        self.checksums.iter().filter_map(Sri::sha256).collect()
+    /// The hashes the checksums name in the request's digest function, for
+    /// a CAS lookup.
+    pub fn checksums_in_function(&self) -> Vec<&[u8]> {
+        self.checksums
+            .iter()
+            .filter_map(|s| s.hash_for(self.digest_function))
+            .collect()
     }
 
     /// Identifies identical fetches (same kind, instance, URIs in order and
