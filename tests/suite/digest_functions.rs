@@ -272,7 +272,7 @@ async fn a_blake3_and_a_sha256_blob_with_the_same_hex_never_collide() {
             .unwrap();
         // The same hex and size read as SHA-256: another blob, not stored.
         assert_eq!(
-            find_missing_in(&mut cas, Function::Sha256, true, &[b3.clone()])
+            find_missing_in(&mut cas, Function::Sha256, true, std::slice::from_ref(&b3))
                 .await
                 .unwrap(),
             vec![b3.clone()]
@@ -281,7 +281,7 @@ async fn a_blake3_and_a_sha256_blob_with_the_same_hex_never_collide() {
             read_in(&mut bs, Function::Sha256, &b3).await,
             Code::NotFound,
         );
-        let read = batch_read_in(&mut cas, Function::Sha256, &[b3.clone()])
+        let read = batch_read_in(&mut cas, Function::Sha256, std::slice::from_ref(&b3))
             .await
             .unwrap();
         assert_eq!(entry_code(&read[0].status), Code::NotFound);
@@ -314,7 +314,7 @@ async fn a_hash_that_does_not_fit_its_function_is_invalid_argument() {
     ] {
         let name = named.as_str_name();
         assert_code(
-            find_missing_in(&mut cas, named, true, &[sha256.clone()]).await,
+            find_missing_in(&mut cas, named, true, std::slice::from_ref(&sha256)).await,
             Code::InvalidArgument,
         );
         let read = cas
