@@ -392,8 +392,9 @@ async fn malformed_resource_names_are_invalid_arguments() {
         format!("blobs/{h}/ten"),
         format!("blobs/{h}/-{n}"),
         format!("blobs/{h}/{n}0000000000000000000000"),
-        format!("blobs/blake3/{h}/{n}"),
+        format!("blobs/vso/{h}/{n}"),
         format!("blobs/sha1/{h}/{n}"),
+        format!("blobs/blake3/{}/{n}", &h[..40]),
         format!("uploads/u/blobs/{h}/{n}"),
         String::new(),
     ];
@@ -413,7 +414,7 @@ async fn malformed_resource_names_are_invalid_arguments() {
         format!("uploads/u/{h}/{n}"),
         format!("uploads/u/blobs/{h}/ten"),
         format!("uploads/u/blobs/{h}/-1"),
-        format!("uploads/u/blobs/blake3/{h}/{n}"),
+        format!("uploads/u/blobs/vso/{h}/{n}"),
         format!("uploads/u/blobs/{}/{n}", h.to_uppercase()),
         String::new(),
     ];
