@@ -3,90 +3,177 @@
 //! Wire digests (`hash` hex string + `size_bytes`) are parsed once at the
 //! service edge into [`Digest`], which cannot hold a malformed hash or a
 //! negative size. The digest function is part of the value (and of every
-//! storage key) so that BLAKE3 and friends can be added without ambiguity.
+//! storage key), so a BLAKE3 blob and a SHA-256 blob never collide.
 
 use std::fmt;
 
 use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
 use re::digest_function::Value as DigestFunctionProto;
-use sha2::{Digest as _, Sha256};
+use sha2::Digest as _;
 
 use crate::error::{Error, Result, clip};
 
-/// The hash functions Outpost can verify. Only SHA-256 today.
+/// Longest raw hash of any supported function (SHA-512).
+pub const MAX_HASH_LEN: usize = 64;
+
+/// The hash functions Outpost can verify.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum DigestFunction {
     /// SHA-256, REAPI's default.
     Sha256,
+    /// SHA-384.
+    Sha384,
+    /// SHA-512.
+    Sha512,
+    /// BLAKE3 (256-bit output); cannot be told from SHA-256 by length.
+    Blake3,
+    /// SHA-1, for old clients.
+    Sha1,
+    /// MD5, for old clients.
+    Md5,
 }
 
 impl DigestFunction {
+    /// Every supported function, SHA-256 first (the order Capabilities lists them).
+    pub const ALL: [DigestFunction; 6] = [
+        DigestFunction::Sha256,
+        DigestFunction::Sha384,
+        DigestFunction::Sha512,
+        DigestFunction::Blake3,
+        DigestFunction::Sha1,
+        DigestFunction::Md5,
+    ];
+
     /// Number of raw hash bytes.
     pub const fn hash_len(self) -> usize {
         match self {
-            DigestFunction::Sha256 => 32,
+            DigestFunction::Sha256 | DigestFunction::Blake3 => 32,
+            DigestFunction::Sha384 => 48,
+            DigestFunction::Sha512 => 64,
+            DigestFunction::Sha1 => 20,
+            DigestFunction::Md5 => 16,
         }
     }
 
-    /// Stable one-byte tag used in storage keys; never renumber.
+    /// Stable one-byte tag used in storage keys; never renumber. It is the
+    /// REAPI enum value, which fits a byte for every supported function.
     pub const fn tag(self) -> u8 {
         match self {
             DigestFunction::Sha256 => 1,
+            DigestFunction::Sha1 => 2,
+            DigestFunction::Md5 => 3,
+            DigestFunction::Sha384 => 5,
+            DigestFunction::Sha512 => 6,
+            DigestFunction::Blake3 => 9,
         }
     }
 
     /// Inverse of [`DigestFunction::tag`].
     pub fn from_tag(tag: u8) -> Option<Self> {
-        match tag {
-            1 => Some(DigestFunction::Sha256),
-            _ => None,
-        }
+        DigestFunction::ALL.into_iter().find(|f| f.tag() == tag)
     }
 
     /// Lower-case name, as used in resource names and file paths.
     pub const fn name(self) -> &'static str {
         match self {
             DigestFunction::Sha256 => "sha256",
+            DigestFunction::Sha384 => "sha384",
+            DigestFunction::Sha512 => "sha512",
+            DigestFunction::Blake3 => "blake3",
+            DigestFunction::Sha1 => "sha1",
+            DigestFunction::Md5 => "md5",
         }
     }
 
     /// The REAPI enum value.
     pub fn to_proto(self) -> i32 {
-        match self {
-            DigestFunction::Sha256 => DigestFunctionProto::Sha256 as i32,
+        i32::from(self.tag())
+    }
+
+    /// True when the hash length alone names this function (the spec's
+    /// "infer from the length" set), so resource names omit its segment.
+    pub fn known_by_length(self) -> bool {
+        DigestFunction::by_hex_len(self.hash_len() * 2) == Some(self)
+    }
+
+    /// The function a hex hash of `len` characters implies when a request
+    /// does not name one (32 → MD5, 40 → SHA-1, 64 → SHA-256, 96 → SHA-384,
+    /// 128 → SHA-512).
+    pub fn by_hex_len(len: usize) -> Option<Self> {
+        match len {
+            32 => Some(DigestFunction::Md5),
+            40 => Some(DigestFunction::Sha1),
+            64 => Some(DigestFunction::Sha256),
+            96 => Some(DigestFunction::Sha384),
+            128 => Some(DigestFunction::Sha512),
+            _ => None,
         }
     }
 
-    /// Maps a request's `digest_function` field. `UNKNOWN` (0) means SHA-256,
-    /// as the spec says for clients that predate the field.
-    pub fn from_proto(value: i32) -> Result<Self> {
-        match DigestFunctionProto::try_from(value) {
-            Ok(DigestFunctionProto::Unknown) | Ok(DigestFunctionProto::Sha256) => {
-                Ok(DigestFunction::Sha256)
-            }
-            Ok(other) => Err(Error::InvalidArgument(format!(
-                "digest function {} is not supported by this server (supported: SHA256)",
-                other.as_str_name()
-            ))),
-            Err(_) => Err(Error::InvalidArgument(format!(
-                "unknown digest function value {value} (supported: SHA256)"
-            ))),
+    /// The function of a request: its explicit `digest_function` field, or,
+    /// when that is UNKNOWN (0), the one the length of its first hash implies
+    /// (SHA-256 when there is none or the length names none: the digests
+    /// then fail to parse with INVALID_ARGUMENT). An explicit function whose
+    /// length the hashes do not match is refused when they are parsed.
+    pub fn for_request(field: i32, first_hash: Option<&str>) -> Result<Self> {
+        if field != DigestFunctionProto::Unknown as i32 {
+            return DigestFunction::from_proto(field);
         }
+        Ok(first_hash
+            .and_then(|h| DigestFunction::by_hex_len(h.len()))
+            .unwrap_or(DigestFunction::Sha256))
+    }
+
+    /// Maps an explicit `digest_function` field. `UNKNOWN` (0) means SHA-256,
+    /// as the spec says for clients that predate the field; requests that
+    /// carry hashes use [`DigestFunction::for_request`] instead.
+    pub fn from_proto(value: i32) -> Result<Self> {
+        if value == DigestFunctionProto::Unknown as i32 {
+            return Ok(DigestFunction::Sha256);
+        }
+        let found = u8::try_from(value).ok().and_then(DigestFunction::from_tag);
+        found.ok_or_else(|| match DigestFunctionProto::try_from(value) {
+            Ok(other) => Error::InvalidArgument(format!(
+                "digest function {} is not supported by this server (supported: {})",
+                other.as_str_name(),
+                supported_names()
+            )),
+            Err(_) => Error::InvalidArgument(format!(
+                "unknown digest function value {value} (supported: {})",
+                supported_names()
+            )),
+        })
     }
 
     /// Maps a resource-name segment such as `sha256` or `blake3`, if it names
     /// a digest function at all. `Some(Err)` means a known but unsupported one.
     pub fn from_resource_segment(segment: &str) -> Option<Result<Self>> {
+        if let Some(f) = DigestFunction::ALL
+            .into_iter()
+            .find(|f| f.name() == segment)
+        {
+            return Some(Ok(f));
+        }
         let upper = segment.to_ascii_uppercase();
         match DigestFunctionProto::from_str_name(&upper) {
-            Some(DigestFunctionProto::Sha256) => Some(Ok(DigestFunction::Sha256)),
             Some(DigestFunctionProto::Unknown) | None => None,
             Some(other) => Some(Err(Error::InvalidArgument(format!(
-                "digest function {} is not supported by this server (supported: SHA256)",
-                other.as_str_name()
+                "digest function {} is not supported by this server (supported: {})",
+                other.as_str_name(),
+                supported_names()
             )))),
         }
     }
+}
+
+/// "SHA256, SHA384, …" for error messages.
+fn supported_names() -> String {
+    let names: Vec<&str> = DigestFunction::ALL
+        .iter()
+        .filter_map(|f| DigestFunctionProto::try_from(f.to_proto()).ok())
+        .map(|p| p.as_str_name())
+        .collect();
+    names.join(", ")
 }
 
 /// A validated content digest: function, raw hash and size.
@@ -94,13 +181,29 @@ impl DigestFunction {
 pub struct Digest {
     /// Which function produced `hash`.
     pub function: DigestFunction,
-    /// The raw hash bytes (only the first `function.hash_len()` are used).
-    pub hash: [u8; 32],
+    /// The raw hash bytes: the first `function.hash_len()` are the hash,
+    /// the rest are always zero (so equality and ordering stay plain).
+    pub hash: [u8; MAX_HASH_LEN],
     /// Size of the blob in bytes.
     pub size: u64,
 }
 
 impl Digest {
+    /// Builds a digest from raw hash bytes; `None` when their length is not
+    /// the function's.
+    pub fn from_raw(function: DigestFunction, raw: &[u8], size: u64) -> Option<Self> {
+        if raw.len() != function.hash_len() {
+            return None;
+        }
+        let mut hash = [0u8; MAX_HASH_LEN];
+        hash[..raw.len()].copy_from_slice(raw);
+        Some(Digest {
+            function,
+            hash,
+            size,
+        })
+    }
+
     /// Builds a digest from a hex hash and a size, rejecting malformed input.
     pub fn parse(function: DigestFunction, hash_hex: &str, size: i64) -> Result<Self> {
         // The client's hash, as echoed in the messages below.
@@ -127,7 +230,7 @@ impl Digest {
                 shown()
             )));
         }
-        let mut hash = [0u8; 32];
+        let mut hash = [0u8; MAX_HASH_LEN];
         hex::decode_to_slice(hash_hex, &mut hash[..len]).map_err(|_| {
             Error::InvalidArgument(format!("digest {}/{size}: the hash is not hex", shown()))
         })?;
@@ -199,24 +302,48 @@ impl fmt::Debug for Digest {
 
 /// Incremental hashing of a blob that arrives in pieces.
 pub struct Hasher {
-    function: DigestFunction,
-    sha256: Sha256,
+    /// The function's running state.
+    state: HashState,
+    /// Bytes fed so far: the digest's size.
     size: u64,
+}
+
+/// One running hash per supported function.
+enum HashState {
+    Sha256(sha2::Sha256),
+    Sha384(sha2::Sha384),
+    Sha512(sha2::Sha512),
+    Blake3(Box<blake3::Hasher>),
+    Sha1(sha1::Sha1),
+    Md5(md5::Md5),
 }
 
 impl Hasher {
     /// A hasher for `function`.
     pub fn new(function: DigestFunction) -> Self {
-        Hasher {
-            function,
-            sha256: Sha256::new(),
-            size: 0,
-        }
+        let state = match function {
+            DigestFunction::Sha256 => HashState::Sha256(sha2::Sha256::new()),
+            DigestFunction::Sha384 => HashState::Sha384(sha2::Sha384::new()),
+            DigestFunction::Sha512 => HashState::Sha512(sha2::Sha512::new()),
+            DigestFunction::Blake3 => HashState::Blake3(Box::new(blake3::Hasher::new())),
+            DigestFunction::Sha1 => HashState::Sha1(sha1::Sha1::new()),
+            DigestFunction::Md5 => HashState::Md5(md5::Md5::new()),
+        };
+        Hasher { state, size: 0 }
     }
 
     /// Feeds the next piece of the blob.
     pub fn update(&mut self, data: &[u8]) {
-        self.sha256.update(data);
+        match &mut self.state {
+            HashState::Sha256(h) => h.update(data),
+            HashState::Sha384(h) => h.update(data),
+            HashState::Sha512(h) => h.update(data),
+            HashState::Blake3(h) => {
+                h.update(data);
+            }
+            HashState::Sha1(h) => h.update(data),
+            HashState::Md5(h) => h.update(data),
+        }
         self.size += data.len() as u64;
     }
 
@@ -227,14 +354,18 @@ impl Hasher {
 
     /// The digest of everything fed.
     pub fn finish(self) -> Digest {
-        let out = self.sha256.finalize();
-        let mut hash = [0u8; 32];
-        hash.copy_from_slice(&out);
-        Digest {
-            function: self.function,
-            hash,
-            size: self.size,
-        }
+        let size = self.size;
+        let digest = match self.state {
+            HashState::Sha256(h) => Digest::from_raw(DigestFunction::Sha256, &h.finalize(), size),
+            HashState::Sha384(h) => Digest::from_raw(DigestFunction::Sha384, &h.finalize(), size),
+            HashState::Sha512(h) => Digest::from_raw(DigestFunction::Sha512, &h.finalize(), size),
+            HashState::Blake3(h) => {
+                Digest::from_raw(DigestFunction::Blake3, h.finalize().as_bytes(), size)
+            }
+            HashState::Sha1(h) => Digest::from_raw(DigestFunction::Sha1, &h.finalize(), size),
+            HashState::Md5(h) => Digest::from_raw(DigestFunction::Md5, &h.finalize(), size),
+        };
+        digest.expect("each function's output has the function's length")
     }
 }
 
@@ -314,22 +445,97 @@ mod tests {
             DigestFunction::from_proto(0).unwrap(),
             DigestFunction::Sha256
         );
-        assert_eq!(
-            DigestFunction::from_proto(1).unwrap(),
-            DigestFunction::Sha256
-        );
-        assert!(DigestFunction::from_proto(2).is_err());
+        for f in DigestFunction::ALL {
+            assert_eq!(DigestFunction::from_proto(f.to_proto()).unwrap(), f);
+            assert_eq!(DigestFunction::from_tag(f.tag()), Some(f));
+            assert_eq!(
+                DigestFunction::from_resource_segment(f.name()).map(|r| r.unwrap()),
+                Some(f)
+            );
+        }
+        assert_eq!(DigestFunction::Sha256.tag(), 1, "existing keys use tag 1");
+        assert!(DigestFunction::from_proto(4).is_err(), "VSO");
         assert!(DigestFunction::from_proto(999).is_err());
         assert!(
-            DigestFunction::from_resource_segment("blake3")
+            DigestFunction::from_resource_segment("vso")
                 .unwrap()
                 .is_err()
         );
-        assert!(
-            DigestFunction::from_resource_segment("sha256")
-                .unwrap()
-                .is_ok()
-        );
         assert!(DigestFunction::from_resource_segment("abc").is_none());
+    }
+
+    #[test]
+    fn every_function_hashes_the_standard_test_vector() {
+        let vectors = [
+            (
+                DigestFunction::Sha256,
+                "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad",
+            ),
+            (
+                DigestFunction::Sha384,
+                "cb00753f45a35e8bb5a03d699ac65007272c32ab0eded1631a8b605a43ff5bed\
+                 8086072ba1e7cc2358baeca134c825a7",
+            ),
+            (
+                DigestFunction::Sha512,
+                "ddaf35a193617abacc417349ae20413112e6fa4e89a97ea20a9eeee64b55d39a\
+                 2192992a274fc1a836ba3c23a3feebbd454d4423643ce80e2a9ac94fa54ca49f",
+            ),
+            (
+                DigestFunction::Blake3,
+                "6437b3ac38465133ffb63b75273a8db548c558465d79db03fd359c6cd5bd9d85",
+            ),
+            (
+                DigestFunction::Sha1,
+                "a9993e364706816aba3e25717850c26c9cd0d89d",
+            ),
+            (DigestFunction::Md5, "900150983cd24fb0d6963f7d28e17f72"),
+        ];
+        for (f, hex) in vectors {
+            let d = Digest::of(f, b"abc");
+            assert_eq!(d.hash_hex(), hex, "{f:?}");
+            assert_eq!(Digest::parse(f, hex, 3).unwrap(), d);
+            // Fed in pieces, the same digest.
+            let mut h = Hasher::new(f);
+            h.update(b"a");
+            h.update(b"bc");
+            assert_eq!(h.finish(), d);
+        }
+    }
+
+    #[test]
+    fn blake3_and_sha256_digests_with_the_same_hex_differ() {
+        let hex = Digest::of(DigestFunction::Blake3, b"x").hash_hex();
+        let b = Digest::parse(DigestFunction::Blake3, &hex, 1).unwrap();
+        let s = Digest::parse(DigestFunction::Sha256, &hex, 1).unwrap();
+        assert_ne!(b, s);
+    }
+
+    #[test]
+    fn the_function_is_inferred_from_the_hash_length_unless_named() {
+        let infer = |hex: &str| DigestFunction::for_request(0, Some(hex)).unwrap();
+        for f in DigestFunction::ALL {
+            let hex = Digest::of(f, b"x").hash_hex();
+            let expected = if f == DigestFunction::Blake3 {
+                DigestFunction::Sha256
+            } else {
+                f
+            };
+            assert_eq!(infer(&hex), expected, "{f:?}");
+            assert_eq!(f.known_by_length(), f != DigestFunction::Blake3);
+            // Named explicitly, the field wins.
+            let named = DigestFunction::for_request(f.to_proto(), Some(&hex)).unwrap();
+            assert_eq!(named, f);
+        }
+        assert_eq!(
+            DigestFunction::for_request(0, None).unwrap(),
+            DigestFunction::Sha256
+        );
+        assert_eq!(infer("abc"), DigestFunction::Sha256);
+        assert!(DigestFunction::for_request(4, None).is_err());
+        // A named function whose length the hash does not have: refused.
+        let sha256 = Digest::of(DigestFunction::Sha256, b"x").hash_hex();
+        let f = DigestFunction::for_request(DigestFunction::Sha512.to_proto(), Some(&sha256));
+        assert!(Digest::parse(f.unwrap(), &sha256, 1).is_err());
     }
 }

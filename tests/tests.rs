@@ -21,6 +21,7 @@ mod suite {
     mod cas;
     mod client_limits;
     mod crash;
+    mod digest_functions;
     mod eviction;
     mod execution;
     mod large_blob;

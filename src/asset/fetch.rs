@@ -245,7 +245,8 @@ impl Sources {
             );
             return Ok(None);
         }
-        let root = match DigestFunction::from_proto(function)
+        let first = digest.as_ref().map(|d| d.hash.as_str());
+        let root = match DigestFunction::for_request(function, first)
             .and_then(|f| Digest::from_proto(f, digest.as_ref()))
         {
             Ok(root) if root.function == request.digest_function => root,
@@ -336,19 +337,17 @@ impl Sources {
 /// Bound on an upstream fetch when neither the request nor `[asset]` gives one.
 const DEFAULT_DOWNLOAD_TIMEOUT: Duration = Duration::from_secs(600);
 
-/// A CAS blob with one of the request's SHA-256 checksums answers a
+/// A CAS blob with one of the request's checksums (in its digest function,
+/// e.g. `sha512-…` for a SHA-512 request) answers a
 /// FetchBlob without asking anyone (nothing is recorded: the blob itself is
 /// the proof).
 async fn by_checksum(
     local: &dyn LocalAssets,
     request: &AssetRequest,
 ) -> Result<Option<AssetRecord>> {
-    if request.digest_function != DigestFunction::Sha256 {
-        return Ok(None);
-    }
-    for hash in request.sha256_checksums() {
+    for hash in request.checksums_in_function() {
         // The local store marks the blob used when it finds it.
-        if let Some(digest) = local.find_by_hash(request.digest_function, &hash).await? {
+        if let Some(digest) = local.find_by_hash(request.digest_function, hash).await? {
             return Ok(Some(new_record(
                 request,
                 &request.uris[0],

@@ -18,20 +18,12 @@ use crate::store::local::LocalStore;
 #[async_trait]
 pub trait LocalAssets: AssetIndex + BlobStore {
     /// A stored blob whose `function` hash is `hash`, whatever its size.
-    async fn find_by_hash(
-        &self,
-        function: DigestFunction,
-        hash: &[u8; 32],
-    ) -> Result<Option<Digest>>;
+    async fn find_by_hash(&self, function: DigestFunction, hash: &[u8]) -> Result<Option<Digest>>;
 }
 
 #[async_trait]
 impl LocalAssets for LocalStore {
-    async fn find_by_hash(
-        &self,
-        function: DigestFunction,
-        hash: &[u8; 32],
-    ) -> Result<Option<Digest>> {
+    async fn find_by_hash(&self, function: DigestFunction, hash: &[u8]) -> Result<Option<Digest>> {
         LocalStore::find_by_hash(self, function, hash)
     }
 }

@@ -358,20 +358,14 @@ impl OriginFetcher {
 }
 
 /// The digest of the content, when the request and the response pin it:
-/// a single SHA-256 checksum (several would each have to be tried) and a
-/// Content-Length.
+/// a single checksum in the request's digest function (several would each
+/// have to be tried) and a Content-Length.
 fn known_digest(request: &OriginRequest, length: Option<u64>) -> Option<Digest> {
     let [only] = request.checksums.as_slice() else {
         return None;
     };
-    match (request.digest_function, only.sha256(), length) {
-        (DigestFunction::Sha256, Some(hash), Some(size)) => Some(Digest {
-            function: DigestFunction::Sha256,
-            hash,
-            size,
-        }),
-        _ => None,
-    }
+    let function = request.digest_function;
+    Digest::from_raw(function, only.hash_for(function)?, length?)
 }
 
 /// The failure of content that matches no checksum.

@@ -143,15 +143,12 @@ impl AssetRequest {
 
     /// The index key of each URI, in order.
     pub fn keys(&self) -> Vec<AssetKey> {
-        self.uris
-            .iter()
-            .map(|uri| AssetKey::of(&self.instance, uri, &self.qualifiers))
-            .collect()
+        self.uris.iter().map(|uri| self.key(uri)).collect()
     }
 
-    /// The key of one URI.
+    /// The key of one URI (in the request's digest function).
     pub fn key(&self, uri: &str) -> AssetKey {
-        AssetKey::of(&self.instance, uri, &self.qualifiers)
+        AssetKey::of_function(self.digest_function, &self.instance, uri, &self.qualifiers)
     }
 
     /// The key-forming qualifiers as protos (what records and answers hold).
@@ -184,13 +181,18 @@ impl AssetRequest {
             .all(|(name, _)| name == CHECKSUM_SRI || name == CANONICAL_ID)
     }
 
-    /// The SHA-256 hashes the checksums name, for a CAS lookup.
-    pub fn sha256_checksums(&self) -> Vec<[u8; 32]> {
-        self.checksums.iter().filter_map(Sri::sha256).collect()
+    /// The hashes the checksums name in the request's digest function, for
+    /// a CAS lookup.
+    pub fn checksums_in_function(&self) -> Vec<&[u8]> {
+        self.checksums
+            .iter()
+            .filter_map(|s| s.hash_for(self.digest_function))
+            .collect()
     }
 
-    /// Identifies identical fetches (same kind, instance, URIs in order and
-    /// qualifiers, credentials aside), so they share one flight.
+    /// Identifies identical fetches (same kind, digest function, instance,
+    /// URIs in order and qualifiers, credentials aside), so they share one
+    /// flight.
     pub fn flight_key(&self, kind: AssetKind) -> [u8; 32] {
         let mut hasher = Sha256::new();
         let mut field = |bytes: &[u8]| {
@@ -198,6 +200,7 @@ impl AssetRequest {
             hasher.update(bytes);
         };
         field(&(kind as i32).to_be_bytes());
+        field(&self.digest_function.to_proto().to_be_bytes());
         field(self.instance.as_bytes());
         field(&(self.uris.len() as u64).to_be_bytes());
         for uri in &self.uris {
@@ -351,6 +354,20 @@ mod tests {
             plain.flight_key(AssetKind::Directory)
         );
         assert_eq!(with_secrets.forwarded_qualifiers().len(), 5);
+    }
+
+    #[test]
+    fn keys_and_flights_differ_per_digest_function() {
+        let parse = |f: DigestFunction| {
+            AssetRequest::parse("i".into(), uris(&["https://a/x"]), vec![], f.to_proto()).unwrap()
+        };
+        let (sha256, blake3) = (parse(DigestFunction::Sha256), parse(DigestFunction::Blake3));
+        assert_eq!(sha256.keys(), vec![AssetKey::of("i", "https://a/x", &[])]);
+        assert_ne!(sha256.keys(), blake3.keys());
+        assert_ne!(
+            sha256.flight_key(AssetKind::Blob),
+            blake3.flight_key(AssetKind::Blob)
+        );
     }
 
     #[test]

@@ -5,8 +5,8 @@
 use base64::Engine as _;
 use base64::alphabet;
 use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
-use sha2::{Digest as _, Sha256, Sha384, Sha512};
 
+use crate::digest::{DigestFunction, Hasher};
 use crate::error::{Error, Result};
 
 /// Standard base64, with or without the trailing `=` padding (both occur in
@@ -41,13 +41,19 @@ impl SriAlgorithm {
         }
     }
 
+    /// The digest function that computes it (hashing is done by
+    /// [`Hasher`], as everywhere else).
+    pub fn function(self) -> DigestFunction {
+        match self {
+            SriAlgorithm::Sha256 => DigestFunction::Sha256,
+            SriAlgorithm::Sha384 => DigestFunction::Sha384,
+            SriAlgorithm::Sha512 => DigestFunction::Sha512,
+        }
+    }
+
     /// Number of hash bytes.
     fn hash_len(self) -> usize {
-        match self {
-            SriAlgorithm::Sha256 => 32,
-            SriAlgorithm::Sha384 => 48,
-            SriAlgorithm::Sha512 => 64,
-        }
+        self.function().hash_len()
     }
 }
 
@@ -106,12 +112,10 @@ impl Sri {
         Ok(out)
     }
 
-    /// The SHA-256 hash, for looking the content up in the CAS.
-    pub fn sha256(&self) -> Option<[u8; 32]> {
-        match self.algorithm {
-            SriAlgorithm::Sha256 => self.hash.as_slice().try_into().ok(),
-            _ => None,
-        }
+    /// The hash, when the value uses `function`: for looking the content
+    /// up in a CAS of that function.
+    pub fn hash_for(&self, function: DigestFunction) -> Option<&[u8]> {
+        (self.algorithm.function() == function).then_some(self.hash.as_slice())
     }
 }
 
@@ -130,33 +134,26 @@ fn invalid(value: &str, why: &str) -> Error {
 pub struct SriVerifier {
     /// The values to match.
     expected: Vec<Sri>,
-    /// Running hashes, present when some value uses the algorithm.
-    sha256: Option<Sha256>,
-    sha384: Option<Sha384>,
-    sha512: Option<Sha512>,
+    /// One running hash per function some value uses.
+    hashers: Vec<Hasher>,
 }
 
 impl SriVerifier {
     /// A verifier for `expected` (empty: everything matches).
     pub fn new(expected: &[Sri]) -> Self {
-        let uses = |algorithm| expected.iter().any(|s| s.algorithm == algorithm);
+        let mut functions: Vec<DigestFunction> =
+            expected.iter().map(|s| s.algorithm.function()).collect();
+        functions.sort();
+        functions.dedup();
         SriVerifier {
             expected: expected.to_vec(),
-            sha256: uses(SriAlgorithm::Sha256).then(Sha256::new),
-            sha384: uses(SriAlgorithm::Sha384).then(Sha384::new),
-            sha512: uses(SriAlgorithm::Sha512).then(Sha512::new),
+            hashers: functions.into_iter().map(Hasher::new).collect(),
         }
     }
 
     /// Feeds the next bytes.
     pub fn update(&mut self, data: &[u8]) {
-        if let Some(h) = &mut self.sha256 {
-            h.update(data);
-        }
-        if let Some(h) = &mut self.sha384 {
-            h.update(data);
-        }
-        if let Some(h) = &mut self.sha512 {
+        for h in &mut self.hashers {
             h.update(data);
         }
     }
@@ -166,16 +163,11 @@ impl SriVerifier {
         if self.expected.is_empty() {
             return true;
         }
-        let sha256 = self.sha256.map(|h| h.finalize().to_vec());
-        let sha384 = self.sha384.map(|h| h.finalize().to_vec());
-        let sha512 = self.sha512.map(|h| h.finalize().to_vec());
+        let actual: Vec<_> = self.hashers.into_iter().map(Hasher::finish).collect();
         self.expected.iter().any(|sri| {
-            let actual = match sri.algorithm {
-                SriAlgorithm::Sha256 => &sha256,
-                SriAlgorithm::Sha384 => &sha384,
-                SriAlgorithm::Sha512 => &sha512,
-            };
-            actual.as_deref() == Some(sri.hash.as_slice())
+            actual
+                .iter()
+                .any(|d| sri.hash_for(d.function) == Some(d.hash_bytes()))
         })
     }
 }
@@ -183,15 +175,12 @@ impl SriVerifier {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::digest::Digest;
 
     /// The SRI value of `data` for `algorithm`.
     fn sri_of(algorithm: &str, data: &[u8]) -> String {
-        let hash = match algorithm {
-            "sha256" => Sha256::digest(data).to_vec(),
-            "sha384" => Sha384::digest(data).to_vec(),
-            "sha512" => Sha512::digest(data).to_vec(),
-            _ => unreachable!(),
-        };
+        let function = SriAlgorithm::from_prefix(algorithm).unwrap().function();
+        let hash = Digest::of(function, data).hash_bytes().to_vec();
         format!(
             "{algorithm}-{}",
             base64::engine::general_purpose::STANDARD.encode(hash)
@@ -236,7 +225,11 @@ mod tests {
         let value = format!("sha1-AAAA md5-!!! {}", sri_of("sha256", b"x"));
         let list = Sri::parse_list(&value).unwrap();
         assert_eq!(list.len(), 1);
-        assert_eq!(list[0].sha256(), Some(Sha256::digest(b"x").into()));
+        let sha256 = Digest::of(DigestFunction::Sha256, b"x");
+        assert_eq!(
+            list[0].hash_for(DigestFunction::Sha256),
+            Some(sha256.hash_bytes())
+        );
     }
 
     #[test]
@@ -278,9 +271,14 @@ mod tests {
     }
 
     #[test]
-    fn sha256_only_for_sha256_values() {
+    fn a_hash_only_for_its_own_function() {
         let list = Sri::parse_list(&sri_of("sha512", b"x")).unwrap();
-        assert_eq!(list[0].sha256(), None);
+        assert_eq!(list[0].hash_for(DigestFunction::Sha256), None);
+        let sha512 = Digest::of(DigestFunction::Sha512, b"x");
+        assert_eq!(
+            list[0].hash_for(DigestFunction::Sha512),
+            Some(sha512.hash_bytes())
+        );
     }
 
     #[test]

@@ -85,7 +85,8 @@ impl Executor {
         ctx: RequestContext,
         mut request: ExecuteRequest,
     ) -> Result<OperationStream> {
-        let function = DigestFunction::from_proto(request.digest_function)?;
+        let first = request.action_digest.as_ref().map(|d| d.hash.as_str());
+        let function = DigestFunction::for_request(request.digest_function, first)?;
         let action = Digest::from_proto(function, request.action_digest.as_ref())?;
         Stats::add(&self.deps.stats.executions, 1);
         let essentials = inputs::ensure_inputs(&self.deps, &ctx, action).await?;

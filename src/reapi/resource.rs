@@ -153,12 +153,10 @@ impl fmt::Display for ResourceName {
 }
 
 /// The digest-function segment of a name. REAPI says it MUST be omitted for
-/// the functions a server can tell by hash length (SHA-256 among them), and
-/// be present for the newer ones (BLAKE3, SHA256TREE).
+/// the functions a server can tell by hash length (MD5, SHA-1, SHA-256,
+/// SHA-384, SHA-512), and be present for the newer ones (BLAKE3).
 fn function_segment(function: DigestFunction) -> Option<&'static str> {
-    match function {
-        DigestFunction::Sha256 => None,
-    }
+    (!function.known_by_length()).then(|| function.name())
 }
 
 /// The error for a malformed `name` (a client's string: clipped).
@@ -211,12 +209,17 @@ fn parse_blob_part<'a>(
         .first()
         .map(|s| DigestFunction::from_resource_segment(s))
     {
-        Some(Some(function)) => (function?, &rest[1..]),
-        _ => (DigestFunction::Sha256, rest),
+        Some(Some(function)) => (Some(function?), &rest[1..]),
+        _ => (None, rest),
     };
     let [hash, size, tail @ ..] = rest else {
         return Err(malformed(name, "expected `{hash}/{size}`"));
     };
+    // Without a segment, the hash length says which function (REAPI); a
+    // segment the spec says to omit is accepted all the same.
+    let function = function
+        .or_else(|| DigestFunction::by_hex_len(hash.len()))
+        .unwrap_or(DigestFunction::Sha256);
     // Digits only: `parse` would also take `+5000`, a second spelling of
     // one name.
     let size: i64 = Some(size)
@@ -285,6 +288,48 @@ mod tests {
         // Malformed stays malformed, compressed or not.
         let err = ResourceName::parse_read(&format!("compressed-blobs/zstd/{H}/x")).unwrap_err();
         assert!(matches!(err, Error::InvalidArgument(_)), "{err:?}");
+    }
+
+    #[test]
+    fn every_digest_function_round_trips_and_only_blake3_has_a_segment() {
+        for f in DigestFunction::ALL {
+            let d = Digest::of(f, b"abc");
+            let hex = d.hash_hex();
+            let read = ResourceName::read("i", d);
+            let upload = ResourceName::upload("i", "u-1", d);
+            let segment = if f == DigestFunction::Blake3 {
+                "blake3/"
+            } else {
+                ""
+            };
+            assert_eq!(read.to_string(), format!("i/blobs/{segment}{hex}/3"));
+            assert_eq!(ResourceName::parse_read(&read.to_string()).unwrap(), read);
+            assert_eq!(
+                ResourceName::parse_write(&upload.to_string()).unwrap(),
+                upload
+            );
+            // The segment the spec says to omit is accepted when present.
+            let named = format!("i/blobs/{}/{hex}/3", f.name());
+            assert_eq!(ResourceName::parse_read(&named).unwrap(), read, "{f:?}");
+        }
+        // Without the segment, a 64-hex hash is SHA-256; with it, BLAKE3:
+        // the same hex names two different blobs.
+        let hex = Digest::of(DigestFunction::Blake3, b"x").hash_hex();
+        let plain = ResourceName::parse_read(&format!("blobs/{hex}/1")).unwrap();
+        let blake3 = ResourceName::parse_read(&format!("blobs/blake3/{hex}/1")).unwrap();
+        assert_eq!(plain.digest.function, DigestFunction::Sha256);
+        assert_eq!(blake3.digest.function, DigestFunction::Blake3);
+        // A segment the hash length does not match, or a function this
+        // server lacks: INVALID_ARGUMENT.
+        for name in [
+            format!("blobs/sha512/{hex}/1"),
+            format!("blobs/md5/{hex}/1"),
+            format!("blobs/vso/{hex}/1"),
+            format!("blobs/{}/1", &hex[..50]),
+        ] {
+            let err = ResourceName::parse_read(&name).unwrap_err();
+            assert!(matches!(err, Error::InvalidArgument(_)), "{name}: {err:?}");
+        }
     }
 
     #[test]
@@ -406,7 +451,8 @@ mod tests {
             format!("blobs/{H}/0/extra"),
             format!("a//blobs/{H}/0"),
             format!("actions/blobs/{H}/0"),
-            format!("blobs/blake3/{H}/0"),
+            format!("blobs/vso/{H}/0"),
+            format!("blobs/blake3/{}/0", &H[..40]),
             format!("uploads/u/blobs/{H}/0"),
         ] {
             let err = ResourceName::parse_read(&bad).unwrap_err();

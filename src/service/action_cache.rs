@@ -39,7 +39,8 @@ impl ActionCacheService {
         metadata: &MetadataMap,
         req: GetActionResultRequest,
     ) -> Result<ActionResult> {
-        let function = DigestFunction::from_proto(req.digest_function)?;
+        let first = req.action_digest.as_ref().map(|d| d.hash.as_str());
+        let function = DigestFunction::for_request(req.digest_function, first)?;
         let key = ActionKey {
             instance: req.instance_name.clone(),
             action: Digest::from_proto(function, req.action_digest.as_ref())?,
@@ -103,7 +104,8 @@ impl ActionCacheService {
         metadata: &MetadataMap,
         req: UpdateActionResultRequest,
     ) -> Result<ActionResult> {
-        let function = DigestFunction::from_proto(req.digest_function)?;
+        let first = req.action_digest.as_ref().map(|d| d.hash.as_str());
+        let function = DigestFunction::for_request(req.digest_function, first)?;
         let key = ActionKey {
             instance: req.instance_name,
             action: Digest::from_proto(function, req.action_digest.as_ref())?,

@@ -208,11 +208,14 @@ impl push_server::Push for AssetService {
         request: Request<PushBlobRequest>,
     ) -> std::result::Result<Response<PushBlobResponse>, Status> {
         let (metadata, _, req) = request.into_parts();
+        // The root digest's length names the function when the field does not.
+        let first = req.blob_digest.as_ref().map(|d| d.hash.as_str());
+        let function = DigestFunction::for_request(req.digest_function, first)?;
         let parsed = AssetRequest::parse(
             req.instance_name,
             req.uris,
             req.qualifiers,
-            req.digest_function,
+            function.to_proto(),
         )?;
         let fields = PushFields {
             root: req.blob_digest,
@@ -230,11 +233,14 @@ impl push_server::Push for AssetService {
         request: Request<PushDirectoryRequest>,
     ) -> std::result::Result<Response<PushDirectoryResponse>, Status> {
         let (metadata, _, req) = request.into_parts();
+        // The root digest's length names the function when the field does not.
+        let first = req.root_directory_digest.as_ref().map(|d| d.hash.as_str());
+        let function = DigestFunction::for_request(req.digest_function, first)?;
         let parsed = AssetRequest::parse(
             req.instance_name,
             req.uris,
             req.qualifiers,
-            req.digest_function,
+            function.to_proto(),
         )?;
         let fields = PushFields {
             root: req.root_directory_digest,

@@ -46,9 +46,10 @@ impl CapabilitiesService {
     /// Outpost's own capabilities.
     fn own(&self) -> ServerCapabilities {
         let sha256 = DigestFunction::Sha256.to_proto();
+        let every_function: Vec<i32> = DigestFunction::ALL.map(DigestFunction::to_proto).into();
         ServerCapabilities {
             cache_capabilities: Some(CacheCapabilities {
-                digest_functions: vec![sha256],
+                digest_functions: every_function.clone(),
                 action_cache_update_capabilities: Some(ActionCacheUpdateCapabilities {
                     update_enabled: true,
                 }),
@@ -62,7 +63,7 @@ impl CapabilitiesService {
             execution_capabilities: Some(ExecutionCapabilities {
                 digest_function: sha256,
                 exec_enabled: false,
-                digest_functions: vec![sha256],
+                digest_functions: every_function,
                 ..Default::default()
             }),
             deprecated_api_version: None,
@@ -111,8 +112,8 @@ pub fn merge(mut own: ServerCapabilities, upstream: &ServerCapabilities) -> Serv
     // Execution is forwarded, so it is offered exactly as the upstream does.
     if let Some(theirs) = &upstream.execution_capabilities {
         let mut exec = theirs.clone();
-        let ours = DigestFunction::Sha256.to_proto();
-        exec.digest_functions.retain(|f| *f == ours);
+        let ours = DigestFunction::ALL.map(DigestFunction::to_proto);
+        exec.digest_functions.retain(|f| ours.contains(f));
         own.execution_capabilities = Some(exec);
     }
     if let Some(high) = &upstream.high_api_version {
@@ -160,13 +161,13 @@ mod tests {
         let ours = CapabilitiesService::new(4 << 20, None).own();
         let mut theirs = ours.clone();
         let cache = theirs.cache_capabilities.as_mut().unwrap();
-        cache.digest_functions = vec![9]; // BLAKE3 only
+        cache.digest_functions = vec![9, 4]; // BLAKE3 and VSO
         cache.max_batch_total_size_bytes = 1 << 20;
         cache.action_cache_update_capabilities = None;
         theirs.high_api_version = Some(semver((2, 1)));
         let merged = merge(ours, &theirs);
         let cache = merged.cache_capabilities.unwrap();
-        assert!(cache.digest_functions.is_empty());
+        assert_eq!(cache.digest_functions, vec![9], "VSO is not ours");
         assert_eq!(cache.max_batch_total_size_bytes, 1 << 20);
         assert!(
             !cache
@@ -176,5 +177,21 @@ mod tests {
         );
         assert_eq!(merged.high_api_version.unwrap().minor, 1);
         assert!(!merged.execution_capabilities.unwrap().exec_enabled);
+    }
+
+    #[test]
+    fn every_digest_function_is_advertised_standalone() {
+        let own = CapabilitiesService::new(4 << 20, None).own();
+        let all: Vec<i32> = DigestFunction::ALL.map(DigestFunction::to_proto).into();
+        assert_eq!(own.cache_capabilities.unwrap().digest_functions, all);
+        let exec = own.execution_capabilities.unwrap();
+        assert_eq!(exec.digest_functions, all);
+        assert_eq!(exec.digest_function, DigestFunction::Sha256.to_proto());
+        // An upstream from before REAPI 2.1 lists none: SHA-256 only.
+        let ours = CapabilitiesService::new(4 << 20, None).own();
+        let mut theirs = ours.clone();
+        theirs.cache_capabilities.as_mut().unwrap().digest_functions = vec![];
+        let merged = merge(ours, &theirs);
+        assert_eq!(merged.cache_capabilities.unwrap().digest_functions, vec![1]);
     }
 }

@@ -68,7 +68,8 @@ impl CasService {
         metadata: &MetadataMap,
         req: FindMissingBlobsRequest,
     ) -> Result<FindMissingBlobsResponse> {
-        let function = DigestFunction::from_proto(req.digest_function)?;
+        let first = req.blob_digests.first().map(|d| d.hash.as_str());
+        let function = DigestFunction::for_request(req.digest_function, first)?;
         let digests = req
             .blob_digests
             .iter()
@@ -89,7 +90,9 @@ impl CasService {
         metadata: &MetadataMap,
         req: BatchUpdateBlobsRequest,
     ) -> Result<BatchUpdateBlobsResponse> {
-        let function = DigestFunction::from_proto(req.digest_function)?;
+        let first = req.requests.first().and_then(|r| r.digest.as_ref());
+        let function =
+            DigestFunction::for_request(req.digest_function, first.map(|d| d.hash.as_str()))?;
         let total: u64 = req.requests.iter().map(|r| r.data.len() as u64).sum();
         self.check_batch_size(total, "BatchUpdateBlobs request")?;
         // One (client digest, verdict) per request entry, in order.
@@ -136,7 +139,8 @@ impl CasService {
         metadata: &MetadataMap,
         req: BatchReadBlobsRequest,
     ) -> Result<BatchReadBlobsResponse> {
-        let function = DigestFunction::from_proto(req.digest_function)?;
+        let first = req.digests.first().map(|d| d.hash.as_str());
+        let function = DigestFunction::for_request(req.digest_function, first)?;
         let total: u64 = req.digests.iter().map(|d| d.size_bytes.max(0) as u64).sum();
         self.check_batch_size(total, "BatchReadBlobs request")?;
         let parsed: Vec<Result<Digest>> = req
@@ -281,7 +285,8 @@ impl ContentAddressableStorage for CasService {
         request: Request<GetTreeRequest>,
     ) -> std::result::Result<Response<Self::GetTreeStream>, Status> {
         let (metadata, _, req) = request.into_parts();
-        let function = DigestFunction::from_proto(req.digest_function)?;
+        let first = req.root_digest.as_ref().map(|d| d.hash.as_str());
+        let function = DigestFunction::for_request(req.digest_function, first)?;
         let root = Digest::from_proto(function, req.root_digest.as_ref())?;
         let ctx = RequestContext::from_metadata(req.instance_name, &metadata);
         let skip = parse_page_token(&req.page_token)?;

@@ -21,10 +21,22 @@ use crate::error::Result;
 pub struct AssetKey(pub [u8; 32]);
 
 impl AssetKey {
+    /// The key of a SHA-256 entry: [`AssetKey::of_function`] with SHA-256.
+    pub fn of(instance: &str, uri: &str, qualifiers: &[(String, String)]) -> Self {
+        AssetKey::of_function(DigestFunction::Sha256, instance, uri, qualifiers)
+    }
+
     /// The key of `uri` under `instance` with `qualifiers` (name, value),
     /// which the caller has already stripped of credentials; their order
-    /// does not matter.
-    pub fn of(instance: &str, uri: &str, qualifiers: &[(String, String)]) -> Self {
+    /// does not matter. Entries of different digest functions have
+    /// different keys (a BLAKE3 request is never answered with a SHA-256
+    /// digest); SHA-256 keys are those from before other functions existed.
+    pub fn of_function(
+        function: DigestFunction,
+        instance: &str,
+        uri: &str,
+        qualifiers: &[(String, String)],
+    ) -> Self {
         let mut sorted: Vec<&(String, String)> = qualifiers.iter().collect();
         sorted.sort();
         let mut hasher = Sha256::new();
@@ -37,6 +49,11 @@ impl AssetKey {
         for (name, value) in sorted {
             field(name.as_bytes());
             field(value.as_bytes());
+        }
+        // One field more: an odd count, which no qualifier (a pair of
+        // fields) can produce.
+        if function != DigestFunction::Sha256 {
+            field(function.name().as_bytes());
         }
         AssetKey(hasher.finalize().into())
     }
@@ -189,6 +206,14 @@ mod tests {
         assert_ne!(a, AssetKey::of("i", "https://x/y", &[q("a", "1")]));
         // Length prefixes: moving a byte between fields changes the key.
         assert_ne!(AssetKey::of("ab", "c", &[]), AssetKey::of("a", "bc", &[]));
+        let sha256 = AssetKey::of_function(DigestFunction::Sha256, "i", "u", &[]);
+        let blake3 = AssetKey::of_function(DigestFunction::Blake3, "i", "u", &[]);
+        assert_eq!(sha256, AssetKey::of("i", "u", &[]));
+        assert_ne!(sha256, blake3);
+        assert_ne!(
+            blake3,
+            AssetKey::of_function(DigestFunction::Sha512, "i", "u", &[])
+        );
     }
 
     #[test]

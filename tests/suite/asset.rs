@@ -224,11 +224,11 @@ async fn empty_and_malformed_requests_are_invalid_arguments() {
             references_blobs: vec![raw_digest(&"A".repeat(64), 1)],
             ..Default::default()
         },
-        // An unsupported digest function (BLAKE3).
+        // An unsupported digest function (VSO).
         PushBlobRequest {
             uris: uris(&["u"]),
             blob_digest: Some(d.clone()),
-            digest_function: 9,
+            digest_function: 4,
             ..Default::default()
         },
     ];
@@ -238,7 +238,7 @@ async fn empty_and_malformed_requests_are_invalid_arguments() {
     let unsupported = fetch
         .fetch_blob(FetchBlobRequest {
             uris: uris(&["u"]),
-            digest_function: 9,
+            digest_function: 4,
             ..Default::default()
         })
         .await;

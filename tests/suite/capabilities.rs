@@ -17,7 +17,10 @@ async fn capabilities_advertise_a_sha256_cache_without_execution_for_any_instanc
         let sha256 = re::digest_function::Value::Sha256 as i32;
 
         let cache = caps.cache_capabilities.expect("cache capabilities");
-        assert_eq!(cache.digest_functions, vec![sha256]);
+        let every_function: Vec<i32> = outpost_testkit::digests::FUNCTIONS
+            .map(|f| f as i32)
+            .to_vec();
+        assert_eq!(cache.digest_functions, every_function);
         assert_eq!(cache.max_batch_total_size_bytes, 3 << 20);
         assert!(
             cache
@@ -31,7 +34,7 @@ async fn capabilities_advertise_a_sha256_cache_without_execution_for_any_instanc
         let exec = caps.execution_capabilities.expect("execution capabilities");
         assert!(!exec.exec_enabled);
         assert_eq!(exec.digest_function, sha256);
-        assert_eq!(exec.digest_functions, vec![sha256]);
+        assert_eq!(exec.digest_functions, every_function);
 
         let low = caps.low_api_version.expect("low_api_version");
         let high = caps.high_api_version.expect("high_api_version");

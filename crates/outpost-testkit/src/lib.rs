@@ -20,6 +20,7 @@
 //!   WAN benches.
 
 pub mod client;
+pub mod digests;
 pub mod env;
 pub mod fake;
 pub mod metrics;

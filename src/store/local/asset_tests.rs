@@ -351,9 +351,15 @@ async fn find_by_hash_finds_stored_blobs_of_any_size() {
     store_blobs(&store, &[&inline, &file]).await;
     let f = DigestFunction::Sha256;
     for d in [inline.0, file.0] {
-        assert_eq!(store.find_by_hash(f, &d.hash).unwrap(), Some(d));
+        assert_eq!(store.find_by_hash(f, d.hash_bytes()).unwrap(), Some(d));
     }
-    assert_eq!(store.find_by_hash(f, &blob(10, 3).0.hash).unwrap(), None);
+    assert_eq!(
+        store.find_by_hash(f, blob(10, 3).0.hash_bytes()).unwrap(),
+        None
+    );
     let empty = Digest::of(f, &[]);
-    assert_eq!(store.find_by_hash(f, &empty.hash).unwrap(), Some(empty));
+    assert_eq!(
+        store.find_by_hash(f, empty.hash_bytes()).unwrap(),
+        Some(empty)
+    );
 }

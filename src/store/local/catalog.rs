@@ -568,13 +568,9 @@ impl Catalog {
 
     /// The stored blob with this hash, whatever its size, marking it used;
     /// the empty blob is always there.
-    pub fn find_by_hash(
-        &self,
-        function: DigestFunction,
-        hash: &[u8; 32],
-    ) -> Result<Option<Digest>> {
+    pub fn find_by_hash(&self, function: DigestFunction, hash: &[u8]) -> Result<Option<Digest>> {
         let empty = Digest::of(function, &[]);
-        if empty.hash == *hash {
+        if empty.hash_bytes() == hash {
             return Ok(Some(empty));
         }
         for digest in self.db.blobs_with_hash(function, hash)? {

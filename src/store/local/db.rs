@@ -104,11 +104,7 @@ impl Db {
     /// seek to `b` · function · hash, then the keys sharing that prefix):
     /// what a lookup by checksum alone needs. The caller checks the
     /// in-memory index, which is what says a blob is stored.
-    pub fn blobs_with_hash(
-        &self,
-        function: DigestFunction,
-        hash: &[u8; 32],
-    ) -> Result<Vec<Digest>> {
+    pub fn blobs_with_hash(&self, function: DigestFunction, hash: &[u8]) -> Result<Vec<Digest>> {
         let mut prefix = Vec::with_capacity(2 + hash.len());
         prefix.extend_from_slice(&[BLOB, function.tag()]);
         prefix.extend_from_slice(hash);
@@ -232,31 +228,33 @@ const BLOB: u8 = b'b';
 const ACTION: u8 = b'a';
 const ASSET: u8 = b's';
 
-/// Bytes of a digest in keys: function tag · hash · size (big-endian).
-pub const DIGEST_LEN: usize = 1 + 32 + 8;
+/// Bytes of `digest` in keys: function tag · hash · size (big-endian). The
+/// tag says how long the hash is, so SHA-256 keys are exactly what they
+/// were before other functions existed.
+pub fn digest_len(digest: &Digest) -> usize {
+    1 + digest.function.hash_len() + 8
+}
 
-/// Appends a digest's [`DIGEST_LEN`] bytes.
+/// Appends a digest's [`digest_len`] bytes.
 pub fn push_digest(key: &mut Vec<u8>, digest: &Digest) {
     key.push(digest.function.tag());
-    key.extend_from_slice(&digest.hash);
+    key.extend_from_slice(digest.hash_bytes());
     key.extend_from_slice(&digest.size.to_be_bytes());
 }
 
-/// Reads a digest from the first [`DIGEST_LEN`] bytes of `bytes`.
-pub fn parse_digest(bytes: &[u8]) -> Option<Digest> {
-    let function = DigestFunction::from_tag(*bytes.first()?)?;
-    let hash: [u8; 32] = bytes.get(1..33)?.try_into().ok()?;
-    let size = u64::from_be_bytes(bytes.get(33..41)?.try_into().ok()?);
-    Some(Digest {
-        function,
-        hash,
-        size,
-    })
+/// Reads a digest from the start of `bytes`; returns it and the bytes after it.
+pub fn parse_digest(bytes: &[u8]) -> Option<(Digest, &[u8])> {
+    let (&tag, rest) = bytes.split_first()?;
+    let function = DigestFunction::from_tag(tag)?;
+    let (hash, rest) = rest.split_at_checked(function.hash_len())?;
+    let (size, rest) = rest.split_at_checked(8)?;
+    let size = u64::from_be_bytes(size.try_into().ok()?);
+    Some((Digest::from_raw(function, hash, size)?, rest))
 }
 
 /// `b` · function · hash · size (big-endian).
 pub fn blob_key(digest: &Digest) -> Vec<u8> {
-    let mut key = Vec::with_capacity(1 + DIGEST_LEN);
+    let mut key = Vec::with_capacity(1 + digest_len(digest));
     key.push(BLOB);
     push_digest(&mut key, digest);
     key
@@ -264,15 +262,18 @@ pub fn blob_key(digest: &Digest) -> Vec<u8> {
 
 /// The digest a blob key was made from.
 pub fn parse_blob_key(key: &[u8]) -> Option<Digest> {
-    if key.first() != Some(&BLOB) || key.len() != 1 + DIGEST_LEN {
-        return None;
+    match key.split_first()? {
+        (&BLOB, rest) => match parse_digest(rest)? {
+            (digest, []) => Some(digest),
+            _ => None,
+        },
+        _ => None,
     }
-    parse_digest(&key[1..])
 }
 
 /// `a` · function · hash · size · instance name (UTF-8, last so it can be any length).
 pub fn action_key(key: &ActionKey) -> Vec<u8> {
-    let mut out = Vec::with_capacity(1 + DIGEST_LEN + key.instance.len());
+    let mut out = Vec::with_capacity(1 + digest_len(&key.action) + key.instance.len());
     out.push(ACTION);
     push_digest(&mut out, &key.action);
     out.extend_from_slice(key.instance.as_bytes());
@@ -357,7 +358,7 @@ mod tests {
         let key = blob_key(&d);
         assert_eq!(key.len(), 42);
         assert_eq!(key[0], b'b');
-        assert_eq!(&key[2..34], &d.hash);
+        assert_eq!(&key[2..34], d.hash_bytes());
         assert_eq!(&key[34..], &d.size.to_be_bytes());
         for (kind, tag) in [
             (EntryKind::InlineBlob, 0),
@@ -464,11 +465,44 @@ mod tests {
             batch.put_entry(&blob_key(&digest), &entry);
         }
         batch.commit().unwrap();
-        let found = db.blobs_with_hash(DigestFunction::Sha256, &d.hash).unwrap();
+        let found = db
+            .blobs_with_hash(DigestFunction::Sha256, d.hash_bytes())
+            .unwrap();
         assert_eq!(found, vec![d, other_size]);
         let unknown = db
             .blobs_with_hash(DigestFunction::Sha256, &[0; 32])
             .unwrap();
         assert!(unknown.is_empty());
+    }
+
+    #[test]
+    fn sha256_keys_keep_their_layout_and_every_function_round_trips() {
+        let d = Digest::of(DigestFunction::Sha256, b"abc");
+        // The layout data directories were written with: b · 1 · 32 bytes · size.
+        let mut expected = vec![b'b', 1];
+        expected.extend_from_slice(d.hash_bytes());
+        expected.extend_from_slice(&3u64.to_be_bytes());
+        assert_eq!(blob_key(&d), expected);
+        for f in DigestFunction::ALL {
+            let d = Digest::of(f, b"abc");
+            let key = blob_key(&d);
+            assert_eq!(key.len(), 1 + digest_len(&d));
+            assert_eq!(parse_blob_key(&key), Some(d), "{f:?}");
+            let mut longer = key.clone();
+            longer.push(0);
+            assert_eq!(parse_blob_key(&longer), None);
+            assert_eq!(parse_blob_key(&key[..key.len() - 1]), None);
+        }
+    }
+
+    #[test]
+    fn a_blake3_and_a_sha256_blob_with_the_same_hash_have_distinct_keys() {
+        let b = Digest::of(DigestFunction::Blake3, b"x");
+        let s = Digest {
+            function: DigestFunction::Sha256,
+            ..b
+        };
+        assert_ne!(blob_key(&b), blob_key(&s));
+        assert_eq!(parse_blob_key(&blob_key(&s)), Some(s));
     }
 }

@@ -125,7 +125,7 @@ impl FileArea {
     /// parse are returned with `None` so the caller can remove them.
     pub fn list(&self) -> Result<Vec<(Option<Digest>, PathBuf)>> {
         let mut out = Vec::new();
-        for function in [DigestFunction::Sha256] {
+        for function in DigestFunction::ALL {
             let dir = self.blobs_dir.join(function.name());
             if !dir.exists() {
                 continue;

@@ -52,7 +52,7 @@ use crate::store::asset_index::{AssetIndex, AssetKey, AssetRecord};
 use crate::store::{ActionKey, ActionResultStore, BlobStore, BlobWriter, ChunkStream};
 
 pub use self::catalog::{EvictionListener, Reclaimer};
-pub use self::db::{DIGEST_LEN, parse_digest, push_digest};
+pub use self::db::{digest_len, parse_digest, push_digest};
 pub use self::quota::{Occupancy, PinGuard};
 pub use self::running::REFRESH_INTERVAL as RUNNING_MARKER_REFRESH;
 
@@ -189,11 +189,7 @@ impl LocalStore {
     /// The stored blob with this hash, whatever its size, marking it used
     /// (`checksum.sri` names content by hash alone); the empty blob is
     /// always there.
-    pub fn find_by_hash(
-        &self,
-        function: DigestFunction,
-        hash: &[u8; 32],
-    ) -> Result<Option<Digest>> {
+    pub fn find_by_hash(&self, function: DigestFunction, hash: &[u8]) -> Result<Option<Digest>> {
         self.catalog.find_by_hash(function, hash)
     }
 }

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use tonic::{Code, Status};
 
 use crate::context::RequestContext;
-use crate::digest::{Digest, verify};
+use crate::digest::{Digest, DigestFunction, verify};
 use crate::error::{Error, Result};
 use crate::stats::{Stats, UpstreamMethod};
 use crate::upstream::Upstream;
@@ -48,7 +48,8 @@ pub async fn find_missing(
 ) -> Result<Vec<bool>> {
     let stats = up.stats();
     let mut missing = HashSet::new();
-    for chunk in unique(&digests).chunks(FMB_MAX_DIGESTS) {
+    let runs = same_function_runs(unique(&digests), |d| d.function);
+    for chunk in runs.iter().flat_map(|run| run.chunks(FMB_MAX_DIGESTS)) {
         Stats::add(&stats.fmb_batches, 1);
         Stats::add(&stats.fmb_batched_digests, chunk.len() as u64);
         let message = FindMissingBlobsRequest {
@@ -81,7 +82,11 @@ pub async fn read(
     digests: Vec<Digest>,
 ) -> Result<Vec<Result<Bytes>>> {
     let mut out = Vec::with_capacity(digests.len());
-    for run in split_by_weight(digests, up.batch_limit(), |d| d.size) {
+    let runs = split_by_weight(digests, up.batch_limit(), |d| d.size);
+    for run in runs
+        .into_iter()
+        .flat_map(|r| same_function_runs(r, |d| d.function))
+    {
         out.extend(read_within_limit(&up, &ctx, run).await?);
     }
     Ok(out)
@@ -94,7 +99,11 @@ pub async fn write(
     blobs: Vec<(Digest, Bytes)>,
 ) -> Result<Vec<Result<()>>> {
     let mut out = Vec::with_capacity(blobs.len());
-    for run in split_by_weight(blobs, up.batch_limit(), |(d, _)| d.size) {
+    let runs = split_by_weight(blobs, up.batch_limit(), |(d, _)| d.size);
+    for run in runs
+        .into_iter()
+        .flat_map(|r| same_function_runs(r, |(d, _)| d.function))
+    {
         out.extend(write_within_limit(&up, &ctx, run).await?);
     }
     Ok(out)
@@ -211,4 +220,32 @@ fn by_digest<X>(
             Some(((digest.hash, digest.size_bytes), answer))
         })
         .collect()
+}
+
+/// Splits merged items into runs of one digest function, in order: a call
+/// names one function (`digest_function`), and the batchers merge requests
+/// of clients that may use different ones.
+fn same_function_runs<T>(items: Vec<T>, function: impl Fn(&T) -> DigestFunction) -> Vec<Vec<T>> {
+    let mut runs: Vec<Vec<T>> = Vec::new();
+    for item in items {
+        match runs.last_mut() {
+            Some(run) if run.first().map(&function) == Some(function(&item)) => run.push(item),
+            _ => runs.push(vec![item]),
+        }
+    }
+    runs
+}
+
+#[cfg(test)]
+mod function_tests {
+    use super::*;
+
+    #[test]
+    fn merged_items_split_into_runs_of_one_function_in_order() {
+        let (s, b) = (DigestFunction::Sha256, DigestFunction::Blake3);
+        let items = vec![(s, 1), (s, 2), (b, 3), (s, 4)];
+        let runs = same_function_runs(items, |(f, _)| *f);
+        assert_eq!(runs, vec![vec![(s, 1), (s, 2)], vec![(b, 3)], vec![(s, 4)]]);
+        assert!(same_function_runs(Vec::<(DigestFunction, u8)>::new(), |(f, _)| *f).is_empty());
+    }
 }

@@ -7,7 +7,8 @@
 //!   `1` · queued at · count (u32 BE) · that many digests (the blobs it
 //!   waits for) · the encoded, stripped ActionResult.
 //!
-//! Digests are laid out as in the store's own keys ([`push_digest`]); the
+//! Digests are laid out as in the store's own keys ([`push_digest`]: their
+//! length follows from their function tag); the
 //! instance name comes last so it can be any length. The leading `1` is the
 //! record version: a record this build cannot read is dropped at start-up.
 
@@ -16,7 +17,7 @@ use prost::Message;
 
 use crate::digest::Digest;
 use crate::store::ActionKey;
-use crate::store::local::{DIGEST_LEN, parse_digest, push_digest};
+use crate::store::local::{digest_len, parse_digest, push_digest};
 
 const BLOB: u8 = b'b';
 const RESULT: u8 = b'r';
@@ -49,7 +50,7 @@ pub enum Record {
 
 /// The key of a queued blob.
 pub fn blob_key(instance: &str, digest: &Digest) -> Vec<u8> {
-    let mut key = Vec::with_capacity(1 + DIGEST_LEN + instance.len());
+    let mut key = Vec::with_capacity(1 + digest_len(digest) + instance.len());
     key.push(BLOB);
     push_digest(&mut key, digest);
     key.extend_from_slice(instance.as_bytes());
@@ -66,7 +67,7 @@ pub fn blob_value(since: u64) -> Vec<u8> {
 
 /// The key of a queued action result.
 pub fn result_key(key: &ActionKey) -> Vec<u8> {
-    let mut out = Vec::with_capacity(1 + DIGEST_LEN + key.instance.len());
+    let mut out = Vec::with_capacity(1 + digest_len(&key.action) + key.instance.len());
     out.push(RESULT);
     push_digest(&mut out, &key.action);
     out.extend_from_slice(key.instance.as_bytes());
@@ -75,7 +76,8 @@ pub fn result_key(key: &ActionKey) -> Vec<u8> {
 
 /// The value of a queued action result.
 pub fn result_value(since: u64, after: &[Digest], result: &ActionResult) -> Vec<u8> {
-    let mut value = Vec::with_capacity(13 + after.len() * DIGEST_LEN + result.encoded_len());
+    let digests: usize = after.iter().map(digest_len).sum();
+    let mut value = Vec::with_capacity(13 + digests + result.encoded_len());
     value.push(VERSION);
     value.extend_from_slice(&since.to_be_bytes());
     value.extend_from_slice(&(after.len() as u32).to_be_bytes());
@@ -89,8 +91,8 @@ pub fn result_value(since: u64, after: &[Digest], result: &ActionResult) -> Vec<
 /// Reads a record back; `Err` says why it cannot be (the caller drops it).
 pub fn parse(key: &[u8], value: &[u8]) -> Result<Record, String> {
     let (&kind, rest) = key.split_first().ok_or("empty key")?;
-    let digest = parse_digest(rest).ok_or("bad digest in key")?;
-    let instance = std::str::from_utf8(&rest[DIGEST_LEN..])
+    let (digest, rest) = parse_digest(rest).ok_or("bad digest in key")?;
+    let instance = std::str::from_utf8(rest)
         .map_err(|_| "instance name is not UTF-8")?
         .to_string();
     if value.first() != Some(&VERSION) || value.len() < 9 {
@@ -106,16 +108,16 @@ pub fn parse(key: &[u8], value: &[u8]) -> Result<Record, String> {
         RESULT => {
             let count = value.get(9..13).ok_or("truncated result record")?;
             let count = u32::from_be_bytes(count.try_into().expect("4 bytes")) as usize;
-            let end = count
-                .checked_mul(DIGEST_LEN)
-                .and_then(|n| n.checked_add(13))
-                .filter(|&end| end <= value.len())
-                .ok_or("truncated result record")?;
-            let after = value[13..end]
-                .chunks_exact(DIGEST_LEN)
-                .map(|bytes| parse_digest(bytes).ok_or("bad digest in result record"))
-                .collect::<Result<Vec<_>, _>>()?;
-            let result = ActionResult::decode(&value[end..])
+            // Digests vary in length: read them one by one (a count larger
+            // than the value holds fails at the first missing digest).
+            let mut after = Vec::new();
+            let mut rest = &value[13..];
+            for _ in 0..count {
+                let (digest, tail) = parse_digest(rest).ok_or("bad digest in result record")?;
+                after.push(digest);
+                rest = tail;
+            }
+            let result = ActionResult::decode(rest)
                 .map_err(|e| format!("undecodable action result: {e}"))?;
             let result = Box::new(result);
             Ok(Record::Result {
@@ -166,6 +168,35 @@ mod tests {
                 result: Box::new(result)
             })
         );
+    }
+
+    #[test]
+    fn records_of_every_digest_function_round_trip() {
+        let after: Vec<Digest> = DigestFunction::ALL
+            .iter()
+            .map(|&f| Digest::of(f, b"out"))
+            .collect();
+        for f in DigestFunction::ALL {
+            let d = Digest::of(f, b"x");
+            let key = ActionKey {
+                instance: "i".into(),
+                action: d,
+            };
+            let result = ActionResult::default();
+            assert_eq!(
+                parse(&result_key(&key), &result_value(5, &after, &result)),
+                Ok(Record::Result {
+                    key,
+                    since: 5,
+                    after: after.clone(),
+                    result: Box::new(result)
+                })
+            );
+            assert!(matches!(
+                parse(&blob_key("i", &d), &blob_value(1)),
+                Ok(Record::Blob { digest, .. }) if digest == d
+            ));
+        }
     }
 
     #[test]

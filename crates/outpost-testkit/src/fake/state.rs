@@ -11,7 +11,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use bazel_remote_apis::google::rpc::Status as RpcStatus;
 use bytes::Bytes;
 use prost::Message;
-use sha2::{Digest as _, Sha256};
 use tokio::sync::{Notify, mpsc};
 use tonic::{Code, Status};
 
@@ -161,8 +160,13 @@ pub(super) fn rpc_status(code: Code, message: &str) -> RpcStatus {
     }
 }
 
-pub(super) fn is_sha256(function: i32) -> bool {
-    function == 0 || function == DigestFunction::Sha256 as i32
+/// The function a request names, or (UNKNOWN) the one its hash length
+/// implies (REAPI); SHA-256 when neither says.
+fn function_of(function: i32, d: &re::Digest) -> DigestFunction {
+    match function {
+        0 => crate::digests::by_hex_len(d.hash.len()).unwrap_or(DigestFunction::Sha256),
+        f => DigestFunction::try_from(f).unwrap_or(DigestFunction::Unknown),
+    }
 }
 
 pub(super) fn check_digest(d: &re::Digest, function: i32) -> Result<(), Status> {
@@ -170,7 +174,9 @@ pub(super) fn check_digest(d: &re::Digest, function: i32) -> Result<(), Status> 
         && d.hash
             .bytes()
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-    if d.size_bytes < 0 || !hex_ok || (is_sha256(function) && d.hash.len() != 64) {
+    let length_ok = crate::digests::try_hash_hex(function_of(function, d), b"")
+        .is_none_or(|empty| empty.len() == d.hash.len());
+    if d.size_bytes < 0 || !hex_ok || !length_ok {
         return Err(Status::invalid_argument(format!(
             "fake upstream: invalid digest {}/{}",
             d.hash, d.size_bytes
@@ -179,7 +185,8 @@ pub(super) fn check_digest(d: &re::Digest, function: i32) -> Result<(), Status> 
     Ok(())
 }
 
-/// SHA-256 blobs are verified; other functions are taken on trust.
+/// Blobs are verified in every function the test kit computes
+/// ([`crate::digests`]); others are taken on trust.
 pub(super) fn verify(d: &re::Digest, function: i32, data: &[u8]) -> Result<(), Status> {
     if data.len() as i64 != d.size_bytes {
         return Err(Status::invalid_argument(format!(
@@ -189,7 +196,8 @@ pub(super) fn verify(d: &re::Digest, function: i32, data: &[u8]) -> Result<(), S
             d.size_bytes
         )));
     }
-    if is_sha256(function) && hex::encode(Sha256::digest(data)) != d.hash {
+    let actual = crate::digests::try_hash_hex(function_of(function, d), data);
+    if actual.is_some_and(|hash| hash != d.hash) {
         return Err(Status::invalid_argument(format!(
             "fake upstream: hash mismatch for {}/{}",
             d.hash, d.size_bytes
