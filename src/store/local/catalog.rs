@@ -28,9 +28,11 @@ use prost::Message;
 
 use super::asset_links::{AssetLinks, RecordRead, kept_blob_keys};
 use super::db::{Batch, Db, blob_key, parse_blob_key};
-use super::files::{FileArea, TempFile};
+use super::files::{BlobFile, FileArea, Form, TempFile};
 use super::quota::{Entry, EntryKind, Index, Occupancy, PinGuard, Reservation, SharedIndex};
-use super::writer::Payload;
+use super::verifying::Serve;
+use super::writer::{InlineBytes, Payload};
+use crate::compression;
 use crate::digest::{Digest, DigestFunction};
 use crate::error::{Error, Result};
 use crate::stats::Stats;
@@ -80,6 +82,36 @@ fn not_found(digest: &Digest) -> Error {
     Error::NotFound(format!("blob {digest} not found"))
 }
 
+fn damaged(digest: &Digest) -> Error {
+    Error::NotFound(format!("blob {digest} is damaged in the local store"))
+}
+
+/// The entry kind of a blob file in `form`.
+fn file_kind(form: Form) -> EntryKind {
+    match form {
+        Form::Plain => EntryKind::FileBlob,
+        Form::Zstd => EntryKind::FileZstd,
+    }
+}
+
+/// The form of the file of a file blob entry of `kind`.
+pub fn file_form(kind: EntryKind) -> Form {
+    if kind.is_zstd() {
+        Form::Zstd
+    } else {
+        Form::Plain
+    }
+}
+
+/// The entry kind of an inline blob stored as `inline`.
+fn inline_kind(inline: &InlineBytes) -> EntryKind {
+    if inline.zstd {
+        EntryKind::InlineZstd
+    } else {
+        EntryKind::InlineBlob
+    }
+}
+
 impl Catalog {
     /// Rebuilds the index from RocksDB, reconciles it with the blob files,
     /// and evicts down to `quota_bytes` (the quota may have shrunk).
@@ -108,12 +140,15 @@ impl Catalog {
         }
         // Files without an index entry were renamed in but never committed.
         let mut with_file = HashSet::new();
-        for (digest, path) in self.files.list()? {
-            let key = digest.map(|d| blob_key(&d));
+        // A file must be in the form its entry names (a plain file and a
+        // `.zst` one of the same blob are never both committed).
+        for (found, path) in self.files.list()? {
+            let key = found.map(|(d, _)| blob_key(&d));
+            let kind = found.map(|(_, form)| file_kind(form));
             let indexed = key.as_ref().is_some_and(|k| {
                 entries
                     .binary_search_by(|(ek, _)| ek.as_slice().cmp(k))
-                    .is_ok_and(|i| entries[i].1.kind == EntryKind::FileBlob)
+                    .is_ok_and(|i| Some(entries[i].1.kind) == kind)
             });
             if indexed {
                 with_file.insert(key.expect("indexed implies a key"));
@@ -124,7 +159,7 @@ impl Catalog {
         }
         // Index entries whose file vanished (e.g. deleted by hand) are dropped.
         entries.retain(|(key, entry)| {
-            let keep = entry.kind != EntryKind::FileBlob || with_file.contains(key);
+            let keep = !entry.kind.is_file() || with_file.contains(key);
             if !keep {
                 batch.delete_entry(key);
             }
@@ -298,17 +333,18 @@ impl Catalog {
             );
         }
         for (key, entry) in victims {
-            if entry.kind == EntryKind::FileBlob
+            if entry.kind.is_file()
                 && let Some(digest) = parse_blob_key(key)
             {
-                self.files.remove(&digest)?;
+                self.files.remove(&digest, file_form(entry.kind))?;
             }
         }
         Ok(())
     }
 
     /// Makes a verified blob visible. `payload` is the inline bytes, or the
-    /// verified temp file to rename into place.
+    /// verified temp file to rename into place; the entry counts the bytes
+    /// it keeps (compressed ones when compressed).
     pub fn commit_blob(
         &self,
         digest: &Digest,
@@ -323,35 +359,46 @@ impl Catalog {
             drop(payload);
             return Ok(());
         }
-        let kind = match payload {
-            Payload::Inline(_) => EntryKind::InlineBlob,
-            Payload::File(_) => EntryKind::FileBlob,
+        let (kind, size) = match &payload {
+            Payload::Inline(inline) => (inline_kind(inline), inline.bytes.len() as u64),
+            Payload::File { form, len, .. } => (file_kind(*form), *len),
         };
         let entry = Entry {
             kind,
-            size: digest.size,
+            size,
             persisted_atime: now_secs(),
         };
         let mut batch = self.db.batch();
         match payload {
-            Payload::Inline(data) => batch.put_inline(&key, &data),
-            Payload::File(tmp) => self.files.publish(tmp, digest)?,
+            Payload::Inline(inline) => batch.put_inline(&key, &inline.bytes),
+            Payload::File { tmp, form, .. } => self.files.publish(tmp, digest, form)?,
         }
         batch.put_entry(&key, &entry);
         batch.commit()?;
         reservation.consume(&mut index);
         index.insert(key, entry);
-        Stats::add(&self.stats.blobs_written, 1);
-        Stats::add(&self.stats.bytes_written, digest.size);
+        self.count_written(digest, &entry);
         Ok(())
     }
 
-    /// Commits many verified small blobs in one write batch. Room is reserved
-    /// only for blobs not stored yet; the others are just marked used, so
-    /// uploading them again evicts nothing.
-    pub fn commit_inline_batch(&self, blobs: &[(Digest, Bytes)]) -> Result<()> {
+    /// Counts a committed blob (and, compressed, its bytes saved).
+    fn count_written(&self, digest: &Digest, entry: &Entry) {
+        Stats::add(&self.stats.blobs_written, 1);
+        Stats::add(&self.stats.bytes_written, digest.size);
+        if entry.kind.is_zstd() {
+            Stats::add(&self.stats.store_compressed_blobs, 1);
+            Stats::add(&self.stats.store_compressed_plain_bytes, digest.size);
+            Stats::add(&self.stats.store_compressed_disk_bytes, entry.size);
+        }
+    }
+
+    /// Commits many verified small blobs, as they are to be stored (see
+    /// [`InlineBytes::pack`]), in one write batch. Room is reserved only for
+    /// blobs not stored yet; the others are just marked used, so uploading
+    /// them again evicts nothing.
+    pub fn commit_inline_batch(&self, blobs: &[(Digest, InlineBytes)]) -> Result<()> {
         let mut seen = HashSet::with_capacity(blobs.len());
-        let new: Vec<&(Digest, Bytes)> = {
+        let new: Vec<&(Digest, InlineBytes)> = {
             let mut index = self.index.lock();
             blobs
                 .iter()
@@ -361,11 +408,11 @@ impl Catalog {
         if new.is_empty() {
             return Ok(());
         }
-        let total: u64 = new.iter().map(|(d, _)| d.size).sum();
+        let total: u64 = new.iter().map(|(_, b)| b.bytes.len() as u64).sum();
         // In key order, so that RocksDB's memtable skip list inserts each key
         // next to the previous one instead of searching from the top:
         // BatchUpdateBlobs of 1 KiB blobs 12-20% faster (benches/throughput.rs).
-        let mut sorted: Vec<(Vec<u8>, &(Digest, Bytes))> = new
+        let mut sorted: Vec<(Vec<u8>, &(Digest, InlineBytes))> = new
             .into_iter()
             .map(|blob| (blob_key(&blob.0), blob))
             .collect();
@@ -375,25 +422,23 @@ impl Catalog {
         let now = now_secs();
         let mut batch = self.db.batch();
         let mut fresh = Vec::with_capacity(sorted.len());
-        for (key, (digest, data)) in sorted {
+        for (key, (digest, inline)) in sorted {
             if index.touch(&key).is_some() {
                 continue; // a concurrent write stored it meanwhile
             }
             let entry = Entry {
-                kind: EntryKind::InlineBlob,
-                size: digest.size,
+                kind: inline_kind(inline),
+                size: inline.bytes.len() as u64,
                 persisted_atime: now,
             };
-            batch.put_inline(&key, data);
+            batch.put_inline(&key, &inline.bytes);
             batch.put_entry(&key, &entry);
-            fresh.push((key, entry));
+            fresh.push((key, *digest, entry));
         }
         batch.commit()?;
         reservation.consume(&mut index);
-        let bytes: u64 = fresh.iter().map(|(_, e)| e.size).sum();
-        Stats::add(&self.stats.blobs_written, fresh.len() as u64);
-        Stats::add(&self.stats.bytes_written, bytes);
-        for (key, entry) in fresh {
+        for (key, digest, entry) in fresh {
+            self.count_written(&digest, &entry);
             index.insert(key, entry);
         }
         Ok(())
@@ -478,56 +523,106 @@ impl Catalog {
         Ok(self.touch_many(&[key])?[0])
     }
 
-    /// Streams `[offset, end)` of a stored blob, pinned against eviction
-    /// while the stream lives. NOT_FOUND means its bytes are missing or
-    /// damaged (see [`Catalog::forget_broken`]). A file blob is verified as
-    /// it streams ([`FileArea::stream`]): one that does not hash to its
-    /// digest ends the stream with DATA_LOSS and is removed
-    /// ([`Catalog::forget_corrupt`]). Inline blobs are not hashed again:
-    /// RocksDB checks each block's checksum when it reads it from disk, and
-    /// they were hashed right before their write batch.
+    /// Streams `[offset, end)` of a stored blob's plain bytes, pinned
+    /// against eviction while the stream lives; a compressed one is decoded
+    /// as it streams. NOT_FOUND means its bytes are missing or damaged (see
+    /// [`Catalog::forget_broken`]). A file blob is verified as it streams
+    /// ([`FileArea::stream`]): one that does not hash to its digest ends
+    /// the stream with DATA_LOSS and is removed ([`Catalog::forget_corrupt`]).
+    /// Inline blobs are not hashed again: RocksDB checks each block's
+    /// checksum when it reads it from disk, and they were hashed right
+    /// before their write batch.
     pub fn read_blob(
         self: &Arc<Self>,
         digest: &Digest,
         key: &[u8],
-        kind: EntryKind,
+        entry: Entry,
+        offset: u64,
+        end: u64,
+    ) -> Result<ChunkStream> {
+        if entry.kind.is_file() {
+            return self.stream_file(digest, key, entry, Serve::Plain, offset, end);
+        }
+        let _pin = self.index.pin(key);
+        let data = self.inline_plain(digest, key, entry)?;
+        let data = data.slice(offset as usize..end as usize);
+        Ok(Box::pin(stream::iter([Ok(data)])))
+    }
+
+    /// Streams a compressed blob's bytes as they are stored (a zstd
+    /// stream of the whole blob), pinned while the stream lives; a file is
+    /// decoded beside the sending only to verify it, as
+    /// [`Catalog::read_blob`]. `None` when the blob is stored plain.
+    pub fn read_stored(
+        self: &Arc<Self>,
+        digest: &Digest,
+        key: &[u8],
+        entry: Entry,
+    ) -> Option<Result<ChunkStream>> {
+        match entry.kind {
+            EntryKind::FileZstd => {
+                Some(self.stream_file(digest, key, entry, Serve::Stored, 0, entry.size))
+            }
+            EntryKind::InlineZstd => Some(self.inline_stored(digest, key, entry).map(|data| {
+                let stream: ChunkStream = Box::pin(stream::iter([Ok(data)]));
+                stream
+            })),
+            _ => None,
+        }
+    }
+
+    /// A verified stream of a blob file (see [`FileArea::stream`]).
+    fn stream_file(
+        self: &Arc<Self>,
+        digest: &Digest,
+        key: &[u8],
+        entry: Entry,
+        serve: Serve,
         offset: u64,
         end: u64,
     ) -> Result<ChunkStream> {
         let pin = self.index.pin(key);
-        match kind {
-            EntryKind::InlineBlob => self.read_inline(digest, key, offset, end),
-            EntryKind::FileBlob => {
-                let catalog = Arc::downgrade(self);
-                let key = key.to_vec();
-                let on_corrupt = move |why: &str| {
-                    if let Some(catalog) = catalog.upgrade() {
-                        catalog.forget_corrupt(&key, why);
-                    }
-                };
-                self.files.stream(digest, offset, end, pin, on_corrupt)
+        let file = BlobFile {
+            digest: *digest,
+            form: file_form(entry.kind),
+            len: entry.size,
+        };
+        let catalog = Arc::downgrade(self);
+        let key = key.to_vec();
+        let on_corrupt = move |why: &str| {
+            if let Some(catalog) = catalog.upgrade() {
+                catalog.forget_corrupt(&key, why);
             }
-            EntryKind::ActionResult | EntryKind::Asset => {
-                Err(Error::Internal("blob key names no blob".into()))
-            }
-        }
+        };
+        self.files
+            .stream(&file, serve, offset, end, pin, on_corrupt)
     }
 
-    fn read_inline(
-        &self,
-        digest: &Digest,
-        key: &[u8],
-        offset: u64,
-        end: u64,
-    ) -> Result<ChunkStream> {
+    /// The bytes of an inline blob as stored: NOT_FOUND (damaged) when
+    /// they are missing or not as long as its entry says.
+    fn inline_stored(&self, digest: &Digest, key: &[u8], entry: Entry) -> Result<Bytes> {
         let value = self.db.inline(key)?.ok_or_else(|| not_found(digest))?;
-        if value.len() as u64 != digest.size {
-            return Err(Error::NotFound(format!(
-                "blob {digest} is damaged in the local store"
-            )));
+        if !entry.kind.is_blob() || entry.kind.is_file() || value.len() as u64 != entry.size {
+            return Err(damaged(digest));
         }
-        let data = Bytes::copy_from_slice(&value[offset as usize..end as usize]);
-        Ok(Box::pin(stream::iter([Ok(data)])))
+        Ok(Bytes::copy_from_slice(&value))
+    }
+
+    /// The plain bytes of an inline blob, decoded when stored compressed
+    /// (bounded by its size): NOT_FOUND (damaged) when they do not decode
+    /// to its size.
+    fn inline_plain(&self, digest: &Digest, key: &[u8], entry: Entry) -> Result<Bytes> {
+        let stored = self.inline_stored(digest, key, entry)?;
+        let plain = match entry.kind {
+            EntryKind::InlineZstd => {
+                compression::decompress(&stored, digest.size).map_err(|_| damaged(digest))?
+            }
+            _ => stored,
+        };
+        if plain.len() as u64 != digest.size {
+            return Err(damaged(digest));
+        }
+        Ok(plain)
     }
 
     /// The ActionResult under `key`, if present. A result the index knows

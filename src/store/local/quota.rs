@@ -32,6 +32,29 @@ pub enum EntryKind {
     ActionResult,
     /// An encoded Remote Asset entry ([`crate::store::asset_index::AssetRecord`]).
     Asset,
+    /// A small blob stored zstd-compressed as a RocksDB value (its size
+    /// counts the compressed bytes).
+    InlineZstd,
+    /// A large blob stored zstd-compressed as a file (`…-SIZE.zst`; its
+    /// size counts the bytes on disk).
+    FileZstd,
+}
+
+impl EntryKind {
+    /// Whether the entry is a blob, in any form.
+    pub fn is_blob(self) -> bool {
+        !matches!(self, EntryKind::ActionResult | EntryKind::Asset)
+    }
+
+    /// Whether the blob's bytes are a file beside RocksDB.
+    pub fn is_file(self) -> bool {
+        matches!(self, EntryKind::FileBlob | EntryKind::FileZstd)
+    }
+
+    /// Whether the blob is stored zstd-compressed.
+    pub fn is_zstd(self) -> bool {
+        matches!(self, EntryKind::InlineZstd | EntryKind::FileZstd)
+    }
 }
 
 /// What the index knows about one stored entry.
@@ -39,7 +62,8 @@ pub enum EntryKind {
 pub struct Entry {
     /// Where the bytes are.
     pub kind: EntryKind,
-    /// Bytes counted against the quota.
+    /// Bytes counted against the quota: the bytes on disk (compressed
+    /// ones for a compressed blob).
     pub size: u64,
     /// Last access time (unix seconds) as persisted in RocksDB; used to
     /// rebuild the LRU order at start-up and to rate-limit atime writes.
@@ -114,7 +138,10 @@ impl Index {
     fn account(&mut self, entry: Entry, add: bool) {
         let o = &mut self.occupancy;
         let (count, bytes) = match entry.kind {
-            EntryKind::InlineBlob | EntryKind::FileBlob => (&mut o.blob_count, &mut o.blob_bytes),
+            EntryKind::InlineBlob
+            | EntryKind::FileBlob
+            | EntryKind::InlineZstd
+            | EntryKind::FileZstd => (&mut o.blob_count, &mut o.blob_bytes),
             EntryKind::ActionResult => (&mut o.action_count, &mut o.action_bytes),
             EntryKind::Asset => (&mut o.asset_count, &mut o.asset_bytes),
         };

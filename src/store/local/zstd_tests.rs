@@ -1,0 +1,1 @@
+//! Compression at rest against real RocksDB.
