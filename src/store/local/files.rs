@@ -387,9 +387,14 @@ mod tests {
         let told = std::sync::Arc::new(std::sync::Mutex::new(None));
         let sink = told.clone();
         let stream = area
-            .stream(&BlobFile::plain(*digest), Serve::Plain, offset, end, (), move |why: &str| {
-                *sink.lock().unwrap() = Some(why.to_string())
-            })
+            .stream(
+                &BlobFile::plain(*digest),
+                Serve::Plain,
+                offset,
+                end,
+                (),
+                move |why: &str| *sink.lock().unwrap() = Some(why.to_string()),
+            )
             .unwrap();
         let items = stream.collect().await;
         let why = told.lock().unwrap().take();
@@ -425,7 +430,16 @@ mod tests {
         );
         area.remove(&digest, Form::Plain).unwrap();
         let err = area
-            .stream(&BlobFile::plain(digest), Serve::Plain, 0, 1, (), |_: &str| {}).err().unwrap();
+            .stream(
+                &BlobFile::plain(digest),
+                Serve::Plain,
+                0,
+                1,
+                (),
+                |_: &str| {},
+            )
+            .err()
+            .unwrap();
         assert!(matches!(err, Error::NotFound(_)));
     }
 
@@ -478,6 +492,9 @@ mod tests {
         assert_eq!(items.len(), 1);
         assert!(matches!(items[0], Err(Error::DataLoss(_))));
         assert!(why.is_some());
-        assert!(matches!(area.verify(&BlobFile::plain(digest)), Err(Error::DataLoss(_))));
+        assert!(matches!(
+            area.verify(&BlobFile::plain(digest)),
+            Err(Error::DataLoss(_))
+        ));
     }
 }

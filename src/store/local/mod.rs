@@ -37,9 +37,9 @@ pub mod scrub;
 mod tests;
 mod verifying;
 mod writer;
-mod zstd_writer;
 #[cfg(test)]
 mod zstd_tests;
+mod zstd_writer;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -378,7 +378,10 @@ impl BlobStore for LocalStore {
         let (first, sink) = if digest.size <= self.inline_limit {
             (bound.min(digest.size), Sink::memory(digest.size))
         } else {
-            (bound.min(WRITE_WINDOW), Sink::File(self.catalog.create_temp()?))
+            (
+                bound.min(WRITE_WINDOW),
+                Sink::File(self.catalog.create_temp()?),
+            )
         };
         let (room, commit) = self.storing(digest, digest.size, first)?;
         let writer = CompressedWriter::new(digest, self.stats.clone(), sink, room, commit)?;
@@ -404,7 +407,12 @@ impl BlobStore for LocalStore {
         }
         let batch: Vec<(Digest, InlineBytes)> = small
             .iter()
-            .map(|&i| (blobs[i].0, InlineBytes::pack(blobs[i].1.clone(), self.compress)))
+            .map(|&i| {
+                (
+                    blobs[i].0,
+                    InlineBytes::pack(blobs[i].1.clone(), self.compress),
+                )
+            })
             .collect();
         if let Err(e) = self.catalog.commit_inline_batch(&batch) {
             for &i in &small {

@@ -183,7 +183,9 @@ impl VerifyingReader {
     fn decode(&mut self, input: Bytes, keep: usize) -> Result<Bytes> {
         let mut out = BytesMut::new();
         let mut decoding = self.decoding.take().expect("a compressed file");
-        decoding.pending = input;
+        if !input.is_empty() {
+            decoding.pending = input;
+        }
         let result = loop {
             if keep != usize::MAX && out.len() >= keep {
                 break Ok(());
