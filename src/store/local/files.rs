@@ -30,6 +30,9 @@ pub enum Form {
     Zstd,
 }
 
+/// A file found under `blobs/`: its blob and form when its name parses.
+pub type Listed = (Option<(Digest, Form)>, PathBuf);
+
 /// A committed blob file: which blob, in which form, how many bytes on disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BlobFile {
@@ -166,7 +169,7 @@ impl FileArea {
     /// Lists every committed file as (digest and form, path). Files whose
     /// names do not parse are returned with `None` so the caller can remove
     /// them.
-    pub fn list(&self) -> Result<Vec<(Option<(Digest, Form)>, PathBuf)>> {
+    pub fn list(&self) -> Result<Vec<Listed>> {
         let mut out = Vec::new();
         for function in [DigestFunction::Sha256] {
             let dir = self.blobs_dir.join(function.name());
