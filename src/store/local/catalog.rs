@@ -381,6 +381,55 @@ impl Catalog {
         Ok(())
     }
 
+    /// Pins a blob stored as a raw file (what the compactor works on);
+    /// `None` when it is not stored so.
+    pub fn pin_raw_file(&self, digest: &Digest) -> Option<PinGuard> {
+        let key = blob_key(digest);
+        let pin = self.index.pin_if_present(&key)?;
+        let raw = self
+            .index
+            .lock()
+            .peek(&key)
+            .is_some_and(|e| e.kind == EntryKind::FileBlob);
+        if raw { Some(pin) } else { None }
+    }
+
+    /// Replaces the raw file of `digest` by its verified compressed copy
+    /// `tmp` (`len` bytes), keeping its place in the LRU order; nothing
+    /// happens if it is no longer stored raw. Crash-safe in this order: the
+    /// `.zst` file is renamed in (a crash leaves it without an entry naming
+    /// its form: removed at start), the entry is rewritten (a crash leaves
+    /// the raw file without one: removed at start), the raw file goes the
+    /// usual deferred way; a reader that opened it keeps reading it.
+    pub fn swap_compressed(&self, digest: &Digest, tmp: TempFile, len: u64) -> Result<()> {
+        let key = blob_key(digest);
+        let mut index = self.index.lock();
+        let Some(old) = index.peek(&key).copied() else {
+            return Ok(());
+        };
+        if old.kind != EntryKind::FileBlob {
+            return Ok(());
+        }
+        self.files.publish(tmp, digest, Form::Zstd)?;
+        let entry = Entry {
+            kind: EntryKind::FileZstd,
+            size: len,
+            ..old
+        };
+        let mut batch = self.db.batch();
+        batch.put_entry(&key, &entry);
+        if let Err(e) = batch.commit() {
+            let _ = self.files.remove(digest, Form::Zstd);
+            return Err(e);
+        }
+        index.replace_in_place(&key, entry);
+        self.files.remove(digest, Form::Plain)?;
+        Stats::add(&self.stats.store_compressed_blobs, 1);
+        Stats::add(&self.stats.store_compressed_plain_bytes, digest.size);
+        Stats::add(&self.stats.store_compressed_disk_bytes, len);
+        Ok(())
+    }
+
     /// Counts a committed blob (and, compressed, its bytes saved).
     fn count_written(&self, digest: &Digest, entry: &Entry) {
         Stats::add(&self.stats.blobs_written, 1);

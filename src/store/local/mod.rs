@@ -18,6 +18,7 @@
 //! - [`writer`]: the [`BlobWriter`]: memory buffer or temp file, hashed as
 //!   the bytes arrive, verified at commit; small blobs compressed at rest
 //!   when it pays.
+//! - [`compactor`]: compresses committed raw blob files in the background.
 //! - [`zstd_writer`]: the native compressed write: a client's zstd bytes
 //!   kept as they are, decoded only to hash.
 //! - [`running`]: the marker that tells a start after an unclean stop.
@@ -28,6 +29,7 @@ mod asset_links;
 #[cfg(test)]
 mod asset_tests;
 mod catalog;
+mod compactor;
 mod db;
 mod files;
 mod quota;
@@ -50,8 +52,10 @@ use bytes::Bytes;
 use futures::stream;
 
 use self::catalog::Catalog;
+use self::compactor::Compactor;
 use self::db::{Db, action_key, asset_key, blob_key};
 use self::files::FileArea;
+use self::files::Form;
 use self::running::RunningMarker;
 use self::writer::{Commit, InlineBytes, LocalWriter, Payload, Reserve, Room, Sink};
 use self::zstd_writer::{CompressedWriter, compressed_bound};
@@ -99,6 +103,8 @@ pub struct LocalStore {
     /// Keep blobs zstd-compressed at rest when that saves at least 10%
     /// (`[store] compression`); compressed entries are read either way.
     compress: bool,
+    /// Compresses committed raw blob files behind the writes.
+    compactor: Arc<Compactor>,
 }
 
 impl LocalStore {
@@ -127,8 +133,11 @@ impl LocalStore {
             }
         }
         let marker = RunningMarker::create(&options.dir)?;
+        let catalog = Arc::new(catalog);
+        let compactor = Arc::new(Compactor::start(Arc::downgrade(&catalog))?);
         Ok(LocalStore {
-            catalog: Arc::new(catalog),
+            compactor,
+            catalog,
             stats,
             inline_limit: options.inline_limit,
             marker: Arc::new(marker),
@@ -153,6 +162,7 @@ impl LocalStore {
     /// Flushes and records a clean stop, so the next start trusts the files
     /// written last. Call once, after the last write.
     pub fn close_cleanly(&self) -> Result<()> {
+        self.compactor.stop();
         self.catalog.flush()?;
         self.marker.remove()
     }
@@ -258,14 +268,26 @@ impl LocalStore {
         };
         let catalog = self.catalog.clone();
         let compress = self.compress;
+        let compactor = self.compactor.clone();
         let commit: Commit = Box::new(move |payload, reservation| {
+            let raw_file = matches!(
+                payload,
+                Payload::File {
+                    form: Form::Plain,
+                    ..
+                }
+            );
             let payload = match payload {
                 Payload::Inline(inline) if !inline.zstd => {
                     Payload::Inline(InlineBytes::pack(inline.bytes, compress))
                 }
                 other => other,
             };
-            catalog.commit_blob(&digest, payload, reservation)
+            catalog.commit_blob(&digest, payload, reservation)?;
+            if compress && raw_file {
+                compactor.offer(digest);
+            }
+            Ok(())
         });
         Ok((room, commit))
     }
@@ -305,7 +327,14 @@ impl BlobStore for LocalStore {
             Stats::add(&self.stats.cas_misses, 1);
             return Err(Error::NotFound(format!("blob {digest} not found")));
         };
-        let result = self.catalog.read_blob(digest, &key, entry, offset, end);
+        let mut result = self.catalog.read_blob(digest, &key, entry, offset, end);
+        if matches!(result, Err(Error::NotFound(_)))
+            && let Some(now) = self.catalog.touch(&key)?
+            && now.kind != entry.kind
+        {
+            // Its raw file was swapped for a compressed one meanwhile.
+            result = self.catalog.read_blob(digest, &key, now, offset, end);
+        }
         self.counted(&key, result)
     }
 

@@ -159,11 +159,21 @@ impl Index {
         self.lru.get_mut(key)
     }
 
-    /// Looks an entry up without changing the LRU order (tests check what
-    /// eviction left).
-    #[cfg(test)]
+    /// Looks an entry up without changing the LRU order (what eviction
+    /// left; whether a blob is still stored raw, for the compactor).
     pub fn peek(&self, key: &[u8]) -> Option<&Entry> {
         self.lru.peek(key)
+    }
+
+    /// Replaces a present entry's value where it stands in the LRU order
+    /// (a blob compressed at rest is no more recently used for it).
+    pub fn replace_in_place(&mut self, key: &[u8], entry: Entry) {
+        let Some(slot) = self.lru.peek_mut(key) else {
+            return;
+        };
+        let old = std::mem::replace(slot, entry);
+        self.account(old, false);
+        self.account(entry, true);
     }
 
     /// Forgets an entry (the caller deletes its bytes).
@@ -363,6 +373,25 @@ mod tests {
             size,
             persisted_atime: 0,
         }
+    }
+
+    #[test]
+    fn replacing_in_place_keeps_the_lru_order_and_counts_the_new_size() {
+        let mut index = Index::new(100);
+        index.insert(b"a".to_vec(), blob(40));
+        index.insert(b"b".to_vec(), blob(40));
+        let smaller = Entry {
+            kind: EntryKind::FileZstd,
+            ..blob(10)
+        };
+        index.replace_in_place(b"a", smaller);
+        assert_eq!(index.occupancy().blob_bytes, 50);
+        let victims = index.evict_until(45).unwrap();
+        assert_eq!(
+            victims,
+            vec![(b"a".to_vec(), smaller)],
+            "a is still the oldest"
+        );
     }
 
     #[test]

@@ -361,7 +361,7 @@ async fn a_file_in_the_form_its_entry_does_not_name_is_removed_at_start() {
     let ctx = RequestContext::default();
     let (d, data) = text(1 << 20, 8);
     let plain_path = {
-        let store = open(dir.path(), true);
+        let store = open(dir.path(), false); // no background pass
         write_bytes(&store, &ctx, &d, data.clone()).await.unwrap();
         assert_eq!(kind(&store, &d).unwrap().0, EntryKind::FileBlob);
         store.flush().unwrap();
@@ -373,4 +373,71 @@ async fn a_file_in_the_form_its_entry_does_not_name_is_removed_at_start() {
     assert!(plain_path.exists());
     assert!(!store.catalog.files().path_of(&d, Form::Zstd).exists());
     assert_eq!(read_to_bytes(&store, &ctx, &d).await.unwrap(), data);
+}
+
+#[tokio::test]
+async fn committed_raw_files_are_compressed_behind_the_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), true);
+    let ctx = RequestContext::default();
+    let (d, data) = text(3 << 20, 10);
+    write_bytes(&store, &ctx, &d, data.clone()).await.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while kind(&store, &d).unwrap().0 != EntryKind::FileZstd {
+        assert!(std::time::Instant::now() < deadline, "never compressed");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let (_, size) = kind(&store, &d).unwrap();
+    assert_eq!(
+        store.occupancy().0.blob_bytes,
+        size,
+        "the quota counts the .zst"
+    );
+    assert!(!store.catalog.files().path_for(&d).exists());
+    assert_eq!(read_to_bytes(&store, &ctx, &d).await.unwrap(), data);
+    // An incompressible file stays raw.
+    let (n, noise_data) = noise(1 << 20);
+    write_bytes(&store, &ctx, &n, noise_data).await.unwrap();
+    compactor::compact(&Arc::downgrade(&store.catalog), &n).unwrap();
+    assert_eq!(kind(&store, &n), Some((EntryKind::FileBlob, 1 << 20)));
+}
+
+#[tokio::test]
+async fn a_swap_keeps_open_reads_going_and_survives_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = RequestContext::default();
+    let (d, data) = text(5 << 20, 11);
+    {
+        let store = open(dir.path(), false); // no background pass: swap by hand
+        write_bytes(&store, &ctx, &d, data.clone()).await.unwrap();
+        let reading = store.read(&ctx, &d, 0, 0).await.unwrap();
+        compactor::compact(&Arc::downgrade(&store.catalog), &d).unwrap();
+        let (k, size) = kind(&store, &d).unwrap();
+        assert_eq!(k, EntryKind::FileZstd);
+        assert!(size < d.size / 2);
+        assert_eq!(
+            collect(reading).await.unwrap(),
+            data,
+            "the open read goes on"
+        );
+        let range = read_range(&store, &d, 3 << 20, 1000).await.unwrap();
+        assert_eq!(range, &data[3 << 20..(3 << 20) + 1000]);
+        let stored = read_zstd(&store, &d, 0).await.unwrap();
+        assert_eq!(stored.len() as u64, size, "served as stored");
+        store.close_cleanly().unwrap();
+    }
+    // A crash after the entry was rewritten, before the raw file left.
+    let store = open(dir.path(), true);
+    std::fs::write(store.catalog.files().path_for(&d), &data).unwrap();
+    store.close_cleanly().unwrap();
+    drop(store);
+    let store = open(dir.path(), true);
+    assert!(!store.catalog.files().path_for(&d).exists());
+    assert_eq!(kind(&store, &d).unwrap().0, EntryKind::FileZstd);
+    assert_eq!(read_to_bytes(&store, &ctx, &d).await.unwrap(), data);
+    store.close_cleanly().unwrap();
+    drop(store);
+    let report = scrub::scrub(dir.path(), false, &mut |_| {}).unwrap();
+    assert!(report.corrupt.is_empty() && report.stray_files.is_empty());
+    assert_eq!(report.compressed_blobs, 1);
 }
