@@ -28,6 +28,7 @@ use outpost_testkit::env::{env_list, env_opt, env_usize, server_binary};
 use outpost_testkit::{Rng, ServerProcess, pack};
 use tonic::transport::Channel;
 
+#[path = "throughput/compressed.rs"]
 mod compressed;
 
 /// Largest gRPC message the benchmark's clients accept or send: a full

@@ -43,7 +43,10 @@ fn compressed_write_name(d: &Digest, n: u64) -> String {
 }
 
 /// Reads `resource` whole; returns the bytes received.
-async fn read_all(client: &mut ByteStreamClient<Channel>, resource: String) -> anyhow::Result<Vec<u8>> {
+async fn read_all(
+    client: &mut ByteStreamClient<Channel>,
+    resource: String,
+) -> anyhow::Result<Vec<u8>> {
     let mut stream = client
         .read(ReadRequest {
             resource_name: resource,
@@ -71,6 +74,7 @@ fn row(name: String, size: usize, samples: Vec<Sample>, reps: &Reps) -> Row {
     }
 }
 
+/// Runs the `zstd` group, appending its rows.
 pub async fn bench_compressed(
     settings: &Settings,
     clients: &mut Clients,
@@ -113,7 +117,10 @@ pub async fn bench_compressed(
         );
         last = Some(digest);
     }
-    let name = format!("ByteStream.Write zstd {} MiB (plain MB/s)", settings.size_mib);
+    let name = format!(
+        "ByteStream.Write zstd {} MiB (plain MB/s)",
+        settings.size_mib
+    );
     rows.push(row(name, size, samples, &reps));
     let digest = match last {
         Some(d) => d,
@@ -132,7 +139,10 @@ pub async fn bench_compressed(
         let sample = watch.stop();
         if verify {
             let plain = zstd::bulk::decompress(&packed, size)?;
-            ensure!(sha256(&plain) == digest, "compressed read returned other bytes");
+            ensure!(
+                sha256(&plain) == digest,
+                "compressed read returned other bytes"
+            );
         }
         let (keep, note) = reps.judge(&[sample]);
         if keep {
@@ -144,15 +154,24 @@ pub async fn bench_compressed(
             sample.brief()
         );
     }
-    let name = format!("ByteStream.Read zstd {} MiB (plain MB/s)", settings.size_mib);
+    let name = format!(
+        "ByteStream.Read zstd {} MiB (plain MB/s)",
+        settings.size_mib
+    );
     rows.push(row(name, size, samples, &reps));
 
     // Plain reads: the blob stored compressed, beside one stored raw.
     let mut raw = vec![0u8; size];
     Rng::new(8).fill(&mut raw);
     let raw_digest = sha256(&raw);
-    super::bytestream_write(&mut clients.bytestream, &raw_digest, Arc::new(raw), 1 << 20, upload + 1)
-        .await?;
+    super::bytestream_write(
+        &mut clients.bytestream,
+        &raw_digest,
+        Arc::new(raw),
+        1 << 20,
+        upload + 1,
+    )
+    .await?;
     for (what, d) in [("stored zstd", &digest), ("stored raw", &raw_digest)] {
         let mut samples = Vec::new();
         let mut reps = Reps::new(settings, settings.warmup.max(1));
