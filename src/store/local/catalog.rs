@@ -22,21 +22,16 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bazel_remote_apis::build::bazel::remote::execution::v2::ActionResult;
-use bytes::Bytes;
-use futures::stream;
 use prost::Message;
 
 use super::asset_links::{AssetLinks, RecordRead, kept_blob_keys};
 use super::db::{Batch, Db, blob_key, parse_blob_key};
-use super::files::{BlobFile, FileArea, Form, TempFile};
+use super::files::{FileArea, Form, TempFile};
 use super::quota::{Entry, EntryKind, Index, Occupancy, PinGuard, Reservation, SharedIndex};
-use super::verifying::Serve;
-use super::writer::{InlineBytes, Payload};
-use crate::compression;
+use super::writer::InlineBytes;
 use crate::digest::{Digest, DigestFunction};
 use crate::error::{Error, Result};
 use crate::stats::Stats;
-use crate::store::ChunkStream;
 use crate::store::asset_index::AssetRecord;
 
 /// Persist a newer access time only when the stored one is older than this,
@@ -111,6 +106,9 @@ fn inline_kind(inline: &InlineBytes) -> EntryKind {
         EntryKind::InlineBlob
     }
 }
+
+mod blob_commits;
+mod blob_reads;
 
 impl Catalog {
     /// Rebuilds the index from RocksDB, reconciles it with the blob files,
@@ -342,157 +340,6 @@ impl Catalog {
         Ok(())
     }
 
-    /// Makes a verified blob visible. `payload` is the inline bytes, or the
-    /// verified temp file to rename into place; the entry counts the bytes
-    /// it keeps (compressed ones when compressed).
-    pub fn commit_blob(
-        &self,
-        digest: &Digest,
-        payload: Payload,
-        reservation: Reservation,
-    ) -> Result<()> {
-        let key = blob_key(digest);
-        let mut index = self.index.lock();
-        if index.touch(&key).is_some() {
-            // A concurrent write of the same blob won; ours is redundant.
-            drop(index);
-            drop(payload);
-            return Ok(());
-        }
-        let (kind, size) = match &payload {
-            Payload::Inline(inline) => (inline_kind(inline), inline.bytes.len() as u64),
-            Payload::File { form, len, .. } => (file_kind(*form), *len),
-        };
-        let entry = Entry {
-            kind,
-            size,
-            persisted_atime: now_secs(),
-        };
-        let mut batch = self.db.batch();
-        match payload {
-            Payload::Inline(inline) => batch.put_inline(&key, &inline.bytes),
-            Payload::File { tmp, form, .. } => self.files.publish(tmp, digest, form)?,
-        }
-        batch.put_entry(&key, &entry);
-        batch.commit()?;
-        reservation.consume(&mut index);
-        index.insert(key, entry);
-        self.count_written(digest, &entry);
-        Ok(())
-    }
-
-    /// Pins a blob stored as a raw file (what the compactor works on);
-    /// `None` when it is not stored so.
-    pub fn pin_raw_file(&self, digest: &Digest) -> Option<PinGuard> {
-        let key = blob_key(digest);
-        let pin = self.index.pin_if_present(&key)?;
-        let raw = self
-            .index
-            .lock()
-            .peek(&key)
-            .is_some_and(|e| e.kind == EntryKind::FileBlob);
-        if raw { Some(pin) } else { None }
-    }
-
-    /// Replaces the raw file of `digest` by its verified compressed copy
-    /// `tmp` (`len` bytes), keeping its place in the LRU order; nothing
-    /// happens if it is no longer stored raw. Crash-safe in this order: the
-    /// `.zst` file is renamed in (a crash leaves it without an entry naming
-    /// its form: removed at start), the entry is rewritten (a crash leaves
-    /// the raw file without one: removed at start), the raw file goes the
-    /// usual deferred way; a reader that opened it keeps reading it.
-    pub fn swap_compressed(&self, digest: &Digest, tmp: TempFile, len: u64) -> Result<()> {
-        let key = blob_key(digest);
-        let mut index = self.index.lock();
-        let Some(old) = index.peek(&key).copied() else {
-            return Ok(());
-        };
-        if old.kind != EntryKind::FileBlob {
-            return Ok(());
-        }
-        self.files.publish(tmp, digest, Form::Zstd)?;
-        let entry = Entry {
-            kind: EntryKind::FileZstd,
-            size: len,
-            ..old
-        };
-        let mut batch = self.db.batch();
-        batch.put_entry(&key, &entry);
-        if let Err(e) = batch.commit() {
-            let _ = self.files.remove(digest, Form::Zstd);
-            return Err(e);
-        }
-        index.replace_in_place(&key, entry);
-        self.files.remove(digest, Form::Plain)?;
-        Stats::add(&self.stats.store_compressed_blobs, 1);
-        Stats::add(&self.stats.store_compressed_plain_bytes, digest.size);
-        Stats::add(&self.stats.store_compressed_disk_bytes, len);
-        Ok(())
-    }
-
-    /// Counts a committed blob (and, compressed, its bytes saved).
-    fn count_written(&self, digest: &Digest, entry: &Entry) {
-        Stats::add(&self.stats.blobs_written, 1);
-        Stats::add(&self.stats.bytes_written, digest.size);
-        if entry.kind.is_zstd() {
-            Stats::add(&self.stats.store_compressed_blobs, 1);
-            Stats::add(&self.stats.store_compressed_plain_bytes, digest.size);
-            Stats::add(&self.stats.store_compressed_disk_bytes, entry.size);
-        }
-    }
-
-    /// Commits many verified small blobs, as they are to be stored (see
-    /// [`InlineBytes::pack`]), in one write batch. Room is reserved only for
-    /// blobs not stored yet; the others are just marked used, so uploading
-    /// them again evicts nothing.
-    pub fn commit_inline_batch(&self, blobs: &[(Digest, InlineBytes)]) -> Result<()> {
-        let mut seen = HashSet::with_capacity(blobs.len());
-        let new: Vec<&(Digest, InlineBytes)> = {
-            let mut index = self.index.lock();
-            blobs
-                .iter()
-                .filter(|(d, _)| index.touch(&blob_key(d)).is_none() && seen.insert(*d))
-                .collect()
-        };
-        if new.is_empty() {
-            return Ok(());
-        }
-        let total: u64 = new.iter().map(|(_, b)| b.bytes.len() as u64).sum();
-        // In key order, so that RocksDB's memtable skip list inserts each key
-        // next to the previous one instead of searching from the top:
-        // BatchUpdateBlobs of 1 KiB blobs 12-20% faster (benches/throughput.rs).
-        let mut sorted: Vec<(Vec<u8>, &(Digest, InlineBytes))> = new
-            .into_iter()
-            .map(|blob| (blob_key(&blob.0), blob))
-            .collect();
-        sorted.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        let reservation = self.reserve(total)?;
-        let mut index = self.index.lock();
-        let now = now_secs();
-        let mut batch = self.db.batch();
-        let mut fresh = Vec::with_capacity(sorted.len());
-        for (key, (digest, inline)) in sorted {
-            if index.touch(&key).is_some() {
-                continue; // a concurrent write stored it meanwhile
-            }
-            let entry = Entry {
-                kind: inline_kind(inline),
-                size: inline.bytes.len() as u64,
-                persisted_atime: now,
-            };
-            batch.put_inline(&key, &inline.bytes);
-            batch.put_entry(&key, &entry);
-            fresh.push((key, *digest, entry));
-        }
-        batch.commit()?;
-        reservation.consume(&mut index);
-        for (key, digest, entry) in fresh {
-            self.count_written(&digest, &entry);
-            index.insert(key, entry);
-        }
-        Ok(())
-    }
-
     /// Stores an ActionResult; it counts against the quota like a blob.
     pub fn put_action(&self, key: Vec<u8>, result: &ActionResult) -> Result<()> {
         let bytes = result.encode_to_vec();
@@ -570,108 +417,6 @@ impl Catalog {
     /// Marks `key` used; its entry if present.
     pub fn touch(&self, key: &[u8]) -> Result<Option<Entry>> {
         Ok(self.touch_many(&[key])?[0])
-    }
-
-    /// Streams `[offset, end)` of a stored blob's plain bytes, pinned
-    /// against eviction while the stream lives; a compressed one is decoded
-    /// as it streams. NOT_FOUND means its bytes are missing or damaged (see
-    /// [`Catalog::forget_broken`]). A file blob is verified as it streams
-    /// ([`FileArea::stream`]): one that does not hash to its digest ends
-    /// the stream with DATA_LOSS and is removed ([`Catalog::forget_corrupt`]).
-    /// Inline blobs are not hashed again: RocksDB checks each block's
-    /// checksum when it reads it from disk, and they were hashed right
-    /// before their write batch.
-    pub fn read_blob(
-        self: &Arc<Self>,
-        digest: &Digest,
-        key: &[u8],
-        entry: Entry,
-        offset: u64,
-        end: u64,
-    ) -> Result<ChunkStream> {
-        if entry.kind.is_file() {
-            return self.stream_file(digest, key, entry, Serve::Plain, offset, end);
-        }
-        let _pin = self.index.pin(key);
-        let data = self.inline_plain(digest, key, entry)?;
-        let data = data.slice(offset as usize..end as usize);
-        Ok(Box::pin(stream::iter([Ok(data)])))
-    }
-
-    /// Streams a compressed blob's bytes as they are stored (a zstd
-    /// stream of the whole blob), pinned while the stream lives; a file is
-    /// decoded beside the sending only to verify it, as
-    /// [`Catalog::read_blob`]. `None` when the blob is stored plain.
-    pub fn read_stored(
-        self: &Arc<Self>,
-        digest: &Digest,
-        key: &[u8],
-        entry: Entry,
-    ) -> Option<Result<ChunkStream>> {
-        match entry.kind {
-            EntryKind::FileZstd => {
-                Some(self.stream_file(digest, key, entry, Serve::Stored, 0, entry.size))
-            }
-            EntryKind::InlineZstd => Some(self.inline_stored(digest, key, entry).map(|data| {
-                let stream: ChunkStream = Box::pin(stream::iter([Ok(data)]));
-                stream
-            })),
-            _ => None,
-        }
-    }
-
-    /// A verified stream of a blob file (see [`FileArea::stream`]).
-    fn stream_file(
-        self: &Arc<Self>,
-        digest: &Digest,
-        key: &[u8],
-        entry: Entry,
-        serve: Serve,
-        offset: u64,
-        end: u64,
-    ) -> Result<ChunkStream> {
-        let pin = self.index.pin(key);
-        let file = BlobFile {
-            digest: *digest,
-            form: file_form(entry.kind),
-            len: entry.size,
-        };
-        let catalog = Arc::downgrade(self);
-        let key = key.to_vec();
-        let on_corrupt = move |why: &str| {
-            if let Some(catalog) = catalog.upgrade() {
-                catalog.forget_corrupt(&key, why);
-            }
-        };
-        self.files
-            .stream(&file, serve, offset, end, pin, on_corrupt)
-    }
-
-    /// The bytes of an inline blob as stored: NOT_FOUND (damaged) when
-    /// they are missing or not as long as its entry says.
-    fn inline_stored(&self, digest: &Digest, key: &[u8], entry: Entry) -> Result<Bytes> {
-        let value = self.db.inline(key)?.ok_or_else(|| not_found(digest))?;
-        if !entry.kind.is_blob() || entry.kind.is_file() || value.len() as u64 != entry.size {
-            return Err(damaged(digest));
-        }
-        Ok(Bytes::copy_from_slice(&value))
-    }
-
-    /// The plain bytes of an inline blob, decoded when stored compressed
-    /// (bounded by its size): NOT_FOUND (damaged) when they do not decode
-    /// to its size.
-    fn inline_plain(&self, digest: &Digest, key: &[u8], entry: Entry) -> Result<Bytes> {
-        let stored = self.inline_stored(digest, key, entry)?;
-        let plain = match entry.kind {
-            EntryKind::InlineZstd => {
-                compression::decompress(&stored, digest.size).map_err(|_| damaged(digest))?
-            }
-            _ => stored,
-        };
-        if plain.len() as u64 != digest.size {
-            return Err(damaged(digest));
-        }
-        Ok(plain)
     }
 
     /// The ActionResult under `key`, if present. A result the index knows
