@@ -158,3 +158,28 @@ async fn kill_9_keeps_compressed_entries_readable_and_verify_hashes_them() {
         assert_reads_back(&server, data).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_compressible_blob_is_compressed_behind_its_write() {
+    let server = TestServer::start().await;
+    let large = text(7, (3 << 20) + 5);
+    upload(&mut server.bytestream(), "", &large, 256 << 10)
+        .await
+        .expect("upload");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let s = stats(&server).await;
+        if s.blob_bytes < large.len() as u64 / 2 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never compressed: {s:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_reads_back(&server, &large).await;
+    let server = server.restart().await;
+    assert!(stats(&server).await.blob_bytes < large.len() as u64 / 2);
+    assert_reads_back(&server, &large).await;
+}

@@ -233,6 +233,28 @@ impl LocalStore {
 }
 
 impl LocalStore {
+    /// Reads `[offset, end)` of a blob whose `entry` was just looked up. A
+    /// raw file swapped for a compressed one since (the compactor) is gone
+    /// when opened: the lookup is retried once before the blob counts as
+    /// broken.
+    fn read_found(
+        &self,
+        digest: &Digest,
+        key: &[u8],
+        entry: quota::Entry,
+        offset: u64,
+        end: u64,
+    ) -> Result<ChunkStream> {
+        let mut result = self.catalog.read_blob(digest, key, entry, offset, end);
+        if matches!(result, Err(Error::NotFound(_)))
+            && let Some(now) = self.catalog.touch(key)?
+            && now.kind != entry.kind
+        {
+            result = self.catalog.read_blob(digest, key, now, offset, end);
+        }
+        self.counted(key, result)
+    }
+
     /// Counts a read of a stored blob as a hit, or, when its bytes turned
     /// out missing or damaged, as a miss, and forgets it.
     fn counted(&self, key: &[u8], result: Result<ChunkStream>) -> Result<ChunkStream> {
@@ -327,15 +349,7 @@ impl BlobStore for LocalStore {
             Stats::add(&self.stats.cas_misses, 1);
             return Err(Error::NotFound(format!("blob {digest} not found")));
         };
-        let mut result = self.catalog.read_blob(digest, &key, entry, offset, end);
-        if matches!(result, Err(Error::NotFound(_)))
-            && let Some(now) = self.catalog.touch(&key)?
-            && now.kind != entry.kind
-        {
-            // Its raw file was swapped for a compressed one meanwhile.
-            result = self.catalog.read_blob(digest, &key, now, offset, end);
-        }
-        self.counted(&key, result)
+        self.read_found(digest, &key, entry, offset, end)
     }
 
     /// A compressed entry read from offset 0 is served as stored (no

@@ -441,3 +441,23 @@ async fn a_swap_keeps_open_reads_going_and_survives_a_reopen() {
     assert!(report.corrupt.is_empty() && report.stray_files.is_empty());
     assert_eq!(report.compressed_blobs, 1);
 }
+
+#[tokio::test]
+async fn a_read_that_looked_up_the_raw_file_before_the_swap_retries_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), false);
+    let ctx = RequestContext::default();
+    let (d, data) = text(2 << 20, 12);
+    write_bytes(&store, &ctx, &d, data.clone()).await.unwrap();
+    let key = blob_key(&d);
+    let stale = store.catalog.touch(&key).unwrap().unwrap();
+    assert_eq!(stale.kind, EntryKind::FileBlob);
+    compactor::compact(&Arc::downgrade(&store.catalog), &d).unwrap();
+    let stream = store.read_found(&d, &key, stale, 0, d.size).unwrap();
+    assert_eq!(collect(stream).await.unwrap(), data);
+    assert_eq!(
+        kind(&store, &d).unwrap().0,
+        EntryKind::FileZstd,
+        "not dropped"
+    );
+}
