@@ -111,22 +111,24 @@ impl Worker {
 /// Compresses the raw file of `digest` and swaps it in, if it is still
 /// stored raw and compresses by at least 10%. The catalog is held only to
 /// start and to swap, not while compressing: a store closed meanwhile
-/// (its RocksDB lock released) is left alone.
+/// (its RocksDB lock released) is left alone. The blob is not pinned: if
+/// it is evicted meanwhile, the open file still reads and the swap finds
+/// nothing to replace.
 pub fn compact(catalog: &Weak<Catalog>, digest: &Digest) -> Result<()> {
-    let (_pin, mut file, mut tmp) = {
+    let (mut file, mut tmp) = {
         let Some(catalog) = catalog.upgrade() else {
             return Ok(());
         };
-        let Some(pin) = catalog.pin_raw_file(digest) else {
+        if !catalog.is_raw_file(digest) {
             return Ok(()); // evicted, or already compressed
-        };
+        }
         let path = catalog.files().path_of(digest, Form::Plain);
         let file = match File::open(&path) {
             Ok(file) => file,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(e.into()),
         };
-        (pin, file, catalog.create_temp()?)
+        (file, catalog.create_temp()?)
     };
     let mut hasher = Hasher::new(digest.function);
     let sample = read_block(&mut file, digest.size, &mut hasher)?;

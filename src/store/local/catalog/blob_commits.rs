@@ -9,7 +9,7 @@ use crate::error::Result;
 use crate::stats::Stats;
 use crate::store::local::db::blob_key;
 use crate::store::local::files::{Form, TempFile};
-use crate::store::local::quota::{Entry, EntryKind, PinGuard, Reservation};
+use crate::store::local::quota::{Entry, EntryKind, Reservation};
 use crate::store::local::writer::{InlineBytes, Payload};
 
 impl Catalog {
@@ -52,17 +52,14 @@ impl Catalog {
         Ok(())
     }
 
-    /// Pins a blob stored as a raw file (what the compactor works on);
-    /// `None` when it is not stored so.
-    pub fn pin_raw_file(&self, digest: &Digest) -> Option<PinGuard> {
-        let key = blob_key(digest);
-        let pin = self.index.pin_if_present(&key)?;
-        let raw = self
-            .index
+    /// Whether a blob is stored as a raw file (what the compactor works
+    /// on). It is not pinned while compressed: eviction stays free to take
+    /// it (the swap then finds it gone), so the LRU order alone decides.
+    pub fn is_raw_file(&self, digest: &Digest) -> bool {
+        self.index
             .lock()
-            .peek(&key)
-            .is_some_and(|e| e.kind == EntryKind::FileBlob);
-        if raw { Some(pin) } else { None }
+            .peek(&blob_key(digest))
+            .is_some_and(|e| e.kind == EntryKind::FileBlob)
     }
 
     /// Replaces the raw file of `digest` by its verified compressed copy
