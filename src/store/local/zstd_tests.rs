@@ -461,3 +461,28 @@ async fn a_read_that_looked_up_the_raw_file_before_the_swap_retries_once() {
         "not dropped"
     );
 }
+
+#[tokio::test]
+async fn a_file_that_expands_a_thousandfold_reads_back_in_every_range() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), true);
+    let data = Bytes::from(vec![7u8; 24 << 20]);
+    let d = Digest::of(DigestFunction::Sha256, &data);
+    let packed = compression::compress(&data);
+    assert!(packed.len() < 24 << 10, "one read block decodes to many");
+    write_zstd(&store, &d, &packed, 1000).await.unwrap();
+    assert_eq!(
+        kind(&store, &d),
+        Some((EntryKind::FileZstd, packed.len() as u64))
+    );
+    let size = d.size;
+    for (offset, limit) in [(0, 0), ((5 << 20) + 3, 4 << 20), (size - 1, 0), (size, 0)] {
+        let got = read_range(&store, &d, offset, limit).await.unwrap();
+        let end = if limit == 0 { size } else { offset + limit };
+        assert!(
+            got == data[offset as usize..end as usize],
+            "{offset}+{limit}"
+        );
+    }
+    assert_eq!(read_zstd(&store, &d, 0).await.unwrap(), packed);
+}
