@@ -28,6 +28,9 @@ use outpost_testkit::env::{env_list, env_opt, env_usize, server_binary};
 use outpost_testkit::{Rng, ServerProcess, pack};
 use tonic::transport::Channel;
 
+#[path = "throughput/compressed.rs"]
+mod compressed;
+
 /// Largest gRPC message the benchmark's clients accept or send: a full
 /// 4 MiB batch plus per-entry framing, with room to spare.
 const CLIENT_MAX_MESSAGE: usize = 16 << 20;
@@ -1112,6 +1115,9 @@ fn main() -> anyhow::Result<()> {
         }
         if settings.wants("fmb") {
             bench_find_missing(&settings, &mut clients, pid, present, &mut rows).await?;
+        }
+        if settings.wants("zstd") {
+            compressed::bench_compressed(&settings, &mut clients, pid, &mut rows).await?;
         }
         anyhow::Ok(rows)
     })?;

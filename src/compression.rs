@@ -134,39 +134,56 @@ impl Decompressor {
     /// Decodes `input`, returning the plain bytes it completes.
     /// INVALID_ARGUMENT when the data is not zstd or expands past the limit.
     pub fn feed(&mut self, input: &[u8]) -> Result<Vec<Bytes>> {
-        let mut input = InBuffer::around(input);
         let mut chunks = Vec::new();
+        let mut at = 0;
         loop {
-            let mut buf = vec![0u8; OUT_CHUNK];
-            let mut output = OutBuffer::around(&mut buf[..]);
-            let consumed_before = input.pos();
-            let hint = self
-                .decoder
-                .run(&mut input, &mut output)
-                .map_err(|e| Error::InvalidArgument(format!("the zstd data is corrupt: {e}")))?;
-            let written = output.pos();
-            if hint == 0 {
-                self.at_frame_end = true;
-            } else if written > 0 || input.pos() > consumed_before {
-                self.at_frame_end = false;
+            let (used, out, more) = self.step(&input[at..])?;
+            at += used;
+            if !out.is_empty() {
+                chunks.push(out);
             }
-            self.produced += written as u64;
-            if self.produced > self.limit {
-                return Err(Error::InvalidArgument(format!(
-                    "the zstd data expands past the declared size of {} bytes",
-                    self.limit
-                )));
-            }
-            if written > 0 {
-                buf.truncate(written);
-                chunks.push(Bytes::from(buf));
-            }
-            // Done when all input is consumed and the decoder had room to
-            // spare (a full output buffer may mean more output is pending).
-            if input.pos() == input.src.len() && written < OUT_CHUNK {
+            if at == input.len() && !more {
                 return Ok(chunks);
             }
         }
+    }
+
+    /// One bounded decoding step, for callers that must not hold more than
+    /// a chunk of output at a time (a highly compressed input can expand a
+    /// thousandfold): decodes from the start of `input` into at most one
+    /// output chunk. Returns the input bytes consumed, the plain bytes
+    /// produced, and whether more output may be pending (the chunk was full:
+    /// call again, with the rest of the input or none).
+    pub fn step(&mut self, input: &[u8]) -> Result<(usize, Bytes, bool)> {
+        let mut input = InBuffer::around(input);
+        let mut buf = vec![0u8; OUT_CHUNK];
+        let mut output = OutBuffer::around(&mut buf[..]);
+        let hint = self
+            .decoder
+            .run(&mut input, &mut output)
+            .map_err(|e| Error::InvalidArgument(format!("the zstd data is corrupt: {e}")))?;
+        let written = output.pos();
+        let consumed = input.pos();
+        if hint == 0 {
+            self.at_frame_end = true;
+        } else if written > 0 || consumed > 0 {
+            self.at_frame_end = false;
+        }
+        self.produced += written as u64;
+        if self.produced > self.limit {
+            return Err(Error::InvalidArgument(format!(
+                "the zstd data expands past the declared size of {} bytes",
+                self.limit
+            )));
+        }
+        buf.truncate(written);
+        Ok((consumed, Bytes::from(buf), written == OUT_CHUNK))
+    }
+
+    /// Whether the input so far ends at the end of a frame (where a
+    /// resumed upload may start a new one).
+    pub fn at_frame_end(&self) -> bool {
+        self.at_frame_end
     }
 
     /// Checks that the input ended at the end of a frame.

@@ -300,7 +300,9 @@ impl fmt::Debug for Digest {
     }
 }
 
-/// Incremental hashing of a blob that arrives in pieces.
+/// Incremental hashing of a blob that arrives in pieces (`Clone`: a
+/// resumable compressed upload keeps the state at its last frame boundary).
+#[derive(Clone)]
 pub struct Hasher {
     /// The function's running state.
     state: HashState,

@@ -184,6 +184,7 @@ impl RunningServer {
             let stats = stats.clone();
             tokio::task::spawn_blocking(move || LocalStore::open(options, stats))
                 .await?
+                .map(|store| store.with_compression(config.store_compression))
                 .with_context(|| {
                     format!("cannot open the store in {}", config.data_dir.display())
                 })?

@@ -20,6 +20,7 @@ mod suite {
     mod capabilities;
     mod cas;
     mod client_limits;
+    mod compression_at_rest;
     mod crash;
     mod digest_functions;
     mod eviction;

@@ -32,10 +32,11 @@ pub fn run(dir: &Path, repair: bool) -> anyhow::Result<bool> {
 /// The report as printed.
 fn render(r: &ScrubReport) -> String {
     let mut out = format!(
-        "blobs: {} inline, {} files, {} hashed in {:.1} s ({}/s)\n\
+        "blobs: {} inline, {} files ({} compressed), {} hashed in {:.1} s ({}/s)\n\
          action results: {} decoded; asset entries: {} decoded\n",
         r.inline_blobs,
         r.file_blobs,
+        r.compressed_blobs,
         human_bytes(r.blob_bytes),
         r.elapsed.as_secs_f64(),
         human_bytes(r.bytes_per_sec() as u64),

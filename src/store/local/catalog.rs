@@ -22,19 +22,16 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bazel_remote_apis::build::bazel::remote::execution::v2::ActionResult;
-use bytes::Bytes;
-use futures::stream;
 use prost::Message;
 
 use super::asset_links::{AssetLinks, RecordRead, kept_blob_keys};
 use super::db::{Batch, Db, blob_key, parse_blob_key};
-use super::files::{FileArea, TempFile};
+use super::files::{FileArea, Form, TempFile};
 use super::quota::{Entry, EntryKind, Index, Occupancy, PinGuard, Reservation, SharedIndex};
-use super::writer::Payload;
+use super::writer::InlineBytes;
 use crate::digest::{Digest, DigestFunction};
 use crate::error::{Error, Result};
 use crate::stats::Stats;
-use crate::store::ChunkStream;
 use crate::store::asset_index::AssetRecord;
 
 /// Persist a newer access time only when the stored one is older than this,
@@ -80,6 +77,39 @@ fn not_found(digest: &Digest) -> Error {
     Error::NotFound(format!("blob {digest} not found"))
 }
 
+fn damaged(digest: &Digest) -> Error {
+    Error::NotFound(format!("blob {digest} is damaged in the local store"))
+}
+
+/// The entry kind of a blob file in `form`.
+fn file_kind(form: Form) -> EntryKind {
+    match form {
+        Form::Plain => EntryKind::FileBlob,
+        Form::Zstd => EntryKind::FileZstd,
+    }
+}
+
+/// The form of the file of a file blob entry of `kind`.
+pub fn file_form(kind: EntryKind) -> Form {
+    if kind.is_zstd() {
+        Form::Zstd
+    } else {
+        Form::Plain
+    }
+}
+
+/// The entry kind of an inline blob stored as `inline`.
+fn inline_kind(inline: &InlineBytes) -> EntryKind {
+    if inline.zstd {
+        EntryKind::InlineZstd
+    } else {
+        EntryKind::InlineBlob
+    }
+}
+
+mod blob_commits;
+mod blob_reads;
+
 impl Catalog {
     /// Rebuilds the index from RocksDB, reconciles it with the blob files,
     /// and evicts down to `quota_bytes` (the quota may have shrunk).
@@ -108,12 +138,15 @@ impl Catalog {
         }
         // Files without an index entry were renamed in but never committed.
         let mut with_file = HashSet::new();
-        for (digest, path) in self.files.list()? {
-            let key = digest.map(|d| blob_key(&d));
+        // A file must be in the form its entry names (a plain file and a
+        // `.zst` one of the same blob are never both committed).
+        for (found, path) in self.files.list()? {
+            let key = found.map(|(d, _)| blob_key(&d));
+            let kind = found.map(|(_, form)| file_kind(form));
             let indexed = key.as_ref().is_some_and(|k| {
                 entries
                     .binary_search_by(|(ek, _)| ek.as_slice().cmp(k))
-                    .is_ok_and(|i| entries[i].1.kind == EntryKind::FileBlob)
+                    .is_ok_and(|i| Some(entries[i].1.kind) == kind)
             });
             if indexed {
                 with_file.insert(key.expect("indexed implies a key"));
@@ -124,7 +157,7 @@ impl Catalog {
         }
         // Index entries whose file vanished (e.g. deleted by hand) are dropped.
         entries.retain(|(key, entry)| {
-            let keep = entry.kind != EntryKind::FileBlob || with_file.contains(key);
+            let keep = !entry.kind.is_file() || with_file.contains(key);
             if !keep {
                 batch.delete_entry(key);
             }
@@ -298,103 +331,11 @@ impl Catalog {
             );
         }
         for (key, entry) in victims {
-            if entry.kind == EntryKind::FileBlob
+            if entry.kind.is_file()
                 && let Some(digest) = parse_blob_key(key)
             {
-                self.files.remove(&digest)?;
+                self.files.remove(&digest, file_form(entry.kind))?;
             }
-        }
-        Ok(())
-    }
-
-    /// Makes a verified blob visible. `payload` is the inline bytes, or the
-    /// verified temp file to rename into place.
-    pub fn commit_blob(
-        &self,
-        digest: &Digest,
-        payload: Payload,
-        reservation: Reservation,
-    ) -> Result<()> {
-        let key = blob_key(digest);
-        let mut index = self.index.lock();
-        if index.touch(&key).is_some() {
-            // A concurrent write of the same blob won; ours is redundant.
-            drop(index);
-            drop(payload);
-            return Ok(());
-        }
-        let kind = match payload {
-            Payload::Inline(_) => EntryKind::InlineBlob,
-            Payload::File(_) => EntryKind::FileBlob,
-        };
-        let entry = Entry {
-            kind,
-            size: digest.size,
-            persisted_atime: now_secs(),
-        };
-        let mut batch = self.db.batch();
-        match payload {
-            Payload::Inline(data) => batch.put_inline(&key, &data),
-            Payload::File(tmp) => self.files.publish(tmp, digest)?,
-        }
-        batch.put_entry(&key, &entry);
-        batch.commit()?;
-        reservation.consume(&mut index);
-        index.insert(key, entry);
-        Stats::add(&self.stats.blobs_written, 1);
-        Stats::add(&self.stats.bytes_written, digest.size);
-        Ok(())
-    }
-
-    /// Commits many verified small blobs in one write batch. Room is reserved
-    /// only for blobs not stored yet; the others are just marked used, so
-    /// uploading them again evicts nothing.
-    pub fn commit_inline_batch(&self, blobs: &[(Digest, Bytes)]) -> Result<()> {
-        let mut seen = HashSet::with_capacity(blobs.len());
-        let new: Vec<&(Digest, Bytes)> = {
-            let mut index = self.index.lock();
-            blobs
-                .iter()
-                .filter(|(d, _)| index.touch(&blob_key(d)).is_none() && seen.insert(*d))
-                .collect()
-        };
-        if new.is_empty() {
-            return Ok(());
-        }
-        let total: u64 = new.iter().map(|(d, _)| d.size).sum();
-        // In key order, so that RocksDB's memtable skip list inserts each key
-        // next to the previous one instead of searching from the top:
-        // BatchUpdateBlobs of 1 KiB blobs 12-20% faster (benches/throughput.rs).
-        let mut sorted: Vec<(Vec<u8>, &(Digest, Bytes))> = new
-            .into_iter()
-            .map(|blob| (blob_key(&blob.0), blob))
-            .collect();
-        sorted.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        let reservation = self.reserve(total)?;
-        let mut index = self.index.lock();
-        let now = now_secs();
-        let mut batch = self.db.batch();
-        let mut fresh = Vec::with_capacity(sorted.len());
-        for (key, (digest, data)) in sorted {
-            if index.touch(&key).is_some() {
-                continue; // a concurrent write stored it meanwhile
-            }
-            let entry = Entry {
-                kind: EntryKind::InlineBlob,
-                size: digest.size,
-                persisted_atime: now,
-            };
-            batch.put_inline(&key, data);
-            batch.put_entry(&key, &entry);
-            fresh.push((key, entry));
-        }
-        batch.commit()?;
-        reservation.consume(&mut index);
-        let bytes: u64 = fresh.iter().map(|(_, e)| e.size).sum();
-        Stats::add(&self.stats.blobs_written, fresh.len() as u64);
-        Stats::add(&self.stats.bytes_written, bytes);
-        for (key, entry) in fresh {
-            index.insert(key, entry);
         }
         Ok(())
     }
@@ -476,58 +417,6 @@ impl Catalog {
     /// Marks `key` used; its entry if present.
     pub fn touch(&self, key: &[u8]) -> Result<Option<Entry>> {
         Ok(self.touch_many(&[key])?[0])
-    }
-
-    /// Streams `[offset, end)` of a stored blob, pinned against eviction
-    /// while the stream lives. NOT_FOUND means its bytes are missing or
-    /// damaged (see [`Catalog::forget_broken`]). A file blob is verified as
-    /// it streams ([`FileArea::stream`]): one that does not hash to its
-    /// digest ends the stream with DATA_LOSS and is removed
-    /// ([`Catalog::forget_corrupt`]). Inline blobs are not hashed again:
-    /// RocksDB checks each block's checksum when it reads it from disk, and
-    /// they were hashed right before their write batch.
-    pub fn read_blob(
-        self: &Arc<Self>,
-        digest: &Digest,
-        key: &[u8],
-        kind: EntryKind,
-        offset: u64,
-        end: u64,
-    ) -> Result<ChunkStream> {
-        let pin = self.index.pin(key);
-        match kind {
-            EntryKind::InlineBlob => self.read_inline(digest, key, offset, end),
-            EntryKind::FileBlob => {
-                let catalog = Arc::downgrade(self);
-                let key = key.to_vec();
-                let on_corrupt = move |why: &str| {
-                    if let Some(catalog) = catalog.upgrade() {
-                        catalog.forget_corrupt(&key, why);
-                    }
-                };
-                self.files.stream(digest, offset, end, pin, on_corrupt)
-            }
-            EntryKind::ActionResult | EntryKind::Asset => {
-                Err(Error::Internal("blob key names no blob".into()))
-            }
-        }
-    }
-
-    fn read_inline(
-        &self,
-        digest: &Digest,
-        key: &[u8],
-        offset: u64,
-        end: u64,
-    ) -> Result<ChunkStream> {
-        let value = self.db.inline(key)?.ok_or_else(|| not_found(digest))?;
-        if value.len() as u64 != digest.size {
-            return Err(Error::NotFound(format!(
-                "blob {digest} is damaged in the local store"
-            )));
-        }
-        let data = Bytes::copy_from_slice(&value[offset as usize..end as usize]);
-        Ok(Box::pin(stream::iter([Ok(data)])))
     }
 
     /// The ActionResult under `key`, if present. A result the index knows

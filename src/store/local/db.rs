@@ -176,10 +176,10 @@ impl Batch<'_> {
     /// (a file blob has none).
     pub fn put_value(&mut self, key: &[u8], kind: EntryKind, bytes: &[u8]) {
         match kind {
-            EntryKind::InlineBlob => self.put_inline(key, bytes),
+            EntryKind::InlineBlob | EntryKind::InlineZstd => self.put_inline(key, bytes),
             EntryKind::ActionResult => self.batch.put_cf(self.db.cf(CF_ACTIONS), key, bytes),
             EntryKind::Asset => self.batch.put_cf(self.db.cf(CF_ASSETS), key, bytes),
-            EntryKind::FileBlob => {}
+            EntryKind::FileBlob | EntryKind::FileZstd => {}
         }
     }
 
@@ -188,10 +188,12 @@ impl Batch<'_> {
     pub fn delete(&mut self, key: &[u8], kind: EntryKind) {
         self.delete_entry(key);
         match kind {
-            EntryKind::InlineBlob => self.batch.delete_cf(self.db.cf(CF_INLINE), key),
+            EntryKind::InlineBlob | EntryKind::InlineZstd => {
+                self.batch.delete_cf(self.db.cf(CF_INLINE), key)
+            }
             EntryKind::ActionResult => self.batch.delete_cf(self.db.cf(CF_ACTIONS), key),
             EntryKind::Asset => self.batch.delete_cf(self.db.cf(CF_ASSETS), key),
-            EntryKind::FileBlob => {}
+            EntryKind::FileBlob | EntryKind::FileZstd => {}
         }
     }
 
@@ -295,6 +297,8 @@ fn kind_tag(kind: EntryKind) -> u8 {
         EntryKind::FileBlob => 1,
         EntryKind::ActionResult => 2,
         EntryKind::Asset => 3,
+        EntryKind::InlineZstd => 4,
+        EntryKind::FileZstd => 5,
     }
 }
 
@@ -305,11 +309,13 @@ fn kind_from_tag(tag: u8) -> Option<EntryKind> {
         1 => Some(EntryKind::FileBlob),
         2 => Some(EntryKind::ActionResult),
         3 => Some(EntryKind::Asset),
+        4 => Some(EntryKind::InlineZstd),
+        5 => Some(EntryKind::FileZstd),
         _ => None,
     }
 }
 
-/// Index value: kind · size (u64 BE) · last access (unix seconds, u64 BE).
+/// Index value: kind · size on disk (u64 BE) · last access (unix seconds, u64 BE).
 fn index_value(entry: &Entry) -> [u8; 17] {
     let mut out = [0u8; 17];
     out[0] = kind_tag(entry.kind);
@@ -365,11 +371,13 @@ mod tests {
             (EntryKind::FileBlob, 1),
             (EntryKind::ActionResult, 2),
             (EntryKind::Asset, 3),
+            (EntryKind::InlineZstd, 4),
+            (EntryKind::FileZstd, 5),
         ] {
             assert_eq!(kind_tag(kind), tag);
             assert_eq!(kind_from_tag(tag), Some(kind));
         }
-        assert_eq!(kind_from_tag(4), None);
+        assert_eq!(kind_from_tag(6), None);
         let asset = asset_key(&AssetKey([7; 32]));
         assert_eq!(asset.len(), 33);
         assert_eq!(asset[0], b's');

@@ -1,27 +1,59 @@
-//! Large blobs as plain files beside RocksDB.
+//! Large blobs as files beside RocksDB.
 //!
 //! Blobs above the inline limit are streamed into `tmp/`, hashed on the way,
-//! and renamed into `blobs/{function}/{xx}/{hash}-{size}` only after they
-//! verified. A rename is atomic, so a reader never sees a partial file; what
+//! and renamed into `blobs/{function}/{xx}/{hash}-{size}` (plain) or
+//! `…-{size}.zst` (zstd-compressed: a distinct name, so a reader never takes
+//! one form for the other) only after they verified. A rename is atomic, so a reader never sees a partial file; what
 //! a crash leaves in `tmp/` is deleted at the next start. Files keep the
 //! write amplification at 1× and let reads come straight from the page cache.
 //! Reads stream a file a block at a time on the blocking pool.
 
 use std::fs::{self, File};
-use std::io::{Read, Write};
+use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use bytes::Bytes;
 use futures::stream;
 
-use crate::digest::{Digest, DigestFunction, Hasher};
+use super::verifying::{ReadAhead, Serve, Step, VerifyingReader};
+use crate::digest::{Digest, DigestFunction};
 use crate::error::{Error, Result};
 use crate::store::ChunkStream;
 
-/// Size of each block read from a blob file.
-const FILE_READ_BLOCK: usize = 1 << 20;
+/// The form a blob file holds its blob in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Form {
+    /// The blob's bytes as they are: `{hash}-{size}`.
+    Plain,
+    /// One or more zstd frames of the blob: `{hash}-{size}.zst`.
+    Zstd,
+}
+
+/// A file found under `blobs/`: its blob and form when its name parses.
+pub type Listed = (Option<(Digest, Form)>, PathBuf);
+
+/// A committed blob file: which blob, in which form, how many bytes on disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlobFile {
+    /// The blob it holds.
+    pub digest: Digest,
+    /// Plain or compressed.
+    pub form: Form,
+    /// Its length on disk (the blob's size when plain).
+    pub len: u64,
+}
+
+impl BlobFile {
+    /// The plain file of `digest`.
+    pub fn plain(digest: Digest) -> Self {
+        BlobFile {
+            digest,
+            form: Form::Plain,
+            len: digest.size,
+        }
+    }
+}
 
 /// The directory tree that holds file-backed blobs.
 pub struct FileArea {
@@ -55,7 +87,20 @@ impl FileArea {
         })
     }
 
-    /// Where the committed file for `digest` lives.
+    /// Where the committed file of `digest` in `form` lives.
+    pub fn path_of(&self, digest: &Digest, form: Form) -> PathBuf {
+        let path = self.path_for(digest);
+        match form {
+            Form::Plain => path,
+            Form::Zstd => {
+                let mut name = path.into_os_string();
+                name.push(ZSTD_SUFFIX);
+                name.into()
+            }
+        }
+    }
+
+    /// Where the committed plain file for `digest` lives.
     pub fn path_for(&self, digest: &Digest) -> PathBuf {
         let hex = digest.hash_hex();
         self.blobs_dir
@@ -80,15 +125,15 @@ impl FileArea {
         })
     }
 
-    /// Makes a verified temporary file the committed copy of `digest`. On
-    /// failure the temporary file is deleted.
-    pub fn publish(&self, mut tmp: TempFile, digest: &Digest) -> Result<()> {
+    /// Makes a verified temporary file the committed copy of `digest` in
+    /// `form`. On failure the temporary file is deleted.
+    pub fn publish(&self, mut tmp: TempFile, digest: &Digest, form: Form) -> Result<()> {
         let file = tmp.file.take().expect("temp file is open until publish");
         if self.sync {
             file.sync_all()?;
         }
         drop(file);
-        let dest = self.path_for(digest);
+        let dest = self.path_of(digest, form);
         let dir = dest.parent().expect("blob paths have a parent");
         fs::create_dir_all(dir)?;
         fs::rename(&tmp.path, &dest)?;
@@ -98,14 +143,14 @@ impl FileArea {
         Ok(())
     }
 
-    /// Deletes the committed file of `digest`, if any. The file is renamed
+    /// Deletes the committed file of `digest` in `form`, if any. The file is renamed
     /// into `tmp/` at once (so the blob is gone from `blobs/`), and unlinked
     /// on the blocking pool when there is one: unlinking a large file takes
     /// tens of milliseconds, and callers hold the index lock.
-    pub fn remove(&self, digest: &Digest) -> Result<()> {
+    pub fn remove(&self, digest: &Digest, form: Form) -> Result<()> {
         let n = self.next_tmp.fetch_add(1, Ordering::Relaxed);
         let trash = self.tmp_dir.join(format!("evicted-{n}"));
-        match fs::rename(self.path_for(digest), &trash) {
+        match fs::rename(self.path_of(digest, form), &trash) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(e.into()),
             Ok(()) => {}
@@ -121,9 +166,10 @@ impl FileArea {
         Ok(())
     }
 
-    /// Lists every committed file as (digest, path). Files whose names do not
-    /// parse are returned with `None` so the caller can remove them.
-    pub fn list(&self) -> Result<Vec<(Option<Digest>, PathBuf)>> {
+    /// Lists every committed file as (digest and form, path). Files whose
+    /// names do not parse are returned with `None` so the caller can remove
+    /// them.
+    pub fn list(&self) -> Result<Vec<Listed>> {
         let mut out = Vec::new();
         for function in DigestFunction::ALL {
             let dir = self.blobs_dir.join(function.name());
@@ -146,17 +192,21 @@ impl FileArea {
         Ok(out)
     }
 
-    /// Streams `[offset, end)` of the committed file of `digest`, verified:
-    /// the whole file is read and hashed (bytes outside the range are hashed,
-    /// not sent) on the blocking pool, one block ahead of the consumer, and
-    /// the chunk that ends the range is held back until the hash checks. On
-    /// a mismatch the stream ends with DATA_LOSS instead of that chunk and
-    /// `on_corrupt` is called (once) with the reason. `guard` (the caller's
-    /// pin) is held until the stream is dropped. NOT_FOUND if the file is
-    /// missing or has the wrong size.
+    /// Streams `[offset, end)` of the committed `file`, verified: the whole
+    /// file is read and its blob hashed (bytes outside the range are
+    /// hashed, not sent; a compressed file is decoded as it is read) on the
+    /// blocking pool, one block ahead of the consumer, and the chunk that
+    /// ends the range is held back until the hash checks. `serve` says
+    /// whether the range counts (and the chunks carry) the blob's plain
+    /// bytes or the bytes on disk as they are. On a mismatch the stream ends
+    /// with DATA_LOSS instead of that chunk and `on_corrupt` is called
+    /// (once) with the reason. `guard` (the caller's pin) is held until the
+    /// stream is dropped. NOT_FOUND if the file is missing or has the wrong
+    /// length.
     pub fn stream<G, C>(
         &self,
-        digest: &Digest,
+        file: &BlobFile,
+        serve: Serve,
         offset: u64,
         end: u64,
         guard: G,
@@ -166,7 +216,7 @@ impl FileArea {
         G: Send + 'static,
         C: FnOnce(&str) + Send + 'static,
     {
-        let reader = VerifyingReader::new(self.open_checked(digest)?, digest, offset, end);
+        let reader = VerifyingReader::new(self.open_checked(file)?, file, serve, offset, end)?;
         let state = ReadAhead {
             next: Some(tokio::task::spawn_blocking(move || reader.step())),
             _guard: guard,
@@ -192,136 +242,32 @@ impl FileArea {
         })))
     }
 
-    /// Opens the committed file of `digest`; NOT_FOUND if it is missing or
-    /// has the wrong size.
-    fn open_checked(&self, digest: &Digest) -> Result<File> {
-        let path = self.path_for(digest);
-        let file = match File::open(&path) {
-            Ok(file) => file,
+    /// Opens the committed `file`; NOT_FOUND if it is missing or has the
+    /// wrong length.
+    fn open_checked(&self, file: &BlobFile) -> Result<File> {
+        let digest = &file.digest;
+        let path = self.path_of(digest, file.form);
+        let opened = match File::open(&path) {
+            Ok(opened) => opened,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(Error::NotFound(format!("blob {digest} file is missing")));
             }
             Err(e) => return Err(e.into()),
         };
-        if file.metadata()?.len() != digest.size {
+        if opened.metadata()?.len() != file.len {
             return Err(Error::NotFound(format!(
                 "blob {digest} file has the wrong size"
             )));
         }
-        Ok(file)
+        Ok(opened)
     }
 
-    /// Reads and hashes the whole committed file of `digest` (blocking):
-    /// DATA_LOSS if it does not hash to `digest`, NOT_FOUND as
-    /// [`FileArea::stream`]. For scrubs and start-up checks.
-    pub fn verify(&self, digest: &Digest) -> Result<()> {
-        let reader = VerifyingReader::new(self.open_checked(digest)?, digest, 0, 0);
+    /// Reads the whole committed `file` and hashes its blob (blocking):
+    /// DATA_LOSS if it does not hash to its digest (or does not decode),
+    /// NOT_FOUND as [`FileArea::stream`]. For scrubs and start-up checks.
+    pub fn verify(&self, file: &BlobFile) -> Result<()> {
+        let reader = VerifyingReader::new(self.open_checked(file)?, file, Serve::Plain, 0, 0)?;
         reader.step().map(|_| ())
-    }
-}
-
-/// The state of a verified read stream: the block being read ahead.
-struct ReadAhead<G, C> {
-    /// The blocking read of the next block, if the stream goes on.
-    next: Option<tokio::task::JoinHandle<Result<(Step, VerifyingReader)>>>,
-    /// The caller's pin, held while the stream lives.
-    _guard: G,
-    /// Told once about a mismatch.
-    on_corrupt: Option<C>,
-}
-
-/// What one blocking step of a [`VerifyingReader`] yields.
-enum Step {
-    /// A piece of the range; more follow.
-    More(Bytes),
-    /// The piece that ends the range (maybe empty), sent only because the
-    /// whole file hashed to its digest.
-    Last(Bytes),
-}
-
-/// Reads a blob file from its start to its end, hashing every byte, and
-/// hands out the bytes of `[offset, end)`.
-struct VerifyingReader {
-    /// The open file, positioned at `pos`.
-    file: File,
-    /// Hash of `[0, pos)`.
-    hasher: Hasher,
-    /// What the file must hash to.
-    digest: Digest,
-    /// Bytes read so far.
-    pos: u64,
-    /// First byte to hand out.
-    offset: u64,
-    /// One past the last byte to hand out.
-    end: u64,
-}
-
-impl VerifyingReader {
-    /// A reader of `file` (opened at its start) that hands out
-    /// `[offset, end)` and checks the whole file against `digest`.
-    fn new(file: File, digest: &Digest, offset: u64, end: u64) -> Self {
-        VerifyingReader {
-            file,
-            hasher: Hasher::new(digest.function),
-            digest: *digest,
-            pos: 0,
-            offset,
-            end,
-        }
-    }
-
-    /// Reads blocks until one holds bytes of the range: `More` with them, or,
-    /// once the range is complete, the rest of the file is hashed and `Last`
-    /// returned (DATA_LOSS on a mismatch). Blocks the thread.
-    fn step(mut self) -> Result<(Step, Self)> {
-        loop {
-            let block = self.read_block()?;
-            let start = self.pos - block.len() as u64;
-            let from = self.offset.clamp(start, self.pos) - start;
-            let to = self.end.clamp(start, self.pos) - start;
-            let piece = block.slice(from as usize..to as usize);
-            if self.pos >= self.end.max(self.offset) {
-                self.finish()?;
-                return Ok((Step::Last(piece), self));
-            }
-            if !piece.is_empty() {
-                return Ok((Step::More(piece), self));
-            }
-        }
-    }
-
-    /// The next block of the file, hashed (empty at the end of the file).
-    fn read_block(&mut self) -> Result<Bytes> {
-        let n = (self.digest.size - self.pos).min(FILE_READ_BLOCK as u64) as usize;
-        let mut buf = vec![0u8; n];
-        if let Err(e) = self.file.read_exact(&mut buf) {
-            if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                return Err(self.data_loss("is shorter than its size"));
-            }
-            return Err(e.into());
-        }
-        self.hasher.update(&buf);
-        self.pos += n as u64;
-        Ok(Bytes::from(buf))
-    }
-
-    /// Hashes the rest of the file and checks the digest.
-    fn finish(&mut self) -> Result<()> {
-        while self.pos < self.digest.size {
-            self.read_block()?;
-        }
-        let hasher = std::mem::replace(&mut self.hasher, Hasher::new(self.digest.function));
-        if hasher.finish() != self.digest {
-            return Err(self.data_loss("does not hash to its digest"));
-        }
-        Ok(())
-    }
-
-    fn data_loss(&self, what: &str) -> Error {
-        Error::DataLoss(format!(
-            "blob {} is corrupt in the local store (its file {what}); it was removed",
-            self.digest
-        ))
     }
 }
 
@@ -342,6 +288,15 @@ impl TempFile {
         Ok((&*file).write_all(data)?)
     }
 
+    /// Cuts the file back to its first `len` bytes and goes on writing
+    /// there (a parked compressed upload drops a partial frame).
+    pub fn truncate(&mut self, len: u64) -> Result<()> {
+        let mut file = self.file.as_deref().expect("open until publish");
+        file.set_len(len)?;
+        file.seek(SeekFrom::Start(len))?;
+        Ok(())
+    }
+
     /// The open file, for positional reads of what is written so far. The
     /// handle stays valid after the file is renamed into place or deleted.
     pub fn shared(&self) -> Arc<File> {
@@ -356,15 +311,25 @@ impl Drop for TempFile {
     }
 }
 
-fn parse_file_name(function: DigestFunction, path: &Path) -> Option<Digest> {
+/// What ends the name of a compressed blob file.
+const ZSTD_SUFFIX: &str = ".zst";
+
+fn parse_file_name(function: DigestFunction, path: &Path) -> Option<(Digest, Form)> {
     let name = path.file_name()?.to_str()?;
+    let (name, form) = match name.strip_suffix(ZSTD_SUFFIX) {
+        Some(name) => (name, Form::Zstd),
+        None => (name, Form::Plain),
+    };
     let (hash, size) = name.split_once('-')?;
-    Digest::parse(function, hash, size.parse().ok()?).ok()
+    let digest = Digest::parse(function, hash, size.parse().ok()?).ok()?;
+    Some((digest, form))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::local::verifying::FILE_READ_BLOCK;
+    use bytes::Bytes;
 
     #[test]
     fn publish_list_remove() {
@@ -374,12 +339,12 @@ mod tests {
         let digest = Digest::of(DigestFunction::Sha256, data);
         let mut tmp = area.create_temp().unwrap();
         tmp.write_all(data).unwrap();
-        area.publish(tmp, &digest).unwrap();
+        area.publish(tmp, &digest, Form::Plain).unwrap();
         assert_eq!(fs::read(area.path_for(&digest)).unwrap(), data);
         let listed = area.list().unwrap();
         assert_eq!(listed.len(), 1);
-        assert_eq!(listed[0].0, Some(digest));
-        area.remove(&digest).unwrap();
+        assert_eq!(listed[0].0, Some((digest, Form::Plain)));
+        area.remove(&digest, Form::Plain).unwrap();
         assert!(area.list().unwrap().is_empty());
     }
 
@@ -410,7 +375,7 @@ mod tests {
         let digest = Digest::of(DigestFunction::Sha256, data);
         let mut tmp = area.create_temp().unwrap();
         tmp.write_all(data).unwrap();
-        area.publish(tmp, &digest).unwrap();
+        area.publish(tmp, &digest, Form::Plain).unwrap();
         digest
     }
 
@@ -425,9 +390,14 @@ mod tests {
         let told = std::sync::Arc::new(std::sync::Mutex::new(None));
         let sink = told.clone();
         let stream = area
-            .stream(digest, offset, end, (), move |why: &str| {
-                *sink.lock().unwrap() = Some(why.to_string())
-            })
+            .stream(
+                &BlobFile::plain(*digest),
+                Serve::Plain,
+                offset,
+                end,
+                (),
+                move |why: &str| *sink.lock().unwrap() = Some(why.to_string()),
+            )
             .unwrap();
         let items = stream.collect().await;
         let why = told.lock().unwrap().take();
@@ -444,7 +414,14 @@ mod tests {
         let guard = std::sync::Arc::new(());
         let (offset, end) = (10, 2 * FILE_READ_BLOCK as u64 + 5);
         let stream = area
-            .stream(&digest, offset, end, guard.clone(), |_: &str| {})
+            .stream(
+                &BlobFile::plain(digest),
+                Serve::Plain,
+                offset,
+                end,
+                guard.clone(),
+                |_: &str| {},
+            )
             .unwrap();
         assert_eq!(std::sync::Arc::strong_count(&guard), 2);
         let chunks: Vec<Bytes> = stream.map(|c| c.unwrap()).collect().await;
@@ -454,8 +431,18 @@ mod tests {
             1,
             "released at the end"
         );
-        area.remove(&digest).unwrap();
-        let err = area.stream(&digest, 0, 1, (), |_: &str| {}).err().unwrap();
+        area.remove(&digest, Form::Plain).unwrap();
+        let err = area
+            .stream(
+                &BlobFile::plain(digest),
+                Serve::Plain,
+                0,
+                1,
+                (),
+                |_: &str| {},
+            )
+            .err()
+            .unwrap();
         assert!(matches!(err, Error::NotFound(_)));
     }
 
@@ -484,7 +471,7 @@ mod tests {
             assert_eq!(bytes.concat(), data[offset as usize..end as usize]);
             assert_eq!(why, None);
         }
-        area.verify(&digest).unwrap();
+        area.verify(&BlobFile::plain(digest)).unwrap();
     }
 
     #[tokio::test]
@@ -508,6 +495,9 @@ mod tests {
         assert_eq!(items.len(), 1);
         assert!(matches!(items[0], Err(Error::DataLoss(_))));
         assert!(why.is_some());
-        assert!(matches!(area.verify(&digest), Err(Error::DataLoss(_))));
+        assert!(matches!(
+            area.verify(&BlobFile::plain(digest)),
+            Err(Error::DataLoss(_))
+        ));
     }
 }

@@ -11,9 +11,16 @@
 //!   that leaves drops them.
 //! - [`db`]: RocksDB column families, key layouts, typed write batches.
 //! - [`quota`]: the in-memory LRU index with pins and reservations.
-//! - [`files`]: large blobs as files; `tmp/`, rename, unlink, read streams.
+//! - [`files`]: large blobs as files (plain or `.zst`); `tmp/`, rename,
+//!   unlink, read streams.
+//! - [`verifying`]: reading a blob file whole, hashing (and decoding) it,
+//!   handing out a range only once it checked.
 //! - [`writer`]: the [`BlobWriter`]: memory buffer or temp file, hashed as
-//!   the bytes arrive, verified at commit.
+//!   the bytes arrive, verified at commit; small blobs compressed at rest
+//!   when it pays.
+//! - [`compactor`]: compresses committed raw blob files in the background.
+//! - [`zstd_writer`]: the native compressed write: a client's zstd bytes
+//!   kept as they are, decoded only to hash.
 //! - [`running`]: the marker that tells a start after an unclean stop.
 //! - [`scrub`]: verifying stored entries: recent files after an unclean
 //!   stop, the whole store offline (`outpost verify`).
@@ -22,6 +29,7 @@ mod asset_links;
 #[cfg(test)]
 mod asset_tests;
 mod catalog;
+mod compactor;
 mod db;
 mod files;
 mod quota;
@@ -29,7 +37,11 @@ mod running;
 pub mod scrub;
 #[cfg(test)]
 mod tests;
+mod verifying;
 mod writer;
+#[cfg(test)]
+mod zstd_tests;
+mod zstd_writer;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -40,10 +52,14 @@ use bytes::Bytes;
 use futures::stream;
 
 use self::catalog::Catalog;
+use self::compactor::Compactor;
 use self::db::{Db, action_key, asset_key, blob_key};
 use self::files::FileArea;
+use self::files::Form;
 use self::running::RunningMarker;
-use self::writer::{Commit, LocalWriter, Reserve, Room, Sink};
+use self::writer::{Commit, InlineBytes, LocalWriter, Payload, Reserve, Room, Sink};
+use self::zstd_writer::{CompressedWriter, compressed_bound};
+use crate::compression::{self, Compressor, DecompressingWriter};
 use crate::context::RequestContext;
 use crate::digest::{Digest, DigestFunction};
 use crate::error::{Error, Result};
@@ -84,6 +100,11 @@ pub struct LocalStore {
     inline_limit: u64,
     /// Present while the store is open; removed by a clean stop.
     marker: Arc<RunningMarker>,
+    /// Keep blobs zstd-compressed at rest when that saves at least 10%
+    /// (`[store] compression`); compressed entries are read either way.
+    compress: bool,
+    /// Compresses committed raw blob files behind the writes.
+    compactor: Arc<Compactor>,
 }
 
 impl LocalStore {
@@ -112,12 +133,24 @@ impl LocalStore {
             }
         }
         let marker = RunningMarker::create(&options.dir)?;
+        let catalog = Arc::new(catalog);
+        let compactor = Arc::new(Compactor::start(Arc::downgrade(&catalog))?);
         Ok(LocalStore {
-            catalog: Arc::new(catalog),
+            compactor,
+            catalog,
             stats,
             inline_limit: options.inline_limit,
             marker: Arc::new(marker),
+            compress: true,
         })
+    }
+
+    /// Turns compression at rest on or off (on by default; `[store]
+    /// compression`). Off, new blobs are stored plain; compressed entries
+    /// already stored stay readable.
+    pub fn with_compression(mut self, on: bool) -> Self {
+        self.compress = on;
+        self
     }
 
     /// Tells a later start that this store is still running (see
@@ -129,6 +162,7 @@ impl LocalStore {
     /// Flushes and records a clean stop, so the next start trusts the files
     /// written last. Call once, after the last write.
     pub fn close_cleanly(&self) -> Result<()> {
+        self.compactor.stop();
         self.catalog.flush()?;
         self.marker.remove()
     }
@@ -194,6 +228,89 @@ impl LocalStore {
     }
 }
 
+impl LocalStore {
+    /// Reads `[offset, end)` of a blob whose `entry` was just looked up. A
+    /// raw file swapped for a compressed one since (the compactor) is gone
+    /// when opened: the lookup is retried once before the blob counts as
+    /// broken.
+    fn read_found(
+        &self,
+        digest: &Digest,
+        key: &[u8],
+        entry: quota::Entry,
+        offset: u64,
+        end: u64,
+    ) -> Result<ChunkStream> {
+        let mut result = self.catalog.read_blob(digest, key, entry, offset, end);
+        if matches!(result, Err(Error::NotFound(_)))
+            && let Some(now) = self.catalog.touch(key)?
+            && now.kind != entry.kind
+        {
+            result = self.catalog.read_blob(digest, key, now, offset, end);
+        }
+        self.counted(key, result)
+    }
+
+    /// Counts a read of a stored blob as a hit, or, when its bytes turned
+    /// out missing or damaged, as a miss, and forgets it.
+    fn counted(&self, key: &[u8], result: Result<ChunkStream>) -> Result<ChunkStream> {
+        match &result {
+            Ok(_) => Stats::add(&self.stats.cas_hits, 1),
+            Err(Error::NotFound(why)) => {
+                Stats::add(&self.stats.cas_misses, 1);
+                self.catalog.forget_broken(key, why);
+            }
+            Err(_) => {}
+        }
+        result
+    }
+
+    /// The room a storing write starts with (`first` bytes, evicting if
+    /// needed) and grows a window at a time, and the commit that makes its
+    /// payload visible (compressing a small plain blob first when
+    /// compression at rest is on and it pays).
+    fn storing(&self, digest: Digest, size: u64, first: u64) -> Result<(Room, Commit)> {
+        let quota = self.catalog.occupancy().1;
+        if size > quota {
+            return Err(Error::ResourceExhausted(format!(
+                "a {size}-byte blob does not fit in the {quota}-byte store quota"
+            )));
+        }
+        let held = self.catalog.reserve(first)?;
+        let catalog = self.catalog.clone();
+        let reserve: Reserve = Arc::new(move |bytes| catalog.reserve(bytes));
+        let room = Room {
+            held,
+            reserve,
+            window: WRITE_WINDOW,
+        };
+        let catalog = self.catalog.clone();
+        let compress = self.compress;
+        let compactor = self.compactor.clone();
+        let commit: Commit = Box::new(move |payload, reservation| {
+            let raw_file = matches!(
+                payload,
+                Payload::File {
+                    form: Form::Plain,
+                    ..
+                }
+            );
+            let payload = match payload {
+                Payload::Inline(inline) if !inline.zstd => {
+                    Payload::Inline(InlineBytes::pack(inline.bytes, compress))
+                }
+                other => other,
+            };
+            catalog.commit_blob(&digest, payload, reservation)?;
+            if compress && raw_file {
+                compactor.offer(digest);
+            }
+            Ok(())
+        });
+        Ok((room, commit))
+    }
+}
+
 #[async_trait]
 impl BlobStore for LocalStore {
     async fn find_missing(&self, _ctx: &RequestContext, digests: &[Digest]) -> Result<Vec<Digest>> {
@@ -228,18 +345,30 @@ impl BlobStore for LocalStore {
             Stats::add(&self.stats.cas_misses, 1);
             return Err(Error::NotFound(format!("blob {digest} not found")));
         };
-        let result = self
-            .catalog
-            .read_blob(digest, &key, entry.kind, offset, end);
-        match &result {
-            Ok(_) => Stats::add(&self.stats.cas_hits, 1),
-            Err(Error::NotFound(why)) => {
-                Stats::add(&self.stats.cas_misses, 1);
-                self.catalog.forget_broken(&key, why);
+        self.read_found(digest, &key, entry, offset, end)
+    }
+
+    /// A compressed entry read from offset 0 is served as stored (no
+    /// recompression; a file is still verified beside the sending); any
+    /// other read compresses the plain bytes as they stream.
+    async fn read_compressed(
+        &self,
+        ctx: &RequestContext,
+        digest: &Digest,
+        offset: u64,
+        compressor: Compressor,
+    ) -> Result<ChunkStream> {
+        let Compressor::Zstd = compressor;
+        if offset == 0 && !digest.is_empty_blob() {
+            let key = blob_key(digest);
+            if let Some(entry) = self.catalog.touch(&key)?
+                && let Some(result) = self.catalog.read_stored(digest, &key, entry)
+            {
+                return self.counted(&key, result);
             }
-            Err(_) => {}
         }
-        result
+        let plain = self.read(ctx, digest, offset, 0).await?;
+        Ok(compression::compress_stream(plain))
     }
 
     /// Reserves quota (evicting if needed) and opens the sink: a small blob
@@ -256,34 +385,46 @@ impl BlobStore for LocalStore {
         if digest.size == 0 || self.catalog.mark_used(&blob_key(&digest)) {
             return Ok(Box::new(LocalWriter::verifying_only(digest, stats)));
         }
-        let quota = self.catalog.occupancy().1;
-        if digest.size > quota {
-            return Err(Error::ResourceExhausted(format!(
-                "a {}-byte blob does not fit in the {quota}-byte store quota",
-                digest.size
-            )));
-        }
         let (first, sink) = if digest.size <= self.inline_limit {
             (digest.size, Sink::memory(digest.size))
         } else {
             let first = digest.size.min(WRITE_WINDOW);
             (first, Sink::File(self.catalog.create_temp()?))
         };
-        let held = self.catalog.reserve(first)?;
-        let catalog = self.catalog.clone();
-        let reserve: Reserve = Arc::new(move |bytes| catalog.reserve(bytes));
-        let room = Room {
-            held,
-            reserve,
-            window: WRITE_WINDOW,
-        };
-        let catalog = self.catalog.clone();
-        let commit: Commit = Box::new(move |payload, reservation| {
-            catalog.commit_blob(&digest, payload, reservation)
-        });
+        let (room, commit) = self.storing(digest, digest.size, first)?;
         Ok(Box::new(LocalWriter::storing(
             digest, stats, sink, room, commit,
         )))
+    }
+
+    /// Keeps the compressed bytes as they are when compression at rest is
+    /// on ([`CompressedWriter`]: a small blob that saves less than 10% is
+    /// stored plain); otherwise, or when the blob is already stored, decodes
+    /// into a plain write.
+    async fn begin_write_compressed(
+        &self,
+        ctx: &RequestContext,
+        digest: &Digest,
+        compressor: Compressor,
+    ) -> Result<Box<dyn BlobWriter>> {
+        let Compressor::Zstd = compressor;
+        let digest = *digest;
+        if !self.compress || digest.size == 0 || self.catalog.mark_used(&blob_key(&digest)) {
+            let plain = self.begin_write(ctx, &digest).await?;
+            return Ok(Box::new(DecompressingWriter::new(plain, digest)?));
+        }
+        let bound = compressed_bound(digest.size);
+        let (first, sink) = if digest.size <= self.inline_limit {
+            (bound.min(digest.size), Sink::memory(digest.size))
+        } else {
+            (
+                bound.min(WRITE_WINDOW),
+                Sink::File(self.catalog.create_temp()?),
+            )
+        };
+        let (room, commit) = self.storing(digest, digest.size, first)?;
+        let writer = CompressedWriter::new(digest, self.stats.clone(), sink, room, commit)?;
+        Ok(Box::new(writer))
     }
 
     async fn write_many(
@@ -303,7 +444,15 @@ impl BlobStore for LocalStore {
             }
             results.push(verdict);
         }
-        let batch: Vec<(Digest, Bytes)> = small.iter().map(|&i| blobs[i].clone()).collect();
+        let batch: Vec<(Digest, InlineBytes)> = small
+            .iter()
+            .map(|&i| {
+                (
+                    blobs[i].0,
+                    InlineBytes::pack(blobs[i].1.clone(), self.compress),
+                )
+            })
+            .collect();
         if let Err(e) = self.catalog.commit_inline_batch(&batch) {
             for &i in &small {
                 results[i] = Err(e.duplicate());

@@ -32,6 +32,29 @@ pub enum EntryKind {
     ActionResult,
     /// An encoded Remote Asset entry ([`crate::store::asset_index::AssetRecord`]).
     Asset,
+    /// A small blob stored zstd-compressed as a RocksDB value (its size
+    /// counts the compressed bytes).
+    InlineZstd,
+    /// A large blob stored zstd-compressed as a file (`…-SIZE.zst`; its
+    /// size counts the bytes on disk).
+    FileZstd,
+}
+
+impl EntryKind {
+    /// Whether the entry is a blob, in any form.
+    pub fn is_blob(self) -> bool {
+        !matches!(self, EntryKind::ActionResult | EntryKind::Asset)
+    }
+
+    /// Whether the blob's bytes are a file beside RocksDB.
+    pub fn is_file(self) -> bool {
+        matches!(self, EntryKind::FileBlob | EntryKind::FileZstd)
+    }
+
+    /// Whether the blob is stored zstd-compressed.
+    pub fn is_zstd(self) -> bool {
+        matches!(self, EntryKind::InlineZstd | EntryKind::FileZstd)
+    }
 }
 
 /// What the index knows about one stored entry.
@@ -39,7 +62,8 @@ pub enum EntryKind {
 pub struct Entry {
     /// Where the bytes are.
     pub kind: EntryKind,
-    /// Bytes counted against the quota.
+    /// Bytes counted against the quota: the bytes on disk (compressed
+    /// ones for a compressed blob).
     pub size: u64,
     /// Last access time (unix seconds) as persisted in RocksDB; used to
     /// rebuild the LRU order at start-up and to rate-limit atime writes.
@@ -114,7 +138,10 @@ impl Index {
     fn account(&mut self, entry: Entry, add: bool) {
         let o = &mut self.occupancy;
         let (count, bytes) = match entry.kind {
-            EntryKind::InlineBlob | EntryKind::FileBlob => (&mut o.blob_count, &mut o.blob_bytes),
+            EntryKind::InlineBlob
+            | EntryKind::FileBlob
+            | EntryKind::InlineZstd
+            | EntryKind::FileZstd => (&mut o.blob_count, &mut o.blob_bytes),
             EntryKind::ActionResult => (&mut o.action_count, &mut o.action_bytes),
             EntryKind::Asset => (&mut o.asset_count, &mut o.asset_bytes),
         };
@@ -132,11 +159,21 @@ impl Index {
         self.lru.get_mut(key)
     }
 
-    /// Looks an entry up without changing the LRU order (tests check what
-    /// eviction left).
-    #[cfg(test)]
+    /// Looks an entry up without changing the LRU order (what eviction
+    /// left; whether a blob is still stored raw, for the compactor).
     pub fn peek(&self, key: &[u8]) -> Option<&Entry> {
         self.lru.peek(key)
+    }
+
+    /// Replaces a present entry's value where it stands in the LRU order
+    /// (a blob compressed at rest is no more recently used for it).
+    pub fn replace_in_place(&mut self, key: &[u8], entry: Entry) {
+        let Some(slot) = self.lru.peek_mut(key) else {
+            return;
+        };
+        let old = std::mem::replace(slot, entry);
+        self.account(old, false);
+        self.account(entry, true);
     }
 
     /// Forgets an entry (the caller deletes its bytes).
@@ -336,6 +373,25 @@ mod tests {
             size,
             persisted_atime: 0,
         }
+    }
+
+    #[test]
+    fn replacing_in_place_keeps_the_lru_order_and_counts_the_new_size() {
+        let mut index = Index::new(100);
+        index.insert(b"a".to_vec(), blob(40));
+        index.insert(b"b".to_vec(), blob(40));
+        let smaller = Entry {
+            kind: EntryKind::FileZstd,
+            ..blob(10)
+        };
+        index.replace_in_place(b"a", smaller);
+        assert_eq!(index.occupancy().blob_bytes, 50);
+        let victims = index.evict_until(45).unwrap();
+        assert_eq!(
+            victims,
+            vec![(b"a".to_vec(), smaller)],
+            "a is still the oldest"
+        );
     }
 
     #[test]

@@ -13,10 +13,11 @@ use std::time::{Duration, Instant, SystemTime};
 use bazel_remote_apis::build::bazel::remote::execution::v2::ActionResult;
 use prost::Message;
 
-use super::catalog::Catalog;
+use super::catalog::{Catalog, file_form};
 use super::db::{Db, blob_key, parse_blob_key};
-use super::files::FileArea;
-use super::quota::EntryKind;
+use super::files::{BlobFile, FileArea};
+use super::quota::{Entry, EntryKind};
+use crate::compression;
 use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::stats::Stats;
@@ -38,15 +39,26 @@ pub struct RecentCheck {
 /// only files written in the last moments before an unclean stop.
 pub fn check_recent(catalog: &Catalog, since: SystemTime) -> Result<RecentCheck> {
     let mut found = RecentCheck::default();
-    for (digest, path) in catalog.files().list()? {
-        let Some(digest) = digest else { continue };
-        let modified = std::fs::metadata(&path).and_then(|m| m.modified());
-        if modified.is_ok_and(|m| m < since) {
+    for (listed, path) in catalog.files().list()? {
+        let Some((digest, form)) = listed else {
+            continue;
+        };
+        let Ok(meta) = std::fs::metadata(&path) else {
+            continue;
+        };
+        if meta.modified().is_ok_and(|m| m < since) {
             continue;
         }
         found.checked += 1;
         found.bytes += digest.size;
-        match catalog.files().verify(&digest) {
+        // A compressed file's length is what is on disk: decoding it to
+        // its digest is what checks it.
+        let file = BlobFile {
+            digest,
+            form,
+            len: meta.len(),
+        };
+        match catalog.files().verify(&file) {
             Ok(()) => {}
             Err(Error::DataLoss(why) | Error::NotFound(why)) => {
                 catalog.forget_corrupt(&blob_key(&digest), &why);
@@ -78,6 +90,8 @@ pub struct ScrubReport {
     pub inline_blobs: u64,
     /// File blobs hashed.
     pub file_blobs: u64,
+    /// Of the blobs hashed, those stored zstd-compressed (decoded to hash).
+    pub compressed_blobs: u64,
     /// Blob bytes hashed (inline and files).
     pub blob_bytes: u64,
     /// Action results decoded.
@@ -135,10 +149,10 @@ pub fn scrub(
         let verdict = match entry {
             None => Err("index entry does not parse".to_string()),
             Some(entry) => {
-                if entry.kind == EntryKind::FileBlob {
-                    file_keys.insert(key.clone());
+                if entry.kind.is_file() {
+                    file_keys.insert((key.clone(), file_form(entry.kind)));
                 }
-                check_entry(&db, &files, &key, entry.kind, &mut report)
+                check_entry(&db, &files, &key, entry, &mut report)
             }
         };
         if let Err(why) = verdict {
@@ -153,8 +167,8 @@ pub fn scrub(
             progress(&report);
         }
     }
-    for (digest, path) in files.list()? {
-        if !digest.is_some_and(|d| file_keys.contains(&blob_key(&d))) {
+    for (listed, path) in files.list()? {
+        if !listed.is_some_and(|(d, form)| file_keys.contains(&(blob_key(&d), form))) {
             report.stray_files.push(path);
         }
     }
@@ -194,28 +208,42 @@ fn check_entry(
     db: &Db,
     files: &FileArea,
     key: &[u8],
-    kind: EntryKind,
+    entry: Entry,
     report: &mut ScrubReport,
 ) -> std::result::Result<(), String> {
     let map_err = |e: Error| e.to_string();
-    match kind {
-        EntryKind::InlineBlob => {
+    if entry.kind.is_zstd() {
+        report.compressed_blobs += 1;
+    }
+    match entry.kind {
+        EntryKind::InlineBlob | EntryKind::InlineZstd => {
             let digest = parse_blob_key(key).ok_or("blob key does not parse")?;
-            let bytes = db
+            let stored = db
                 .inline(key)
                 .map_err(map_err)?
                 .ok_or("inline bytes missing")?;
             report.inline_blobs += 1;
-            report.blob_bytes += bytes.len() as u64;
-            if Digest::of(digest.function, &bytes) != digest {
+            report.blob_bytes += digest.size;
+            let plain = if entry.kind == EntryKind::InlineZstd {
+                compression::decompress(&stored, digest.size)
+                    .map_err(|e| format!("inline bytes do not decompress: {e}"))?
+            } else {
+                bytes::Bytes::copy_from_slice(&stored)
+            };
+            if Digest::of(digest.function, &plain) != digest {
                 return Err("inline bytes do not hash to the digest".into());
             }
         }
-        EntryKind::FileBlob => {
+        EntryKind::FileBlob | EntryKind::FileZstd => {
             let digest = parse_blob_key(key).ok_or("blob key does not parse")?;
             report.file_blobs += 1;
             report.blob_bytes += digest.size;
-            files.verify(&digest).map_err(map_err)?;
+            let file = BlobFile {
+                digest,
+                form: file_form(entry.kind),
+                len: entry.size,
+            };
+            files.verify(&file).map_err(map_err)?;
         }
         EntryKind::ActionResult => {
             let bytes = db
@@ -242,6 +270,8 @@ fn describe(key: &[u8], kind: Option<EntryKind>) -> String {
     match (kind, parse_blob_key(key)) {
         (Some(EntryKind::InlineBlob), Some(d)) => format!("inline blob {d}"),
         (Some(EntryKind::FileBlob), Some(d)) => format!("file blob {d}"),
+        (Some(EntryKind::InlineZstd), Some(d)) => format!("compressed inline blob {d}"),
+        (Some(EntryKind::FileZstd), Some(d)) => format!("compressed file blob {d}"),
         (Some(EntryKind::ActionResult), _) => format!("action result {}", hex::encode(key)),
         (Some(EntryKind::Asset), _) => format!("asset entry {}", hex::encode(key)),
         _ => format!("index entry {}", hex::encode(key)),

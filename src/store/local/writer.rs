@@ -22,19 +22,72 @@ use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use tokio::sync::watch;
 
-use super::files::TempFile;
+use super::files::{Form, TempFile};
 use super::quota::Reservation;
+use crate::compression;
 use crate::digest::{Digest, Hasher, verify};
 use crate::error::{Error, Result};
 use crate::stats::Stats;
 use crate::store::{BlobWriter, WriteFollower, WrittenBytes};
 
+/// Small blobs below this size stay plain at rest: a zstd frame's overhead
+/// and the call cost more than they could save.
+pub const MIN_COMPRESSED_INLINE: usize = 512;
+
 /// The verified bytes of a blob, ready to be committed.
 pub enum Payload {
     /// Small blob: becomes a RocksDB value.
-    Inline(Bytes),
-    /// Large blob: a verified temp file to rename into place.
-    File(TempFile),
+    Inline(InlineBytes),
+    /// Large blob: a verified temp file to rename into place, holding the
+    /// blob in `form`, `len` bytes long.
+    File {
+        /// The verified file.
+        tmp: TempFile,
+        /// Plain or compressed.
+        form: Form,
+        /// Its length on disk.
+        len: u64,
+    },
+}
+
+impl Payload {
+    /// A plain file payload of a `size`-byte blob.
+    pub fn plain_file(tmp: TempFile, size: u64) -> Self {
+        Payload::File {
+            tmp,
+            form: Form::Plain,
+            len: size,
+        }
+    }
+}
+
+/// A small blob's bytes as they are stored: plain, or zstd-compressed.
+pub struct InlineBytes {
+    /// The bytes of the RocksDB value.
+    pub bytes: Bytes,
+    /// Whether they are a zstd frame of the blob.
+    pub zstd: bool,
+}
+
+impl InlineBytes {
+    /// A small blob's plain bytes as they will be stored: compressed when
+    /// `compress` is on, the blob is not tiny and compressing saves at
+    /// least 10% ([`compression::worth_it`]); plain otherwise.
+    pub fn pack(plain: Bytes, compress: bool) -> Self {
+        if compress && plain.len() >= MIN_COMPRESSED_INLINE {
+            let packed = compression::compress(&plain);
+            if compression::worth_it(plain.len() as u64, packed.len() as u64) {
+                return InlineBytes {
+                    bytes: packed,
+                    zstd: true,
+                };
+            }
+        }
+        InlineBytes {
+            bytes: plain,
+            zstd: false,
+        }
+    }
 }
 
 /// Where a write's bytes go while they stream in.
@@ -51,7 +104,8 @@ impl Sink {
         Sink::Memory(BytesMut::with_capacity(size as usize))
     }
 
-    fn append(&mut self, data: &[u8]) -> Result<()> {
+    /// Appends the next piece.
+    pub fn append(&mut self, data: &[u8]) -> Result<()> {
         match self {
             Sink::Memory(buf) => buf.extend_from_slice(data),
             Sink::File(tmp) => tmp.write_all(data)?,
@@ -59,10 +113,24 @@ impl Sink {
         Ok(())
     }
 
-    fn into_payload(self) -> Payload {
+    /// Cuts what was appended back to its first `len` bytes.
+    pub fn truncate(&mut self, len: u64) -> Result<()> {
         match self {
-            Sink::Memory(buf) => Payload::Inline(buf.freeze()),
-            Sink::File(tmp) => Payload::File(tmp),
+            Sink::Memory(buf) => buf.truncate(len as usize),
+            Sink::File(tmp) => tmp.truncate(len)?,
+        }
+        Ok(())
+    }
+
+    /// The plain bytes of a `size`-byte blob as a payload (inline bytes
+    /// left plain: the store's commit decides whether to compress them).
+    fn into_payload(self, size: u64) -> Payload {
+        match self {
+            Sink::Memory(buf) => Payload::Inline(InlineBytes {
+                bytes: buf.freeze(),
+                zstd: false,
+            }),
+            Sink::File(tmp) => Payload::plain_file(tmp, size),
         }
     }
 }
@@ -88,7 +156,7 @@ pub struct Room {
 impl Room {
     /// Makes sure `received` bytes of a `size`-byte blob are covered,
     /// reserving up to a window beyond them when they are not.
-    fn cover(&mut self, received: u64, size: u64) -> Result<()> {
+    pub fn cover(&mut self, received: u64, size: u64) -> Result<()> {
         let held = self.held.bytes();
         if received <= held {
             return Ok(());
@@ -191,7 +259,7 @@ impl BlobWriter for LocalWriter {
             return Err(e);
         }
         match target {
-            Some((sink, room, commit)) => commit(sink.into_payload(), room.held),
+            Some((sink, room, commit)) => commit(sink.into_payload(digest.size), room.held),
             None => Ok(()), // already stored, or the empty blob
         }
     }
@@ -325,7 +393,7 @@ mod tests {
         assert_eq!(writer.committed_size(), 11);
         Box::new(writer).commit().await.unwrap();
         let payload = got.lock().unwrap().take().unwrap();
-        assert!(matches!(payload, Payload::Inline(b) if b == "hello world"));
+        assert!(matches!(payload, Payload::Inline(b) if b.bytes == "hello world" && !b.zstd));
     }
 
     #[tokio::test]
@@ -338,10 +406,10 @@ mod tests {
         let mut writer = LocalWriter::storing(digest, stats(), sink, room(), commit);
         writer.write(Bytes::from_static(b"large")).await.unwrap();
         Box::new(writer).commit().await.unwrap();
-        let Some(Payload::File(tmp)) = got.lock().unwrap().take() else {
+        let Some(Payload::File { tmp, .. }) = got.lock().unwrap().take() else {
             panic!("expected a file payload");
         };
-        area.publish(tmp, &digest).unwrap();
+        area.publish(tmp, &digest, Form::Plain).unwrap();
         assert_eq!(std::fs::read(area.path_for(&digest)).unwrap(), b"large");
     }
 
@@ -362,15 +430,15 @@ mod tests {
         assert!(follower.read_at(2, 7).await.is_err(), "not written yet");
         writer.write(data.slice(8..)).await.unwrap();
         Box::new(writer).commit().await.unwrap();
-        let Some(Payload::File(tmp)) = got.lock().unwrap().take() else {
+        let Some(Payload::File { tmp, .. }) = got.lock().unwrap().take() else {
             panic!("expected a file payload");
         };
-        area.publish(tmp, &digest).unwrap();
+        area.publish(tmp, &digest, Form::Plain).unwrap();
         assert_eq!(*written.borrow_and_update(), data.len() as u64);
         assert!(written.changed().await.is_err(), "the writer is gone");
         let all = follower.read_at(0, data.len()).await.unwrap();
         assert_eq!(all, data, "readable after the rename");
-        area.remove(&digest).unwrap();
+        area.remove(&digest, Form::Plain).unwrap();
         assert_eq!(follower.read_at(9, 5).await.unwrap(), data.slice(9..14));
     }
 
