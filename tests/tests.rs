@@ -20,6 +20,7 @@ mod suite {
     mod capabilities;
     mod cas;
     mod client_limits;
+    mod compressed_blobs;
     mod crash;
     mod eviction;
     mod execution;

@@ -292,9 +292,12 @@ mod tests {
     #[test]
     fn zstd_names_parse() {
         let r = ResourceName::parse_read(&format!("a/b/compressed-blobs/zstd/{H}/0")).unwrap();
-        assert_eq!((r.instance.as_str(), r.compressor.as_deref()), ("a/b", Some("zstd")));
-        let w = ResourceName::parse_write(&format!("uploads/u/compressed-blobs/zstd/{H}/0/m"))
-            .unwrap();
+        assert_eq!(
+            (r.instance.as_str(), r.compressor.as_deref()),
+            ("a/b", Some("zstd"))
+        );
+        let w =
+            ResourceName::parse_write(&format!("uploads/u/compressed-blobs/zstd/{H}/0/m")).unwrap();
         assert_eq!(w.compressor.as_deref(), Some("zstd"));
         assert!(ResourceName::parse_read(&format!("compressed-blobs/{H}/0")).is_err());
     }

@@ -100,7 +100,10 @@ impl ByteStreamService {
         let stream = match compressor_of(&name)? {
             None => {
                 let limit = req.read_limit as u64;
-                self.backend.blobs.read(&ctx, &name.digest, offset, limit).await?
+                self.backend
+                    .blobs
+                    .read(&ctx, &name.digest, offset, limit)
+                    .await?
             }
             Some(compressor) => {
                 if req.read_limit != 0 {
