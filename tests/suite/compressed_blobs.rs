@@ -118,6 +118,17 @@ async fn one_blob_serves_both_forms_and_either_upload_completes_early() {
         read_digest(&mut bs, &digest(&zstd_in)).await.unwrap(),
         digest(&zstd_in)
     );
+    // Under a multi-segment instance name too.
+    let name = compressed_write_name("ci/linux", &digest(&zstd_in));
+    let requests = compressed_write_requests(&name, &zstd(&zstd_in), 0, 4096, true);
+    write(&mut bs, requests).await.unwrap();
+    let zname = compressed_read_name("ci/linux", &digest(&zstd_in));
+    assert!(
+        zname.starts_with("ci/linux/compressed-blobs/zstd/"),
+        "{zname}"
+    );
+    let (wire, _) = read_blob(&mut bs, &zname, 0, 0).await.unwrap();
+    assert!(unzstd(&wire) == zstd_in);
     let got = batch_read_compressed(&mut cas, &[digest(&zstd_in)], &[])
         .await
         .unwrap();

@@ -465,12 +465,26 @@ pub const ZSTD: i32 = re::compressor::Value::Zstd as i32;
 
 /// `{instance}/compressed-blobs/zstd/{hash}/{size}`.
 pub fn compressed_read_name(instance: &str, d: &re::Digest) -> String {
-    read_name(instance, d).replacen("blobs/", "compressed-blobs/zstd/", 1)
+    let blob = format!("compressed-blobs/zstd/{}/{}", d.hash, d.size_bytes);
+    if instance.is_empty() {
+        blob
+    } else {
+        format!("{instance}/{blob}")
+    }
 }
 
 /// `{instance}/uploads/{fresh uuid}/compressed-blobs/zstd/{hash}/{size}`.
 pub fn compressed_write_name(instance: &str, d: &re::Digest) -> String {
-    write_name(instance, d).replacen("/blobs/", "/compressed-blobs/zstd/", 1)
+    // The plain name's last `/blobs/` is the one after the upload id.
+    let plain = write_name(instance, d);
+    let at = plain
+        .rfind("/blobs/")
+        .expect("an upload name has `/blobs/`");
+    format!(
+        "{}/compressed-blobs/zstd/{}",
+        &plain[..at],
+        &plain[at + 7..]
+    )
 }
 
 /// The WriteRequests of a compressed upload: `compressed` in `chunk`-byte
