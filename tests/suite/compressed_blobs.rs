@@ -336,3 +336,38 @@ async fn through_the_proxy_compressed_clients_reach_a_plain_upstream() {
     assert!(unzstd(&got[0].2) == down);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_write_back_mode_compressed_uploads_are_queued_and_bad_ones_never_leave() {
+    let fake = fake_upstream::FakeUpstream::start().await;
+    let server = start_proxy(&fake, |u| u.write_mode = WriteMode::Back, |_| {}).await;
+    let (mut cas, mut bs) = (server.cas(), server.bytestream());
+    let streamed = text(15, 400_000);
+    let batched = text(16, 20_000);
+    upload_compressed(&mut bs, &streamed, 16 << 10)
+        .await
+        .unwrap();
+    let entry = vec![(digest(&batched), zstd(&batched), ZSTD)];
+    let codes = batch_update_compressed(&mut cas, entry).await.unwrap();
+    assert_eq!(codes, vec![Code::Ok]);
+    // Bad ones: refused at the edge, so nothing is queued for them.
+    let mismatch = text(17, 400_000);
+    let name = compressed_write_name("", &digest(&mismatch));
+    let requests = compressed_write_requests(&name, &zstd(&streamed), 0, 16 << 10, true);
+    assert_code(write(&mut bs, requests).await, Code::InvalidArgument);
+    let bomb = vec![(digest(&vec![0u8; 1000]), zstd(&vec![0u8; 1 << 20]), ZSTD)];
+    let codes = batch_update_compressed(&mut cas, bomb).await.unwrap();
+    assert_eq!(codes, vec![Code::InvalidArgument]);
+
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    for data in [&streamed, &batched] {
+        while !fake.has_blob(&digest(data)) {
+            assert!(std::time::Instant::now() < deadline, "never uploaded");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(fake.blob(&digest(data)).as_deref(), Some(&data[..]));
+    }
+    assert!(!fake.has_blob(&digest(&mismatch)));
+    assert!(!fake.has_blob(&digest(&vec![0u8; 1000])));
+    server.stop().await;
+}
