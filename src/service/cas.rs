@@ -221,33 +221,42 @@ fn entry_size(r: &re::batch_update_blobs_request::Request) -> u64 {
     (r.data.len() as u64).max(declared)
 }
 
+/// Batch reads of up to this many bytes are compressed on the async worker:
+/// a thread hop would cost more than compressing them.
+const INLINE_ENCODE_BYTES: usize = 256 << 10;
+
 /// Compresses each blob read when that saves at least 10%
-/// ([`compression::worth_it`]), off the async workers; the others stay
-/// plain (`None`).
+/// ([`compression::worth_it`]), off the async workers unless the batch is
+/// small; the others stay plain (`None`).
 async fn encode_worthwhile(reads: Vec<Result<Bytes>>) -> Vec<Result<(Bytes, Option<Compressor>)>> {
+    let bytes: usize = reads.iter().map(|r| r.as_ref().map_or(0, Bytes::len)).sum();
+    if bytes <= INLINE_ENCODE_BYTES {
+        return encode_each(reads);
+    }
     let n = reads.len();
-    let encode = move || {
-        reads
-            .into_iter()
-            .map(|read| {
-                read.map(|data| {
-                    let packed = compression::compress(&data);
-                    if compression::worth_it(data.len() as u64, packed.len() as u64) {
-                        (packed, Some(Compressor::Zstd))
-                    } else {
-                        (data, None)
-                    }
-                })
-            })
-            .collect()
-    };
-    tokio::task::spawn_blocking(encode)
+    tokio::task::spawn_blocking(move || encode_each(reads))
         .await
         .unwrap_or_else(|e| {
             (0..n)
                 .map(|_| Err(Error::Internal(format!("batch compression failed: {e}"))))
                 .collect()
         })
+}
+
+fn encode_each(reads: Vec<Result<Bytes>>) -> Vec<Result<(Bytes, Option<Compressor>)>> {
+    reads
+        .into_iter()
+        .map(|read| {
+            read.map(|data| {
+                let packed = compression::compress(&data);
+                if compression::worth_it(data.len() as u64, packed.len() as u64) {
+                    (packed, Some(Compressor::Zstd))
+                } else {
+                    (data, None)
+                }
+            })
+        })
+        .collect()
 }
 
 /// Parses a GetTree page token: the number of directories already returned.
