@@ -21,6 +21,7 @@ mod suite {
     mod cas;
     mod client_limits;
     mod compression_at_rest;
+    mod compressed_blobs;
     mod crash;
     mod digest_functions;
     mod eviction;

@@ -7,8 +7,8 @@
 //!        optionally followed by `/{metadata…}`.
 //! The instance name may be empty or have several segments; it ends at the
 //! first reserved word (`blobs`, `uploads`, `compressed-blobs`). A
-//! well-formed name with a compressor this server does not serve parses to
-//! UNIMPLEMENTED, for every method alike; a malformed one to
+//! well-formed name with a compressor this server does not serve (anything
+//! but `zstd`) parses to UNIMPLEMENTED, for every method alike; a malformed one to
 //! INVALID_ARGUMENT (its echo clipped, see [`clip`]).
 //!
 //! Any other name (a Remote Logstream's `{parent}/logstreams/{id}`, its
@@ -17,6 +17,7 @@
 
 use std::fmt;
 
+use crate::compression::Compressor;
 use crate::digest::{Digest, DigestFunction};
 use crate::error::{Error, Result, clip};
 
@@ -32,9 +33,9 @@ const RESERVED: &[&str] = &[
 ];
 
 /// The compressors whose `compressed-blobs/{compressor}/…` names this
-/// server serves: none yet (issue 12 adds zstd here). Checked while
-/// parsing, so Read, Write and QueryWriteStatus give one answer for a name.
-const SERVED_COMPRESSORS: &[&str] = &[];
+/// server serves (those of [`Compressor::ALL`]). Checked while parsing, so
+/// Read, Write and QueryWriteStatus give one answer for a name.
+const SERVED_COMPRESSORS: &[&str] = &[Compressor::Zstd.name()];
 
 /// The words that end the instance name of a CAS resource name.
 const CAS_MARKERS: &[&str] = &["blobs", "uploads", "compressed-blobs"];
@@ -238,7 +239,7 @@ fn parse_blob_part<'a>(
         .filter(|c| !SERVED_COMPRESSORS.contains(c))
     {
         return Err(Error::Unimplemented(format!(
-            "compressed-blobs ({}) are not supported: this server advertises no compressors",
+            "compressed-blobs ({}) are not supported: this server serves only zstd",
             clip(c)
         )));
     }
@@ -273,9 +274,10 @@ mod tests {
     #[test]
     fn unserved_compressors_are_unimplemented_for_reads_and_writes_alike() {
         for name in [
-            format!("compressed-blobs/zstd/{H}/0"),
-            format!("i/uploads/u-1/compressed-blobs/zstd/{H}/0"),
+            format!("compressed-blobs/deflate/{H}/0"),
+            format!("i/uploads/u-1/compressed-blobs/brotli/{H}/0"),
             format!("a/b/uploads/u-1/compressed-blobs/deflate/{H}/0/meta"),
+            format!("compressed-blobs/ZSTD/{H}/0"),
         ] {
             let parsed = if name.contains("/uploads/") {
                 ResourceName::parse_write(&name)
@@ -330,6 +332,19 @@ mod tests {
             let err = ResourceName::parse_read(&name).unwrap_err();
             assert!(matches!(err, Error::InvalidArgument(_)), "{name}: {err:?}");
         }
+    }
+
+    #[test]
+    fn zstd_names_parse() {
+        let r = ResourceName::parse_read(&format!("a/b/compressed-blobs/zstd/{H}/0")).unwrap();
+        assert_eq!(
+            (r.instance.as_str(), r.compressor.as_deref()),
+            ("a/b", Some("zstd"))
+        );
+        let w =
+            ResourceName::parse_write(&format!("uploads/u/compressed-blobs/zstd/{H}/0/m")).unwrap();
+        assert_eq!(w.compressor.as_deref(), Some("zstd"));
+        assert!(ResourceName::parse_read(&format!("compressed-blobs/{H}/0")).is_err());
     }
 
     #[test]
@@ -404,13 +419,18 @@ mod tests {
     fn formatted_names_parse_back() {
         let d = sample();
         for instance in ["", "main", "a/b/c", "x/y-z"] {
-            // (Compressed names parse back once a compressor is served.)
-            let name = ResourceName::read(instance, d);
-            assert_eq!(ResourceName::parse_read(&name.to_string()).unwrap(), name);
-            assert!(ResourceName::parse_write(&name.to_string()).is_err());
-            let name = ResourceName::upload(instance, "u-1", d);
-            assert_eq!(ResourceName::parse_write(&name.to_string()).unwrap(), name);
-            assert!(ResourceName::parse_read(&name.to_string()).is_err());
+            for compressor in [None, Some("zstd")] {
+                let compress = |n: ResourceName| match compressor {
+                    Some(c) => n.compressed(c),
+                    None => n,
+                };
+                let name = compress(ResourceName::read(instance, d));
+                assert_eq!(ResourceName::parse_read(&name.to_string()).unwrap(), name);
+                assert!(ResourceName::parse_write(&name.to_string()).is_err());
+                let name = compress(ResourceName::upload(instance, "u-1", d));
+                assert_eq!(ResourceName::parse_write(&name.to_string()).unwrap(), name);
+                assert!(ResourceName::parse_read(&name.to_string()).is_err());
+            }
         }
     }
 

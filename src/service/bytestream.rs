@@ -1,7 +1,16 @@
 //! ByteStream: Read (offset, limit, chunked), Write (verified, resumable,
-//! early completion when the blob exists) and QueryWriteStatus of CAS
-//! names; any other name (Remote Logstream) goes to the passthrough when
-//! there is an upstream.
+//! early completion when the blob exists; in [`write`]) and QueryWriteStatus
+//! of CAS names, plain (`blobs/…`) or zstd-compressed (`compressed-blobs/zstd/…`);
+//! any other name (Remote Logstream) goes to the passthrough when there is
+//! an upstream.
+//!
+//! For compressed names REAPI measures offsets in uncompressed bytes: a
+//! Read's `read_offset` (its `read_limit` must be 0), a Write's first
+//! `write_offset` and QueryWriteStatus's `committed_size`; only the later
+//! messages of one Write count compressed bytes (first offset + compressed
+//! bytes sent so far).
+
+mod write;
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -15,12 +24,14 @@ use futures::{Stream, StreamExt};
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::compression::Compressor;
 use crate::context::RequestContext;
 use crate::digest::Digest;
-use crate::error::{Error, Result, broke_in_transit, clip};
+use crate::error::{Error, Result, clip};
 use crate::reapi::resource::{ResourceName, is_cas_name};
 use crate::service::Backend;
 use crate::service::parked::{ParkedLimits, ParkedUploads};
+use crate::stats::Stats;
 use crate::upstream::passthrough::Passthrough;
 
 /// Largest `data` in one ReadResponse (well under gRPC's 4 MiB message limit).
@@ -85,115 +96,43 @@ impl ByteStreamService {
                 req.read_limit
             )));
         }
-        let stream = self
-            .backend
-            .blobs
-            .read(
-                &ctx,
-                &name.digest,
-                req.read_offset as u64,
-                req.read_limit as u64,
-            )
-            .await?;
+        let offset = req.read_offset as u64;
+        let stream = match compressor_of(&name)? {
+            None => {
+                let limit = req.read_limit as u64;
+                self.backend
+                    .blobs
+                    .read(&ctx, &name.digest, offset, limit)
+                    .await?
+            }
+            Some(compressor) => {
+                if req.read_limit != 0 {
+                    return Err(Error::InvalidArgument(format!(
+                        "read_limit {} on a compressed-blobs name: it must be 0 (REAPI)",
+                        req.read_limit
+                    )));
+                }
+                if offset > name.digest.size {
+                    return Err(Error::OutOfRange(format!(
+                        "read_offset {offset} is past the end of {}",
+                        name.digest
+                    )));
+                }
+                let stream = self
+                    .backend
+                    .blobs
+                    .read_compressed(&ctx, &name.digest, offset, compressor)
+                    .await?;
+                Stats::add(&self.backend.stats.client_compressed_blobs, 1);
+                stream
+            }
+        };
         Ok(Box::pin(stream.flat_map(|chunk| {
             futures::stream::iter(match chunk {
                 Ok(bytes) => split(bytes).map(|data| Ok(ReadResponse { data })).collect(),
                 Err(e) => vec![Err(Status::from(e))],
             })
         })))
-    }
-
-    async fn write_blob(
-        &self,
-        metadata: &MetadataMap,
-        first: WriteRequest,
-        mut stream: Streaming<WriteRequest>,
-    ) -> Result<WriteResponse> {
-        let resource = first.resource_name.clone();
-        let name = ResourceName::parse_write(&resource)?;
-        let digest = name.digest;
-        let ctx = RequestContext::from_metadata(name.instance.clone(), metadata);
-        if self.exists(&ctx, &digest).await? {
-            // Early completion: the blob is already here.
-            self.parked.take(&resource);
-            return Ok(WriteResponse {
-                committed_size: digest.size as i64,
-            });
-        }
-        let mut writer = match (first.write_offset, self.parked.take(&resource)) {
-            (0, _) => self.backend.blobs.begin_write(&ctx, &digest).await?,
-            (offset, Some(writer)) if offset as u64 == writer.committed_size() => writer,
-            (offset, parked) => {
-                let committed = parked.as_ref().map_or(0, |w| w.committed_size());
-                if let Some(writer) = parked {
-                    self.parked.park(resource.clone(), writer);
-                }
-                return Err(Error::InvalidArgument(format!(
-                    "write_offset {offset} does not match the committed size {committed} of {}",
-                    clip(&resource)
-                )));
-            }
-        };
-        let mut next = Some(first);
-        // Set once finish_write came: the blob is committed only when the
-        // client's stream then ends; any further message fails the Write.
-        let mut finished = false;
-        loop {
-            let req = match next.take() {
-                Some(req) => req,
-                None => match stream.message().await {
-                    Ok(Some(req)) => req,
-                    Ok(None) if finished => {
-                        writer.commit().await?;
-                        return Ok(WriteResponse {
-                            committed_size: digest.size as i64,
-                        });
-                    }
-                    Ok(None) => {
-                        // The client closed without finish_write: keep what
-                        // we have so it can resume, and say how much that is.
-                        let committed = writer.committed_size();
-                        self.parked.park(resource, writer);
-                        return Ok(WriteResponse {
-                            committed_size: committed as i64,
-                        });
-                    }
-                    Err(status) if !broke_in_transit(&status) => {
-                        // A message that does not decode fails the Write
-                        // (INVALID_ARGUMENT); nothing is kept.
-                        return Err(Error::from_client_stream(&status));
-                    }
-                    Err(status) => {
-                        self.parked.park(resource, writer);
-                        return Err(Error::Unavailable(format!("Write stream broke: {status}")));
-                    }
-                },
-            };
-            if finished {
-                return Err(Error::InvalidArgument(
-                    "a WriteRequest followed the one with finish_write set; nothing was stored"
-                        .into(),
-                ));
-            }
-            if !req.resource_name.is_empty() && req.resource_name != resource {
-                return Err(Error::InvalidArgument(format!(
-                    "resource_name changed mid-stream from {:?} to {:?}",
-                    clip(&resource),
-                    clip(&req.resource_name)
-                )));
-            }
-            if req.write_offset as u64 != writer.committed_size() {
-                return Err(Error::InvalidArgument(format!(
-                    "write_offset {} does not match the {} bytes received so far",
-                    req.write_offset,
-                    writer.committed_size()
-                )));
-            }
-            if !req.data.is_empty() {
-                writer.write(Bytes::from(req.data)).await?;
-            }
-            finished = req.finish_write;
-        }
     }
 
     async fn query(
@@ -220,6 +159,19 @@ impl ByteStreamService {
             ))),
         }
     }
+}
+
+/// The compressor of a `compressed-blobs` name (`None` for `blobs`).
+/// Parsing already refused the compressors this server does not serve.
+fn compressor_of(name: &ResourceName) -> Result<Option<Compressor>> {
+    name.compressor
+        .as_deref()
+        .map(|c| {
+            Compressor::from_name(c).ok_or_else(|| {
+                Error::Unimplemented(format!("compressed-blobs ({}) are not served", clip(c)))
+            })
+        })
+        .transpose()
 }
 
 /// Splits a chunk from the store into ReadResponse-sized pieces.

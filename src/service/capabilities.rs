@@ -2,9 +2,10 @@
 //!
 //! Standalone, Outpost answers with its own cache capabilities and execution
 //! disabled. In front of an upstream it answers with the intersection: never
-//! a digest function, compressor or feature the upstream lacks, its own batch
-//! limit only where it is smaller than the upstream's, and execution exactly
-//! as the upstream offers it (Execute is forwarded).
+//! a digest function or feature the upstream lacks, its own batch limit only
+//! where it is smaller than the upstream's, and execution exactly as the
+//! upstream offers it (Execute is forwarded). Compressors are Outpost's own
+//! (it decodes and encodes zstd itself, whatever the upstream speaks).
 
 use std::sync::Arc;
 
@@ -16,6 +17,7 @@ use bazel_remote_apis::build::bazel::remote::execution::v2::{
 use bazel_remote_apis::build::bazel::semver::SemVer;
 use tonic::{Request, Response, Status};
 
+use crate::compression::Compressor;
 use crate::context::RequestContext;
 use crate::digest::DigestFunction;
 use crate::upstream::Upstream;
@@ -56,8 +58,8 @@ impl CapabilitiesService {
                 max_batch_total_size_bytes: self.max_batch_total_size_bytes as i64,
                 symlink_absolute_path_strategy: symlink_absolute_path_strategy::Value::Allowed
                     as i32,
-                supported_compressors: vec![],
-                supported_batch_update_compressors: vec![],
+                supported_compressors: compressors(),
+                supported_batch_update_compressors: compressors(),
                 ..Default::default()
             }),
             execution_capabilities: Some(ExecutionCapabilities {
@@ -71,6 +73,13 @@ impl CapabilitiesService {
             high_api_version: Some(semver(HIGH_API_VERSION)),
         }
     }
+}
+
+/// The compressors of `compressed-blobs` names and batch entries: Outpost
+/// encodes and decodes them itself, so they are offered whatever the
+/// upstream speaks (it is told only what it advertises).
+fn compressors() -> Vec<i32> {
+    Compressor::ALL.iter().map(|c| c.to_proto()).collect()
 }
 
 fn semver((major, minor): (i32, i32)) -> SemVer {
@@ -144,7 +153,8 @@ impl Capabilities for CapabilitiesService {
             Ok(theirs) => Ok(Response::new(merge(own, &theirs))),
             Err(e) => {
                 // Clients refuse to start on an error here; our own cache-only
-                // answer is safe (SHA-256, no compression, no execution).
+                // answer is safe (SHA-256, zstd served by Outpost itself,
+                // no execution).
                 tracing::warn!("cannot get the upstream's capabilities: {e}");
                 Ok(Response::new(own))
             }
@@ -193,5 +203,18 @@ mod tests {
         theirs.cache_capabilities.as_mut().unwrap().digest_functions = vec![];
         let merged = merge(ours, &theirs);
         assert_eq!(merged.cache_capabilities.unwrap().digest_functions, vec![1]);
+    }
+
+    #[test]
+    fn zstd_is_offered_even_when_the_upstream_has_no_compressor() {
+        let ours = CapabilitiesService::new(4 << 20, None).own();
+        let mut theirs = ours.clone();
+        let cache = theirs.cache_capabilities.as_mut().unwrap();
+        cache.supported_compressors.clear();
+        cache.supported_batch_update_compressors.clear();
+        let zstd = Compressor::Zstd.to_proto();
+        let merged = merge(ours, &theirs).cache_capabilities.unwrap();
+        assert_eq!(merged.supported_compressors, vec![zstd]);
+        assert_eq!(merged.supported_batch_update_compressors, vec![zstd]);
     }
 }

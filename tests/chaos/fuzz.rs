@@ -154,11 +154,14 @@ pub fn bad_names(d: &re::Digest) -> Vec<(String, &'static [Code])> {
     .into_iter()
     .map(|name| (name, INVALID))
     .collect();
-    // Compressors: unknown ones, and zstd, which Outpost does not offer.
+    // Compressors: unknown ones, deflate (which Outpost does not offer),
+    // and zstd names that are malformed.
     for name in [
-        format!("compressed-blobs/zstd/{h}/{n}"),
+        format!("compressed-blobs/deflate/{h}/{n}"),
         format!("compressed-blobs/snappy9/{h}/{n}"),
         format!("compressed-blobs/{h}/{n}"),
+        format!("compressed-blobs/zstd/{h}/x{n}"),
+        format!("compressed-blobs/zstd/{h}"),
     ] {
         names.push((name, &[Code::Unimplemented, Code::InvalidArgument]));
     }

@@ -446,7 +446,7 @@ async fn malformed_resource_names_are_invalid_arguments() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn compressed_blobs_are_unimplemented() {
+async fn unserved_compressors_are_unimplemented() {
     let server = TestServer::start().await;
     let (mut cas, mut bs) = (server.cas(), server.bytestream());
     let data = blob(1, 100);
@@ -454,7 +454,7 @@ async fn compressed_blobs_are_unimplemented() {
     upload(&mut bs, "", &data, 100).await.unwrap();
     let (h, n) = (d.hash.as_str(), d.size_bytes);
     for name in [
-        format!("compressed-blobs/zstd/{h}/{n}"),
+        format!("compressed-blobs/brotli/{h}/{n}"),
         format!("a/b/compressed-blobs/deflate/{h}/{n}"),
     ] {
         assert_code(read_blob(&mut bs, &name, 0, 0).await, Code::Unimplemented);
@@ -462,21 +462,21 @@ async fn compressed_blobs_are_unimplemented() {
     let other = blob(2, 100);
     let od = digest(&other);
     let name = format!(
-        "uploads/u/compressed-blobs/zstd/{}/{}",
+        "uploads/u/compressed-blobs/deflate/{}/{}",
         od.hash, od.size_bytes
     );
     assert_code(
         write(&mut bs, write_requests(&name, &other, 0, 100, true)).await,
         Code::Unimplemented,
     );
-    // A compressed entry in a batch fails that entry only.
+    // An entry with an unserved compressor fails that entry only.
     let resp = cas
         .batch_update_blobs(re::BatchUpdateBlobsRequest {
             requests: vec![
                 re::batch_update_blobs_request::Request {
                     digest: Some(od.clone()),
                     data: other.clone(),
-                    compressor: re::compressor::Value::Zstd as i32,
+                    compressor: re::compressor::Value::Deflate as i32,
                 },
                 re::batch_update_blobs_request::Request {
                     digest: Some(d.clone()),

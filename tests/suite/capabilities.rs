@@ -28,8 +28,9 @@ async fn capabilities_advertise_a_sha256_cache_without_execution_for_any_instanc
                 .expect("AC caps")
                 .update_enabled
         );
-        assert_eq!(cache.supported_compressors, Vec::<i32>::new());
-        assert_eq!(cache.supported_batch_update_compressors, Vec::<i32>::new());
+        let zstd = re::compressor::Value::Zstd as i32;
+        assert_eq!(cache.supported_compressors, vec![zstd]);
+        assert_eq!(cache.supported_batch_update_compressors, vec![zstd]);
 
         let exec = caps.execution_capabilities.expect("execution capabilities");
         assert!(!exec.exec_enabled);

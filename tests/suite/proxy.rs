@@ -1101,7 +1101,8 @@ async fn capabilities_are_merged_with_the_upstream() {
         cache.digest_functions,
         vec![re::digest_function::Value::Sha256 as i32]
     );
-    assert!(cache.supported_compressors.is_empty());
+    // zstd is Outpost's own (it decodes and encodes), whatever the upstream says.
+    assert_eq!(cache.supported_compressors, vec![ZSTD]);
     assert!(!caps.execution_capabilities.is_some_and(|e| e.exec_enabled));
     // The upstream refuses updates; so does the proxy, keeping nothing.
     let out = blob(71, 100);

@@ -190,8 +190,8 @@ async fn an_unserved_compressor_gets_one_answer_from_read_write_and_query() {
     // The blob exists: QueryWriteStatus must not call the upload complete.
     upload(&mut bs, "", &data, 100).await.unwrap();
     let (h, n) = (d.hash.as_str(), d.size_bytes);
-    let read = format!("compressed-blobs/zstd/{h}/{n}");
-    let upload_name = format!("uploads/u/compressed-blobs/zstd/{h}/{n}");
+    let read = format!("compressed-blobs/deflate/{h}/{n}");
+    let upload_name = format!("uploads/u/compressed-blobs/brotli/{h}/{n}");
     assert_code(read_blob(&mut bs, &read, 0, 0).await, Code::Unimplemented);
     let writes = write_requests(&upload_name, &data, 0, 100, true);
     assert_code(write(&mut bs, writes).await, Code::Unimplemented);

@@ -1,7 +1,8 @@
 //! REAPI client helpers over a plain tonic [`Channel`]: resource names,
 //! ByteStream reads and writes, FindMissingBlobs and BatchUpdateBlobs,
 //! Remote Logstream (create, a [`LogWriter`] that writes piece by piece,
-//! tailing reads), and the assertions tests make on statuses.
+//! tailing reads), and the assertions tests make on statuses; zstd
+//! `compressed-blobs` names, writes and batch entries in [`compressed`].
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,6 +21,9 @@ use tonic::{Code, Status, Streaming};
 
 use crate::workload::digest;
 use crate::{bs, re};
+
+pub mod compressed;
+pub use compressed::*;
 
 /// A ContentAddressableStorage client.
 pub type Cas = re::content_addressable_storage_client::ContentAddressableStorageClient<Channel>;

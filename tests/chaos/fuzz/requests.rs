@@ -209,7 +209,7 @@ pub async fn names(f: &mut Fuzz) {
     }
     // A compressor Outpost does not offer, on an upload name of a stored blob.
     let name = format!(
-        "uploads/{}/compressed-blobs/zstd/{}/{}",
+        "uploads/{}/compressed-blobs/deflate/{}/{}",
         "3f0c2a8e-0000-4000-8000-00000000c0de", good.hash, good.size_bytes
     );
     let query = bs::QueryWriteStatusRequest {
