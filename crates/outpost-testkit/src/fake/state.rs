@@ -16,6 +16,7 @@ use tokio::sync::{Notify, mpsc};
 use tonic::{Code, Status};
 
 use super::FakeUpstream;
+use super::compression::CompressionState;
 use super::control::{Fault, Latency, PauseState};
 use super::execution::ExecState;
 use super::log::Log;
@@ -57,6 +58,7 @@ pub(super) struct Shared {
     pub(super) conn_tx: mpsc::Sender<io::Result<Conn>>,
     pub(super) exec: ExecState,
     pub(super) logs: Logs,
+    pub(super) compression: CompressionState,
 }
 
 /// Locks `m`, ignoring poisoning (a panicking test must not wedge the fake).
@@ -89,6 +91,7 @@ impl Shared {
             conn_tx,
             exec: ExecState::default(),
             logs: Logs::default(),
+            compression: CompressionState::default(),
         }
     }
 
