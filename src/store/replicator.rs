@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use futures::{StreamExt, TryStreamExt};
 
+use crate::compression::Compressor;
 use crate::context::RequestContext;
 use crate::digest::Digest;
 use crate::error::{Error, Result};
@@ -101,14 +102,23 @@ pub async fn copy_batch(
 
 /// Streams one blob from `from` into `to` (which verifies it); also how a
 /// resumed tee write sends its blob up ([`crate::store::write_through`]).
+/// When `to` takes compressed bytes natively, the copy is compressed end
+/// to end: `from` serves what it holds compressed as it is (never
+/// decompressed and recompressed here).
 pub async fn copy_blob(
     from: &dyn BlobStore,
     to: &dyn BlobStore,
     ctx: &RequestContext,
     digest: &Digest,
 ) -> Result<()> {
-    let mut stream = from.read(ctx, digest, 0, 0).await?;
-    let mut writer = to.begin_write(ctx, digest).await?;
+    let (mut stream, mut writer) = if to.prefers_compressed(digest) {
+        let c = Compressor::Zstd;
+        let stream = from.read_compressed(ctx, digest, 0, c).await?;
+        (stream, to.begin_write_compressed(ctx, digest, c).await?)
+    } else {
+        let stream = from.read(ctx, digest, 0, 0).await?;
+        (stream, to.begin_write(ctx, digest).await?)
+    };
     while let Some(chunk) = stream.try_next().await? {
         writer.write(chunk).await?;
     }
