@@ -468,8 +468,7 @@ impl Upstream {
     /// capabilities: plain). `None`: plain.
     pub fn compressor(&self, size: u64, call: CompressedCall) -> Option<Compressor> {
         let config = &self.config;
-        if config.compression != UpstreamCompression::Auto || size < config.compression_min_bytes
-        {
+        if config.compression != UpstreamCompression::Auto || size < config.compression_min_bytes {
             return None;
         }
         let cache = self.cached_capabilities()?.cache_capabilities?;

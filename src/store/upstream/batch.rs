@@ -188,11 +188,7 @@ fn decode_entry(
 
 /// A BatchUpdateBlobs entry: zstd-compressed when the upstream takes it
 /// for a blob this size and it saves at least 10%, else plain.
-fn encode_entry(
-    up: &Upstream,
-    d: &Digest,
-    data: &Bytes,
-) -> batch_update_blobs_request::Request {
+fn encode_entry(up: &Upstream, d: &Digest, data: &Bytes) -> batch_update_blobs_request::Request {
     let plain = |data: &Bytes| batch_update_blobs_request::Request {
         digest: Some(d.to_proto()),
         data: data.to_vec(),

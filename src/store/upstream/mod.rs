@@ -102,7 +102,8 @@ impl UpstreamStore {
 
     /// The compressor `digest` crosses ByteStream with (`None`: plain).
     fn compressor(&self, digest: &Digest) -> Option<Compressor> {
-        self.upstream.compressor(digest.size, CompressedCall::Stream)
+        self.upstream
+            .compressor(digest.size, CompressedCall::Stream)
     }
 }
 
