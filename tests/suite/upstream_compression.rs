@@ -117,7 +117,7 @@ async fn reads_cross_the_wan_compressed() {
 
     assert!(read_all(&server, &dl).await.unwrap() == large, "large blob");
     assert_eq!(
-        batch_read(&server, &[ds.clone()]).await,
+        batch_read(&server, std::slice::from_ref(&ds)).await,
         vec![(Code::Ok, small.clone())]
     );
 
@@ -255,7 +255,7 @@ async fn corrupt_compressed_data_is_never_stored() {
 
     assert_code(read_all(&server, &dl).await, Code::Unavailable);
     assert_eq!(
-        batch_read(&server, &[ds.clone()]).await[0].0,
+        batch_read(&server, std::slice::from_ref(&ds)).await[0].0,
         Code::Unavailable
     );
 
