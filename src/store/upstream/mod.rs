@@ -25,6 +25,8 @@
 mod action_cache;
 mod batch;
 mod bytestream;
+#[cfg(test)]
+mod tests;
 
 use bytestream::Wire;
 
