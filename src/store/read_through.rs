@@ -165,7 +165,8 @@ impl ReadThrough {
     /// Streams a blob compressed from plain byte `offset`: a local hit as
     /// the local store serves it (what it keeps compressed, as it is); a
     /// miss fetched as for [`ReadThrough::read`] (single flight, the first
-    /// byte as soon as the fetch streams it) and compressed here.
+    /// byte as soon as the fetch streams it) and compressed here; a blob
+    /// too large for the local store straight from the upstream.
     pub async fn read_compressed(
         &self,
         ctx: &RequestContext,
@@ -184,6 +185,15 @@ impl ReadThrough {
                 return Ok(stream);
             }
             other => return other,
+        }
+        if digest.size > self.local_capacity {
+            // Never kept here: the upstream's compressed bytes as they come
+            // (the client verifies, as for the plain read of such a blob).
+            self.tell(ctx, digest, ReadSource::Upstream);
+            return self
+                .upstream
+                .read_compressed(ctx, digest, offset, compressor)
+                .await;
         }
         let Compressor::Zstd = compressor;
         let plain = self.read(ctx, digest, offset, 0).await?;

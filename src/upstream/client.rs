@@ -27,9 +27,7 @@ use tonic::metadata::{AsciiMetadataKey, AsciiMetadataValue};
 use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status, Streaming};
 
-use crate::compression::Compressor;
 use crate::config::UpstreamConfig;
-use crate::config::upstream::UpstreamCompression;
 use crate::context::{Priority, RequestContext};
 use crate::error::{Error, Result, is_timeout};
 use crate::stats::{Stats, UpstreamMethod};
@@ -461,27 +459,6 @@ impl Upstream {
             .map(|(_, caps)| caps.clone())
     }
 
-    /// The compressor a blob of `size` bytes crosses the WAN with for a
-    /// call of kind `call`: zstd when `[upstream] compression = "auto"`, the
-    /// blob is at least `compression_min_bytes` and the upstream's cached
-    /// capabilities advertise zstd for that kind of call (unknown
-    /// capabilities: plain). `None`: plain.
-    pub fn compressor(&self, size: u64, call: CompressedCall) -> Option<Compressor> {
-        let config = &self.config;
-        if config.compression != UpstreamCompression::Auto || size < config.compression_min_bytes {
-            return None;
-        }
-        let cache = self.cached_capabilities()?.cache_capabilities?;
-        let advertised = match call {
-            CompressedCall::Stream => &cache.supported_compressors,
-            CompressedCall::BatchUpdate => &cache.supported_batch_update_compressors,
-        };
-        Compressor::ALL
-            .iter()
-            .copied()
-            .find(|c| advertised.contains(&c.to_proto()))
-    }
-
     /// Bytes of blob data that fit in one Batch* call to the upstream.
     pub fn batch_limit(&self) -> u64 {
         let advertised = self
@@ -495,16 +472,6 @@ impl Upstream {
             .min(DEFAULT_UPSTREAM_BATCH)
             .saturating_sub(BATCH_OVERHEAD)
     }
-}
-
-/// Which of the upstream's compressor lists applies to a call (REAPI
-/// advertises BatchUpdateBlobs apart from the rest).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CompressedCall {
-    /// ByteStream Read/Write and BatchReadBlobs: `supported_compressors`.
-    Stream,
-    /// BatchUpdateBlobs: `supported_batch_update_compressors`.
-    BatchUpdate,
 }
 
 /// A call slot (bounds calls in flight) and, for a client's call, its

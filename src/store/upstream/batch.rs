@@ -22,7 +22,7 @@ use crate::error::{Error, Result, clip};
 use crate::stats::{Stats, UpstreamMethod};
 use crate::upstream::Upstream;
 use crate::upstream::batcher::split_by_weight;
-use crate::upstream::client::CompressedCall;
+use crate::upstream::compressors::CompressedCall;
 
 /// Digests per FindMissingBlobs call (about 0.8 MB of request).
 pub const FMB_MAX_DIGESTS: usize = 10_000;

@@ -45,7 +45,7 @@ use crate::store::{BlobStore, BlobWriter, ChunkStream};
 use crate::tasks::Background;
 use crate::upstream::Upstream;
 use crate::upstream::batcher::Limits;
-use crate::upstream::client::CompressedCall;
+use crate::upstream::compressors::CompressedCall;
 use crate::upstream::keyed_batchers::KeyedBatchers;
 
 /// Batched calls of one kind in flight per (instance, credentials).
