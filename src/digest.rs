@@ -311,6 +311,7 @@ pub struct Hasher {
 }
 
 /// One running hash per supported function.
+#[derive(Clone)]
 enum HashState {
     Sha256(sha2::Sha256),
     Sha384(sha2::Sha384),

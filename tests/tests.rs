@@ -38,6 +38,7 @@ mod suite {
     mod streaming_reads;
     mod tls;
     mod unix_socket;
+    mod upstream_compression;
     mod wire_input;
     mod write_back;
 }

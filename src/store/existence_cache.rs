@@ -21,6 +21,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use lru::LruCache;
 
+use crate::compression::Compressor;
 use crate::context::RequestContext;
 use crate::digest::Digest;
 use crate::error::{Result, each_fails};
@@ -187,6 +188,42 @@ impl BlobStore for ExistenceCache {
             instance: instance_key(ctx),
             digest: *digest,
         }))
+    }
+
+    async fn read_compressed(
+        &self,
+        ctx: &RequestContext,
+        digest: &Digest,
+        offset: u64,
+        compressor: Compressor,
+    ) -> Result<ChunkStream> {
+        let stream = self
+            .inner
+            .read_compressed(ctx, digest, offset, compressor)
+            .await?;
+        self.note_present(ctx, [*digest]);
+        Ok(stream)
+    }
+
+    async fn begin_write_compressed(
+        &self,
+        ctx: &RequestContext,
+        digest: &Digest,
+        compressor: Compressor,
+    ) -> Result<Box<dyn BlobWriter>> {
+        Ok(Box::new(NotingWriter {
+            inner: self
+                .inner
+                .begin_write_compressed(ctx, digest, compressor)
+                .await?,
+            known: self.known.clone(),
+            instance: instance_key(ctx),
+            digest: *digest,
+        }))
+    }
+
+    fn prefers_compressed(&self, digest: &Digest) -> bool {
+        self.inner.prefers_compressed(digest)
     }
 
     async fn read_many(&self, ctx: &RequestContext, digests: &[Digest]) -> Vec<Result<Bytes>> {

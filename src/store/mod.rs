@@ -114,6 +114,15 @@ pub trait BlobStore: Send + Sync + 'static {
         Ok(Box::new(DecompressingWriter::new(plain, *digest)?))
     }
 
+    /// Whether `digest` is best written here with
+    /// [`BlobStore::begin_write_compressed`] (this store keeps or forwards
+    /// compressed bytes as they are), so a copy into it reads the source
+    /// with [`BlobStore::read_compressed`] instead of decompressing and
+    /// recompressing (`replicator::copy_blob`). Default: plain.
+    fn prefers_compressed(&self, _digest: &Digest) -> bool {
+        false
+    }
+
     /// Whether the blob is here as far as this store can tell cheaply
     /// (ByteStream's early completion asks before every upload). Stores in
     /// front of a remote answer without calling it when they can.

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 
+use crate::compression::Compressor;
 use crate::context::RequestContext;
 use crate::digest::Digest;
 use crate::error::Result;
@@ -223,6 +224,30 @@ impl BlobStore for ProxyStore {
         match &self.writes {
             Writes::Back(writes, _) => writes.begin_write(ctx, digest).await,
             Writes::Through(writes) => writes.begin_write(ctx, digest).await,
+        }
+    }
+
+    async fn read_compressed(
+        &self,
+        ctx: &RequestContext,
+        digest: &Digest,
+        offset: u64,
+        compressor: Compressor,
+    ) -> Result<ChunkStream> {
+        self.reads
+            .read_compressed(ctx, digest, offset, compressor)
+            .await
+    }
+
+    async fn begin_write_compressed(
+        &self,
+        ctx: &RequestContext,
+        digest: &Digest,
+        compressor: Compressor,
+    ) -> Result<Box<dyn BlobWriter>> {
+        match &self.writes {
+            Writes::Back(writes, _) => writes.begin_write_compressed(ctx, digest, compressor).await,
+            Writes::Through(writes) => writes.begin_write_compressed(ctx, digest, compressor).await,
         }
     }
 

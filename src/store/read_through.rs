@@ -26,6 +26,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use bytes::Bytes;
 use futures::TryStreamExt;
 
+use crate::compression::{self, Compressor};
 use crate::context::{Priority, RequestContext};
 use crate::digest::Digest;
 use crate::error::{Error, Result};
@@ -159,6 +160,44 @@ impl ReadThrough {
             Err(Error::NotFound(_)) => self.upstream.read(ctx, digest, offset, limit).await,
             other => other,
         }
+    }
+
+    /// Streams a blob compressed from plain byte `offset`: a local hit as
+    /// the local store serves it (what it keeps compressed, as it is); a
+    /// miss fetched as for [`ReadThrough::read`] (single flight, the first
+    /// byte as soon as the fetch streams it) and compressed here; a blob
+    /// too large for the local store straight from the upstream.
+    pub async fn read_compressed(
+        &self,
+        ctx: &RequestContext,
+        digest: &Digest,
+        offset: u64,
+        compressor: Compressor,
+    ) -> Result<ChunkStream> {
+        match self
+            .local
+            .read_compressed(ctx, digest, offset, compressor)
+            .await
+        {
+            Err(Error::NotFound(_)) => {}
+            Ok(stream) => {
+                self.tell(ctx, digest, ReadSource::Local);
+                return Ok(stream);
+            }
+            other => return other,
+        }
+        if digest.size > self.local_capacity {
+            // Never kept here: the upstream's compressed bytes as they come
+            // (the client verifies, as for the plain read of such a blob).
+            self.tell(ctx, digest, ReadSource::Upstream);
+            return self
+                .upstream
+                .read_compressed(ctx, digest, offset, compressor)
+                .await;
+        }
+        let Compressor::Zstd = compressor;
+        let plain = self.read(ctx, digest, offset, 0).await?;
+        Ok(compression::compress_stream(plain))
     }
 
     /// Reads several small blobs: the local hits, then the misses fetched

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use futures::{StreamExt, TryStreamExt};
 
+use crate::compression::Compressor;
 use crate::context::RequestContext;
 use crate::digest::Digest;
 use crate::error::{Error, Result};
@@ -101,25 +102,123 @@ pub async fn copy_batch(
 
 /// Streams one blob from `from` into `to` (which verifies it); also how a
 /// resumed tee write sends its blob up ([`crate::store::write_through`]).
+/// When `to` takes compressed bytes natively, the copy is compressed end
+/// to end: `from` serves what it holds compressed as it is (never
+/// decompressed and recompressed here).
 pub async fn copy_blob(
     from: &dyn BlobStore,
     to: &dyn BlobStore,
     ctx: &RequestContext,
     digest: &Digest,
 ) -> Result<()> {
-    let mut stream = from.read(ctx, digest, 0, 0).await?;
-    let mut writer = to.begin_write(ctx, digest).await?;
+    let (mut stream, mut writer) = if to.prefers_compressed(digest) {
+        let c = Compressor::Zstd;
+        let stream = from.read_compressed(ctx, digest, 0, c).await?;
+        (stream, to.begin_write_compressed(ctx, digest, c).await?)
+    } else {
+        let stream = from.read(ctx, digest, 0, 0).await?;
+        (stream, to.begin_write(ctx, digest).await?)
+    };
     while let Some(chunk) = stream.try_next().await? {
         writer.write(chunk).await?;
     }
     writer.commit().await
 }
 
+/// A store that takes compressed writes natively, for the tests of the
+/// layers that hand compressed bytes on as they are.
+#[cfg(test)]
+pub(crate) mod takes_compressed {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use async_trait::async_trait;
+
+    use crate::compression::{Compressor, DecompressingWriter};
+    use crate::context::RequestContext;
+    use crate::digest::Digest;
+    use crate::error::Result;
+    use crate::store::memory::MemoryStore;
+    use crate::store::{BlobStore, BlobWriter, ChunkStream};
+
+    /// A [`MemoryStore`] that prefers compressed writes and counts them
+    /// (decoded into the memory store, which verifies at commit).
+    #[derive(Default)]
+    pub(crate) struct TakesCompressed {
+        pub(crate) inner: MemoryStore,
+        pub(crate) compressed_writes: AtomicU64,
+    }
+
+    #[async_trait]
+    impl BlobStore for TakesCompressed {
+        async fn find_missing(
+            &self,
+            ctx: &RequestContext,
+            digests: &[Digest],
+        ) -> Result<Vec<Digest>> {
+            self.inner.find_missing(ctx, digests).await
+        }
+
+        async fn read(
+            &self,
+            ctx: &RequestContext,
+            digest: &Digest,
+            offset: u64,
+            limit: u64,
+        ) -> Result<ChunkStream> {
+            self.inner.read(ctx, digest, offset, limit).await
+        }
+
+        async fn begin_write(
+            &self,
+            ctx: &RequestContext,
+            digest: &Digest,
+        ) -> Result<Box<dyn BlobWriter>> {
+            self.inner.begin_write(ctx, digest).await
+        }
+
+        async fn begin_write_compressed(
+            &self,
+            ctx: &RequestContext,
+            digest: &Digest,
+            _compressor: Compressor,
+        ) -> Result<Box<dyn BlobWriter>> {
+            self.compressed_writes.fetch_add(1, Ordering::SeqCst);
+            let plain = self.inner.begin_write(ctx, digest).await?;
+            Ok(Box::new(DecompressingWriter::new(plain, *digest)?))
+        }
+
+        fn prefers_compressed(&self, _digest: &Digest) -> bool {
+            true
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::takes_compressed::TakesCompressed;
     use super::*;
     use crate::digest::DigestFunction;
     use crate::store::memory::MemoryStore;
+    use crate::store::memory::count;
+
+    #[tokio::test]
+    async fn a_destination_that_takes_compressed_bytes_gets_them() {
+        let from = Arc::new(MemoryStore::default());
+        let to = Arc::new(TakesCompressed::default());
+        let text: Vec<u8> = (0..(3 << 20)).map(|i| b"abcabd"[i % 6]).collect();
+        let large = from.insert(&text);
+        let ctx = RequestContext::default();
+        copy_blob(&*from, &*to, &ctx, &large).await.unwrap();
+        assert_eq!(count(&to.compressed_writes), 1);
+        let copied = crate::store::read_to_bytes(&*to, &ctx, &large)
+            .await
+            .unwrap();
+        assert!(copied[..] == text[..]);
+        // A plain destination gets plain bytes.
+        let plain = Arc::new(MemoryStore::default());
+        copy_blob(&*from, &*plain, &ctx, &large).await.unwrap();
+        assert!(plain.has(&large));
+    }
 
     #[tokio::test]
     async fn copies_small_and_large_blobs_and_reports_the_rest() {

@@ -22,6 +22,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 
+use crate::compression::{Compressor, DecompressingWriter};
 use crate::context::RequestContext;
 use crate::digest::Digest;
 use crate::error::{Error, Result};
@@ -76,6 +77,45 @@ impl WriteThrough {
             local_store: self.local.clone(),
             upstream_store: self.upstream.clone(),
             written: 0,
+            compressed: false,
+        }))
+    }
+
+    /// Starts a tee write of `compressor`-compressed pieces. A large blob
+    /// the local store can hold, going to an upstream that takes compressed
+    /// bytes, is teed compressed as it is (the local store verifies it, the
+    /// upstream gets the client's bytes); anything else is decoded here
+    /// into a plain tee.
+    pub async fn begin_write_compressed(
+        &self,
+        ctx: &RequestContext,
+        digest: &Digest,
+        compressor: Compressor,
+    ) -> Result<Box<dyn BlobWriter>> {
+        let native = digest.size > SMALL_BLOB
+            && digest.size <= self.local_capacity
+            && self.upstream.prefers_compressed(digest);
+        if !native {
+            let plain = self.begin_write(ctx, digest).await?;
+            return Ok(Box::new(DecompressingWriter::new(plain, *digest)?));
+        }
+        let local = self
+            .local
+            .begin_write_compressed(ctx, digest, compressor)
+            .await?;
+        let upstream = self
+            .upstream
+            .begin_write_compressed(ctx, digest, compressor)
+            .await?;
+        Ok(Box::new(TeeWriter {
+            ctx: ctx.clone(),
+            digest: *digest,
+            local: Some(local),
+            upstream: Sink::Stream(upstream),
+            local_store: self.local.clone(),
+            upstream_store: self.upstream.clone(),
+            written: 0,
+            compressed: true,
         }))
     }
 
@@ -122,7 +162,11 @@ struct TeeWriter {
     local_store: Arc<dyn BlobStore>,
     /// Where a buffered (or parked) blob is sent on commit.
     upstream_store: Arc<dyn BlobStore>,
+    /// Bytes received (compressed ones for a compressed tee).
     written: u64,
+    /// The pieces are compressed: both writers take them as they are, and
+    /// the local writer counts the plain bytes committed.
+    compressed: bool,
 }
 
 #[async_trait]
@@ -146,7 +190,10 @@ impl BlobWriter for TeeWriter {
     }
 
     fn committed_size(&self) -> u64 {
-        self.written
+        match &self.local {
+            Some(local) if self.compressed => local.committed_size(),
+            _ => self.written,
+        }
     }
 
     fn park(&mut self) -> bool {
@@ -262,6 +309,61 @@ mod tests {
             writer.commit().await.unwrap();
             assert!(local.has(&d) && upstream.has(&d));
         }
+    }
+
+    #[tokio::test]
+    async fn a_compressed_tee_hands_the_compressed_bytes_on() {
+        use crate::store::replicator::takes_compressed::TakesCompressed;
+        use std::sync::atomic::Ordering;
+        let local = Arc::new(MemoryStore::default());
+        let upstream = Arc::new(TakesCompressed::default());
+        let tee = WriteThrough::new(local.clone(), 1 << 30, upstream.clone());
+        let ctx = RequestContext::default();
+        let data: Vec<u8> = (0..(3 << 20)).map(|i| b"tee tea "[i % 8]).collect();
+        let packed = crate::compression::compress(&data);
+        let d = Digest::of(DigestFunction::Sha256, &data);
+        let mut writer = tee
+            .begin_write_compressed(&ctx, &d, Compressor::Zstd)
+            .await
+            .unwrap();
+        let half = packed.len() / 2;
+        writer.write(packed.slice(..half)).await.unwrap();
+        assert!(writer.committed_size() > half as u64, "plain bytes");
+        writer.write(packed.slice(half..)).await.unwrap();
+        writer.commit().await.unwrap();
+        assert!(local.has(&d) && upstream.inner.has(&d));
+        assert_eq!(upstream.compressed_writes.load(Ordering::SeqCst), 1);
+
+        // Compressed bytes of other data: refused, stored nowhere.
+        let other: Vec<u8> = (0..(3 << 20)).map(|i| b"tee toe "[i % 8]).collect();
+        let dw = Digest::of(DigestFunction::Sha256, &data[..data.len() - 1]);
+        let dw = Digest { size: d.size, ..dw };
+        let mut writer = tee
+            .begin_write_compressed(&ctx, &dw, Compressor::Zstd)
+            .await
+            .unwrap();
+        writer
+            .write(crate::compression::compress(&other))
+            .await
+            .unwrap();
+        let err = writer.commit().await;
+        assert!(matches!(err, Err(Error::InvalidArgument(_))), "{err:?}");
+        assert!(!local.has(&dw) && !upstream.inner.has(&dw));
+        // Small blobs are teed plain (batched upstream).
+        let small = Bytes::from_static(b"small small small small");
+        let ds = Digest::of(DigestFunction::Sha256, &small);
+        let mut writer = tee
+            .begin_write_compressed(&ctx, &ds, Compressor::Zstd)
+            .await
+            .unwrap();
+        writer
+            .write(crate::compression::compress(&small))
+            .await
+            .unwrap();
+        writer.commit().await.unwrap();
+        assert!(local.has(&ds) && upstream.inner.has(&ds));
+        // Still the two large ones (the refused one included).
+        assert_eq!(upstream.compressed_writes.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]

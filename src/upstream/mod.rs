@@ -4,6 +4,7 @@
 //!   limit, retries with backoff, and capabilities.
 //! - [`channels`]: its two HTTP/2 channels (TLS, windows): one for clients,
 //!   one for prefetch.
+//! - [`compressors`]: which blobs cross the WAN zstd-compressed.
 //! - [`health`]: fail fast while the upstream is down, recover by itself.
 //! - [`batcher`]: group commit that merges concurrent requests into few calls.
 //! - [`keyed_batchers`]: one batcher per (instance, credentials); idle ones
@@ -16,6 +17,7 @@
 pub mod batcher;
 pub mod channels;
 pub mod client;
+pub mod compressors;
 pub mod health;
 pub mod keyed_batchers;
 pub mod passthrough;

@@ -411,3 +411,37 @@ async fn a_broken_transfer_fails_its_readers_and_the_next_read_fetches_again() {
     assert_eq!(read(&store, &d).await.unwrap(), data);
     assert_eq!(count(&upstream.reads), upstream_reads + 1);
 }
+
+#[tokio::test]
+async fn compressed_reads_fetch_a_miss_once_and_serve_hits_locally() {
+    let (local, upstream) = (
+        Arc::new(MemoryStore::default()),
+        Arc::new(MemoryStore::default()),
+    );
+    let data: Vec<u8> = (0..(3 << 20)).map(|i| b"abcd abce "[i % 10]).collect();
+    let d = upstream.insert(&data);
+    let stats = Arc::new(Stats::default());
+    let store = read_through(&local, &upstream, &stats);
+    let ctx = RequestContext::default();
+    for offset in [0u64, 1000] {
+        let packed: Vec<Bytes> = store
+            .read_compressed(&ctx, &d, offset, Compressor::Zstd)
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap();
+        let packed = packed.concat();
+        assert!(packed.len() < data.len() / 10);
+        let plain = crate::compression::decompress(&packed, d.size - offset).unwrap();
+        assert!(plain[..] == data[offset as usize..]);
+    }
+    assert_eq!(count(&upstream.reads), 1, "fetched once, then local");
+    assert!(local.has(&d));
+    let absent = Digest::of(DigestFunction::Sha256, b"absent");
+    let err = store
+        .read_compressed(&ctx, &absent, 0, Compressor::Zstd)
+        .await
+        .err();
+    assert!(matches!(err, Some(Error::NotFound(_))), "{err:?}");
+}

@@ -1,6 +1,8 @@
 //! The three batched upstream calls the batchers flush into:
 //! FindMissingBlobs, BatchReadBlobs and BatchUpdateBlobs, each split to the
-//! upstream's limits, with one answer per item in the order asked.
+//! upstream's limits, with one answer per item in the order asked. Entries
+//! cross zstd-compressed where the upstream takes it (see `encode_entry`,
+//! `decode_entry`).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -13,12 +15,14 @@ use bazel_remote_apis::google::rpc;
 use bytes::Bytes;
 use tonic::{Code, Status};
 
+use crate::compression::{self, Compressor};
 use crate::context::RequestContext;
 use crate::digest::{Digest, DigestFunction, verify};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, clip};
 use crate::stats::{Stats, UpstreamMethod};
 use crate::upstream::Upstream;
 use crate::upstream::batcher::split_by_weight;
+use crate::upstream::compressors::CompressedCall;
 
 /// Digests per FindMissingBlobs call (about 0.8 MB of request).
 pub const FMB_MAX_DIGESTS: usize = 10_000;
@@ -117,10 +121,14 @@ async fn read_within_limit(
     let stats = up.stats();
     Stats::add(&stats.read_batches, 1);
     Stats::add(&stats.read_batched_blobs, digests.len() as u64);
+    // zstd is offered when a blob of the batch is worth it; the upstream
+    // picks per entry.
+    let largest = digests.iter().map(|d| d.size).max().unwrap_or(0);
+    let offered = up.compressor(largest, CompressedCall::Stream);
     let message = BatchReadBlobsRequest {
         instance_name: up.instance(ctx),
         digests: unique(&digests).iter().map(Digest::to_proto).collect(),
-        acceptable_compressors: vec![],
+        acceptable_compressors: offered.iter().map(|c| c.to_proto()).collect(),
         digest_function: digests[0].function.to_proto(),
     };
     let response = up
@@ -135,22 +143,81 @@ async fn read_within_limit(
         response
             .responses
             .into_iter()
-            .map(|r| (r.digest, r.status, Bytes::from(r.data))),
+            .map(|r| (r.digest, r.status, (r.compressor, Bytes::from(r.data)))),
     );
-    let received: usize = found.values().flatten().map(Bytes::len).sum();
+    let received: usize = found.values().flatten().map(|(_, data)| data.len()).sum();
     Stats::add(&stats.upstream_bytes_received, received as u64);
     Ok(digests
         .iter()
         .map(|d| {
-            let data = match found.get(&wire_key(d)) {
+            let (compressor, data) = match found.get(&wire_key(d)) {
                 Some(answer) => crate::error::duplicate(answer)?,
                 None => return Err(Error::NotFound(format!("upstream did not return blob {d}"))),
             };
+            let data = decode_entry(up, d, compressor, offered, data)?;
             verify(d, &Digest::of(d.function, &data))
                 .map_err(|e| Error::Unavailable(format!("upstream sent corrupt data: {e}")))?;
             Ok(data)
         })
         .collect())
+}
+
+/// A BatchReadBlobs entry in plain: decoded (bounded by the digest's
+/// size) when the upstream sent it with the compressor offered; an entry
+/// in a compressor not offered, or that does not decode, is the upstream's
+/// fault (UNAVAILABLE).
+fn decode_entry(
+    up: &Upstream,
+    d: &Digest,
+    compressor: i32,
+    offered: Option<Compressor>,
+    data: Bytes,
+) -> Result<Bytes> {
+    if compressor == 0 {
+        return Ok(data);
+    }
+    let stats = up.stats();
+    match offered.filter(|c| c.to_proto() == compressor) {
+        Some(_) => {
+            let plain = compression::decompress(&data, d.size).map_err(|e| {
+                Error::Unavailable(format!(
+                    "upstream sent corrupt compressed data for {d}: {}",
+                    clip(&e.to_string())
+                ))
+            })?;
+            Stats::add(&stats.upstream_compressed_wire_bytes, data.len() as u64);
+            Stats::add(&stats.upstream_compressed_plain_bytes, d.size);
+            Ok(plain)
+        }
+        None => Err(Error::Unavailable(format!(
+            "upstream sent blob {d} with compressor {compressor}, which was not offered"
+        ))),
+    }
+}
+
+/// A BatchUpdateBlobs entry: zstd-compressed when the upstream takes it
+/// for a blob this size and it saves at least 10%, else plain.
+fn encode_entry(up: &Upstream, d: &Digest, data: &Bytes) -> batch_update_blobs_request::Request {
+    let plain = |data: &Bytes| batch_update_blobs_request::Request {
+        digest: Some(d.to_proto()),
+        data: data.to_vec(),
+        compressor: 0,
+    };
+    let Some(compressor) = up.compressor(d.size, CompressedCall::BatchUpdate) else {
+        return plain(data);
+    };
+    let packed = compression::compress(data);
+    if !compression::worth_it(d.size, packed.len() as u64) {
+        return plain(data);
+    }
+    let stats = up.stats();
+    Stats::add(&stats.upstream_compressed_wire_bytes, packed.len() as u64);
+    Stats::add(&stats.upstream_compressed_plain_bytes, d.size);
+    batch_update_blobs_request::Request {
+        digest: Some(d.to_proto()),
+        data: packed.to_vec(),
+        compressor: compressor.to_proto(),
+    }
 }
 
 async fn write_within_limit(
@@ -161,17 +228,14 @@ async fn write_within_limit(
     let stats = up.stats();
     Stats::add(&stats.write_batches, 1);
     Stats::add(&stats.write_batched_blobs, blobs.len() as u64);
-    let bytes: u64 = blobs.iter().map(|(d, _)| d.size).sum();
+    let requests: Vec<_> = blobs
+        .iter()
+        .map(|(d, data)| encode_entry(up, d, data))
+        .collect();
+    let bytes: u64 = requests.iter().map(|r| r.data.len() as u64).sum();
     let message = BatchUpdateBlobsRequest {
         instance_name: up.instance(ctx),
-        requests: blobs
-            .iter()
-            .map(|(d, data)| batch_update_blobs_request::Request {
-                digest: Some(d.to_proto()),
-                data: data.to_vec(),
-                compressor: 0,
-            })
-            .collect(),
+        requests,
         digest_function: blobs[0].0.function.to_proto(),
     };
     let response = up

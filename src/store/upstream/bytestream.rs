@@ -1,5 +1,6 @@
 //! Blobs too large for a batch travel over ByteStream: a read that resumes
-//! where it broke, and an upload fed chunk by chunk.
+//! where it broke, and an upload fed chunk by chunk; either plain or
+//! zstd-compressed on the wire ([`Wire`]).
 
 use std::sync::Arc;
 
@@ -7,34 +8,65 @@ use async_trait::async_trait;
 use bazel_remote_apis::google::bytestream::{
     ReadRequest, ReadResponse, WriteRequest, WriteResponse,
 };
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 
+use crate::compression::{Compressor, Decompressor, StreamCompressor};
 use crate::context::RequestContext;
 use crate::digest::Digest;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, clip};
 use crate::reapi::resource::ResourceName;
 use crate::stats::{Stats, UpstreamMethod};
 use crate::store::{BlobWriter, ChunkStream};
 use crate::upstream::Upstream;
-use crate::upstream::client::is_transient;
+use crate::upstream::client::{CallSlot, is_transient};
 
 /// Most times a broken upstream read is resumed at the byte it stopped at.
 const MAX_READ_RESUMES: u32 = 3;
+
+/// How a blob crosses the wire, and in which form the caller sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wire {
+    /// Plain on the wire and for the caller.
+    Plain,
+    /// Compressed on the wire, plain for the caller: decoded here (read) or
+    /// encoded here (write), bounded by the digest's size.
+    Coded(Compressor),
+    /// Compressed on the wire and for the caller, passed as it is.
+    Compressed(Compressor),
+}
+
+impl Wire {
+    /// The compressor on the wire, if any.
+    fn compressor(self) -> Option<Compressor> {
+        match self {
+            Wire::Plain => None,
+            Wire::Coded(c) | Wire::Compressed(c) => Some(c),
+        }
+    }
+}
 
 /// Streams `[offset, offset + limit)` of a blob from the upstream, in a call
 /// slot held until the stream ends (for a client, the slot counts the
 /// stream as client work until then). A stream that breaks is resumed (see
 /// [`ResumingRead`]); one silent for a whole `rpc_timeout` counts as broken.
+///
+/// Compressed on the wire (`wire` not plain), `limit` must reach the end of
+/// the blob (REAPI has no compressed ranged reads). [`Wire::Coded`]
+/// decodes (bounded by the size wanted: a bomb or corrupt data ends the
+/// stream UNAVAILABLE) and resumes at the plain byte it reached;
+/// [`Wire::Compressed`] hands the bytes on as they came and resumes only
+/// before the first of them.
 pub async fn read(
     upstream: &Arc<Upstream>,
     ctx: &RequestContext,
     digest: &Digest,
     offset: u64,
     limit: u64,
+    wire: Wire,
 ) -> Result<ChunkStream> {
     let end = digest.read_end(offset, limit);
     let permit = upstream.slot(ctx, UpstreamMethod::ByteStreamRead).await?;
@@ -45,43 +77,148 @@ pub async fn read(
         position: offset,
         end,
         resumes: 0,
+        compressor: wire.compressor(),
     };
     let first = reader.open().await?;
-    let state = Some((reader, first, permit));
+    let decoder = match wire {
+        Wire::Coded(_) => Some(Decompressor::new(end - offset)?),
+        _ => None,
+    };
+    let state = ReadState {
+        reader,
+        stream: first,
+        _permit: permit,
+        decoder,
+        raw: matches!(wire, Wire::Compressed(_)),
+        handed_on: false,
+    };
     Ok(Box::pin(futures::stream::unfold(
-        state,
+        Some(state),
         |state| async move {
-            let (mut reader, mut stream, permit) = state?;
-            let idle = reader.upstream.config().rpc_timeout;
-            loop {
-                let next = tokio::time::timeout(idle, stream.message())
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(Status::unavailable(format!(
-                            "upstream sent no data for {}s",
-                            idle.as_secs_f32()
-                        )))
-                    });
-                match next {
-                    Ok(Some(message)) => {
-                        let n = message.data.len() as u64;
-                        reader.position += n;
-                        Stats::add(&reader.upstream.stats().upstream_bytes_received, n);
-                        let chunk = Ok(Bytes::from(message.data));
-                        return Some((chunk, Some((reader, stream, permit))));
+            let mut state = state?;
+            match state.next().await {
+                Some(Ok(chunk)) => Some((Ok(chunk), Some(state))),
+                Some(Err(e)) => Some((Err(e), None)),
+                None => None,
+            }
+        },
+    )))
+}
+
+/// A read in progress: the stream, its call slot and, compressed, its decoder.
+struct ReadState {
+    reader: ResumingRead,
+    stream: Streaming<ReadResponse>,
+    _permit: CallSlot,
+    /// [`Wire::Coded`]: decodes what arrives (reset on a resume).
+    decoder: Option<Decompressor>,
+    /// [`Wire::Compressed`]: the bytes are handed on as they came.
+    raw: bool,
+    /// Whether any byte was handed on (a raw read cannot resume after that).
+    handed_on: bool,
+}
+
+impl ReadState {
+    /// The next chunk for the caller; `None` at the end.
+    async fn next(&mut self) -> Option<Result<Bytes>> {
+        let up = self.reader.upstream.clone();
+        let idle = up.config().rpc_timeout;
+        loop {
+            let next = tokio::time::timeout(idle, self.stream.message())
+                .await
+                .unwrap_or_else(|_| {
+                    Err(Status::unavailable(format!(
+                        "upstream sent no data for {}s",
+                        idle.as_secs_f32()
+                    )))
+                });
+            match next {
+                Ok(Some(message)) => {
+                    let n = message.data.len() as u64;
+                    Stats::add(&up.stats().upstream_bytes_received, n);
+                    let data = Bytes::from(message.data);
+                    if self.reader.compressor.is_some() {
+                        Stats::add(&up.stats().upstream_compressed_wire_bytes, n);
                     }
-                    Ok(None) => return None,
-                    Err(status) => {
-                        reader.upstream.record_error(&status);
-                        match reader.resume(&status).await {
-                            Ok(next) => stream = next,
-                            Err(e) => return Some((Err(e), None)),
+                    let chunk = match &mut self.decoder {
+                        None if self.raw => data,
+                        None => {
+                            self.reader.position += n;
+                            data
+                        }
+                        Some(decoder) => match decoder.feed(&data) {
+                            Ok(plain) => {
+                                let plain = concat(plain);
+                                let m = plain.len() as u64;
+                                self.reader.position += m;
+                                Stats::add(&up.stats().upstream_compressed_plain_bytes, m);
+                                plain
+                            }
+                            Err(e) => return Some(Err(corrupt(&self.reader.digest, &e))),
+                        },
+                    };
+                    if chunk.is_empty() {
+                        continue;
+                    }
+                    self.handed_on = true;
+                    return Some(Ok(chunk));
+                }
+                Ok(None) => return self.end(),
+                Err(status) => {
+                    up.record_error(&status);
+                    if self.raw && self.handed_on {
+                        return Some(Err(up.error(&status)));
+                    }
+                    match self.reader.resume(&status).await {
+                        Ok(next) => self.stream = next,
+                        Err(e) => return Some(Err(e)),
+                    }
+                    if self.decoder.is_some() {
+                        match Decompressor::new(self.reader.end - self.reader.position) {
+                            Ok(d) => self.decoder = Some(d),
+                            Err(e) => return Some(Err(e)),
                         }
                     }
                 }
             }
-        },
-    )))
+        }
+    }
+
+    /// The stream ended: a decoded read must have reached its end at the
+    /// end of a frame (else the upstream sent a short or corrupt stream).
+    fn end(&mut self) -> Option<Result<Bytes>> {
+        let decoder = self.decoder.as_ref()?;
+        let short = self.reader.position != self.reader.end;
+        match decoder.finish() {
+            Err(e) => Some(Err(corrupt(&self.reader.digest, &e))),
+            Ok(()) if short => Some(Err(Error::Unavailable(format!(
+                "upstream sent {} of {} bytes of {} compressed",
+                self.reader.position, self.reader.end, self.reader.digest
+            )))),
+            Ok(()) => None,
+        }
+    }
+}
+
+/// Compressed data from the upstream that does not decode: the upstream
+/// is at fault, not the client (UNAVAILABLE, as for a hash mismatch).
+fn corrupt(digest: &Digest, e: &Error) -> Error {
+    Error::Unavailable(format!(
+        "upstream sent corrupt compressed data for {digest}: {}",
+        clip(&e.to_string())
+    ))
+}
+
+/// One buffer of the decoder's output chunks.
+pub(super) fn concat(mut chunks: Vec<Bytes>) -> Bytes {
+    if chunks.len() <= 1 {
+        return chunks.pop().unwrap_or_default();
+    }
+    let mut out = BytesMut::with_capacity(chunks.iter().map(Bytes::len).sum());
+    for c in chunks {
+        out.extend_from_slice(&c);
+    }
+    out.freeze()
 }
 
 /// A ByteStream read from the upstream that picks up where it stopped when
@@ -99,16 +236,26 @@ struct ResumingRead {
     end: u64,
     /// Resumes so far, bounded by [`MAX_READ_RESUMES`].
     resumes: u32,
+    /// The compressor on the wire, if any (a `compressed-blobs` name).
+    compressor: Option<Compressor>,
 }
 
 impl ResumingRead {
     /// Starts a Read for `[position, end)` (with the usual retries).
     async fn open(&self) -> Result<Streaming<ReadResponse>> {
         let up = &self.upstream;
+        let mut name = ResourceName::read(&up.instance(&self.ctx), self.digest);
+        if let Some(c) = self.compressor {
+            name = name.compressed(c.name());
+        }
         let message = ReadRequest {
-            resource_name: ResourceName::read(&up.instance(&self.ctx), self.digest).to_string(),
+            resource_name: name.to_string(),
             read_offset: self.position as i64,
-            read_limit: (self.end - self.position) as i64,
+            // Compressed reads go to the end; REAPI refuses a limit there.
+            read_limit: match self.compressor {
+                None => (self.end - self.position) as i64,
+                Some(_) => 0,
+            },
         };
         // The deadline covers the call's start only: the stream itself may
         // legitimately take longer than rpc_timeout.
@@ -154,7 +301,9 @@ fn upload_id() -> String {
     format!("outpost-{:x}-{nanos:x}-{n:x}", std::process::id())
 }
 
-/// A ByteStream upload to the upstream, fed chunk by chunk.
+/// A ByteStream upload to the upstream, fed chunk by chunk: plain, encoded
+/// here ([`Wire::Coded`]: plain pieces in, one zstd frame out) or compressed
+/// by the caller ([`Wire::Compressed`]: pieces sent as they are).
 pub struct UpstreamWriter {
     /// Where the blob is written, and whose errors are reported.
     upstream: Arc<Upstream>,
@@ -167,15 +316,32 @@ pub struct UpstreamWriter {
     /// The Write call, in its own task so chunks can be fed from here; it
     /// ends with the upload (aborted if the writer is dropped unfinished).
     call: JoinHandle<std::result::Result<WriteResponse, Status>>,
-    /// Bytes handed to the call so far (the next message's write offset).
+    /// Bytes handed to the call so far (the next message's write offset:
+    /// REAPI counts compressed bytes after a first offset of 0).
     sent: u64,
+    /// How the bytes cross.
+    wire: Wire,
+    /// [`Wire::Coded`]: the encoder of the one frame sent.
+    encoder: Option<StreamCompressor>,
+    /// Plain bytes accepted (what `committed_size` reports; a caller's
+    /// compressed pieces are not decoded, so they count none).
+    accepted: u64,
 }
 
 impl UpstreamWriter {
     /// Opens the Write call for `digest` (in a call slot held until it ends,
     /// counting as client work for a client's write).
-    pub async fn start(up: &Arc<Upstream>, ctx: &RequestContext, digest: &Digest) -> Result<Self> {
+    pub async fn start(
+        up: &Arc<Upstream>,
+        ctx: &RequestContext,
+        digest: &Digest,
+        wire: Wire,
+    ) -> Result<Self> {
         up.check_health()?;
+        let encoder = match wire {
+            Wire::Coded(_) => Some(StreamCompressor::new()?),
+            _ => None,
+        };
         let permit = up.slot(ctx, UpstreamMethod::ByteStreamWrite).await?;
         up.stats().upstream_call(UpstreamMethod::ByteStreamWrite);
         let (tx, rx) = mpsc::channel(4);
@@ -185,13 +351,20 @@ impl UpstreamWriter {
             let _permit = permit;
             bytestream.write(request).await.map(|r| r.into_inner())
         });
+        let mut name = ResourceName::upload(&up.instance(ctx), &upload_id(), *digest);
+        if let Some(c) = wire.compressor() {
+            name = name.compressed(c.name());
+        }
         Ok(UpstreamWriter {
             upstream: up.clone(),
             digest: *digest,
-            resource: ResourceName::upload(&up.instance(ctx), &upload_id(), *digest).to_string(),
+            resource: name.to_string(),
             tx: Some(tx),
             call,
             sent: 0,
+            wire,
+            encoder,
+            accepted: 0,
         })
     }
 
@@ -227,23 +400,51 @@ impl UpstreamWriter {
             }
         }
         self.sent += len;
-        Stats::add(&self.upstream.stats().upstream_bytes_sent, len);
+        let stats = self.upstream.stats();
+        Stats::add(&stats.upstream_bytes_sent, len);
+        if self.wire != Wire::Plain {
+            Stats::add(&stats.upstream_compressed_wire_bytes, len);
+        }
         Ok(())
+    }
+
+    /// Whether the upstream's `committed_size` confirms the whole blob:
+    /// its size; for a compressed upload also -1 (completed early) or the
+    /// compressed bytes sent (servers read the spec both ways).
+    fn confirms(&self, committed: i64) -> bool {
+        committed == self.digest.size as i64
+            || (self.wire != Wire::Plain && (committed == -1 || committed == self.sent as i64))
     }
 }
 
 #[async_trait]
 impl BlobWriter for UpstreamWriter {
     async fn write(&mut self, data: Bytes) -> Result<()> {
-        self.send(data.to_vec(), false).await
+        if !matches!(self.wire, Wire::Compressed(_)) {
+            self.accepted += data.len() as u64;
+        }
+        match &mut self.encoder {
+            Some(encoder) => {
+                let packed = encoder.feed(&data)?;
+                if packed.is_empty() {
+                    return Ok(());
+                }
+                self.send(packed.to_vec(), false).await
+            }
+            None => self.send(data.to_vec(), false).await,
+        }
     }
 
     fn committed_size(&self) -> u64 {
-        self.sent
+        self.accepted
     }
 
     async fn commit(mut self: Box<Self>) -> Result<()> {
-        self.send(Vec::new(), true).await?;
+        let last = match self.encoder.take() {
+            Some(encoder) => encoder.finish()?.to_vec(),
+            None => Vec::new(),
+        };
+        self.send(last, true).await?;
         self.tx = None;
         let timeout = self.upstream.config().rpc_timeout;
         let result = tokio::time::timeout(timeout, &mut self.call)
@@ -258,7 +459,13 @@ impl BlobWriter for UpstreamWriter {
             })?
             .map_err(|e| Error::Internal(format!("upstream write task failed: {e}")))?;
         match result {
-            Ok(response) if response.committed_size == self.digest.size as i64 => Ok(()),
+            Ok(response) if self.confirms(response.committed_size) => {
+                if self.wire != Wire::Plain {
+                    let stats = self.upstream.stats();
+                    Stats::add(&stats.upstream_compressed_plain_bytes, self.digest.size);
+                }
+                Ok(())
+            }
             Ok(response) => Err(Error::Unavailable(format!(
                 "upstream committed {} of {} bytes of {}",
                 response.committed_size, self.digest.size, self.digest

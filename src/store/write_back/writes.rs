@@ -16,6 +16,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::{Enqueued, UploadQueue};
+use crate::compression::Compressor;
 use crate::context::RequestContext;
 use crate::digest::Digest;
 use crate::error::Result;
@@ -66,11 +67,38 @@ impl WriteBack {
         ctx: &RequestContext,
         digest: &Digest,
     ) -> Result<Box<dyn BlobWriter>> {
+        self.begin(ctx, digest, None).await
+    }
+
+    /// Starts a write of `compressor`-compressed pieces: the local store
+    /// takes them as they are (it decodes only to verify, or keeps them
+    /// compressed), and the upload queue later sends what it holds.
+    pub async fn begin_write_compressed(
+        &self,
+        ctx: &RequestContext,
+        digest: &Digest,
+        compressor: Compressor,
+    ) -> Result<Box<dyn BlobWriter>> {
+        self.begin(ctx, digest, Some(compressor)).await
+    }
+
+    async fn begin(
+        &self,
+        ctx: &RequestContext,
+        digest: &Digest,
+        compressor: Option<Compressor>,
+    ) -> Result<Box<dyn BlobWriter>> {
         if digest.size > self.local_capacity || !self.queue.has_room(digest.size) {
             Stats::add(&self.stats.write_back_fallbacks, 1);
-            return self.through.begin_write(ctx, digest).await;
+            return match compressor {
+                None => self.through.begin_write(ctx, digest).await,
+                Some(c) => self.through.begin_write_compressed(ctx, digest, c).await,
+            };
         }
-        let local = self.local.begin_write(ctx, digest).await?;
+        let local = match compressor {
+            None => self.local.begin_write(ctx, digest).await?,
+            Some(c) => self.local.begin_write_compressed(ctx, digest, c).await?,
+        };
         Ok(Box::new(QueuedWriter {
             ctx: ctx.clone(),
             digest: *digest,

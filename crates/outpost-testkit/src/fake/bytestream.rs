@@ -1,6 +1,7 @@
 //! ByteStream of the fake: Read in chunks (with an optional delay per chunk
 //! and injected aborts), resumable Write (partial uploads are kept), and
-//! QueryWriteStatus. Log stream names go to `logstream`.
+//! QueryWriteStatus. `compressed-blobs/zstd/…` both ways when compression
+//! is on (`compression`). Log stream names go to `logstream`.
 
 use std::sync::atomic::Ordering;
 
@@ -11,6 +12,7 @@ use tonic::{Code, Request, Response, Status, Streaming};
 
 use super::call::{CallGuard, Entry, Logged};
 use super::cas::BoxStream;
+use super::compression::decompress_in;
 use super::state::{Shared, check_digest, lock, verify};
 use super::{Method, Svc};
 use crate::{bs, re};
@@ -96,6 +98,11 @@ fn parse_resource(name: &str, write: bool) -> Result<Resource, Status> {
         Some(&"compressed-blobs") => true,
         _ => return Err(bad()),
     };
+    if compressed && segs.get(blobs_at + 1) != Some(&"zstd") {
+        return Err(Status::unimplemented(format!(
+            "fake upstream: compressor of {name:?} is not supported (only zstd)"
+        )));
+    }
     let tail_at = blobs_at + 1 + usize::from(compressed);
     let tail = segs.get(tail_at..).ok_or_else(bad)?;
     let (digest, function, _) = parse_blob_tail(tail, write).ok_or_else(bad)?;
@@ -112,7 +119,7 @@ impl Shared {
     /// advertised digest function and a well-formed digest.
     fn checked_resource(&self, name: &str, write: bool) -> Result<Resource, Status> {
         let res = parse_resource(name, write)?;
-        if res.compressed {
+        if res.compressed && !self.zstd_on() {
             return Err(Status::unimplemented(
                 "fake upstream: compressed-blobs are not supported",
             ));
@@ -133,6 +140,9 @@ impl Svc {
         stream: &mut Streaming<bs::WriteRequest>,
     ) -> Result<bs::WriteResponse, Status> {
         let res = self.s.checked_resource(name, true)?;
+        if res.compressed {
+            return self.write_compressed(guard, &res, first, stream).await;
+        }
         let size = res.digest.size_bytes;
         if self.s.has(&res.digest) {
             lock(&self.s.data).uploads.remove(name);
@@ -226,6 +236,81 @@ impl Svc {
     }
 }
 
+impl Svc {
+    /// A Write of `compressed-blobs/zstd/…`: the compressed bytes are
+    /// gathered (bounded), decoded at `finish_write` (bounded by the
+    /// digest's size), verified and stored plain. The first `write_offset`
+    /// must be 0 (the fake keeps no partial compressed uploads); each later
+    /// one the compressed bytes sent before it. Early completion answers -1,
+    /// a completed upload the blob's (uncompressed) size.
+    async fn write_compressed(
+        &self,
+        guard: &CallGuard,
+        res: &Resource,
+        first: bs::WriteRequest,
+        stream: &mut Streaming<bs::WriteRequest>,
+    ) -> Result<bs::WriteResponse, Status> {
+        let size = res.digest.size_bytes;
+        if self.s.has(&res.digest) {
+            return Ok(bs::WriteResponse { committed_size: -1 });
+        }
+        if first.write_offset != 0 {
+            return Err(Status::invalid_argument(format!(
+                "fake upstream: compressed write_offset {} but nothing committed",
+                first.write_offset
+            )));
+        }
+        // zstd never grows data by more than a small fraction.
+        let most = size as u64 + size as u64 / 8 + 1024;
+        let abort = self.s.take_abort(Method::Write);
+        let mut buf: Vec<u8> = Vec::new();
+        let mut msg = first;
+        loop {
+            if msg.write_offset != buf.len() as i64 {
+                return Err(Status::invalid_argument(format!(
+                    "fake upstream: compressed write_offset {}, expected {}",
+                    msg.write_offset,
+                    buf.len()
+                )));
+            }
+            if let Some((after, code)) = abort
+                && (buf.len() + msg.data.len()) as u64 >= after
+            {
+                guard.update(|c| c.injected = true);
+                return Err(Status::new(
+                    code,
+                    format!("fake upstream: injected abort of Write after {after} bytes"),
+                ));
+            }
+            guard.add_received(msg.data.len() as u64);
+            buf.extend_from_slice(&msg.data);
+            if buf.len() as u64 > most {
+                return Err(Status::invalid_argument(format!(
+                    "fake upstream: more than {most} compressed bytes for {size} plain"
+                )));
+            }
+            if msg.finish_write {
+                let plain = decompress_in(&buf, size)?;
+                verify(&res.digest, res.function, &plain)?;
+                self.s.store(&res.digest, Bytes::from(plain));
+                guard.update(|c| c.compressed_blobs += 1);
+                return Ok(bs::WriteResponse {
+                    committed_size: size,
+                });
+            }
+            match stream.message().await {
+                Ok(Some(next)) => msg = next,
+                Ok(None) => {
+                    return Err(Status::invalid_argument(
+                        "fake upstream: compressed stream ended before finish_write",
+                    ));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl bs::byte_stream_server::ByteStream for Svc {
     type ReadStream = BoxStream<bs::ReadResponse>;
@@ -247,9 +332,9 @@ impl bs::byte_stream_server::ByteStream for Svc {
                     req.read_offset
                 )));
             }
-            if req.read_limit < 0 {
+            if req.read_limit < 0 || (res.compressed && req.read_limit != 0) {
                 return Err(Status::invalid_argument(
-                    "fake upstream: negative read_limit",
+                    "fake upstream: negative read_limit, or one on compressed-blobs",
                 ));
             }
             let data = self
@@ -257,6 +342,11 @@ impl bs::byte_stream_server::ByteStream for Svc {
                 .blob(&res.digest)
                 .ok_or_else(|| Status::not_found("fake upstream: blob not found"))?;
             let start = req.read_offset as usize;
+            if res.compressed {
+                // One frame of the blob from the (uncompressed) offset on.
+                guard.update(|c| c.compressed_blobs += 1);
+                return Ok(Bytes::from(self.s.compress_out(&data[start..])));
+            }
             let end = if req.read_limit == 0 {
                 data.len()
             } else {

@@ -133,6 +133,7 @@ impl Shared {
                 digests: entry.digests,
                 bytes_received: entry.bytes_received,
                 bytes_sent: 0,
+                compressed_blobs: 0,
                 code: None,
                 injected: false,
                 started: Instant::now(),

@@ -10,6 +10,7 @@ use prost::Message;
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use super::call::{Entry, Logged, logged_by_instance};
+use super::compression::decompress_in;
 use super::state::{Shared, check_digest, rpc_status, verify};
 use super::{Method, Svc};
 use crate::re;
@@ -80,9 +81,11 @@ impl Shared {
         })
     }
 
+    /// BatchUpdateBlobs; `compressed` counts the entries sent compressed.
     pub(super) fn batch_update(
         &self,
         req: re::BatchUpdateBlobsRequest,
+        compressed: &mut u64,
     ) -> Result<re::BatchUpdateBlobsResponse, Status> {
         self.check_function(req.digest_function)?;
         let total: u64 = req.requests.iter().map(|r| r.data.len() as u64).sum();
@@ -95,21 +98,27 @@ impl Shared {
         let mut responses = Vec::with_capacity(req.requests.len());
         for r in req.requests {
             let digest = r.digest.unwrap_or_default();
-            let status = if r.compressor != 0 {
-                rpc_status(
-                    Code::InvalidArgument,
-                    "fake upstream: compressors are not supported",
-                )
-            } else {
-                match check_digest(&digest, req.digest_function)
-                    .and_then(|()| verify(&digest, req.digest_function, &r.data))
-                {
-                    Ok(()) => {
-                        self.store(&digest, Bytes::from(r.data));
-                        rpc_status(Code::Ok, "")
-                    }
-                    Err(e) => rpc_status(e.code(), e.message()),
+            let zstd = re::compressor::Value::Zstd as i32;
+            let plain = match r.compressor {
+                0 => Ok(r.data),
+                c if c == zstd && self.zstd_batch_update_on() => {
+                    *compressed += 1;
+                    decompress_in(&r.data, digest.size_bytes)
                 }
+                _ => Err(Status::invalid_argument(
+                    "fake upstream: compressor not supported",
+                )),
+            };
+            let status = match plain.and_then(|data| {
+                check_digest(&digest, req.digest_function)?;
+                verify(&digest, req.digest_function, &data)?;
+                Ok(data)
+            }) {
+                Ok(data) => {
+                    self.store(&digest, Bytes::from(data));
+                    rpc_status(Code::Ok, "")
+                }
+                Err(e) => rpc_status(e.code(), e.message()),
             };
             responses.push(re::batch_update_blobs_response::Response {
                 digest: Some(digest),
@@ -131,6 +140,10 @@ impl Shared {
                 "fake upstream: BatchReadBlobs of {total} bytes exceeds max_batch_total_size_bytes {max}"
             )));
         }
+        // Every entry found goes compressed when the reader accepts zstd
+        // and it is on (a real server may choose per entry).
+        let zstd = re::compressor::Value::Zstd as i32;
+        let compress = self.zstd_on() && req.acceptable_compressors.contains(&zstd);
         let mut responses = Vec::with_capacity(req.digests.len());
         for d in &req.digests {
             let (data, status) = match check_digest(d, req.digest_function) {
@@ -143,10 +156,16 @@ impl Shared {
                     ),
                 },
             };
+            let found = status.code == Code::Ok as i32;
+            let (data, compressor) = if compress && found {
+                (self.compress_out(&data), zstd)
+            } else {
+                (data, 0)
+            };
             responses.push(re::batch_read_blobs_response::Response {
                 digest: Some(d.clone()),
                 data,
-                compressor: 0,
+                compressor,
                 status: Some(status),
             });
         }
@@ -242,8 +261,11 @@ impl ContentAddressableStorage for Svc {
         &self,
         request: Request<re::BatchUpdateBlobsRequest>,
     ) -> Result<Response<re::BatchUpdateBlobsResponse>, Status> {
-        self.unary(Method::BatchUpdateBlobs, request, |_, req| {
-            self.s.batch_update(req)
+        self.unary(Method::BatchUpdateBlobs, request, |guard, req| {
+            let mut compressed = 0;
+            let resp = self.s.batch_update(req, &mut compressed);
+            guard.update(|c| c.compressed_blobs += compressed);
+            resp
         })
         .await
     }
@@ -255,6 +277,8 @@ impl ContentAddressableStorage for Svc {
         self.unary(Method::BatchReadBlobs, request, |guard, req| {
             let resp = self.s.batch_read(&req)?;
             guard.add_sent(resp.responses.iter().map(|r| r.data.len() as u64).sum());
+            let compressed = resp.responses.iter().filter(|r| r.compressor != 0).count();
+            guard.update(|c| c.compressed_blobs += compressed as u64);
             Ok(resp)
         })
         .await

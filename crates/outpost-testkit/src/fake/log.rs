@@ -37,6 +37,9 @@ pub struct Call {
     /// Payload sent: blob bytes (BatchReadBlobs, Read), encoded Directory
     /// messages (GetTree), encoded ActionResult (GetActionResult); 0 otherwise.
     pub bytes_sent: u64,
+    /// Blobs this call carried zstd-compressed (either way); their bytes in
+    /// `bytes_sent` / `bytes_received` are the compressed ones.
+    pub compressed_blobs: u64,
     /// Final code; `None` while the call is still running. A call whose
     /// client went away mid-stream ends as `Cancelled`.
     pub code: Option<Code>,

@@ -28,6 +28,11 @@
 //!   parked, which makes single-flight and batching tests deterministic.
 //! - **Capabilities** are configurable (batch limit, digest functions,
 //!   action-cache updates) and enforced (Batch* over the limit are refused).
+//! - **Compression** (`compression`): [`FakeUpstream::set_compression`]
+//!   advertises and serves zstd (ByteStream `compressed-blobs` both ways,
+//!   compressed batch entries); [`FakeUpstream::set_corrupt_compressed`]
+//!   garbles what it sends compressed; [`Call::compressed_blobs`] and the
+//!   calls' payload bytes (compressed as they crossed) count the wire.
 //! - **Execution** ([`execution`]): Execute runs actions from the CAS
 //!   with deterministic outputs and caches the results; missing inputs give
 //!   FAILED_PRECONDITION with MISSING violations; delays, held jobs, broken
@@ -52,6 +57,7 @@
 //! - `state`: blobs, action results, partial uploads; seeding.
 //! - `net`: the listener and connections that outages stall or reset.
 //! - `cas`, `bytestream`, `action_cache`: the cache services.
+//! - `compression`: the zstd switches, encoder and bounded decoder.
 //! - `logstream`: LogStreamService and the log side of ByteStream.
 //! - [`execution`]: Execution and Operations.
 
@@ -59,6 +65,7 @@ mod action_cache;
 mod bytestream;
 mod call;
 mod cas;
+mod compression;
 mod control;
 pub mod execution;
 mod log;

@@ -15,6 +15,7 @@ use tokio::sync::{Notify, mpsc};
 use tonic::{Code, Status};
 
 use super::FakeUpstream;
+use super::compression::CompressionState;
 use super::control::{Fault, Latency, PauseState};
 use super::execution::ExecState;
 use super::log::Log;
@@ -56,6 +57,7 @@ pub(super) struct Shared {
     pub(super) conn_tx: mpsc::Sender<io::Result<Conn>>,
     pub(super) exec: ExecState,
     pub(super) logs: Logs,
+    pub(super) compression: CompressionState,
 }
 
 /// Locks `m`, ignoring poisoning (a panicking test must not wedge the fake).
@@ -88,6 +90,7 @@ impl Shared {
             conn_tx,
             exec: ExecState::default(),
             logs: Logs::default(),
+            compression: CompressionState::default(),
         }
     }
 
