@@ -83,9 +83,9 @@ pub async fn batches(f: &mut Fuzz) {
 pub async fn functions_and_compressors(f: &mut Fuzz) {
     let (mut cas, mut ac) = (f.channel.cas(), f.channel.action_cache());
     let good = f.good_digest();
-    let blake3 = re::digest_function::Value::Blake3 as i32;
-    let sha1 = re::digest_function::Value::Sha1 as i32;
-    for function in [blake3, sha1, 99, -1] {
+    let vso = re::digest_function::Value::Vso as i32;
+    let murmur3 = re::digest_function::Value::Murmur3 as i32;
+    for function in [vso, murmur3, 99, -1] {
         let what = format!("digest_function {function}");
         let class = "unknown digest function";
         let find = re::FindMissingBlobsRequest {
