@@ -300,7 +300,9 @@ impl fmt::Debug for Digest {
     }
 }
 
-/// Incremental hashing of a blob that arrives in pieces.
+/// Incremental hashing of a blob that arrives in pieces (`Clone`: a
+/// resumable compressed upload keeps the state at its last frame boundary).
+#[derive(Clone)]
 pub struct Hasher {
     /// The function's running state.
     state: HashState,
@@ -309,6 +311,7 @@ pub struct Hasher {
 }
 
 /// One running hash per supported function.
+#[derive(Clone)]
 enum HashState {
     Sha256(sha2::Sha256),
     Sha384(sha2::Sha384),
