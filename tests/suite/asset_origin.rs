@@ -491,3 +491,38 @@ async fn the_spool_directory_is_emptied_at_start() {
     let _fetcher = OriginFetcher::new(AssetConfig::for_tests(), store, stats, spool.clone());
     assert_eq!(spool_files(&spool), 0);
 }
+
+#[tokio::test]
+async fn downloads_are_hashed_and_stored_in_the_request_digest_function() {
+    let origin = Origin::start().await;
+    let cases = [
+        // A checksum in the request's function: straight into the store,
+        // whose verification refuses a mismatch.
+        (DigestFunction::Sha512, sri("sha512", &origin.blob), true),
+        // Another algorithm: through the spool, stored in the function asked.
+        (DigestFunction::Blake3, sri("sha256", &origin.blob), false),
+    ];
+    for (function, checksum, direct) in cases {
+        let f = fixture(local_origin_config());
+        let mut req = request(&[origin.url("/blob")], Some(&checksum));
+        req.digest_function = function;
+        let (_, digest) = fetched(f.fetch(&req).await);
+        assert_eq!(digest, Digest::of(function, &origin.blob), "{function:?}");
+        assert!(f.holds(&digest).await);
+        assert_eq!(spool_files(&f.spool), 0);
+
+        let f = fixture(local_origin_config());
+        let wrong = if direct {
+            sri("sha512", b"something else")
+        } else {
+            sri("sha256", b"something else")
+        };
+        let mut req = request(&[origin.url("/blob")], Some(&wrong));
+        req.digest_function = function;
+        let (_, code, message) = failure(f.fetch(&req).await);
+        assert_eq!(code, Code::Aborted, "{message}");
+        assert!(!f.holds(&Digest::of(function, &origin.blob)).await);
+        let refused_by_store = Stats::get(&f.stats.digest_mismatches);
+        assert_eq!(refused_by_store, u64::from(direct), "{function:?}");
+    }
+}
