@@ -20,8 +20,8 @@ mod suite {
     mod capabilities;
     mod cas;
     mod client_limits;
-    mod compression_at_rest;
     mod compressed_blobs;
+    mod compression_at_rest;
     mod crash;
     mod digest_functions;
     mod eviction;

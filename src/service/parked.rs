@@ -132,13 +132,19 @@ impl ParkedUploads {
     }
 
     /// Parks an interrupted upload under `resource`, shrunk to what it
-    /// received; one that cannot be resumed or exceeds the byte bound alone
-    /// is dropped at once, and the oldest go when a bound is passed.
-    pub fn park(&self, resource: String, mut writer: Box<dyn BlobWriter>) {
-        let bytes = writer.committed_size();
-        if !writer.park() || bytes > self.limits.max_bytes || self.limits.max_uploads == 0 {
+    /// can resume from (a compressed upload: its last whole frame); one that
+    /// cannot be resumed or exceeds the byte bound alone is dropped at once,
+    /// and the oldest go when a bound is passed. Returns the bytes a
+    /// resumption starts at: 0 when nothing was kept.
+    pub fn park(&self, resource: String, mut writer: Box<dyn BlobWriter>) -> u64 {
+        if !writer.park() {
             Stats::add(&self.stats.parked_uploads_dropped, 1);
-            return;
+            return 0;
+        }
+        let bytes = writer.committed_size();
+        if bytes > self.limits.max_bytes || self.limits.max_uploads == 0 {
+            Stats::add(&self.stats.parked_uploads_dropped, 1);
+            return 0;
         }
         let mut dropped = Vec::new();
         {
@@ -155,12 +161,17 @@ impl ParkedUploads {
                 since: Instant::now(),
                 seq,
             };
-            lot.by_name.insert(resource, parked);
+            lot.by_name.insert(resource.clone(), parked);
             while lot.by_name.len() > self.limits.max_uploads || lot.bytes > self.limits.max_bytes {
                 dropped.extend(lot.pop_oldest());
             }
         }
         self.drop_all(dropped);
+        if self.lot().by_name.contains_key(&resource) {
+            bytes
+        } else {
+            0
+        }
     }
 
     /// Takes the upload parked under `resource` to resume it.

@@ -83,8 +83,7 @@ impl ByteStreamService {
                     Ok(None) => {
                         // The client closed without finish_write: keep what
                         // we have so it can resume, and say how much that is.
-                        let committed = writer.committed_size();
-                        self.parked.park(resource, writer);
+                        let committed = self.parked.park(resource, writer);
                         return Ok(WriteResponse {
                             committed_size: committed as i64,
                         });

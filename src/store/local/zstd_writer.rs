@@ -102,6 +102,14 @@ impl CompressedWriter {
                 .map_err(|e| self.invalid(&clip(&e.to_string())))?;
             at += used;
             self.hasher.update(&plain);
+            if self.decoder.at_frame_end() {
+                // A frame ended here (possibly mid-piece): where a parked
+                // upload resumes.
+                self.boundary = Boundary {
+                    stored: self.stored + at as u64,
+                    hasher: self.hasher.clone(),
+                };
+            }
             if at == data.len() && !more {
                 return Ok(());
             }
@@ -128,12 +136,6 @@ impl BlobWriter for CompressedWriter {
         self.decode(&data)?;
         self.sink.append(&data)?;
         self.stored = stored;
-        if self.decoder.at_frame_end() {
-            self.boundary = Boundary {
-                stored,
-                hasher: self.hasher.clone(),
-            };
-        }
         Ok(())
     }
 
