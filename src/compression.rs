@@ -12,9 +12,10 @@
 
 use async_trait::async_trait;
 use bazel_remote_apis::build::bazel::remote::execution::v2::compressor::Value as CompressorProto;
+use bytes::Buf;
 use bytes::Bytes;
 use futures::StreamExt;
-use zstd::stream::raw::{Decoder, Encoder, InBuffer, Operation, OutBuffer};
+use zstd::stream::raw::{DParameter, Decoder, Encoder, InBuffer, Operation, OutBuffer};
 
 use crate::digest::Digest;
 use crate::error::{Error, Result, clip};
@@ -27,6 +28,15 @@ pub const LEVEL: i32 = 1;
 
 /// Output chunk size of the streaming coders.
 const OUT_CHUNK: usize = 128 << 10;
+
+/// The largest zstd window (log2) a decoder accepts for a small blob: 8 MiB
+/// covers every standard level up to 19 in streaming mode. A frame header
+/// can ask its decoder for a window of that size before any data arrives,
+/// so an unbounded window (libzstd allows 128 MiB) would let a few bytes
+/// reserve that much memory per upload.
+const SMALL_WINDOW_LOG: u32 = 23;
+/// libzstd's own limit.
+const MAX_WINDOW_LOG: u32 = 27;
 
 /// A compressor other than identity (identity is "no compressor": plain).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -116,10 +126,19 @@ pub struct Decompressor {
 }
 
 impl Decompressor {
-    /// A decoder that fails once its output would pass `limit` bytes.
+    /// A decoder that fails once its output would pass `limit` bytes; its
+    /// window is bounded by the limit too (never below 8 MiB, which every
+    /// standard level fits in).
     pub fn new(limit: u64) -> Result<Self> {
+        let internal = |e: std::io::Error| Error::Internal(format!("zstd decoder: {e}"));
+        let mut decoder = Decoder::new().map_err(internal)?;
+        let needed = u64::BITS - limit.saturating_sub(1).leading_zeros();
+        let window_log = needed.clamp(SMALL_WINDOW_LOG, MAX_WINDOW_LOG);
+        decoder
+            .set_parameter(DParameter::WindowLogMax(window_log))
+            .map_err(internal)?;
         Ok(Decompressor {
-            decoder: Decoder::new().map_err(|e| Error::Internal(format!("zstd decoder: {e}")))?,
+            decoder,
             limit,
             produced: 0,
             at_frame_end: true,
@@ -131,9 +150,32 @@ impl Decompressor {
         self.produced
     }
 
-    /// Decodes `input`, returning the plain bytes it completes.
-    /// INVALID_ARGUMENT when the data is not zstd or expands past the limit.
-    pub fn feed(&mut self, input: &[u8]) -> Result<Vec<Bytes>> {
+    /// Decodes from the front of `input` until one chunk of plain bytes is
+    /// ready (returned; `input` is advanced past what was consumed) or the
+    /// input is used up with nothing pending (`None`). Callers hand each
+    /// chunk on before asking for the next, so no more than a chunk is ever
+    /// held, however far the input expands (a zstd bomb).
+    pub fn next_chunk(&mut self, input: &mut Bytes) -> Result<Option<Bytes>> {
+        loop {
+            let (used, out, _) = self.step(input)?;
+            input.advance(used);
+            if !out.is_empty() {
+                return Ok(Some(out));
+            }
+            if input.is_empty() {
+                return Ok(None);
+            }
+            if used == 0 {
+                return Err(Error::InvalidArgument(
+                    "the zstd data does not decode".into(),
+                ));
+            }
+        }
+    }
+
+    /// Decodes a whole in-memory input, returning its plain bytes (all of
+    /// them at once: only for inputs whose limit is small, see [`decompress`]).
+    fn feed(&mut self, input: &[u8]) -> Result<Vec<Bytes>> {
         let mut chunks = Vec::new();
         let mut at = 0;
         loop {
@@ -272,59 +314,6 @@ pub fn compress_stream(input: ChunkStream) -> ChunkStream {
     .boxed()
 }
 
-/// Decompresses a zstd chunk stream that must expand to exactly `size`
-/// bytes (INVALID_ARGUMENT otherwise; callers reading a store or the
-/// upstream map it to what that means for them).
-pub fn decompress_stream(input: ChunkStream, size: u64) -> ChunkStream {
-    let state = (input, Decompressor::new(size).map(Some));
-    futures::stream::unfold(state, move |(mut input, decoder)| async move {
-        let mut decoder = match decoder {
-            Ok(Some(decoder)) => decoder,
-            Ok(None) => return None,
-            Err(e) => return Some((Err(e), (input, Ok(None)))),
-        };
-        loop {
-            let chunk = match input.next().await {
-                Some(Ok(chunk)) => chunk,
-                Some(Err(e)) => return Some((Err(e), (input, Ok(None)))),
-                None => {
-                    let end = decoder.finish().and_then(|()| {
-                        if decoder.produced() == size {
-                            Ok(())
-                        } else {
-                            Err(short(decoder.produced(), size))
-                        }
-                    });
-                    return match end {
-                        Ok(()) => None,
-                        Err(e) => Some((Err(e), (input, Ok(None)))),
-                    };
-                }
-            };
-            match decoder.feed(&chunk) {
-                Ok(out) if out.is_empty() => continue,
-                Ok(out) => {
-                    let joined = join(out);
-                    return Some((Ok(joined), (input, Ok(Some(decoder)))));
-                }
-                Err(e) => return Some((Err(e), (input, Ok(None)))),
-            }
-        }
-    })
-    .boxed()
-}
-
-fn join(mut chunks: Vec<Bytes>) -> Bytes {
-    if chunks.len() == 1 {
-        return chunks.pop().unwrap_or_default();
-    }
-    let mut out = Vec::with_capacity(chunks.iter().map(Bytes::len).sum());
-    for c in chunks {
-        out.extend_from_slice(&c);
-    }
-    Bytes::from(out)
-}
-
 fn short(produced: u64, size: u64) -> Error {
     Error::InvalidArgument(format!(
         "the zstd data expands to {produced} bytes, the digest declares {size}"
@@ -361,17 +350,20 @@ impl DecompressingWriter {
 #[async_trait]
 impl BlobWriter for DecompressingWriter {
     async fn write(&mut self, data: Bytes) -> Result<()> {
-        let chunks = self.decoder.feed(&data).map_err(|e| {
-            Error::InvalidArgument(format!(
-                "compressed upload of {}: {}",
-                self.digest,
-                clip(&e.to_string())
-            ))
-        })?;
-        for chunk in chunks {
-            self.inner.write(chunk).await?;
+        let mut data = data;
+        loop {
+            let chunk = self.decoder.next_chunk(&mut data).map_err(|e| {
+                Error::InvalidArgument(format!(
+                    "compressed upload of {}: {}",
+                    self.digest,
+                    clip(&e.to_string())
+                ))
+            })?;
+            match chunk {
+                Some(chunk) => self.inner.write(chunk).await?,
+                None => return Ok(()),
+            }
         }
-        Ok(())
     }
 
     fn committed_size(&self) -> u64 {
@@ -379,11 +371,16 @@ impl BlobWriter for DecompressingWriter {
     }
 
     fn park(&mut self) -> bool {
-        match Decompressor::new(self.digest.size.saturating_sub(self.inner.committed_size())) {
-            Ok(decoder) => self.decoder = decoder,
-            Err(_) => return false,
+        if !self.inner.park() {
+            return false;
         }
-        self.inner.park()
+        match Decompressor::new(self.digest.size.saturating_sub(self.inner.committed_size())) {
+            Ok(decoder) => {
+                self.decoder = decoder;
+                true
+            }
+            Err(_) => false,
+        }
     }
 
     async fn commit(self: Box<Self>) -> Result<()> {
@@ -433,23 +430,85 @@ mod tests {
             .await
             .unwrap();
         assert!(packed.len() < data.len() / 10);
-        let plain = collect(decompress_stream(chunks(&packed, 999), data.len() as u64))
-            .await
-            .unwrap();
-        assert_eq!(plain, data);
         assert_eq!(decompress(&packed, data.len() as u64).unwrap(), data);
+        // Piece by piece, as a writer gets it.
+        let mut decoder = Decompressor::new(data.len() as u64).unwrap();
+        let mut plain = Vec::new();
+        for piece in packed.chunks(999) {
+            let mut piece = Bytes::copy_from_slice(piece);
+            while let Some(chunk) = decoder.next_chunk(&mut piece).unwrap() {
+                plain.extend_from_slice(&chunk);
+            }
+        }
+        decoder.finish().unwrap();
+        assert_eq!(plain, data);
+    }
+
+    /// Counts what a [`DecompressingWriter`] hands on.
+    struct Sink {
+        received: u64,
+    }
+
+    #[async_trait]
+    impl BlobWriter for Sink {
+        async fn write(&mut self, data: Bytes) -> Result<()> {
+            assert!(data.len() <= OUT_CHUNK, "{} bytes at once", data.len());
+            self.received += data.len() as u64;
+            Ok(())
+        }
+        fn committed_size(&self) -> u64 {
+            self.received
+        }
+        async fn commit(self: Box<Self>) -> Result<()> {
+            Ok(())
+        }
     }
 
     #[tokio::test]
-    async fn a_bomb_stops_at_the_declared_size() {
+    async fn a_bomb_stops_at_the_declared_size_and_is_never_buffered_whole() {
         let packed = compress(&vec![0u8; 64 << 20]);
         assert!(packed.len() < 64 << 10);
         let err = decompress(&packed, 1 << 20).unwrap_err();
         assert!(err.to_string().contains("expands past"), "{err}");
-        let err = collect(decompress_stream(chunks(&packed, 1 << 10), 1 << 20))
-            .await
-            .unwrap_err();
+        // One small message that expands to 64 MiB: a writer declared for
+        // 32 MiB gets it a chunk at a time and fails at the declared size.
+        let d = Digest::of(crate::digest::DigestFunction::Sha256, b"declared");
+        let declared = Digest {
+            size: 32 << 20,
+            ..d
+        };
+        let sink = Sink { received: 0 };
+        let mut writer = DecompressingWriter::new(Box::new(sink), declared).unwrap();
+        let err = writer.write(packed).await.unwrap_err();
         assert!(err.to_string().contains("expands past"), "{err}");
+        assert_eq!(writer.committed_size(), 32 << 20);
+    }
+
+    #[test]
+    fn a_frame_asking_for_a_huge_window_is_refused_for_a_small_blob() {
+        let data = text(4 << 20);
+        let mut encoder = Encoder::new(LEVEL).unwrap();
+        encoder
+            .set_parameter(zstd::stream::raw::CParameter::WindowLog(26))
+            .unwrap();
+        encoder
+            .set_parameter(zstd::stream::raw::CParameter::EnableLongDistanceMatching(
+                true,
+            ))
+            .unwrap();
+        let mut out = vec![0u8; 8 << 20];
+        let mut output = OutBuffer::around(&mut out[..]);
+        let mut input = InBuffer::around(&data[..]);
+        encoder.run(&mut input, &mut output).unwrap();
+        while encoder.finish(&mut output, true).unwrap() > 0 {}
+        let n = output.pos();
+        // A 64 MiB window for 4 MiB of data: more than the limit allows.
+        assert!(decompress(&out[..n], data.len() as u64).is_err());
+        // The same data at a standard level decodes.
+        assert_eq!(
+            decompress(&compress(&data), data.len() as u64).unwrap(),
+            data
+        );
     }
 
     #[test]

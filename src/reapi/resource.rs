@@ -238,6 +238,14 @@ fn parse_blob_part<'a>(
         .as_deref()
         .filter(|c| !SERVED_COMPRESSORS.contains(c))
     {
+        if c == "identity" {
+            // REAPI: the segment names a compressor "other than identity";
+            // plain bytes are read and written under `blobs/`.
+            return Err(malformed(
+                name,
+                "`compressed-blobs/identity` is not a form: use `blobs/`",
+            ));
+        }
         return Err(Error::Unimplemented(format!(
             "compressed-blobs ({}) are not supported: this server serves only zstd",
             clip(c)
@@ -345,6 +353,11 @@ mod tests {
             ResourceName::parse_write(&format!("uploads/u/compressed-blobs/zstd/{H}/0/m")).unwrap();
         assert_eq!(w.compressor.as_deref(), Some("zstd"));
         assert!(ResourceName::parse_read(&format!("compressed-blobs/{H}/0")).is_err());
+        // Identity is no compressor: a malformed name, not an unserved one.
+        let identity = ResourceName::parse_read(&format!("compressed-blobs/identity/{H}/0"));
+        assert!(matches!(identity, Err(Error::InvalidArgument(_))));
+        let deflate = ResourceName::parse_read(&format!("compressed-blobs/deflate/{H}/0"));
+        assert!(matches!(deflate, Err(Error::Unimplemented(_))));
     }
 
     #[test]

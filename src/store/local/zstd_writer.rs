@@ -168,7 +168,7 @@ impl BlobWriter for CompressedWriter {
             hasher,
             stored,
             sink,
-            room,
+            mut room,
             commit,
             ..
         } = *self;
@@ -183,10 +183,14 @@ impl BlobWriter for CompressedWriter {
                     zstd: true,
                 })
             }
-            Sink::Memory(buf) => Payload::Inline(InlineBytes {
-                bytes: compression::decompress(&buf, digest.size)?,
-                zstd: false,
-            }),
+            Sink::Memory(buf) => {
+                // Kept plain: the reservation must cover the plain size.
+                room.cover(digest.size, digest.size)?;
+                Payload::Inline(InlineBytes {
+                    bytes: compression::decompress(&buf, digest.size)?,
+                    zstd: false,
+                })
+            }
             Sink::File(tmp) => Payload::File {
                 tmp,
                 form: Form::Zstd,

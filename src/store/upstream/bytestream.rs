@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use bazel_remote_apis::google::bytestream::{
     ReadRequest, ReadResponse, WriteRequest, WriteResponse,
 };
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
@@ -89,6 +89,7 @@ pub async fn read(
         stream: first,
         _permit: permit,
         decoder,
+        pending: Bytes::new(),
         raw: matches!(wire, Wire::Compressed(_)),
         handed_on: false,
     };
@@ -112,6 +113,9 @@ struct ReadState {
     _permit: CallSlot,
     /// [`Wire::Coded`]: decodes what arrives (reset on a resume).
     decoder: Option<Decompressor>,
+    /// Compressed bytes received and not decoded yet: decoded a chunk per
+    /// call, so a message that expands a thousandfold is never held whole.
+    pending: Bytes,
     /// [`Wire::Compressed`]: the bytes are handed on as they came.
     raw: bool,
     /// Whether any byte was handed on (a raw read cannot resume after that).
@@ -124,6 +128,19 @@ impl ReadState {
         let up = self.reader.upstream.clone();
         let idle = up.config().rpc_timeout;
         loop {
+            if let Some(decoder) = &mut self.decoder {
+                match decoder.next_chunk(&mut self.pending) {
+                    Ok(Some(plain)) => {
+                        let m = plain.len() as u64;
+                        self.reader.position += m;
+                        Stats::add(&up.stats().upstream_compressed_plain_bytes, m);
+                        self.handed_on = true;
+                        return Some(Ok(plain));
+                    }
+                    Ok(None) => {}
+                    Err(e) => return Some(Err(corrupt(&self.reader.digest, &e))),
+                }
+            }
             let next = tokio::time::timeout(idle, self.stream.message())
                 .await
                 .unwrap_or_else(|_| {
@@ -140,22 +157,16 @@ impl ReadState {
                     if self.reader.compressor.is_some() {
                         Stats::add(&up.stats().upstream_compressed_wire_bytes, n);
                     }
-                    let chunk = match &mut self.decoder {
+                    let chunk = match &self.decoder {
                         None if self.raw => data,
                         None => {
                             self.reader.position += n;
                             data
                         }
-                        Some(decoder) => match decoder.feed(&data) {
-                            Ok(plain) => {
-                                let plain = concat(plain);
-                                let m = plain.len() as u64;
-                                self.reader.position += m;
-                                Stats::add(&up.stats().upstream_compressed_plain_bytes, m);
-                                plain
-                            }
-                            Err(e) => return Some(Err(corrupt(&self.reader.digest, &e))),
-                        },
+                        Some(_) => {
+                            self.pending = data;
+                            continue;
+                        }
                     };
                     if chunk.is_empty() {
                         continue;
@@ -174,6 +185,7 @@ impl ReadState {
                         Err(e) => return Some(Err(e)),
                     }
                     if self.decoder.is_some() {
+                        self.pending = Bytes::new();
                         match Decompressor::new(self.reader.end - self.reader.position) {
                             Ok(d) => self.decoder = Some(d),
                             Err(e) => return Some(Err(e)),
@@ -207,18 +219,6 @@ fn corrupt(digest: &Digest, e: &Error) -> Error {
         "upstream sent corrupt compressed data for {digest}: {}",
         clip(&e.to_string())
     ))
-}
-
-/// One buffer of the decoder's output chunks.
-pub(super) fn concat(mut chunks: Vec<Bytes>) -> Bytes {
-    if chunks.len() <= 1 {
-        return chunks.pop().unwrap_or_default();
-    }
-    let mut out = BytesMut::with_capacity(chunks.iter().map(Bytes::len).sum());
-    for c in chunks {
-        out.extend_from_slice(&c);
-    }
-    out.freeze()
 }
 
 /// A ByteStream read from the upstream that picks up where it stopped when
