@@ -256,6 +256,34 @@ pub fn proxy_config(s: &Settings, lines: &str) -> anyhow::Result<String> {
     })
 }
 
+/// A proxy in front of `relay` with `upstream_lines` in its `[upstream]`
+/// section (and `/metrics`), once it has the upstream's capabilities; the
+/// config file lives as long as the returned path.
+pub async fn start_proxy(
+    s: &Settings,
+    relay: &Relay,
+    name: &str,
+    upstream_lines: &str,
+) -> anyhow::Result<(Server, tempfile::TempPath)> {
+    let config = tempfile::Builder::new()
+        .prefix("outpost-wan-proxy-")
+        .suffix(".toml")
+        .tempfile()?
+        .into_temp_path();
+    std::fs::write(&config, proxy_config(s, upstream_lines)?)?;
+    let args = [
+        "--upstream".to_string(),
+        relay.url(),
+        "--metrics-listen".into(),
+        "127.0.0.1:0".into(),
+        "--config".into(),
+        config.display().to_string(),
+    ];
+    let proxy = Server::start(s, name, &args)?;
+    super::wait_for_capabilities(&proxy).await?;
+    Ok((proxy, config))
+}
+
 /// Queued blobs + queued action results of the proxy's write-back queue.
 async fn queued(proxy: &Server) -> anyhow::Result<f64> {
     let addr = proxy.process.metrics_addr().context("no metrics address")?;
@@ -335,26 +363,12 @@ pub async fn run_one(
 ) -> anyhow::Result<CacheReport> {
     let upstream = Server::start(s, "cold-upstream", &[])?;
     let relay = Relay::start(upstream.addr(), s.wan).await?;
-    let config_dir = tempfile::Builder::new()
-        .prefix("outpost-wan-cold-")
-        .tempdir()?;
-    let proxy = match target.write_mode() {
-        None => None,
+    let (proxy, _config) = match target.write_mode() {
+        None => (None, None),
         Some(mode) => {
-            let config = config_dir.path().join("proxy.toml");
             let lines = format!("write_mode = \"{mode}\"\n{upstream_lines}");
-            std::fs::write(&config, proxy_config(s, &lines)?)?;
-            let args = [
-                "--upstream".to_string(),
-                relay.url(),
-                "--metrics-listen".into(),
-                "127.0.0.1:0".into(),
-                "--config".into(),
-                config.display().to_string(),
-            ];
-            let proxy = Server::start(s, "cold-proxy", &args)?;
-            super::wait_for_capabilities(&proxy).await?;
-            Some(proxy)
+            let (proxy, config) = start_proxy(s, &relay, "cold-proxy", &lines).await?;
+            (Some(proxy), Some(config))
         }
     };
     let before = match &proxy {

@@ -24,9 +24,7 @@ use outpost::cli::human_bytes;
 use outpost_testkit::relay::Relay;
 
 use super::cold_cache::{self, CacheTarget};
-use super::{
-    COLD_NOISE, Mode, Server, Settings, Workload, corpus, measure, seed, wait_for_capabilities,
-};
+use super::{COLD_NOISE, Mode, Server, Settings, Workload, corpus, measure, seed};
 
 /// One measured build.
 struct Row {
@@ -51,24 +49,8 @@ async fn cold_read(
     let upstream = Server::start(s, "zstd-upstream", &[])?;
     seed(&upstream.url(), workload, s).await?;
     let relay = Relay::start(upstream.addr(), s.wan).await?;
-    let dir = tempfile::Builder::new()
-        .prefix("outpost-wan-zstd-")
-        .tempdir()?;
-    let config = dir.path().join("proxy.toml");
-    std::fs::write(
-        &config,
-        cold_cache::proxy_config(s, &compression_line(compression))?,
-    )?;
-    let args = [
-        "--upstream".to_string(),
-        relay.url(),
-        "--metrics-listen".into(),
-        "127.0.0.1:0".into(),
-        "--config".into(),
-        config.display().to_string(),
-    ];
-    let proxy = Server::start(s, "zstd-proxy", &args)?;
-    wait_for_capabilities(&proxy).await?;
+    let line = compression_line(compression);
+    let (proxy, _config) = cold_cache::start_proxy(s, &relay, "zstd-proxy", &line).await?;
     println!("\ncold read, compression = {compression}:");
     let report = measure(Mode::Cold, &proxy.url(), &relay, Some(&proxy), workload, s).await?;
     Ok((report.wall, report.wan_bytes()))
