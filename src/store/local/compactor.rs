@@ -82,6 +82,16 @@ impl Compactor {
     }
 }
 
+impl Drop for Compactor {
+    /// The store's last handle is gone: wait until the thread has let go of
+    /// the catalog (it holds it while swapping a file in), so the store is
+    /// closed, RocksDB's lock released, when the handles are dropped; a
+    /// reopen in the same process must not find the lock still held.
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// The thread's side.
 struct Worker {
     /// Committed raw files.
