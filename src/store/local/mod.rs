@@ -19,6 +19,7 @@
 //!   the bytes arrive, verified at commit; small blobs compressed at rest
 //!   when it pays.
 //! - [`compactor`]: compresses committed raw blob files in the background.
+//! - [`hash_pipe`]: hashing a compressed file's plain bytes beside its decoding.
 //! - [`zstd_writer`]: the native compressed write: a client's zstd bytes
 //!   kept as they are, decoded only to hash.
 //! - [`running`]: the marker that tells a start after an unclean stop.
@@ -32,6 +33,7 @@ mod catalog;
 mod compactor;
 mod db;
 mod files;
+mod hash_pipe;
 mod quota;
 mod running;
 pub mod scrub;

@@ -15,8 +15,9 @@ use std::io::Read;
 use bytes::{Buf, Bytes, BytesMut};
 
 use super::files::{BlobFile, Form};
+use super::hash_pipe::PlainHasher;
 use crate::compression::Decompressor;
-use crate::digest::{Digest, Hasher};
+use crate::digest::Digest;
 use crate::error::{Error, Result};
 
 /// Size of each block read from a blob file (and of each plain block a
@@ -74,8 +75,9 @@ pub struct VerifyingReader {
     decoding: Option<Decoding>,
     /// Plain or stored bytes handed out.
     serve: Serve,
-    /// Hash of the plain bytes so far.
-    hasher: Hasher,
+    /// Hash of the plain bytes so far (of a compressed file: on a thread
+    /// beside the decoding).
+    hasher: PlainHasher,
     /// What the plain bytes must hash to.
     digest: Digest,
     /// Bytes produced so far, in the served coordinates.
@@ -90,12 +92,16 @@ impl VerifyingReader {
     /// A reader of `opened` (at its start), the committed `file`, that
     /// hands out `[offset, end)` and checks the whole file.
     pub fn new(opened: File, file: &BlobFile, serve: Serve, offset: u64, end: u64) -> Result<Self> {
-        let decoding = match file.form {
-            Form::Plain => None,
-            Form::Zstd => Some(Decoding {
-                decoder: Decompressor::new(file.digest.size)?,
-                pending: Bytes::new(),
-            }),
+        let function = file.digest.function;
+        let (decoding, hasher) = match file.form {
+            Form::Plain => (None, PlainHasher::here(function)),
+            Form::Zstd => (
+                Some(Decoding {
+                    decoder: Decompressor::new(file.digest.size)?,
+                    pending: Bytes::new(),
+                }),
+                PlainHasher::beside(function),
+            ),
         };
         Ok(VerifyingReader {
             file: opened,
@@ -103,7 +109,7 @@ impl VerifyingReader {
             file_pos: 0,
             decoding,
             serve,
-            hasher: Hasher::new(file.digest.function),
+            hasher,
             digest: file.digest,
             pos: 0,
             offset,
@@ -148,7 +154,7 @@ impl VerifyingReader {
         let block = match (self.decoding.is_some(), self.serve) {
             (false, _) => {
                 let block = self.read_file()?;
-                self.hasher.update(&block);
+                self.hasher.update(block.clone());
                 block
             }
             (true, Serve::Stored) => {
@@ -201,15 +207,18 @@ impl VerifyingReader {
                 Err(e) => break Err(self.data_loss(&format!("does not decompress: {e}"))),
             };
             decoding.pending.advance(used);
-            self.hasher.update(&plain);
             if keep != usize::MAX {
                 out.extend_from_slice(&plain);
+            }
+            let produced = !plain.is_empty();
+            if produced {
+                self.hasher.update(plain);
             }
             if decoding.pending.is_empty() && !more {
                 if keep == usize::MAX || self.file_pos == self.file_len {
                     break Ok(());
                 }
-            } else if used == 0 && plain.is_empty() {
+            } else if used == 0 && !produced {
                 break Ok(()); // no progress: the end checks say why
             }
         };
@@ -229,8 +238,9 @@ impl VerifyingReader {
                 return Err(self.data_loss("decompresses to another size"));
             }
         }
-        let hasher = std::mem::replace(&mut self.hasher, Hasher::new(self.digest.function));
-        if hasher.finish() != self.digest {
+        let function = self.digest.function;
+        let hasher = std::mem::replace(&mut self.hasher, PlainHasher::here(function));
+        if hasher.finish()? != self.digest {
             return Err(self.data_loss("does not hash to its digest"));
         }
         Ok(())
