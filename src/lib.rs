@@ -29,6 +29,7 @@
 //!   Actions, ActionResults and Operations.
 //! - [`error`]: the crate's error type and its one mapping to gRPC status.
 //! - [`stats`]: the one `counters!` table behind `Stats`, `/metrics` and `GetStats`.
+//! - [`status`]: the status report behind `/status` (JSON) and `/` (HTML page).
 //! - [`tasks`]: background tasks that shutdown cancels and drains.
 //! - [`tls`]: TLS and mutual TLS on Outpost's own listeners, reloaded on change.
 //! - [`upstream`]: the upstream connection, health, and request batching.
@@ -55,6 +56,7 @@ pub mod server;
 pub mod service;
 pub mod stack;
 pub mod stats;
+pub mod status;
 pub mod store;
 pub mod tasks;
 pub mod tls;

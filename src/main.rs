@@ -61,6 +61,25 @@ enum Command {
     /// as the last line of its output. A running server re-reads the file
     /// within seconds (or on SIGHUP).
     Token(TokenArgs),
+    /// Check this machine's setup for `serve` and explain what is wrong.
+    ///
+    /// Takes the same flags and config file as `serve`, and checks, one
+    /// verdict per line with what to do: the data directory (free space
+    /// against the quota, permissions, filesystem), the listener (loopback or
+    /// not, TLS and credentials, whether an Outpost already answers there),
+    /// and the upstream (DNS, connect, TLS, Capabilities, API versions,
+    /// digest functions, batch limit, round-trip time, a short throughput
+    /// probe, clock skew). Exit status 1 when something is broken.
+    Doctor(DoctorArgs),
+}
+
+#[derive(Args)]
+struct DoctorArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Only print the `.bazelrc` lines for this setup (no checks).
+    #[arg(long)]
+    bazelrc: bool,
 }
 
 #[derive(Args)]
@@ -115,6 +134,18 @@ struct VerifyArgs {
 
 #[derive(Args)]
 struct ServeArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Once every listener is bound, write their addresses to FILE (atomically)
+    /// as `grpc=ADDR`, `metrics=ADDR`, `unix=PATH` lines: with `--listen
+    /// 127.0.0.1:0` a parent process learns the port without racing for it.
+    #[arg(long, value_name = "FILE")]
+    ready_file: Option<PathBuf>,
+}
+
+/// The flags `serve` and `doctor` share: the config file and what overrides it.
+#[derive(Args)]
+struct ConfigArgs {
     /// TOML config file (every key is documented in config.example.toml).
     #[arg(long, value_name = "FILE", env = "OUTPOST_CONFIG")]
     config: Option<PathBuf>,
@@ -147,11 +178,27 @@ struct ServeArgs {
     /// https:// with the listener's TLS settings when [server] tls_cert is set.
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<std::net::SocketAddr>,
-    /// Once every listener is bound, write their addresses to FILE (atomically)
-    /// as `grpc=ADDR`, `metrics=ADDR`, `unix=PATH` lines: with `--listen
-    /// 127.0.0.1:0` a parent process learns the port without racing for it.
-    #[arg(long, value_name = "FILE")]
-    ready_file: Option<PathBuf>,
+}
+
+impl ConfigArgs {
+    /// The config file merged with the flags, as `serve` runs with it.
+    fn resolve(self) -> anyhow::Result<Config> {
+        let file = match &self.config {
+            Some(path) => FileConfig::load(path)?,
+            None => FileConfig::default(),
+        };
+        let flags = Overrides {
+            listen: self.listen,
+            allow_remote: self.allow_remote,
+            unix_socket: self.unix_socket,
+            no_unix_socket: self.no_unix_socket,
+            data_dir: self.data_dir,
+            quota: self.quota,
+            upstream: self.upstream,
+            metrics_listen: self.metrics_listen,
+        };
+        Config::resolve(file, flags)
+    }
 }
 
 #[derive(Args)]
@@ -187,6 +234,16 @@ fn main() -> anyhow::Result<()> {
         )),
         Command::Verify(args) => verify(args),
         Command::Token(args) => token(args),
+        Command::Doctor(args) => {
+            let options = outpost::cli::doctor::DoctorOptions {
+                bazelrc: args.bazelrc,
+            };
+            let config = args.config.resolve()?;
+            if !runtime.block_on(outpost::cli::doctor::run(&config, &options))? {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
     }
 }
 
@@ -228,21 +285,7 @@ fn verify(args: VerifyArgs) -> anyhow::Result<()> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let file = match &args.config {
-        Some(path) => FileConfig::load(path)?,
-        None => FileConfig::default(),
-    };
-    let flags = Overrides {
-        listen: args.listen,
-        allow_remote: args.allow_remote,
-        unix_socket: args.unix_socket,
-        no_unix_socket: args.no_unix_socket,
-        data_dir: args.data_dir,
-        quota: args.quota,
-        upstream: args.upstream,
-        metrics_listen: args.metrics_listen,
-    };
-    let config = Config::resolve(file, flags)?;
+    let config = args.config.resolve()?;
     tracing::info!(
         "outpost {} starting: data in {}, quota {}",
         env!("CARGO_PKG_VERSION"),

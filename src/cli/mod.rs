@@ -2,6 +2,7 @@
 //! server or check a stopped one's store, and the formatting they share.
 //! `main.rs` only parses flags and dispatches here.
 
+pub mod doctor;
 pub mod stats;
 pub mod token;
 pub mod verify;
