@@ -17,6 +17,7 @@ use axum::routing::get;
 use tokio_util::sync::CancellationToken;
 
 use crate::stats::{Stats, UpstreamMethod};
+use crate::status::StatusSource;
 use crate::store::local::LocalStore;
 use crate::tls::{Protocol, ReloadingTls, TlsListener};
 
@@ -154,7 +155,8 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
         .with_context(|| format!("cannot serve metrics on {addr}"))
 }
 
-/// Serves `/metrics` on `listener` until `shutdown` is cancelled: over
+/// Serves `/metrics`, the status page at `/` and its JSON at `/status` on
+/// `listener` until `shutdown` is cancelled: over
 /// HTTPS with the listener's TLS settings (and client certificates, with
 /// `client_ca`) when `tls` is set.
 pub async fn serve(
@@ -162,18 +164,34 @@ pub async fn serve(
     tls: Option<ReloadingTls>,
     stats: Arc<Stats>,
     local: LocalStore,
+    status: Arc<StatusSource>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     let metrics_stats = stats.clone();
-    let app =
-        Router::new().route(
+    let page_status = status.clone();
+    let app = Router::new()
+        .route(
             "/metrics",
             get(move || {
                 let body = render(&metrics_stats, &local);
                 async move {
                     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
                 }
+            }),
+        )
+        .route(
+            "/",
+            get(move || {
+                let body = crate::status::page::render(&page_status.report());
+                async move { axum::response::Html(body).into_response() }
+            }),
+        )
+        .route(
+            "/status",
+            get(move || {
+                let body = serde_json::to_string(&status.report()).unwrap_or_default();
+                async move { ([(header::CONTENT_TYPE, "application/json")], body).into_response() }
             }),
         );
     let done = shutdown.clone().cancelled_owned();

@@ -297,11 +297,17 @@ impl RunningServer {
             let listener = crate::metrics::bind(addr).await?;
             metrics_addr = Some(listener.local_addr()?);
             let (stats, local) = (stats.clone(), local.clone());
+            let status = Arc::new(crate::status::StatusSource::new(
+                config,
+                stats.clone(),
+                local.clone(),
+            ));
             tasks.spawn(crate::metrics::serve(
                 listener,
                 tls.clone(),
                 stats,
                 local,
+                status,
                 shutdown.clone(),
             ));
         }

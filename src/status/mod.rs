@@ -6,7 +6,10 @@
 //! store's occupancy and the trackers of this module; `/metrics` carries the
 //! same figures for Prometheus and Grafana (`deploy/grafana/outpost.json`).
 
+pub mod collect;
 pub mod page;
+
+pub use collect::StatusSource;
 
 use serde::Serialize;
 
