@@ -19,6 +19,7 @@ mod suite {
     mod bytestream;
     mod capabilities;
     mod cas;
+    mod client_docs;
     mod client_limits;
     mod compressed_blobs;
     mod compression_at_rest;
