@@ -6,8 +6,14 @@
 //! store's occupancy and the trackers of this module; `/metrics` carries the
 //! same figures for Prometheus and Grafana (`deploy/grafana/outpost.json`).
 
+pub mod clients;
+pub mod codes;
 pub mod collect;
+pub mod errors;
+pub mod history;
+pub mod observe;
 pub mod page;
+pub mod recent;
 
 pub use collect::StatusSource;
 
