@@ -164,7 +164,6 @@ impl StatusSource {
                 retries: get(&s.upstream_retries),
                 bytes_sent: get(&s.upstream_bytes_sent),
                 bytes_received: get(&s.upstream_bytes_received),
-                ..UpstreamStatus::default()
             }),
             prefetch: PrefetchStatus {
                 enabled: self.prefetch,
