@@ -11,96 +11,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::admin_proto::GetStatsResponse;
 
-/// Upstream RPC methods, for per-method counters.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum UpstreamMethod {
-    /// ContentAddressableStorage.FindMissingBlobs
-    FindMissingBlobs,
-    /// ContentAddressableStorage.BatchReadBlobs
-    BatchReadBlobs,
-    /// ContentAddressableStorage.BatchUpdateBlobs
-    BatchUpdateBlobs,
-    /// ByteStream.Read
-    ByteStreamRead,
-    /// ByteStream.Write
-    ByteStreamWrite,
-    /// ActionCache.GetActionResult
-    GetActionResult,
-    /// ActionCache.UpdateActionResult
-    UpdateActionResult,
-    /// Capabilities.GetCapabilities
-    GetCapabilities,
-    /// Execution.Execute
-    Execute,
-    /// Execution.WaitExecution
-    WaitExecution,
-    /// google.longrunning.Operations (any method)
-    Operations,
-    /// Remote Asset Fetch.FetchBlob
-    FetchBlob,
-    /// Remote Asset Fetch.FetchDirectory
-    FetchDirectory,
-    /// Remote Asset Push.PushBlob
-    PushBlob,
-    /// Remote Asset Push.PushDirectory
-    PushDirectory,
-    /// Remote Logstream LogStreamService.CreateLogStream
-    CreateLogStream,
-    /// ByteStream Read, Write or QueryWriteStatus of a non-CAS resource
-    /// (log streams), passed through unchanged
-    ByteStreamPassthrough,
-}
+pub use method::UpstreamMethod;
 
-impl UpstreamMethod {
-    /// Every method, in counter order (the order of the enum).
-    pub const ALL: [UpstreamMethod; 17] = [
-        UpstreamMethod::FindMissingBlobs,
-        UpstreamMethod::BatchReadBlobs,
-        UpstreamMethod::BatchUpdateBlobs,
-        UpstreamMethod::ByteStreamRead,
-        UpstreamMethod::ByteStreamWrite,
-        UpstreamMethod::GetActionResult,
-        UpstreamMethod::UpdateActionResult,
-        UpstreamMethod::GetCapabilities,
-        UpstreamMethod::Execute,
-        UpstreamMethod::WaitExecution,
-        UpstreamMethod::Operations,
-        UpstreamMethod::FetchBlob,
-        UpstreamMethod::FetchDirectory,
-        UpstreamMethod::PushBlob,
-        UpstreamMethod::PushDirectory,
-        UpstreamMethod::CreateLogStream,
-        UpstreamMethod::ByteStreamPassthrough,
-    ];
-
-    /// The gRPC method name (the `method` label of per-method metrics).
-    pub fn name(self) -> &'static str {
-        match self {
-            UpstreamMethod::FindMissingBlobs => "FindMissingBlobs",
-            UpstreamMethod::BatchReadBlobs => "BatchReadBlobs",
-            UpstreamMethod::BatchUpdateBlobs => "BatchUpdateBlobs",
-            UpstreamMethod::ByteStreamRead => "ByteStream.Read",
-            UpstreamMethod::ByteStreamWrite => "ByteStream.Write",
-            UpstreamMethod::GetActionResult => "GetActionResult",
-            UpstreamMethod::UpdateActionResult => "UpdateActionResult",
-            UpstreamMethod::GetCapabilities => "GetCapabilities",
-            UpstreamMethod::Execute => "Execute",
-            UpstreamMethod::WaitExecution => "WaitExecution",
-            UpstreamMethod::Operations => "Operations",
-            UpstreamMethod::FetchBlob => "FetchBlob",
-            UpstreamMethod::FetchDirectory => "FetchDirectory",
-            UpstreamMethod::PushBlob => "PushBlob",
-            UpstreamMethod::PushDirectory => "PushDirectory",
-            UpstreamMethod::CreateLogStream => "CreateLogStream",
-            UpstreamMethod::ByteStreamPassthrough => "ByteStream.passthrough",
-        }
-    }
-
-    /// Position in [`UpstreamMethod::ALL`] and in per-method counter arrays.
-    fn index(self) -> usize {
-        self as usize
-    }
-}
+mod method;
 
 /// One plain counter of the table, as exporters see it.
 pub struct Counter {
@@ -535,34 +448,4 @@ counters! {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn methods_are_listed_in_enum_order() {
-        for (i, m) in UpstreamMethod::ALL.iter().enumerate() {
-            assert_eq!(m.index(), i, "{m:?}");
-        }
-    }
-
-    #[test]
-    fn the_table_reads_the_fields_it_names() {
-        let stats = Stats::default();
-        Stats::add(&stats.prefetch_hits, 7);
-        stats.upstream_call(UpstreamMethod::Execute);
-        let read = |name: &str| {
-            let c = Stats::COUNTERS.iter().find(|c| c.metric == name).unwrap();
-            (c.read)(&stats)
-        };
-        assert_eq!(read("outpost_prefetch_hits_total"), 7);
-        assert_eq!(read("outpost_cas_hits_total"), 0);
-        let calls = &Stats::BY_METHOD[0];
-        assert_eq!(calls.metric, "outpost_upstream_calls_total");
-        assert_eq!((calls.read)(&stats, UpstreamMethod::Execute), 1);
-        let mut response = GetStatsResponse::default();
-        Stats::add(&stats.evicted_entries, 3);
-        stats.fill_admin_fields(&mut response);
-        assert_eq!(response.evicted_blobs, 3);
-        assert_eq!(response.upstream_calls["Execute"], 1);
-    }
-}
+mod tests;
