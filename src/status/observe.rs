@@ -70,13 +70,18 @@ impl Observer {
         }
         let elapsed_ms = call.started.elapsed().as_secs_f64() * 1e3;
         let code = code_name(code);
+        let tool = &caller.tool;
         match &call.span {
-            Some(span) => {
-                tracing::debug!(parent: span, code, elapsed_ms, tool = %caller.tool, "rpc done")
-            }
-            None => {
-                tracing::debug!(method = %call.method, code, elapsed_ms, tool = %caller.tool, "rpc done")
-            }
+            // The span names the method and the invocation ids.
+            Some(span) => tracing::debug!(parent: span, code, elapsed_ms, %tool, "rpc done"),
+            None => tracing::debug!(
+                method = %call.method,
+                code,
+                elapsed_ms,
+                %tool,
+                tool_invocation_id = %caller.invocation,
+                "rpc done"
+            ),
         }
     }
 }
@@ -152,8 +157,10 @@ where
         };
         let answer = self.inner.call(request);
         Box::pin(async move {
-            // Polled inside the RPC's span (tonic's trace_fn).
-            call.span = Some(tracing::Span::current());
+            // Polled inside the RPC's span (tonic's trace_fn), unless that
+            // is filtered out.
+            let span = tracing::Span::current();
+            call.span = (!span.is_disabled()).then_some(span);
             match answer.await {
                 Ok(response) => Ok(call.watch(response)),
                 Err(e) => {
@@ -211,7 +218,7 @@ struct Call {
     /// Filled in by the auth layer.
     name: CallerName,
     started: Instant,
-    /// The RPC's span, for the completion line.
+    /// The RPC's span, for the completion line (`None` when disabled).
     span: Option<tracing::Span>,
     done: bool,
 }
@@ -454,7 +461,6 @@ mod tests {
         drop(future);
         assert_eq!(Stats::get(&stats.rpc_calls), 1);
         assert_eq!(error_count(&observer, "CANCELLED"), 1);
-        let _ = service.ready().await;
     }
 
     #[tokio::test]
@@ -470,5 +476,49 @@ mod tests {
         service.oneshot(request("/x.Y/Z", None)).await.unwrap();
         let clients = observer.clients.busiest(10, Instant::now());
         assert_eq!(clients[0].client, "ci-token");
+    }
+
+    #[tokio::test]
+    async fn each_call_logs_one_debug_line_without_header_values() {
+        use std::sync::Mutex;
+        let buffer = Arc::new(Mutex::new(Vec::new()));
+        let sink = buffer.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_ansi(false)
+            .with_writer(move || Writer(sink.clone()))
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let observer = Arc::new(Observer::new(Arc::new(Stats::default())));
+        let path = "/build.bazel.remote.execution.v2.ActionCache/GetActionResult";
+        let mut req = request(path, Some(("bazel", "inv-7")));
+        req.headers_mut()
+            .insert("authorization", "Bearer secret-token".parse().unwrap());
+        let refused = tonic::Status::not_found("no").into_http::<Body>();
+        call(&observer, req, refused, false).await;
+        let log = String::from_utf8(buffer.lock().unwrap().clone()).unwrap();
+        assert_eq!(log.matches("rpc done").count(), 1, "{log}");
+        for field in [
+            "method=ActionCache/GetActionResult",
+            "code=\"NOT_FOUND\"",
+            "elapsed_ms=",
+            "tool=bazel 1.0",
+            "tool_invocation_id=inv-7",
+        ] {
+            assert!(log.contains(field), "{field} in {log}");
+        }
+        assert!(!log.contains("secret-token"), "{log}");
+    }
+
+    struct Writer(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Writer {
+        fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(data);
+            Ok(data.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
     }
 }
