@@ -247,3 +247,92 @@ async fn a_proxy_reports_its_link_and_the_bytes_it_did_not_fetch() {
     fake.clear_faults();
     server.stop().await;
 }
+
+/// `message` with `authorization: Bearer <token>`.
+fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    request
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_calls_are_counted_and_callers_named_by_credential() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens_path = dir.path().join("tokens");
+    let token =
+        outpost::cli::token::add(&tokens_path, "reader", outpost::auth::Role::Read, false).unwrap();
+    let server = TestServer::start_with(|c| {
+        c.auth.tokens_file = Some(tokens_path);
+        c.auth.require_on_loopback = true;
+        c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .await;
+    let find = || re::FindMissingBlobsRequest {
+        blob_digests: vec![digest(b"status: auth")],
+        ..Default::default()
+    };
+    // Admitted, refused PERMISSION_DENIED (a reader may not write), and
+    // refused UNAUTHENTICATED (no token).
+    server
+        .cas()
+        .find_missing_blobs(with_token(find(), &token))
+        .await
+        .expect("a reader may ask");
+    let update = re::UpdateActionResultRequest {
+        action_digest: Some(digest(b"status: action")),
+        action_result: Some(re::ActionResult::default()),
+        ..Default::default()
+    };
+    assert_code(
+        server
+            .action_cache()
+            .update_action_result(with_token(update, &token))
+            .await,
+        Code::PermissionDenied,
+    );
+    assert_code(
+        server.cas().find_missing_blobs(find()).await,
+        Code::Unauthenticated,
+    );
+
+    let report = status(&server).await;
+    assert_eq!(
+        error_count(
+            &report,
+            "PERMISSION_DENIED",
+            "ActionCache/UpdateActionResult"
+        ),
+        1,
+        "{report:#}"
+    );
+    assert_eq!(
+        error_count(
+            &report,
+            "UNAUTHENTICATED",
+            "ContentAddressableStorage/FindMissingBlobs"
+        ),
+        1
+    );
+    let clients = report["clients"].as_array().unwrap();
+    let reader = clients
+        .iter()
+        .find(|c| c["client"] == "reader")
+        .unwrap_or_else(|| panic!("no reader in {report:#}"));
+    assert_eq!(
+        (reader["calls"].as_u64(), reader["errors"].as_u64()),
+        (Some(2), Some(1))
+    );
+    assert!(
+        clients
+            .iter()
+            .any(|c| c["client"] == "" && c["errors"] == 1),
+        "the refused caller has no name: {report:#}"
+    );
+    assert!(
+        !report.to_string().contains(&token),
+        "no token in the report"
+    );
+    server.stop().await;
+}
