@@ -65,8 +65,9 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 const BACKGROUND_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The layers around every listener's routes, from the outside in: the
-/// observer (`crate::status::observe`), `decode_status`, authentication (`crate::auth`), then per-client limits
-/// (`crate::limits`, keyed by the authenticated credential).
+/// observer (`crate::status::observe`), `decode_status`, authentication
+/// (`crate::auth`), then per-client limits (`crate::limits`, keyed by the
+/// authenticated credential).
 pub(crate) type DecodeLayers = tower::layer::util::Stack<
     crate::limits::LimitLayer,
     tower::layer::util::Stack<
