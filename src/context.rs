@@ -123,8 +123,9 @@ pub fn request_metadata(headers: &MetadataMap) -> Option<RequestMetadata> {
 /// `tool_invocation_id`, `correlated_invocations_id` and `action_id`, so one
 /// build's calls can be picked out of the log, and (recorded by the auth
 /// layer, `crate::auth::layer`) the `client`: the caller's credential name. Only those ids are recorded,
-/// never other headers (they may hold credentials). At debug level each RPC
-/// also logs one `rpc` line when it starts.
+/// never other headers (they may hold credentials). At trace level each RPC
+/// also logs one `rpc` line when it starts; the one debug line per call is
+/// the observer layer's at its end (`crate::status::observe`).
 pub fn rpc_span(request: &http::Request<()>) -> tracing::Span {
     let path = request.uri().path();
     // "/build.bazel.remote.execution.v2.ContentAddressableStorage/FindMissingBlobs"
@@ -161,7 +162,7 @@ pub fn rpc_span(request: &http::Request<()>) -> tracing::Span {
             }
         }
     }
-    tracing::debug!(parent: &span, "rpc");
+    tracing::trace!(parent: &span, "rpc");
     span
 }
 
@@ -214,13 +215,13 @@ mod tests {
         assert_eq!(request_metadata(&MetadataMap::new()), None);
     }
 
-    /// Log lines written while `f` runs, with a debug-level fmt subscriber.
+    /// Log lines written while `f` runs, with a trace-level fmt subscriber.
     fn logged(f: impl FnOnce()) -> String {
         use std::sync::{Arc, Mutex};
         let buffer = Arc::new(Mutex::new(Vec::new()));
         let sink = buffer.clone();
         let subscriber = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::DEBUG)
+            .with_max_level(tracing::Level::TRACE)
             .with_ansi(false)
             .with_writer(move || Writer(sink.clone()))
             .finish();

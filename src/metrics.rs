@@ -2,7 +2,8 @@
 //! (HTTPS when the listener has TLS, see [`crate::tls`]).
 //!
 //! The local store's occupancy and the [`Stats`] gauges, then every counter of the
-//! [`Stats`] table, rendered in the Prometheus text exposition format
+//! [`Stats`] table (per-code families with one series per non-OK gRPC code,
+//! per-method ones with one per upstream method), rendered in the Prometheus text exposition format
 //! (version 0.0.4). The same samples fill `GetStats`'s `metrics` map.
 
 use std::fmt::Write;
@@ -18,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::stats::{Stats, UpstreamMethod};
 use crate::status::StatusSource;
+use crate::status::codes::{ERROR_CODES, code_name};
 use crate::store::local::LocalStore;
 use crate::tls::{Protocol, ReloadingTls, TlsListener};
 
@@ -136,6 +138,15 @@ fn samples(stats: &Stats, local: &LocalStore) -> Vec<Sample> {
         label: None,
         value: (c.read)(stats),
     }));
+    for family in Stats::BY_CODE {
+        samples.extend(ERROR_CODES.iter().map(|&code| Sample {
+            name: family.metric,
+            help: family.help,
+            kind: "counter",
+            label: Some(("code", code_name(code))),
+            value: (family.read)(stats, code),
+        }));
+    }
     for family in Stats::BY_METHOD {
         samples.extend(UpstreamMethod::ALL.iter().map(|&method| Sample {
             name: family.metric,
@@ -170,10 +181,12 @@ pub async fn serve(
     let addr = listener.local_addr()?;
     let metrics_stats = stats.clone();
     let page_status = status.clone();
+    let metrics_status = status.clone();
     let app = Router::new()
         .route(
             "/metrics",
             get(move || {
+                metrics_status.refresh_gauges();
                 let body = render(&metrics_stats, &local);
                 async move {
                     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
@@ -225,6 +238,10 @@ mod tests {
         let stats = Arc::new(Stats::default());
         Stats::add(&stats.prefetch_wasted_bytes, 42);
         stats.upstream_call(UpstreamMethod::ByteStreamRead);
+        stats.rpc_completed(tonic::Code::NotFound);
+        stats.rpc_completed(tonic::Code::Ok);
+        Stats::add(&stats.served_local_bytes, 1234);
+        Stats::set(&stats.upstream_rtt_microseconds, 20_000);
         let options = LocalStoreOptions {
             dir: dir.path().to_path_buf(),
             quota_bytes: 1 << 20,
@@ -259,10 +276,34 @@ mod tests {
             text.contains("\noutpost_upstream_calls_total{method=\"ByteStream.Read\"} 1\n"),
             "{text}"
         );
+        for family in Stats::BY_CODE {
+            assert_eq!(
+                text.matches(&format!("# TYPE {} counter\n", family.metric))
+                    .count(),
+                1
+            );
+        }
+        // The names the Grafana dashboard and the status page agree on.
+        for line in [
+            "outpost_rpc_calls_total 2",
+            "outpost_rpc_errors_total{code=\"NOT_FOUND\"} 1",
+            "outpost_rpc_errors_total{code=\"UNAVAILABLE\"} 0",
+            "outpost_served_local_bytes_total 1234",
+            "outpost_upstream_healthy 0",
+            "outpost_upstream_rtt_microseconds 20000",
+            "outpost_upstream_throughput_bytes_per_second 0",
+            "outpost_uptime_seconds 0",
+        ] {
+            assert!(text.contains(&format!("\n{line}\n")), "{line} in {text}");
+        }
+        assert!(!text.contains("code=\"OK\""), "{text}");
         let samples = text.lines().filter(|l| !l.starts_with('#')).count();
         assert_eq!(
             samples,
-            7 + Stats::GAUGES.len() + Stats::COUNTERS.len() + UpstreamMethod::ALL.len()
+            7 + Stats::GAUGES.len()
+                + Stats::COUNTERS.len()
+                + Stats::BY_CODE.len() * ERROR_CODES.len()
+                + UpstreamMethod::ALL.len()
         );
         let map = values(&stats, &local);
         assert_eq!(map.len(), samples);

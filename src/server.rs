@@ -64,16 +64,20 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// after the listeners are closed, before it flushes the store anyway.
 const BACKGROUND_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The layers around every listener's routes, from the outside in:
-/// `decode_status`, authentication (`crate::auth`), then per-client limits
-/// (`crate::limits`, keyed by the authenticated credential).
+/// The layers around every listener's routes, from the outside in: the
+/// observer (`crate::status::observe`), `decode_status`, authentication
+/// (`crate::auth`), then per-client limits (`crate::limits`, keyed by the
+/// authenticated credential).
 pub(crate) type DecodeLayers = tower::layer::util::Stack<
     crate::limits::LimitLayer,
     tower::layer::util::Stack<
         crate::auth::AuthLayer,
         tower::layer::util::Stack<
             tower::util::MapResponseLayer<crate::decode_status::Rewrite>,
-            tower::layer::util::Identity,
+            tower::layer::util::Stack<
+                crate::status::observe::ObserveLayer,
+                tower::layer::util::Identity,
+            >,
         >,
     >,
 >;
@@ -99,6 +103,8 @@ struct Services {
     limits: crate::limits::LimitLayer,
     /// Decoding limit for Batch* requests: the batch limit plus framing room.
     max_message: usize,
+    /// Records every call's outcome for the status report and metrics.
+    observe: crate::status::observe::ObserveLayer,
 }
 
 impl Services {
@@ -110,6 +116,8 @@ impl Services {
             .max_frame_size(MAX_FRAME)
             // One span per RPC, carrying the client's invocation ids.
             .trace_fn(crate::context::rpc_span)
+            // Every call's code, method and caller (refusals too).
+            .layer(self.observe.clone())
             // A request that does not decode: INVALID_ARGUMENT, not INTERNAL.
             .layer(crate::decode_status::layer())
             // Credentials and roles, before anything else runs.
@@ -191,7 +199,7 @@ impl RunningServer {
         };
         let background = Background::new();
         let stack = match &config.upstream {
-            None => Stack::standalone(&local),
+            None => Stack::standalone(&local, &stats),
             Some(_) => Stack::proxy(config, &local, &stats, &background)?,
         };
         let Stack {
@@ -236,6 +244,13 @@ impl RunningServer {
             stats.clone(),
         ));
         local.set_reclaimer(parked.reclaimer());
+        let observer = Arc::new(crate::status::observe::Observer::new(stats.clone()));
+        let status = Arc::new(
+            crate::status::StatusSource::new(config, stats.clone(), local.clone())
+                .with_observer(observer.clone())
+                .with_upstream(upstream.clone()),
+        );
+        background.spawn(status.clone().sample());
         let services = Services {
             capabilities: Arc::new(CapabilitiesService::new(
                 config.max_batch_total_size_bytes,
@@ -266,6 +281,7 @@ impl RunningServer {
                 stats.clone(),
             ))),
             max_message: config.max_batch_total_size_bytes as usize + (1 << 20),
+            observe: crate::status::observe::ObserveLayer::new(observer),
         };
 
         let shutdown = background.closing_token();
@@ -297,17 +313,12 @@ impl RunningServer {
             let listener = crate::metrics::bind(addr).await?;
             metrics_addr = Some(listener.local_addr()?);
             let (stats, local) = (stats.clone(), local.clone());
-            let status = Arc::new(crate::status::StatusSource::new(
-                config,
-                stats.clone(),
-                local.clone(),
-            ));
             tasks.spawn(crate::metrics::serve(
                 listener,
                 tls.clone(),
                 stats,
                 local,
-                status,
+                status.clone(),
                 shutdown.clone(),
             ));
         }

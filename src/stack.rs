@@ -18,6 +18,7 @@ use crate::store::local::LocalStore;
 use crate::store::proxy::ProxyStore;
 use crate::store::proxy_ac::{ProxyActionCache, ResultObserver};
 use crate::store::read_through::ReadHook;
+use crate::store::served::ServedLocally;
 use crate::store::upstream::UpstreamStore;
 use crate::store::write_back::{UploadQueue, UploadQueueDeps};
 use crate::store::{ActionResultStore, BlobStore};
@@ -52,10 +53,10 @@ pub struct Stack {
 }
 
 impl Stack {
-    /// The local store alone.
-    pub fn standalone(local: &LocalStore) -> Self {
+    /// The local store alone (its client reads counted as served locally).
+    pub fn standalone(local: &LocalStore, stats: &Arc<Stats>) -> Self {
         Stack {
-            blobs: Arc::new(local.clone()),
+            blobs: Arc::new(ServedLocally::new(Arc::new(local.clone()), stats.clone())),
             results: Arc::new(local.clone()),
             upstream: None,
             execution: None,

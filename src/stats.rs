@@ -11,96 +11,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::admin_proto::GetStatsResponse;
 
-/// Upstream RPC methods, for per-method counters.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum UpstreamMethod {
-    /// ContentAddressableStorage.FindMissingBlobs
-    FindMissingBlobs,
-    /// ContentAddressableStorage.BatchReadBlobs
-    BatchReadBlobs,
-    /// ContentAddressableStorage.BatchUpdateBlobs
-    BatchUpdateBlobs,
-    /// ByteStream.Read
-    ByteStreamRead,
-    /// ByteStream.Write
-    ByteStreamWrite,
-    /// ActionCache.GetActionResult
-    GetActionResult,
-    /// ActionCache.UpdateActionResult
-    UpdateActionResult,
-    /// Capabilities.GetCapabilities
-    GetCapabilities,
-    /// Execution.Execute
-    Execute,
-    /// Execution.WaitExecution
-    WaitExecution,
-    /// google.longrunning.Operations (any method)
-    Operations,
-    /// Remote Asset Fetch.FetchBlob
-    FetchBlob,
-    /// Remote Asset Fetch.FetchDirectory
-    FetchDirectory,
-    /// Remote Asset Push.PushBlob
-    PushBlob,
-    /// Remote Asset Push.PushDirectory
-    PushDirectory,
-    /// Remote Logstream LogStreamService.CreateLogStream
-    CreateLogStream,
-    /// ByteStream Read, Write or QueryWriteStatus of a non-CAS resource
-    /// (log streams), passed through unchanged
-    ByteStreamPassthrough,
-}
+pub use method::UpstreamMethod;
 
-impl UpstreamMethod {
-    /// Every method, in counter order (the order of the enum).
-    pub const ALL: [UpstreamMethod; 17] = [
-        UpstreamMethod::FindMissingBlobs,
-        UpstreamMethod::BatchReadBlobs,
-        UpstreamMethod::BatchUpdateBlobs,
-        UpstreamMethod::ByteStreamRead,
-        UpstreamMethod::ByteStreamWrite,
-        UpstreamMethod::GetActionResult,
-        UpstreamMethod::UpdateActionResult,
-        UpstreamMethod::GetCapabilities,
-        UpstreamMethod::Execute,
-        UpstreamMethod::WaitExecution,
-        UpstreamMethod::Operations,
-        UpstreamMethod::FetchBlob,
-        UpstreamMethod::FetchDirectory,
-        UpstreamMethod::PushBlob,
-        UpstreamMethod::PushDirectory,
-        UpstreamMethod::CreateLogStream,
-        UpstreamMethod::ByteStreamPassthrough,
-    ];
-
-    /// The gRPC method name (the `method` label of per-method metrics).
-    pub fn name(self) -> &'static str {
-        match self {
-            UpstreamMethod::FindMissingBlobs => "FindMissingBlobs",
-            UpstreamMethod::BatchReadBlobs => "BatchReadBlobs",
-            UpstreamMethod::BatchUpdateBlobs => "BatchUpdateBlobs",
-            UpstreamMethod::ByteStreamRead => "ByteStream.Read",
-            UpstreamMethod::ByteStreamWrite => "ByteStream.Write",
-            UpstreamMethod::GetActionResult => "GetActionResult",
-            UpstreamMethod::UpdateActionResult => "UpdateActionResult",
-            UpstreamMethod::GetCapabilities => "GetCapabilities",
-            UpstreamMethod::Execute => "Execute",
-            UpstreamMethod::WaitExecution => "WaitExecution",
-            UpstreamMethod::Operations => "Operations",
-            UpstreamMethod::FetchBlob => "FetchBlob",
-            UpstreamMethod::FetchDirectory => "FetchDirectory",
-            UpstreamMethod::PushBlob => "PushBlob",
-            UpstreamMethod::PushDirectory => "PushDirectory",
-            UpstreamMethod::CreateLogStream => "CreateLogStream",
-            UpstreamMethod::ByteStreamPassthrough => "ByteStream.passthrough",
-        }
-    }
-
-    /// Position in [`UpstreamMethod::ALL`] and in per-method counter arrays.
-    fn index(self) -> usize {
-        self as usize
-    }
-}
+mod method;
 
 /// One plain counter of the table, as exporters see it.
 pub struct Counter {
@@ -110,6 +23,16 @@ pub struct Counter {
     pub help: &'static str,
     /// Reads the counter.
     pub read: fn(&Stats) -> u64,
+}
+
+/// One per-status-code counter family of the table (label `code`).
+pub struct CodeCounter {
+    /// Prometheus name: `outpost_<field>_total`.
+    pub metric: &'static str,
+    /// Prometheus help text.
+    pub help: &'static str,
+    /// Reads the counter of one code.
+    pub read: fn(&Stats, tonic::Code) -> u64,
 }
 
 /// One per-method counter family of the table (label `method`).
@@ -133,9 +56,28 @@ impl Stats {
         counter.load(Ordering::Relaxed)
     }
 
+    /// Sets a gauge.
+    pub fn set(gauge: &AtomicU64, value: u64) {
+        gauge.store(value, Ordering::Relaxed);
+    }
+
     /// Counts one upstream call of `method`.
     pub fn upstream_call(&self, method: UpstreamMethod) {
         Stats::add(&self.upstream_calls[method.index()], 1);
+    }
+
+    /// Counts one completed client call that ended with `code` (the
+    /// observer layer, `crate::status::observe`).
+    pub fn rpc_completed(&self, code: tonic::Code) {
+        Stats::add(&self.rpc_calls, 1);
+        if code != tonic::Code::Ok {
+            Stats::add(&self.rpc_errors[code as usize], 1);
+        }
+    }
+
+    /// Client calls that ended with an error status, every code.
+    pub fn rpc_errors_total(&self) -> u64 {
+        self.rpc_errors.iter().map(Stats::get).sum()
     }
 }
 
@@ -143,7 +85,8 @@ impl Stats {
 /// `/// doc` `field: "Prometheus help"` and, for counters that
 /// `GetStatsResponse` also carries as a typed field (kept for wire
 /// compatibility), `, admin proto_field`. Rows in `by_method` are arrays with
-/// one counter per [`UpstreamMethod`]; rows in `gauges` are current values
+/// one counter per [`UpstreamMethod`]; rows in `by_code` one per gRPC status
+/// code (label `code`, see `crate::status::codes`); rows in `gauges` are current values
 /// (`outpost_<field>`, no `_total`). Row order is `/metrics` order.
 macro_rules! counters {
     (
@@ -159,6 +102,12 @@ macro_rules! counters {
                 $mfield:ident: $mhelp:literal $(, admin $madmin:ident)?;
             )*
         }
+        by_code {
+            $(
+                $(#[doc = $cdoc:literal])*
+                $cfield:ident: $chelp:literal;
+            )*
+        }
         gauges {
             $(
                 $(#[doc = $gdoc:literal])*
@@ -172,6 +121,7 @@ macro_rules! counters {
         pub struct Stats {
             $( $(#[doc = $doc])* pub $field: AtomicU64, )*
             $( $(#[doc = $mdoc])* pub $mfield: [AtomicU64; UpstreamMethod::ALL.len()], )*
+            $( $(#[doc = $cdoc])* pub $cfield: [AtomicU64; 17], )*
             $( $(#[doc = $gdoc])* pub $gfield: AtomicU64, )*
         }
 
@@ -201,6 +151,16 @@ macro_rules! counters {
                     metric: concat!("outpost_", stringify!($mfield), "_total"),
                     help: $mhelp,
                     read: |s, m| Stats::get(&s.$mfield[m.index()]),
+                }, )*
+            ];
+
+            /// Every per-code counter family, in table order (indexed by
+            /// `tonic::Code as usize`; OK is never counted).
+            pub const BY_CODE: &'static [CodeCounter] = &[
+                $( CodeCounter {
+                    metric: concat!("outpost_", stringify!($cfield), "_total"),
+                    help: $chelp,
+                    read: |s, c| Stats::get(&s.$cfield[c as usize]),
                 }, )*
             ];
 
@@ -433,10 +393,23 @@ counters! {
         upstream_compressed_wire_bytes: "Bytes of blobs that crossed the WAN zstd-compressed, as sent or received.";
         /// The same blobs' uncompressed bytes (upstream store).
         upstream_compressed_plain_bytes: "Uncompressed bytes of the blobs that crossed the WAN compressed.";
+        /// Blob bytes client reads got from the local store: in proxy mode,
+        /// bytes that did not cross the WAN (read-through layer; standalone:
+        /// `store::served`).
+        served_local_bytes: "Blob bytes client reads got from the local store (in proxy mode they did not cross the WAN).";
+        /// Client read calls (ByteStream reads, batch reads) served from the
+        /// local store: each would have cost at least one round trip upstream.
+        served_local_reads: "Client read calls served from the local store.";
+        /// Client calls completed, every service (observer layer).
+        rpc_calls: "Client calls completed (every service).";
     }
     by_method {
         /// Upstream calls started, by [`UpstreamMethod`] (upstream client).
         upstream_calls: "Upstream calls, by method (each retry counts).", admin upstream_calls;
+    }
+    by_code {
+        /// Client calls that ended with an error status, by code (observer layer).
+        rpc_errors: "Client calls that ended with an error status, by gRPC code.";
     }
     gauges {
         /// Invocations the prefetch learner remembers, learning (prefetch learner).
@@ -460,38 +433,19 @@ counters! {
         write_back_queued_results: "Action results waiting in the write-back queue for their outputs' upload.";
         /// Age of the oldest queue entry, updated every second (write-back queue).
         write_back_oldest_age_seconds: "Age in seconds of the oldest entry in the write-back upload queue.";
+        /// 1 while the upstream answers, 0 while it is down or in standalone
+        /// mode (status sampler, from the upstream's health).
+        upstream_healthy: "1 while the upstream answers its calls, else 0 (also 0 without an upstream).";
+        /// Measured round-trip time to the upstream (status sampler, from
+        /// `upstream::link`).
+        upstream_rtt_microseconds: "Measured round-trip time to the upstream, microseconds (0 until measured).";
+        /// Measured download throughput from the upstream (status sampler,
+        /// from `upstream::link`).
+        upstream_throughput_bytes_per_second: "Measured download throughput from the upstream, bytes per second (0 until measured).";
+        /// Seconds since start (status sampler).
+        uptime_seconds: "Seconds since the server started.";
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn methods_are_listed_in_enum_order() {
-        for (i, m) in UpstreamMethod::ALL.iter().enumerate() {
-            assert_eq!(m.index(), i, "{m:?}");
-        }
-    }
-
-    #[test]
-    fn the_table_reads_the_fields_it_names() {
-        let stats = Stats::default();
-        Stats::add(&stats.prefetch_hits, 7);
-        stats.upstream_call(UpstreamMethod::Execute);
-        let read = |name: &str| {
-            let c = Stats::COUNTERS.iter().find(|c| c.metric == name).unwrap();
-            (c.read)(&stats)
-        };
-        assert_eq!(read("outpost_prefetch_hits_total"), 7);
-        assert_eq!(read("outpost_cas_hits_total"), 0);
-        let calls = &Stats::BY_METHOD[0];
-        assert_eq!(calls.metric, "outpost_upstream_calls_total");
-        assert_eq!((calls.read)(&stats, UpstreamMethod::Execute), 1);
-        let mut response = GetStatsResponse::default();
-        Stats::add(&stats.evicted_entries, 3);
-        stats.fill_admin_fields(&mut response);
-        assert_eq!(response.evicted_blobs, 3);
-        assert_eq!(response.upstream_calls["Execute"], 1);
-    }
-}
+mod tests;

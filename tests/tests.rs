@@ -36,6 +36,7 @@ mod suite {
     mod proxy;
     mod ready_file;
     mod sighup;
+    mod status_json;
     mod streaming_reads;
     mod tls;
     mod unix_socket;

@@ -86,6 +86,7 @@ where
             match outcome {
                 Ok(principal) => {
                     span.record("client", &*principal.name);
+                    name_caller(&request, &principal.name);
                     tracing::trace!(role = %principal.role, "admitted");
                     if auth.enabled() {
                         request.headers_mut().remove(AUTHORIZATION);
@@ -96,6 +97,7 @@ where
                 Err(refusal) => {
                     if let super::check::Refusal::Denied(principal, _) = &refusal {
                         span.record("client", &*principal.name);
+                        name_caller(&request, &principal.name);
                     }
                     let status = refusal.status();
                     tracing::debug!(
@@ -108,5 +110,15 @@ where
                 }
             }
         })
+    }
+}
+
+/// Tells the observer layer (outside this one) who the caller is.
+fn name_caller<B>(request: &http::Request<B>, name: &Arc<str>) {
+    if let Some(caller) = request
+        .extensions()
+        .get::<crate::status::observe::CallerName>()
+    {
+        caller.set(name);
     }
 }

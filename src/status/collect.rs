@@ -1,18 +1,31 @@
-//! Builds a [`StatusReport`] from the counters and the local store.
+//! Builds a [`StatusReport`] from the counters, the local store, the
+//! observer layer's tables, the upstream's health and link, and the
+//! per-minute history; and samples what needs sampling (the history, the
+//! gauges of uptime and link) once a second.
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::config::Config;
 use crate::config::upstream::WriteMode;
 use crate::stats::Stats;
 use crate::store::local::LocalStore;
+use crate::upstream::Upstream;
 
+use super::history::{History, Totals};
+use super::observe::Observer;
 use super::{
     AuthStatus, CompressionStatus, HitRates, PrefetchStatus, Ratio, StatusReport, StoreStatus,
     UploadQueueStatus, UpstreamStatus, WanSavings,
 };
+
+/// Busiest clients in a report.
+pub const TOP_CLIENTS: usize = 10;
+/// (code, method) error rows in a report.
+pub const TOP_ERRORS: usize = 20;
+/// How often [`StatusSource::sample`] refreshes the gauges and the history.
+const SAMPLE_EVERY: Duration = Duration::from_secs(1);
 
 /// What a report is built from: shared with the metrics listener.
 pub struct StatusSource {
@@ -24,6 +37,12 @@ pub struct StatusSource {
     upstream: Option<String>,
     prefetch: bool,
     write_back: bool,
+    /// The observer layer's client and error tables, once attached.
+    observer: Option<Arc<Observer>>,
+    /// The upstream connection (health, link), when proxying.
+    link: Option<Arc<Upstream>>,
+    /// Per-minute counter increases over the last hour.
+    history: History,
 }
 
 impl StatusSource {
@@ -31,13 +50,67 @@ impl StatusSource {
     pub fn new(config: &Config, stats: Arc<Stats>, local: LocalStore) -> Self {
         let upstream = config.upstream.as_ref();
         StatusSource {
-            stats,
             local,
             started: Instant::now(),
             data_dir: config.data_dir.clone(),
-            upstream: upstream.map(|u| u.uri.clone()),
+            upstream: upstream.map(|u| without_userinfo(&u.uri)),
             prefetch: upstream.is_some() && config.prefetch.enabled,
             write_back: upstream.is_some_and(|u| u.write_mode == WriteMode::Back),
+            observer: None,
+            link: None,
+            history: History::new(now_unix(), Totals::read(&stats)),
+            stats,
+        }
+    }
+
+    /// Reports the client and error tables of `observer`.
+    pub fn with_observer(mut self, observer: Arc<Observer>) -> Self {
+        self.observer = Some(observer);
+        self
+    }
+
+    /// Reports the health and link of `upstream` (the main connection).
+    pub fn with_upstream(mut self, upstream: Option<Arc<Upstream>>) -> Self {
+        self.link = upstream;
+        self
+    }
+
+    /// Until cancelled (run it on the server's `Background`): once a second,
+    /// refreshes the gauges and rolls the history at each minute's end.
+    pub async fn sample(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(SAMPLE_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            self.refresh_gauges();
+            self.history.roll(now_unix(), Totals::read(&self.stats));
+        }
+    }
+
+    /// Sets the gauges of uptime and of the upstream's health and link.
+    pub fn refresh_gauges(&self) {
+        let s = &*self.stats;
+        Stats::set(&s.uptime_seconds, self.started.elapsed().as_secs());
+        let link = self.link_figures();
+        Stats::set(&s.upstream_healthy, u64::from(link.healthy));
+        let rtt_us = link.rtt.map_or(0, |d| d.as_micros() as u64);
+        Stats::set(&s.upstream_rtt_microseconds, rtt_us);
+        let throughput = link.throughput.map_or(0, |t| t as u64);
+        Stats::set(&s.upstream_throughput_bytes_per_second, throughput);
+    }
+
+    /// The upstream's health and link as measured now (all unknown and
+    /// unhealthy without an upstream).
+    fn link_figures(&self) -> LinkFigures {
+        let Some(upstream) = &self.link else {
+            return LinkFigures::default();
+        };
+        let (healthy, last_error) = upstream.health();
+        LinkFigures {
+            healthy,
+            last_error,
+            rtt: upstream.link().rtt(),
+            throughput: upstream.link().throughput(),
         }
     }
 
@@ -46,12 +119,13 @@ impl StatusSource {
         let s = &*self.stats;
         let get = Stats::get;
         let (occupancy, quota) = self.local.occupancy();
+        let now = Instant::now();
+        let link = self.link_figures();
+        let rtt_ms = link.rtt.map(|d| d.as_secs_f64() * 1e3);
         StatusReport {
             version: env!("CARGO_PKG_VERSION").to_string(),
             uptime_seconds: self.started.elapsed().as_secs(),
-            generated_unix: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
+            generated_unix: now_unix(),
             mode: if self.upstream.is_some() {
                 "proxy"
             } else {
@@ -78,19 +152,18 @@ impl StatusSource {
                     get(&s.asset_fetches).saturating_sub(get(&s.asset_fetch_hits)),
                 ),
             },
-            wan: WanSavings {
-                bytes_from_upstream: get(&s.upstream_bytes_received),
-                ..WanSavings::default()
-            },
+            wan: self.wan_savings(&link),
             upstream: self.upstream.as_ref().map(|endpoint| UpstreamStatus {
                 endpoint: endpoint.clone(),
-                healthy: true,
+                healthy: link.healthy,
+                last_error: link.last_error.clone(),
+                rtt_ms,
+                throughput_bytes_per_second: link.throughput,
                 calls: s.upstream_calls.iter().map(get).sum(),
                 errors: get(&s.upstream_errors),
                 retries: get(&s.upstream_retries),
                 bytes_sent: get(&s.upstream_bytes_sent),
                 bytes_received: get(&s.upstream_bytes_received),
-                ..UpstreamStatus::default()
             }),
             prefetch: PrefetchStatus {
                 enabled: self.prefetch,
@@ -130,9 +203,83 @@ impl StatusSource {
                 denied: get(&s.auth_denied),
                 limit_refusals: get(&s.client_limit_refusals),
             },
-            clients: Vec::new(),
-            errors: Vec::new(),
-            history: Vec::new(),
+            clients: self
+                .observer
+                .as_ref()
+                .map_or_else(Vec::new, |o| o.clients.busiest(TOP_CLIENTS, now)),
+            errors: self
+                .observer
+                .as_ref()
+                .map_or_else(Vec::new, |o| o.errors.most_frequent(TOP_ERRORS, now)),
+            history: self.history.samples(Totals::read(s)),
         }
+    }
+
+    /// What serving locally saved: the link figures only in proxy mode and
+    /// once measured; the time saved once the throughput is known, as the
+    /// bytes at that throughput plus one round trip per read call served.
+    fn wan_savings(&self, link: &LinkFigures) -> WanSavings {
+        let s = &*self.stats;
+        let served = Stats::get(&s.served_local_bytes);
+        let reads = Stats::get(&s.served_local_reads);
+        let rtt = link.rtt.map(|d| d.as_secs_f64());
+        let seconds_saved = link
+            .throughput
+            .filter(|&t| t > 0.0)
+            .map(|t| served as f64 / t + rtt.unwrap_or(0.0) * reads as f64);
+        WanSavings {
+            bytes_served_locally: served,
+            bytes_from_upstream: Stats::get(&s.upstream_bytes_received),
+            link_bytes_per_second: link.throughput,
+            link_rtt_ms: rtt.map(|r| r * 1e3),
+            seconds_saved,
+        }
+    }
+}
+
+/// The upstream's health and link at one instant.
+#[derive(Default)]
+struct LinkFigures {
+    healthy: bool,
+    last_error: Option<String>,
+    rtt: Option<Duration>,
+    throughput: Option<f64>,
+}
+
+/// `uri` without a `user:password@` part: the report shows the endpoint,
+/// never a credential.
+fn without_userinfo(uri: &str) -> String {
+    let Some((scheme, rest)) = uri.split_once("://") else {
+        return uri.to_string();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}://{}", &rest[at + 1..]),
+        None => uri.to_string(),
+    }
+}
+
+/// Seconds since the Unix epoch (0 if the clock is before it).
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_endpoint_never_shows_a_credential() {
+        assert_eq!(
+            without_userinfo("grpcs://user:secret@cache.example.com:443/x@y"),
+            "grpcs://cache.example.com:443/x@y"
+        );
+        assert_eq!(
+            without_userinfo("grpc://127.0.0.1:8980"),
+            "grpc://127.0.0.1:8980"
+        );
+        assert_eq!(without_userinfo("unix:///run/x.sock"), "unix:///run/x.sock");
     }
 }

@@ -5,9 +5,22 @@
 //! The report is built from the [`crate::stats::Stats`] counters, the local
 //! store's occupancy and the trackers of this module; `/metrics` carries the
 //! same figures for Prometheus and Grafana (`deploy/grafana/outpost.json`).
+//!
+//! - [`collect`]: [`StatusSource`], the report and the once-a-second sampler.
+//! - [`observe`]: the tower layer that records every client call's outcome.
+//! - [`clients`], [`errors`]: its bounded tables ([`recent`]); [`codes`]:
+//!   gRPC code names.
+//! - [`history`]: the per-minute ring of the last hour.
+//! - [`page`]: the HTML page.
 
+pub mod clients;
+pub mod codes;
 pub mod collect;
+pub mod errors;
+pub mod history;
+pub mod observe;
 pub mod page;
+pub mod recent;
 
 pub use collect::StatusSource;
 

@@ -21,6 +21,7 @@
 //! - [`replicator`]: copies blobs from one store to another (backfill, repair).
 //! - [`single_flight`]: concurrent callers of one key share one spawned flight.
 //! - [`proxy_ac`]: the proxy for the action cache.
+//! - [`served`]: counts the bytes client reads get from the local store.
 
 pub mod asset_index;
 pub mod complete;
@@ -32,6 +33,7 @@ pub mod proxy;
 pub mod proxy_ac;
 pub mod read_through;
 pub mod replicator;
+pub mod served;
 pub mod single_flight;
 pub mod upstream;
 pub mod write_back;

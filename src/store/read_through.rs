@@ -31,6 +31,7 @@ use crate::context::{Priority, RequestContext};
 use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::stats::Stats;
+use crate::store::served::{count_many, range_len, served_locally};
 use crate::store::single_flight::{Role, SingleFlight, Ticket};
 use crate::store::{BlobStore, ChunkStream, SMALL_BLOB, read_to_bytes};
 use crate::tasks::Background;
@@ -135,6 +136,7 @@ impl ReadThrough {
             Err(Error::NotFound(_)) => {}
             Ok(stream) => {
                 self.tell(ctx, digest, ReadSource::Local);
+                served_locally(&self.stats, ctx, range_len(digest, offset, limit));
                 return Ok(stream);
             }
             other => return other,
@@ -182,6 +184,7 @@ impl ReadThrough {
             Err(Error::NotFound(_)) => {}
             Ok(stream) => {
                 self.tell(ctx, digest, ReadSource::Local);
+                served_locally(&self.stats, ctx, range_len(digest, offset, 0));
                 return Ok(stream);
             }
             other => return other,
@@ -204,6 +207,7 @@ impl ReadThrough {
     /// together.
     pub async fn read_many(&self, ctx: &RequestContext, digests: &[Digest]) -> Vec<Result<Bytes>> {
         let mut results = self.local.read_many(ctx, digests).await;
+        count_many(&self.stats, ctx, &results);
         for (d, r) in digests.iter().zip(&results) {
             if r.is_ok() {
                 self.tell(ctx, d, ReadSource::Local);

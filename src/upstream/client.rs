@@ -33,6 +33,7 @@ use crate::error::{Error, Result, is_timeout};
 use crate::stats::{Stats, UpstreamMethod};
 use crate::upstream::channels::Channels;
 use crate::upstream::health::Health;
+use crate::upstream::link::{Link, measures_round_trip};
 use crate::upstream::traffic::{ClientWork, Traffic};
 
 /// Largest message accepted from the upstream.
@@ -79,6 +80,8 @@ pub struct Upstream {
     permits: Arc<Semaphore>,
     /// Fail-fast state.
     health: Health,
+    /// The link's measured round-trip time and throughput.
+    link: Link,
     /// Counters.
     stats: Arc<Stats>,
     /// Last capabilities answer and when it was fetched.
@@ -106,6 +109,7 @@ impl Upstream {
             traffic: Traffic::new(stats.clone()),
             permits: Arc::new(Semaphore::new(config.max_concurrent_calls)),
             health: Health::new(&config.uri),
+            link: Link::default(),
             headers,
             stats,
             capabilities: Mutex::new(None),
@@ -278,6 +282,18 @@ impl Upstream {
         self.health.check()
     }
 
+    /// Whether the upstream is believed reachable, and the last failure
+    /// while it is not (for the status report).
+    pub fn health(&self) -> (bool, Option<String>) {
+        self.health.state()
+    }
+
+    /// The link's measurements (fed by the calls made here and by the
+    /// ByteStream reads of `store::upstream`).
+    pub fn link(&self) -> &Link {
+        &self.link
+    }
+
     /// Runs an upstream call (the caller holds a [`CallSlot`], which counts
     /// the client work): fails fast while the
     /// upstream is down, retries transient failures with exponential
@@ -377,8 +393,12 @@ impl Upstream {
         let mut attempt = 1;
         loop {
             self.stats.upstream_call(method);
+            let started = Instant::now();
             match call().await {
                 Ok(response) => {
+                    if measures_round_trip(method) {
+                        self.link.round_trip(started.elapsed());
+                    }
                     self.health.succeeded();
                     return Ok(response.into_inner());
                 }

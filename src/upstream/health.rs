@@ -65,6 +65,16 @@ impl Health {
         )))
     }
 
+    /// Whether the upstream is believed reachable, and while it is not, the
+    /// last failure (the transport's or upstream's message; no endpoint,
+    /// no headers).
+    pub fn state(&self) -> (bool, Option<String>) {
+        match &self.lock().down {
+            None => (true, None),
+            Some(down) => (false, Some(down.last_error.clone())),
+        }
+    }
+
     /// Records a successful call.
     pub fn succeeded(&self) {
         let mut state = self.lock();
@@ -112,6 +122,7 @@ mod tests {
         let health = Health::new("grpc://x:1");
         assert!(health.check().is_ok());
         health.failed("connection refused");
+        assert_eq!(health.state(), (false, Some("connection refused".into())));
         let err = health.check().unwrap_err();
         assert!(matches!(err, Error::Unavailable(_)));
         assert!(err.to_string().contains("connection refused"));
@@ -120,5 +131,6 @@ mod tests {
         assert!(health.check().is_err(), "only one probe");
         health.succeeded();
         assert!(health.check().is_ok());
+        assert_eq!(health.state(), (true, None));
     }
 }

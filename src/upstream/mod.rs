@@ -7,6 +7,7 @@
 //! - [`compressors`]: which blobs cross the WAN zstd-compressed.
 //! - [`health`]: fail fast while the upstream is down, recover by itself.
 //! - [`batcher`]: group commit that merges concurrent requests into few calls.
+//! - [`link`]: the link's measured round-trip time and throughput.
 //! - [`keyed_batchers`]: one batcher per (instance, credentials); idle ones
 //!   retire.
 //! - [`passthrough`]: Remote Logstream (CreateLogStream and non-CAS
@@ -20,6 +21,7 @@ pub mod client;
 pub mod compressors;
 pub mod health;
 pub mod keyed_batchers;
+pub mod link;
 pub mod passthrough;
 pub mod traffic;
 

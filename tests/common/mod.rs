@@ -148,6 +148,11 @@ impl TestServer {
         self.server.addr
     }
 
+    /// The metrics listener's address, when `metrics_listen` is set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.server.metrics_addr
+    }
+
     /// The store's directory.
     pub fn data_dir(&self) -> &Path {
         &self.config.data_dir

@@ -3,6 +3,7 @@
 //! zstd-compressed on the wire ([`Wire`]).
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use async_trait::async_trait;
 use bazel_remote_apis::google::bytestream::{
@@ -15,7 +16,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 
 use crate::compression::{Compressor, Decompressor, StreamCompressor};
-use crate::context::RequestContext;
+use crate::context::{Priority, RequestContext};
 use crate::digest::Digest;
 use crate::error::{Error, Result, clip};
 use crate::reapi::resource::ResourceName;
@@ -79,6 +80,7 @@ pub async fn read(
         resumes: 0,
         compressor: wire.compressor(),
     };
+    let opened = Instant::now();
     let first = reader.open().await?;
     let decoder = match wire {
         Wire::Coded(_) => Some(Decompressor::new(end - offset)?),
@@ -92,6 +94,8 @@ pub async fn read(
         pending: Bytes::new(),
         raw: matches!(wire, Wire::Compressed(_)),
         handed_on: false,
+        opened,
+        received: 0,
     };
     Ok(Box::pin(futures::stream::unfold(
         Some(state),
@@ -120,6 +124,10 @@ struct ReadState {
     raw: bool,
     /// Whether any byte was handed on (a raw read cannot resume after that).
     handed_on: bool,
+    /// When the read was called, and the bytes received since: a client's
+    /// large read measures the link's throughput (`upstream::link`).
+    opened: Instant,
+    received: u64,
 }
 
 impl ReadState {
@@ -153,6 +161,7 @@ impl ReadState {
                 Ok(Some(message)) => {
                     let n = message.data.len() as u64;
                     Stats::add(&up.stats().upstream_bytes_received, n);
+                    self.received += n;
                     let data = Bytes::from(message.data);
                     if self.reader.compressor.is_some() {
                         Stats::add(&up.stats().upstream_compressed_wire_bytes, n);
@@ -174,7 +183,12 @@ impl ReadState {
                     self.handed_on = true;
                     return Some(Ok(chunk));
                 }
-                Ok(None) => return self.end(),
+                Ok(None) => {
+                    if self.reader.ctx.priority == Priority::Client {
+                        up.link().download(self.received, self.opened.elapsed());
+                    }
+                    return self.end();
+                }
                 Err(status) => {
                     up.record_error(&status);
                     if self.raw && self.handed_on {
