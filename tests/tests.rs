@@ -35,6 +35,7 @@ mod suite {
     mod proxy;
     mod ready_file;
     mod sighup;
+    mod status_page;
     mod streaming_reads;
     mod tls;
     mod unix_socket;

@@ -1,0 +1,426 @@
+//! The status page in a real browser: a real `outpost serve` with
+//! `--metrics-listen`, some traffic (CAS writes and reads, an action-cache
+//! miss and hit, a bad request), then Debian's headless Chromium renders
+//! `/`; the DOM must hold the same figures as `/status` of the same server,
+//! and a screenshot lands in the target directory (`status-page.png`).
+//!
+//! Without `/usr/bin/chromium` the test is skipped, unless
+//! `OUTPOST_REQUIRE_BROWSER=1` (set by `scripts/test.sh`, which installs it).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use prost::Message;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::Code;
+use tonic::metadata::MetadataValue;
+
+use crate::common::fake_upstream::REQUEST_METADATA_HEADER;
+use crate::common::*;
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+/// A hung browser fails the test instead of hanging the suite.
+const BROWSER_TIMEOUT: Duration = Duration::from_secs(120);
+/// The tool and invocation the traffic carries; the invocation holds markup
+/// that must come out as text.
+const TOOL: &str = "page-test";
+const INVOCATION: &str = "<b>inv&1</b>";
+
+#[tokio::test]
+async fn the_status_page_shows_the_servers_figures_in_a_browser() {
+    let Some(chromium) = browser() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::command(env!("CARGO_BIN_EXE_outpost"), dir.path().join("data"))
+        .args(["--metrics-listen", "127.0.0.1:0"])
+        .log_file(&dir.path().join("log"))
+        .start()
+        .expect("outpost starts");
+    let metrics = server.metrics_addr().expect("a metrics address");
+    traffic(&server).await;
+
+    let before = status(metrics).await;
+    let url = format!("http://{metrics}/");
+    let dom = run_browser(&chromium, dir.path(), &["--dump-dom", &url], "dom");
+    let after = status(metrics).await;
+    let page = Dom(dom);
+
+    // The traffic shows in /status...
+    assert_eq!(after["mode"], "standalone");
+    let cas = &after["hit_rates"]["cas"];
+    assert!(cas["hits"].as_u64() >= Some(2), "{cas}");
+    assert!(cas["misses"].as_u64() >= Some(1), "{cas}");
+    let ac = &after["hit_rates"]["action_cache"];
+    assert_eq!(
+        (ac["hits"].as_u64(), ac["misses"].as_u64()),
+        (Some(1), Some(1))
+    );
+    // ...and the page the browser rendered shows the same figures.
+    for (id, key) in [("cas-hit-rate", "cas"), ("ac-hit-rate", "action_cache")] {
+        let json = &after["hit_rates"][key];
+        let figure = page.element(id);
+        assert_eq!(figure.attr("data-hits"), json["hits"].to_string(), "{id}");
+        assert_eq!(
+            figure.attr("data-misses"),
+            json["misses"].to_string(),
+            "{id}"
+        );
+        let rate = json["rate"].as_f64().expect("a rate after lookups");
+        assert_eq!(figure.text, format!("{:.1}%", rate * 100.0), "{id}");
+    }
+    assert_eq!(page.element("ac-hit-rate").text, "50.0%");
+    for (id, json) in [
+        ("store-used", &after["store"]["used_bytes"]),
+        ("store-quota", &after["store"]["quota_bytes"]),
+        ("store-blobs", &after["store"]["blobs"]),
+        ("store-actions", &after["store"]["action_results"]),
+        ("wan-served", &after["wan"]["bytes_served_locally"]),
+        ("version", &after["version"]),
+        ("mode", &after["mode"]),
+    ] {
+        let want = json
+            .as_str()
+            .map_or_else(|| json.to_string(), str::to_string);
+        assert_eq!(page.element(id).attr("data-value"), want, "{id}");
+    }
+    assert!(after["store"]["blobs"].as_u64() >= Some(3));
+    assert!(page.element("upstream-none").text.contains("standalone"));
+    assert_eq!(
+        page.element("store-bar").attr("data-used"),
+        after["store"]["used_bytes"].to_string()
+    );
+
+    // Tables: one row per client and per error of the report, or the empty state.
+    let rows = page.rows("client");
+    assert_eq!(
+        rows.len(),
+        after["clients"].as_array().unwrap().len(),
+        "{rows:?}"
+    );
+    for (row, json) in rows.iter().zip(after["clients"].as_array().unwrap()) {
+        assert_eq!(row["data-tool"], json["tool"].as_str().unwrap());
+        assert_eq!(row["data-invocation"], json["invocation"].as_str().unwrap());
+        assert_eq!(row["data-calls"], json["calls"].to_string());
+    }
+    if rows.is_empty() {
+        page.element("clients-empty");
+    }
+    let errors = page.rows("error-row");
+    assert_eq!(errors.len(), after["errors"].as_array().unwrap().len());
+    for (row, json) in errors.iter().zip(after["errors"].as_array().unwrap()) {
+        assert_eq!(row["data-code"], json["code"].as_str().unwrap());
+        assert_eq!(row["data-count"], json["count"].to_string());
+    }
+    if errors.is_empty() {
+        page.element("errors-empty");
+    }
+    // The invocation's markup stayed text: no <b> element came of it.
+    assert!(
+        !page.0.contains("<b>inv"),
+        "client markup was rendered as HTML"
+    );
+
+    // Charts: as many samples as the history had around the page load.
+    let samples: usize = page
+        .element("chart-hit-rate")
+        .attr("data-samples")
+        .parse()
+        .unwrap();
+    let (low, high) = (history_len(&before), history_len(&after));
+    assert!(
+        (low..=high).contains(&samples),
+        "{samples} not in {low}..={high}"
+    );
+    page.element("chart-bytes");
+
+    let shot = target_dir().join("status-page.png");
+    let _ = std::fs::remove_file(&shot);
+    let screenshot = format!("--screenshot={}", shot.display());
+    run_browser(
+        &chromium,
+        dir.path(),
+        &[
+            &screenshot,
+            "--window-size=1280,2000",
+            "--hide-scrollbars",
+            &url,
+        ],
+        "screenshot",
+    );
+    let png = std::fs::read(&shot).expect("the screenshot was written");
+    assert!(png.starts_with(b"\x89PNG"), "not a PNG");
+    eprintln!("status page screenshot: {}", shot.display());
+}
+
+/// CAS writes and reads, an action-cache miss then hit, a missing blob and
+/// a malformed digest; every call carries the same RequestMetadata.
+async fn traffic(server: &ServerProcess) {
+    let blobs: Vec<Vec<u8>> = (0..3).map(|i| blob(400 + i, 3000 + i as usize)).collect();
+    let mut cas = server.cas();
+    let update = re::BatchUpdateBlobsRequest {
+        requests: blobs
+            .iter()
+            .map(|b| re::batch_update_blobs_request::Request {
+                digest: Some(digest(b)),
+                data: b.clone().into(),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    };
+    cas.batch_update_blobs(with_metadata(update))
+        .await
+        .expect("BatchUpdateBlobs");
+    let mut bs = server.bytestream();
+    for b in &blobs[..2] {
+        let read = read_request(&digest(b));
+        let mut stream = bs
+            .read(with_metadata(read))
+            .await
+            .expect("Read")
+            .into_inner();
+        while stream.message().await.expect("Read stream").is_some() {}
+    }
+    let absent = read_request(&digest(b"not stored"));
+    let missing = match bs.read(with_metadata(absent)).await {
+        Err(status) => Err(status),
+        Ok(response) => response.into_inner().message().await,
+    };
+    assert_code(missing, Code::NotFound);
+
+    let mut ac = server.action_cache();
+    let action = digest(b"an action");
+    let get = || re::GetActionResultRequest {
+        action_digest: Some(action.clone()),
+        ..Default::default()
+    };
+    assert_code(
+        ac.get_action_result(with_metadata(get())).await,
+        Code::NotFound,
+    );
+    let update = re::UpdateActionResultRequest {
+        action_digest: Some(action.clone()),
+        action_result: Some(re::ActionResult {
+            exit_code: 0,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    ac.update_action_result(with_metadata(update))
+        .await
+        .expect("UpdateActionResult");
+    ac.get_action_result(with_metadata(get()))
+        .await
+        .expect("the action cache hit");
+
+    let bad = re::FindMissingBlobsRequest {
+        blob_digests: vec![raw_digest("not-a-hash", 5)],
+        ..Default::default()
+    };
+    assert_code(
+        cas.find_missing_blobs(with_metadata(bad)).await,
+        Code::InvalidArgument,
+    );
+}
+
+fn read_request(d: &re::Digest) -> bs::ReadRequest {
+    bs::ReadRequest {
+        resource_name: read_name("", d),
+        read_offset: 0,
+        read_limit: 0,
+    }
+}
+
+/// `message` with the test's RequestMetadata header.
+fn with_metadata<T>(message: T) -> tonic::Request<T> {
+    let metadata = re::RequestMetadata {
+        tool_details: Some(re::ToolDetails {
+            tool_name: TOOL.into(),
+            tool_version: "1.0".into(),
+        }),
+        tool_invocation_id: INVOCATION.into(),
+        ..Default::default()
+    };
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert_bin(
+        REQUEST_METADATA_HEADER,
+        MetadataValue::from_bytes(&metadata.encode_to_vec()),
+    );
+    request
+}
+
+/// Chromium, or `None` (the test is skipped) when it is not installed and
+/// not required.
+fn browser() -> Option<PathBuf> {
+    if Path::new(CHROMIUM).exists() {
+        return Some(PathBuf::from(CHROMIUM));
+    }
+    if std::env::var("OUTPOST_REQUIRE_BROWSER").as_deref() == Ok("1") {
+        panic!("{CHROMIUM} is missing and OUTPOST_REQUIRE_BROWSER=1 (apt-get install chromium)");
+    }
+    eprintln!(
+        "SKIPPED the status page browser test: {CHROMIUM} is missing (apt-get install chromium, \
+         or set OUTPOST_REQUIRE_BROWSER=1 to make this a failure)"
+    );
+    None
+}
+
+/// Runs headless Chromium with a fresh profile and `args`; returns its
+/// stdout. Killed (and the test failed) after [`BROWSER_TIMEOUT`].
+fn run_browser(chromium: &Path, dir: &Path, args: &[&str], name: &str) -> String {
+    let profile = dir.join(format!("chromium-{name}"));
+    let (out, err) = (
+        dir.join(format!("{name}.out")),
+        dir.join(format!("{name}.err")),
+    );
+    let mut child = Command::new(chromium)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-dev-shm-usage",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .args(args)
+        .stdin(Stdio::null())
+        // Files, not pipes: a full pipe cannot stall the browser.
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .expect("start chromium");
+    let deadline = Instant::now() + BROWSER_TIMEOUT;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for chromium") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "chromium ({name}) did not finish within {BROWSER_TIMEOUT:?}: {}",
+                std::fs::read_to_string(&err).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        status.success(),
+        "chromium ({name}) failed ({status}): {}",
+        std::fs::read_to_string(&err).unwrap_or_default()
+    );
+    std::fs::read_to_string(&out).expect("chromium's output")
+}
+
+/// `$CARGO_TARGET_DIR` (or `target/`): three levels above this test binary
+/// (`<target>/debug/deps/tests-…`).
+fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    exe.ancestors()
+        .nth(3)
+        .expect("<target>/<profile>/deps")
+        .to_path_buf()
+}
+
+/// The `/status` JSON.
+async fn status(addr: SocketAddr) -> Value {
+    let body = http_get(addr, "/status").await;
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("/status is not JSON ({e}): {body}"))
+}
+
+fn history_len(status: &Value) -> usize {
+    status["history"].as_array().map_or(0, Vec::len)
+}
+
+/// The body of `GET path` over HTTP/1.0.
+async fn http_get(addr: SocketAddr, path: &str) -> String {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(
+        head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
+        "{head}"
+    );
+    body.to_string()
+}
+
+/// The DOM as Chromium serialized it, read just enough to find figures by
+/// `id` and table rows by class.
+struct Dom(String);
+
+/// One element's attributes and its text up to the first child tag.
+#[derive(Debug)]
+struct Element {
+    attrs: BTreeMap<String, String>,
+    text: String,
+}
+
+impl Element {
+    fn attr(&self, name: &str) -> String {
+        self.attrs
+            .get(name)
+            .unwrap_or_else(|| panic!("no {name} in {self:?}"))
+            .clone()
+    }
+}
+
+impl Dom {
+    /// The element with `id` (it must exist).
+    fn element(&self, id: &str) -> Element {
+        let at = self
+            .0
+            .find(&format!(" id=\"{id}\""))
+            .unwrap_or_else(|| panic!("no element #{id} in the rendered page"));
+        let start = self.0[..at].rfind('<').unwrap();
+        parse_element(&self.0[start..])
+    }
+
+    /// The attributes of every `<tr class="{class}">`, in page order.
+    fn rows(&self, class: &str) -> Vec<BTreeMap<String, String>> {
+        let needle = format!("<tr class=\"{class}\"");
+        self.0
+            .match_indices(&needle)
+            .map(|(at, _)| parse_element(&self.0[at..]).attrs)
+            .collect()
+    }
+}
+
+/// `<tag a="v" …>text<…`: the attributes (unescaped) and the leading text.
+fn parse_element(html: &str) -> Element {
+    let end = html.find('>').expect("a whole tag");
+    let tag = &html[1..end];
+    let mut attrs = BTreeMap::new();
+    let mut rest = tag.split_once(' ').map_or("", |(_, r)| r);
+    while let Some((name, after)) = rest.split_once("=\"") {
+        let (value, next) = after.split_once('"').expect("a closed attribute");
+        attrs.insert(name.trim().to_string(), unescape(value));
+        rest = next;
+    }
+    let text = html[end + 1..].split('<').next().unwrap_or("");
+    Element {
+        attrs,
+        text: unescape(text),
+    }
+}
+
+/// Undoes the HTML serializer's escapes.
+fn unescape(text: &str) -> String {
+    text.replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&quot;", "\"")
+        .replace("&#39;", "'")
+        .replace("&nbsp;", "\u{a0}")
+        .replace("&amp;", "&")
+}
