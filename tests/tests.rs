@@ -26,6 +26,7 @@ mod suite {
     mod digest_functions;
     mod eviction;
     mod execution;
+    mod grafana_dashboard;
     mod large_blob;
     mod listener_tls;
     mod logstream;

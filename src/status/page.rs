@@ -38,7 +38,7 @@ pub fn render(report: &StatusReport) -> String {
     sections::upstream(&mut out, report);
     out.push_str(r#"</div><div class="grid two">"#);
     sections::charts(&mut out, report);
-    out.push_str(r#"</div><div class="grid">"#);
+    out.push_str(r#"</div><div class="grid four">"#);
     sections::prefetch(&mut out, report);
     sections::uploads(&mut out, report);
     sections::compression(&mut out, report);
@@ -93,19 +93,20 @@ h1{font-size:22px;margin:0;letter-spacing:.5px}
 main{max-width:1240px;margin:0 auto;padding:20px 28px}
 .grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(330px,1fr));gap:16px;margin-bottom:16px}
 .grid.two{grid-template-columns:repeat(auto-fit,minmax(480px,1fr))}
+.grid.four{grid-template-columns:repeat(auto-fit,minmax(260px,1fr))}
 .card,.hero{background:var(--card);border:1px solid var(--line);border-radius:12px;padding:16px 20px}
 h2{font-size:13px;text-transform:uppercase;letter-spacing:.8px;color:var(--dim);margin:0 0 12px}
 .hero{display:flex;gap:40px;align-items:center;flex-wrap:wrap;margin-bottom:16px;
 border-left:6px solid var(--accent)}
 .big .num{font-size:44px;font-weight:700;line-height:1.1;color:var(--accent)}
 .num.dim{color:var(--dim)}.what{color:var(--dim);max-width:340px}
-.hero .side{margin-left:auto;min-width:260px}
-.rates{display:flex;justify-content:space-between;gap:12px;text-align:center}
+.hero .side{margin-left:auto;min-width:280px;grid-template-columns:1fr}
+.rates{display:flex;justify-content:space-between;gap:12px;text-align:center}.rate{flex:1}
 .rate .num{font-size:32px;font-weight:700}.rate .what{font-weight:600;color:var(--text)}
 .sub{color:var(--dim);font-size:13px;margin:6px 0}
-dl.figs{margin:8px 0 0;display:grid;grid-template-columns:1fr 1fr;gap:6px 18px}
-.fig{display:flex;justify-content:space-between;border-bottom:1px dashed var(--line);padding:3px 0}
-dt{color:var(--dim)}dd{margin:0;font-weight:600;font-variant-numeric:tabular-nums;text-align:right}
+dl.figs{margin:8px 0 0;display:grid;grid-template-columns:repeat(auto-fill,minmax(210px,1fr));gap:4px 22px}
+.fig{display:flex;justify-content:space-between;gap:12px;border-bottom:1px dashed var(--line);padding:3px 0}
+dt{color:var(--dim)}dd{margin:0;font-weight:600;font-variant-numeric:tabular-nums;text-align:right;white-space:nowrap}
 .meter{position:relative;display:flex;height:16px;border-radius:8px;background:var(--line);overflow:hidden}
 .meter .fill{background:var(--accent)}.meter.high .fill{background:var(--warn)}
 .meter .reserved{background:repeating-linear-gradient(45deg,var(--accent) 0 4px,transparent 4px 8px);opacity:.5}
@@ -113,12 +114,12 @@ dt{color:var(--dim)}dd{margin:0;font-weight:600;font-variant-numeric:tabular-num
 background:var(--line)}.pill.ok{background:#dcfce7;color:var(--ok)}.pill.bad{background:#fee2e2;color:var(--bad)}
 .pill.mode{background:var(--accent);color:#fff}
 .endpoint{margin:0 0 6px}.mono{font-family:ui-monospace,SFMono-Regular,Menlo,monospace;font-size:13px;
-word-break:break-all}
+overflow-wrap:anywhere}
 .error{color:var(--bad);font-size:13px}.empty{color:var(--dim);font-style:italic;margin:8px 0}
 table{width:100%;border-collapse:collapse;font-size:14px}
 th{text-align:left;color:var(--dim);font-weight:600;border-bottom:1px solid var(--line);padding:4px 6px}
 td{border-bottom:1px solid var(--line);padding:5px 6px;vertical-align:top}
-.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}.warn{color:var(--bad);font-weight:600}
+.tool{white-space:nowrap}.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}.warn{color:var(--bad);font-weight:600}
 .code{font-family:ui-monospace,monospace;font-size:12px;background:#fee2e2;color:var(--bad);padding:1px 6px;border-radius:4px}
 svg.chart{width:100%;height:auto;display:block}
 .chart .gridline{stroke:var(--line);stroke-width:1}.chart .axis{fill:var(--dim);font-size:11px}

@@ -275,18 +275,23 @@ pub fn prefetch(out: &mut String, r: &StatusReport) {
         count_fig(out, "prefetch-joins", "Reads that joined one", p.joins);
         count_fig(out, "prefetch-missed", "Skipped, then read", p.missed);
         bytes_fig(out, "prefetch-wasted", "Evicted unread", p.wasted_bytes);
-        let invocations = format!(
-            "{} read · {} don't · {} learning",
-            count(p.invocations_reading),
-            count(p.invocations_not_reading),
-            count(p.invocations_learning)
-        );
-        fig(
+        count_fig(
             out,
-            "prefetch-invocations",
-            "Invocations",
-            &invocations,
+            "prefetch-reading",
+            "Invocations reading outputs",
             p.invocations_reading,
+        );
+        count_fig(
+            out,
+            "prefetch-not-reading",
+            "Invocations not reading",
+            p.invocations_not_reading,
+        );
+        count_fig(
+            out,
+            "prefetch-learning",
+            "Invocations still learning",
+            p.invocations_learning,
         );
         out.push_str("</dl>");
     });
@@ -388,7 +393,7 @@ pub fn clients(out: &mut String, r: &StatusReport) {
                 (escape(&c.tool), escape(&c.invocation), escape(&c.client));
             let _ = write!(
                 out,
-                r#"<tr class="client" data-tool="{tool}" data-invocation="{invocation}" data-calls="{}" data-errors="{}"><td>{tool}</td><td class="mono">{}</td><td>{}</td><td class="n">{}</td><td class="n{}">{}</td><td class="n">{}</td></tr>"#,
+                r#"<tr class="client" data-tool="{tool}" data-invocation="{invocation}" data-calls="{}" data-errors="{}"><td class="tool">{tool}</td><td class="mono">{}</td><td>{}</td><td class="n">{}</td><td class="n{}">{}</td><td class="n">{}</td></tr>"#,
                 c.calls,
                 c.errors,
                 if invocation.is_empty() {
