@@ -167,7 +167,7 @@ async fn traffic(server: &ServerProcess) {
             .iter()
             .map(|b| re::batch_update_blobs_request::Request {
                 digest: Some(digest(b)),
-                data: b.clone().into(),
+                data: b.clone(),
                 ..Default::default()
             })
             .collect(),

@@ -80,19 +80,15 @@ pub fn savings(out: &mut String, r: &StatusReport) {
         "Fetched from the upstream",
         w.bytes_from_upstream,
     );
-    let local_share = fraction(
-        w.bytes_served_locally,
-        w.bytes_served_locally + w.bytes_from_upstream,
-    );
-    let share = (w.bytes_served_locally + w.bytes_from_upstream > 0)
-        .then(|| percent(Some(local_share)))
-        .unwrap_or_else(|| "–".to_string());
+    let total = w.bytes_served_locally + w.bytes_from_upstream;
+    let share = (total > 0).then(|| fraction(w.bytes_served_locally, total));
+    let text = percent(share);
     fig(
         out,
         "wan-local-share",
         "Share served locally",
-        &share,
-        local_share,
+        &text,
+        opt(share),
     );
     out.push_str("</dl></section>");
 }
@@ -254,11 +250,12 @@ pub fn prefetch(out: &mut String, r: &StatusReport) {
     let p = &r.prefetch;
     card(out, "prefetch", "Prefetch", |out| {
         if !p.enabled && p.blobs == 0 {
-            empty(
-                out,
-                "prefetch-off",
-                "Prefetch is off (it runs in proxy mode).",
-            );
+            let why = if r.upstream.is_some() {
+                "Prefetch is off (disabled in the configuration)."
+            } else {
+                "Prefetch is off: it runs in proxy mode."
+            };
+            empty(out, "prefetch-off", why);
             return;
         }
         let used = p.hits + p.joins;
@@ -301,11 +298,12 @@ pub fn prefetch(out: &mut String, r: &StatusReport) {
 pub fn uploads(out: &mut String, r: &StatusReport) {
     card(out, "uploads", "Upload queue", |out| {
         let Some(q) = &r.uploads else {
-            empty(
-                out,
-                "uploads-none",
-                "No upload queue: writes go through to the upstream (or there is none).",
-            );
+            let why = if r.upstream.is_some() {
+                "No upload queue: writes go through to the upstream (write-back is off)."
+            } else {
+                "No upload queue: standalone cache."
+            };
+            empty(out, "uploads-none", why);
             return;
         };
         out.push_str(r#"<dl class="figs">"#);
