@@ -102,7 +102,7 @@ border-left:6px solid var(--accent)}
 .num.dim{color:var(--dim)}.what{color:var(--dim);max-width:340px}
 .hero .side{margin-left:auto;min-width:280px;grid-template-columns:1fr}
 .rates{display:flex;justify-content:space-between;gap:12px;text-align:center}.rate{flex:1}
-.rate .num{font-size:32px;font-weight:700}.rate .what{font-weight:600;color:var(--text)}
+.rate .num{font-size:32px;font-weight:700}.rate .what{font-weight:600;color:var(--text);white-space:nowrap}
 .sub{color:var(--dim);font-size:13px;margin:6px 0}
 dl.figs{margin:8px 0 0;display:grid;grid-template-columns:repeat(auto-fill,minmax(210px,1fr));gap:4px 22px}
 .fig{display:flex;justify-content:space-between;gap:12px;border-bottom:1px dashed var(--line);padding:3px 0}

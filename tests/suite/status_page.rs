@@ -2,7 +2,8 @@
 //! `--metrics-listen`, some traffic (CAS writes and reads, an action-cache
 //! miss and hit, a bad request), then Debian's headless Chromium renders
 //! `/`; the DOM must hold the same figures as `/status` of the same server,
-//! and a screenshot lands in the target directory (`status-page.png`).
+//! and a screenshot lands in the target directory (`status-page.png`, and
+//! `status-page-proxy.png` for a proxy over the test kit's fake upstream).
 //!
 //! Without `/usr/bin/chromium` the test is skipped, unless
 //! `OUTPOST_REQUIRE_BROWSER=1` (set by `scripts/test.sh`, which installs it).
@@ -19,7 +20,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
 use tonic::metadata::MetadataValue;
 
-use crate::common::fake_upstream::REQUEST_METADATA_HEADER;
+use crate::common::fake_upstream::{FakeUpstream, REQUEST_METADATA_HEADER};
 use crate::common::*;
 
 const CHROMIUM: &str = "/usr/bin/chromium";
@@ -44,11 +45,7 @@ async fn the_status_page_shows_the_servers_figures_in_a_browser() {
     let metrics = server.metrics_addr().expect("a metrics address");
     traffic(&server).await;
 
-    let before = status(metrics).await;
-    let url = format!("http://{metrics}/");
-    let dom = run_browser(&chromium, dir.path(), &["--dump-dom", &url], "dom");
-    let after = status(metrics).await;
-    let page = Dom(dom);
+    let (before, page, after) = load(&chromium, dir.path(), metrics).await;
 
     // The traffic shows in /status...
     assert_eq!(after["mode"], "standalone");
@@ -138,20 +135,110 @@ async fn the_status_page_shows_the_servers_figures_in_a_browser() {
     );
     page.element("chart-bytes");
 
-    let shot = target_dir().join("status-page.png");
-    let _ = std::fs::remove_file(&shot);
-    let screenshot = format!("--screenshot={}", shot.display());
-    run_browser(
-        &chromium,
-        dir.path(),
-        &[
-            &screenshot,
-            "--window-size=1280,2000",
-            "--hide-scrollbars",
-            &url,
-        ],
-        "screenshot",
+    screenshot(&chromium, dir.path(), metrics, "status-page.png").await;
+}
+
+#[tokio::test]
+async fn the_proxy_page_shows_the_upstream_and_what_crossed_the_wan() {
+    let Some(chromium) = browser() else {
+        return;
+    };
+    let fake = FakeUpstream::start().await;
+    let data = blob(700, 50_000);
+    let d = fake.put_blob(data.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::command(env!("CARGO_BIN_EXE_outpost"), dir.path().join("data"))
+        .args(["--metrics-listen", "127.0.0.1:0", "--upstream", &fake.url()])
+        .log_file(&dir.path().join("log"))
+        .start()
+        .expect("outpost starts");
+    let metrics = server.metrics_addr().expect("a metrics address");
+    // The first read crosses the WAN, the second is served locally.
+    let mut bs = server.bytestream();
+    for _ in 0..2 {
+        let read = read_request(&d);
+        let mut stream = bs
+            .read(with_metadata(read))
+            .await
+            .expect("Read")
+            .into_inner();
+        let mut got = Vec::new();
+        while let Some(m) = stream.message().await.expect("Read stream") {
+            got.extend_from_slice(&m.data);
+        }
+        assert_eq!(got, data);
+    }
+
+    let (before, page, after) = load(&chromium, dir.path(), metrics).await;
+    assert_eq!(page.element("mode").attr("data-value"), "proxy");
+    let upstream = &after["upstream"];
+    assert_eq!(
+        page.element("upstream-endpoint").text,
+        upstream["endpoint"].as_str().unwrap()
     );
+    assert_eq!(
+        page.element("upstream-health").attr("data-value"),
+        upstream["healthy"].to_string()
+    );
+    let calls: u64 = page
+        .element("upstream-calls")
+        .attr("data-value")
+        .parse()
+        .unwrap();
+    let (low, high) = (
+        before["upstream"]["calls"].as_u64().unwrap(),
+        upstream["calls"].as_u64().unwrap(),
+    );
+    assert!(
+        (low..=high).contains(&calls),
+        "{calls} not in {low}..={high}"
+    );
+    let fetched = &after["wan"]["bytes_from_upstream"];
+    assert!(fetched.as_u64() >= Some(data.len() as u64), "{fetched}");
+    assert_eq!(
+        page.element("wan-from-upstream").attr("data-value"),
+        fetched.to_string()
+    );
+    assert_eq!(
+        page.element("wan-served").attr("data-value"),
+        after["wan"]["bytes_served_locally"].to_string()
+    );
+    let cas = &after["hit_rates"]["cas"];
+    assert_eq!(
+        page.element("cas-hit-rate").attr("data-hits"),
+        cas["hits"].to_string()
+    );
+    assert!(cas["hits"].as_u64() >= Some(1), "{cas}");
+    if after["prefetch"]["enabled"] == true {
+        let blobs = page.element("prefetch-blobs").attr("data-value");
+        assert_eq!(blobs, after["prefetch"]["blobs"].to_string());
+    } else {
+        page.element("prefetch-off");
+    }
+    screenshot(&chromium, dir.path(), metrics, "status-page-proxy.png").await;
+}
+
+/// `/status`, the page as the browser rendered it, `/status` again: figures
+/// that may move on their own (calls, history) lie between the two reports.
+async fn load(chromium: &Path, dir: &Path, metrics: SocketAddr) -> (Value, Dom, Value) {
+    let before = status(metrics).await;
+    let url = format!("http://{metrics}/");
+    let dom = run_browser(chromium, dir, vec!["--dump-dom".into(), url], "dom").await;
+    let after = status(metrics).await;
+    (before, Dom(dom), after)
+}
+
+/// Saves a screenshot of the page as `name` in the target directory.
+async fn screenshot(chromium: &Path, dir: &Path, metrics: SocketAddr, name: &str) {
+    let shot = target_dir().join(name);
+    let _ = std::fs::remove_file(&shot);
+    let args = vec![
+        format!("--screenshot={}", shot.display()),
+        "--window-size=1280,2000".into(),
+        "--hide-scrollbars".into(),
+        format!("http://{metrics}/"),
+    ];
+    run_browser(chromium, dir, args, name).await;
     let png = std::fs::read(&shot).expect("the screenshot was written");
     assert!(png.starts_with(b"\x89PNG"), "not a PNG");
     eprintln!("status page screenshot: {}", shot.display());
@@ -272,7 +359,15 @@ fn browser() -> Option<PathBuf> {
 
 /// Runs headless Chromium with a fresh profile and `args`; returns its
 /// stdout. Killed (and the test failed) after [`BROWSER_TIMEOUT`].
-fn run_browser(chromium: &Path, dir: &Path, args: &[&str], name: &str) -> String {
+async fn run_browser(chromium: &Path, dir: &Path, args: Vec<String>, name: &str) -> String {
+    let (chromium, dir, name) = (chromium.to_owned(), dir.to_owned(), name.to_owned());
+    // Blocking waits off the runtime: the test's servers keep running.
+    tokio::task::spawn_blocking(move || run_browser_blocking(&chromium, &dir, &args, &name))
+        .await
+        .expect("the browser thread")
+}
+
+fn run_browser_blocking(chromium: &Path, dir: &Path, args: &[String], name: &str) -> String {
     let profile = dir.join(format!("chromium-{name}"));
     let (out, err) = (
         dir.join(format!("{name}.out")),
