@@ -49,8 +49,9 @@ pub fn render(report: &StatusReport) -> String {
     out.push_str("</div></main>");
     let _ = write!(
         out,
-        r#"<footer>The same figures as JSON at <a href="status">/status</a>, for Prometheus at <a href="metrics">/metrics</a>. Report taken at <span id="generated" data-value="{at}">{at}</span> (Unix time).</footer><script>{script}</script></body></html>"#,
+        r#"<footer>The same figures as JSON at <a href="status">/status</a>, for Prometheus at <a href="metrics">/metrics</a>. Report taken <span id="generated" data-value="{at}">{when}</span>.</footer><script>{script}</script></body></html>"#,
         at = report.generated_unix,
+        when = format::utc(report.generated_unix),
         script = SCRIPT.replace("REFRESH_MS", &(REFRESH_SECONDS * 1000).to_string()),
     );
     out

@@ -122,14 +122,22 @@ pub fn hit_rates(out: &mut String, r: &StatusReport) {
 fn rate(out: &mut String, id: &str, label: &str, ratio: Ratio) {
     let _ = write!(
         out,
-        r#"<div class="rate"><div class="num" id="{id}" data-hits="{}" data-misses="{}" data-value="{}">{}</div><div class="what">{label}</div><div class="sub">{} hits · {} misses</div></div>"#,
+        r#"<div class="rate"><div class="num" id="{id}" data-hits="{}" data-misses="{}" data-value="{}">{}</div><div class="what">{label}</div><div class="sub">{}</div></div>"#,
         ratio.hits,
         ratio.misses,
         ratio.rate.map(|r| r.to_string()).unwrap_or_default(),
         percent(ratio.rate),
-        count(ratio.hits),
-        count(ratio.misses),
+        lookups(ratio),
     );
+}
+
+/// `"90 of 100 lookups"`, `"no lookups yet"`.
+fn lookups(ratio: Ratio) -> String {
+    match ratio.hits + ratio.misses {
+        0 => "no lookups yet".to_string(),
+        1 => format!("{} of 1 lookup", ratio.hits),
+        total => format!("{} of {} lookups", count(ratio.hits), count(total)),
+    }
 }
 
 /// The local store against its quota.

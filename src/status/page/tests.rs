@@ -2,7 +2,7 @@
 //! empty and full reports. The browser test (`tests/suite/status_page.rs`)
 //! checks the page a real server renders, in a real browser.
 
-use super::format::{ago, count, duration, escape, percent};
+use super::format::{ago, count, duration, escape, percent, utc};
 use super::render;
 use super::svg::{bytes_chart, hit_rate_chart};
 use crate::status::*;
@@ -138,6 +138,9 @@ fn numbers_read_like_people_write_them() {
     assert_eq!(duration(f64::NAN), "–");
     assert_eq!(ago(0), "just now");
     assert_eq!(ago(42), "42 s ago");
+    assert_eq!(utc(0), "1970-01-01 00:00:00 UTC");
+    assert_eq!(utc(951_782_400), "2000-02-29 00:00:00 UTC");
+    assert_eq!(utc(1_796_018_853), "2026-11-30 06:07:33 UTC");
 }
 
 #[test]
@@ -207,6 +210,7 @@ fn an_empty_report_reads_well() {
         "No samples yet",
         "Prefetch is off",
         "No upload queue",
+        "no lookups yet",
     ] {
         assert!(html.contains(text), "missing {text:?}");
     }
@@ -223,6 +227,7 @@ fn a_full_report_shows_every_figure() {
     for text in [
         r#"id="cas-hit-rate" data-hits="90" data-misses="10" data-value="0.9">90.0%<"#,
         r#"id="ac-hit-rate" data-hits="3" data-misses="1" data-value="0.75">75.0%<"#,
+        "3 of 4 lookups",
         r#"id="wan-served" data-value="5368709120">5.0 GiB<"#,
         r#"id="wan-saved" data-value="2600">43 min 20 s<"#,
         "of transfer time saved at 2.0 MiB/s and 38 ms round trip",
