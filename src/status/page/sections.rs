@@ -73,6 +73,10 @@ pub fn savings(out: &mut String, r: &StatusReport) {
             out.push_str(r#"<div class="big"><div class="num dim" id="wan-saved" data-value="">–</div><div class="what">time saved: the link is not measured yet</div></div>"#);
         }
     }
+    if r.upstream.is_none() {
+        out.push_str("</section>");
+        return;
+    }
     out.push_str(r#"<dl class="figs side">"#);
     bytes_fig(
         out,

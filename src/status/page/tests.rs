@@ -219,6 +219,10 @@ fn an_empty_report_reads_well() {
         assert_balanced(&html, tag);
     }
     assert!(!html.contains("NaN") && !html.contains("inf"));
+    assert!(
+        !html.contains("wan-from-upstream"),
+        "no WAN figures without an upstream"
+    );
 }
 
 #[test]
@@ -241,6 +245,8 @@ fn a_full_report_shows_every_figure() {
         r#"data-code="NOT_FOUND" data-method="ByteStream/Read" data-count="2""#,
         r#"id="uptime" data-value="10925">3 h 02 min<"#,
         r#"data-samples="60""#,
+        r#"id="wan-from-upstream" data-value="1073741824">1.0 GiB<"#,
+        r#"id="wan-local-share" data-value="0.8333333333333334">83.3%<"#,
     ] {
         assert!(html.contains(text), "missing {text}");
     }
