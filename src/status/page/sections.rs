@@ -397,7 +397,7 @@ pub fn clients(out: &mut String, r: &StatusReport) {
             empty(out, "clients-empty", "No client calls recorded yet.");
             return;
         }
-        out.push_str(r#"<table><thead><tr><th>Tool</th><th>Invocation</th><th>Credential</th><th class="n">Calls</th><th class="n">Errors</th><th class="n">Last seen</th></tr></thead><tbody>"#);
+        out.push_str(r#"<table><thead><tr><th>Tool</th><th>Invocation</th><th>Client</th><th class="n">Calls</th><th class="n">Errors</th><th class="n">Last seen</th></tr></thead><tbody>"#);
         for c in &r.clients {
             let (tool, invocation, client) =
                 (escape(&c.tool), escape(&c.invocation), escape(&c.client));
@@ -432,9 +432,11 @@ pub fn errors(out: &mut String, r: &StatusReport) {
         out.push_str(r#"<table><thead><tr><th>Code</th><th>Method</th><th class="n">Count</th><th class="n">Last seen</th></tr></thead><tbody>"#);
         for e in &r.errors {
             let (code, method) = (escape(&e.code), escape(&e.method));
+            // Long service names wrap after the slash, not mid-word.
+            let shown = method.replace('/', "/<wbr>");
             let _ = write!(
                 out,
-                r#"<tr class="error-row" data-code="{code}" data-method="{method}" data-count="{}"><td><span class="code">{code}</span></td><td class="mono">{method}</td><td class="n">{}</td><td class="n">{}</td></tr>"#,
+                r#"<tr class="error-row" data-code="{code}" data-method="{method}" data-count="{}"><td><span class="code">{code}</span></td><td class="mono">{shown}</td><td class="n">{}</td><td class="n">{}</td></tr>"#,
                 e.count,
                 count(e.count),
                 ago(e.last_seen_seconds_ago),
