@@ -184,9 +184,13 @@ fn an_hour_of_samples_draws_one_line_per_series() {
 fn gaps_split_lines_and_old_samples_fall_off() {
     let mut samples = minutes(70);
     samples.remove(65); // a minute without a sample, five from the end
+    for old in &mut samples[..10] {
+        (old.cas_hits, old.cas_misses) = (0, 1); // more than an hour ago
+    }
     let rates = hit_rate_chart(&samples);
     // 69 samples, of which 59 are within the hour shown.
     assert!(rates.contains(r#"data-samples="59""#), "{rates}");
+    assert!(!rates.contains("CAS: 0.0%"), "a sample from over an hour ago is drawn");
     assert_eq!(rates.matches("<polyline").count(), 6, "two runs per series");
     // A minute with no lookups at all draws nothing for that series.
     let mut quiet = minutes(2);
