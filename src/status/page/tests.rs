@@ -190,7 +190,10 @@ fn gaps_split_lines_and_old_samples_fall_off() {
     let rates = hit_rate_chart(&samples);
     // 69 samples, of which 59 are within the hour shown.
     assert!(rates.contains(r#"data-samples="59""#), "{rates}");
-    assert!(!rates.contains("CAS: 0.0%"), "a sample from over an hour ago is drawn");
+    assert!(
+        !rates.contains("CAS: 0.0%"),
+        "a sample from over an hour ago is drawn"
+    );
     assert_eq!(rates.matches("<polyline").count(), 6, "two runs per series");
     // A minute with no lookups at all draws nothing for that series.
     let mut quiet = minutes(2);
