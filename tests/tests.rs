@@ -27,6 +27,7 @@ mod suite {
     mod digest_functions;
     mod eviction;
     mod execution;
+    mod grafana_dashboard;
     mod large_blob;
     mod listener_tls;
     mod logstream;
@@ -37,6 +38,7 @@ mod suite {
     mod ready_file;
     mod sighup;
     mod status_json;
+    mod status_page;
     mod streaming_reads;
     mod tls;
     mod unix_socket;
