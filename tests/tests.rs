@@ -24,6 +24,7 @@ mod suite {
     mod compression_at_rest;
     mod crash;
     mod digest_functions;
+    mod doctor;
     mod eviction;
     mod execution;
     mod large_blob;
