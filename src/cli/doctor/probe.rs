@@ -132,7 +132,7 @@ pub async fn throughput(link: &Link, caps: &ServerCapabilities) -> Check {
             },
             write_offset: (i * CHUNK) as i64,
             finish_write: (i + 1) * CHUNK >= data.len(),
-            data: chunk.to_vec().into(),
+            data: chunk.to_vec(),
         })
         .collect();
     let started = Instant::now();
