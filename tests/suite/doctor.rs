@@ -255,3 +255,104 @@ async fn bazelrc_names_the_executor_of_an_executing_upstream() {
     assert_eq!(fake.count(Method::Write), 0);
     assert_eq!(fake.count(Method::FindMissingBlobs), 0);
 }
+
+/// Adds a credential to `tokens` with the binary; returns the token.
+fn add_token(tokens: &Path, name: &str, role: &str) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .args(["token", "add", name, "--role", role, "--tokens-file"])
+        .arg(tokens)
+        .output()
+        .expect("outpost token add");
+    assert!(output.status.success(), "{output:?}");
+    let text = String::from_utf8(output.stdout).unwrap();
+    text.lines().last().expect("the token").trim().to_string()
+}
+
+#[tokio::test]
+async fn a_tls_upstream_with_tokens_is_checked_step_by_step() {
+    use outpost_testkit::pki::TestCa;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("doctor test CA");
+    let ca_file = ca.write(dir.path(), "ca");
+    let (cert, key) = ca.server().write(dir.path(), "server");
+    let tokens = dir.path().join("tokens");
+    let token = add_token(&tokens, "reader", "read");
+    // The upstream: a second real Outpost, TLS and tokens even on loopback.
+    let up_config = dir.path().join("upstream.toml");
+    std::fs::write(
+        &up_config,
+        format!(
+            "[server]\ntls_cert = {cert:?}\ntls_key = {key:?}\n\
+             [auth]\ntokens_file = {tokens:?}\nrequire_on_loopback = true\n"
+        ),
+    )
+    .unwrap();
+    let upstream = ServerProcess::command(env!("CARGO_BIN_EXE_outpost"), dir.path().join("up"))
+        .args([std::ffi::OsStr::new("--config"), up_config.as_os_str()])
+        .log_file(&dir.path().join("up.log"))
+        .start()
+        .expect("the TLS upstream starts");
+    let endpoint = format!("grpcs://localhost:{}", upstream.addr().port());
+    let config = |ca: bool, header: bool| {
+        let path = dir.path().join(format!("doctor-{ca}-{header}.toml"));
+        let mut text = format!("[upstream]\nendpoint = {endpoint:?}\n");
+        if ca {
+            text += &format!("ca_file = {ca_file:?}\n");
+        }
+        if header {
+            text += &format!(
+                "headers = [{{ name = \"authorization\", value = \"Bearer {token}\" }}]\n"
+            );
+        }
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let section = format!("upstream {endpoint}");
+    let data = dir.path().join("data");
+    let run = |config: String| {
+        let data = data.clone();
+        async move { doctor(&data, &["--listen", "127.0.0.1:0", "--config", &config]).await }
+    };
+
+    // All configured: every step passes; a read token may not write the probe blob.
+    let (code, report) = run(config(true, true)).await;
+    assert_eq!(code, 0, "{report}");
+    assert!(line(&report, &section, "endpoint").contains(&format!(
+        "TLS trusting {}, headers authorization (values not shown)",
+        ca_file.display()
+    )));
+    assert!(line(&report, &section, "dns").contains("localhost is "));
+    assert!(line(&report, &section, "tls").contains("ok    tls            handshake ok"));
+    assert!(line(&report, &section, "api versions").starts_with("  ok  "));
+    assert!(
+        line(&report, &section, "rtt").starts_with("  ok  "),
+        "{report}"
+    );
+    assert!(
+        line(&report, &section, "throughput")
+            .contains("skip  throughput     these credentials may not write"),
+        "{report}"
+    );
+    assert!(!report.contains(&token), "the token never shows");
+
+    // Without the CA: the TLS step fails and says what to set.
+    let (code, report) = run(config(false, true)).await;
+    assert_eq!(code, 1, "{report}");
+    let tls = line(&report, &section, "tls");
+    assert!(
+        tls.contains("FAIL  tls            the handshake failed: "),
+        "{tls}"
+    );
+    assert!(tls.contains("set [upstream] ca_file"), "{tls}");
+    assert!(line(&report, &section, "capabilities").starts_with("  skip"));
+
+    // Without the token: GetCapabilities is refused, and doctor says why.
+    let (code, report) = run(config(true, false)).await;
+    assert_eq!(code, 1, "{report}");
+    let caps = line(&report, &section, "capabilities");
+    assert!(
+        caps.contains("FAIL  capabilities   GetCapabilities failed: "),
+        "{caps}"
+    );
+    assert!(caps.contains("refuses these credentials"), "{caps}");
+}

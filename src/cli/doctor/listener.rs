@@ -16,7 +16,7 @@ use crate::admin_proto::GetStatsRequest;
 use crate::admin_proto::admin_client::AdminClient;
 use crate::config::Config;
 
-use super::{Check, STEP_TIMEOUT, Section, error_chain};
+use super::{Check, STEP_TIMEOUT, Section, status_text};
 
 /// Checks the gRPC listener, the unix socket and the metrics listener.
 pub async fn check(config: &Config) -> Section {
@@ -205,7 +205,7 @@ async fn identify(target: &str, shown: &str) -> Check {
                 check => check,
             }
         }
-        Ok(Err(status)) => other_program(shown, &error_chain(&status)),
+        Ok(Err(status)) => other_program(shown, &status_text(&status)),
         Err(_) => other_program(shown, "it accepts connections but does not answer"),
     }
 }
@@ -227,7 +227,7 @@ async fn reapi_server(channel: Channel, shown: &str) -> Check {
             "address",
             format!("a server asking for credentials (an Outpost?) is running on {shown}"),
         ),
-        Ok(Err(status)) => other_program(shown, &error_chain(&status)),
+        Ok(Err(status)) => other_program(shown, &status_text(&status)),
         Err(_) => other_program(shown, "it accepts connections but does not answer"),
     }
 }

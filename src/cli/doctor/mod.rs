@@ -266,6 +266,17 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     parts.join(": ")
 }
 
+/// A failed call in a few words: its code and message, or, when the
+/// message says nothing ("transport error"), the causes under it.
+pub fn status_text(status: &tonic::Status) -> String {
+    let message = status.message();
+    let detail = match std::error::Error::source(status) {
+        Some(source) if message.is_empty() || message == "transport error" => error_chain(source),
+        _ => message.to_string(),
+    };
+    format!("{:?}: {detail}", status.code())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -326,5 +337,11 @@ mod tests {
         let outer = anyhow::Error::new(inner).context("transport error");
         let chain = error_chain(outer.as_ref());
         assert_eq!(chain, "transport error: connection refused");
+    }
+
+    #[test]
+    fn a_status_reads_as_code_and_message() {
+        let status = tonic::Status::unauthenticated("send a token");
+        assert_eq!(status_text(&status), "Unauthenticated: send a token");
     }
 }

@@ -20,7 +20,7 @@ use crate::digest::{Digest, DigestFunction};
 use crate::reapi::resource::ResourceName;
 
 use super::upstream::{Link, millis};
-use super::{Check, STEP_TIMEOUT, error_chain};
+use super::{Check, STEP_TIMEOUT, status_text};
 
 /// Round trips timed for the RTT.
 const RTT_CALLS: usize = 5;
@@ -66,7 +66,7 @@ pub async fn round_trip(link: &Link) -> (Check, Option<String>) {
                 };
                 let check = Check::fail(
                     "rtt",
-                    format!("FindMissingBlobs failed: {}", error_chain(&status)),
+                    format!("FindMissingBlobs failed: {}", status_text(&status)),
                     advice,
                 );
                 return (check, None);
@@ -156,7 +156,7 @@ pub async fn throughput(link: &Link, caps: &ServerCapabilities) -> Check {
         Ok(Err(status)) => {
             return Check::warn(
                 "throughput",
-                format!("writing a probe blob failed: {}", error_chain(&status)),
+                format!("writing a probe blob failed: {}", status_text(&status)),
                 "uploads to the upstream may fail too: check its logs",
             );
         }
@@ -187,7 +187,7 @@ pub async fn throughput(link: &Link, caps: &ServerCapabilities) -> Check {
                 "throughput",
                 format!(
                     "reading the probe blob back failed: {}",
-                    error_chain(&status)
+                    status_text(&status)
                 ),
                 "reads from the upstream may fail too: check its logs",
             );

@@ -22,7 +22,7 @@ use crate::stats::Stats;
 use crate::upstream::Upstream;
 use crate::upstream::channels::Channels;
 
-use super::{Check, STEP_TIMEOUT, Section, error_chain, probe};
+use super::{Check, STEP_TIMEOUT, Section, probe, status_text};
 
 /// The upstream's capabilities, or why they could not be had.
 pub type Capabilities = Result<ServerCapabilities, String>;
@@ -80,7 +80,7 @@ impl Link {
 /// The capabilities alone (for `--bazelrc`), within a few seconds.
 pub async fn fetch_capabilities(config: &UpstreamConfig) -> Capabilities {
     let link = Link::new(config).map_err(|e| format!("{e:#}"))?;
-    link.capabilities().await.map_err(|s| error_chain(&s))
+    link.capabilities().await.map_err(|s| status_text(&s))
 }
 
 /// Every upstream check, and the capabilities for the client section.
@@ -138,7 +138,7 @@ pub async fn check(config: &UpstreamConfig) -> (Section, Capabilities) {
             caps
         }
         Err(status) => {
-            let text = error_chain(&status);
+            let text = status_text(&status);
             if config.tls && looks_like_tls(&text) {
                 section.push(Check::fail(
                     "tls",
