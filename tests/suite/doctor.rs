@@ -108,9 +108,28 @@ async fn a_healthy_standalone_setup_passes() {
 async fn a_running_outpost_on_the_address_is_reported_as_running() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let server = spawn_server(&data, &dir.path().join("log"));
+    let server = ServerProcess::command(env!("CARGO_BIN_EXE_outpost"), &data)
+        .args(["--metrics-listen", "127.0.0.1:0"])
+        .log_file(&dir.path().join("log"))
+        .start()
+        .expect("outpost starts");
     let listen = server.addr().to_string();
-    let (code, report) = doctor(&data, &["--listen", &listen, "--quota", "1MiB"]).await;
+    let metrics = server
+        .metrics_addr()
+        .expect("a metrics address")
+        .to_string();
+    let (code, report) = doctor(
+        &data,
+        &[
+            "--listen",
+            &listen,
+            "--metrics-listen",
+            &metrics,
+            "--quota",
+            "1MiB",
+        ],
+    )
+    .await;
     assert_eq!(code, 0, "{report}");
     let address = line(&report, "listener", "address");
     assert!(
@@ -122,6 +141,11 @@ async fn a_running_outpost_on_the_address_is_reported_as_running() {
     );
     assert!(
         line(&report, "data directory", "store").contains("in use by a running Outpost"),
+        "{report}"
+    );
+    assert!(
+        line(&report, "listener", "metrics")
+            .contains(&format!("an Outpost serves metrics on {metrics}")),
         "{report}"
     );
 }
