@@ -8,14 +8,16 @@
 //!   filesystem type, a store held by a running server;
 //! - [`listener`]: loopback or not, TLS and credentials, whether the
 //!   address is free or an Outpost (or something else) answers there;
-//! - [`upstream`]: DNS, TCP connect, TLS, Capabilities and what they say;
-//!   [`probe`]: round-trip time, throughput and clock skew;
+//! - [`upstream`]: DNS, TCP connect, TLS, GetCapabilities; [`capabilities`]:
+//!   what they mean for Outpost; [`probe`]: round-trip time, throughput and
+//!   clock skew;
 //! - [`bazelrc`]: the `.bazelrc` lines and the client section.
 //!
 //! Every network step has its own short timeout: a dead upstream or a
 //! silent port makes doctor say so within seconds, never hang.
 
 pub mod bazelrc;
+pub mod capabilities;
 pub mod data_dir;
 pub mod listener;
 pub mod probe;
