@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bazel_remote_apis::build::bazel::remote::execution::v2::{
     GetCapabilitiesRequest, capabilities_client::CapabilitiesClient,
@@ -17,6 +17,9 @@ use crate::admin_proto::admin_client::AdminClient;
 use crate::config::Config;
 
 use super::{Check, STEP_TIMEOUT, Section, status_text};
+
+/// A listener certificate expiring sooner than this is a warning.
+const EXPIRY_WARN: Duration = Duration::from_secs(14 * 86400);
 
 /// Checks the gRPC listener, the unix socket and the metrics listener.
 pub async fn check(config: &Config) -> Section {
@@ -75,18 +78,54 @@ fn tls(config: &Config) -> Check {
             } else {
                 "TLS"
             };
-            Check::ok(
-                "tls",
-                format!(
-                    "{mode}, certificate {} (clients use grpcs://)",
-                    files.cert.display()
-                ),
-            )
+            let what = format!(
+                "{mode}, certificate {} (clients use grpcs://)",
+                files.cert.display()
+            );
+            match not_after(&files.cert) {
+                Some(end) => expiry(&what, end, SystemTime::now()),
+                None => Check::ok("tls", what),
+            }
         }
         Err(e) => Check::fail(
             "tls",
             format!("the certificate or key does not load: {e}"),
             "fix [server] tls_cert / tls_key / client_ca (PEM files this user can read)",
+        ),
+    }
+}
+
+/// When the first certificate of the PEM file at `path` expires.
+fn not_after(path: &Path) -> Option<SystemTime> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    use x509_cert::der::Decode;
+    let der = CertificateDer::from_pem_file(path).ok()?;
+    let cert = x509_cert::Certificate::from_der(&der).ok()?;
+    Some(cert.tbs_certificate.validity.not_after.to_system_time())
+}
+
+/// The TLS line for a certificate that expires at `end`: FAIL once expired
+/// (clients refuse it), warn within [`EXPIRY_WARN`].
+fn expiry(what: &str, end: SystemTime, now: SystemTime) -> Check {
+    const DAY: u64 = 86400;
+    match end.duration_since(now) {
+        Err(past) => Check::fail(
+            "tls",
+            format!(
+                "{what}: expired {} days ago",
+                past.duration().as_secs() / DAY
+            ),
+            "clients refuse it: renew the certificate (serve picks up the new files by itself)",
+        ),
+        Ok(left) if left < EXPIRY_WARN => Check::warn(
+            "tls",
+            format!("{what}: expires in {} days", left.as_secs() / DAY),
+            "renew it soon (serve picks up the new files by itself)",
+        ),
+        Ok(left) => Check::ok(
+            "tls",
+            format!("{what}, valid {} more days", left.as_secs() / DAY),
         ),
     }
 }
@@ -319,6 +358,36 @@ pub fn human_duration(d: Duration) -> String {
 mod tests {
     use super::*;
     use crate::cli::doctor::Verdict;
+
+    #[test]
+    fn certificates_expiring_soon_warn_and_expired_ones_fail() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let day = Duration::from_secs(86400);
+        let check = expiry("TLS", now + 90 * day, now);
+        assert_eq!(check, Check::ok("tls", "TLS, valid 90 more days"));
+        assert_eq!(expiry("TLS", now + 3 * day, now).verdict, Verdict::Warn);
+        let expired = expiry("TLS", now - 2 * day, now);
+        assert_eq!(expired.verdict, Verdict::Fail);
+        assert_eq!(expired.finding, "TLS: expired 2 days ago");
+    }
+
+    #[test]
+    fn a_loadable_certificate_shows_its_remaining_validity() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let (cert, key_path) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        std::fs::write(&cert, key.cert.pem()).unwrap();
+        std::fs::write(&key_path, key.signing_key.serialize_pem()).unwrap();
+        let mut config = Config::for_tests(dir.path());
+        config.tls = Some(crate::config::ServerTls {
+            cert,
+            key: key_path,
+            client_ca: None,
+        });
+        let check = tls(&config);
+        assert_eq!(check.verdict, Verdict::Ok, "{check:?}");
+        assert!(check.finding.contains(" more days"), "{check:?}");
+    }
 
     #[test]
     fn uptimes_read_like_people_say_them() {
