@@ -380,3 +380,35 @@ async fn a_tls_upstream_with_tokens_is_checked_step_by_step() {
     );
     assert!(caps.contains("refuses these credentials"), "{caps}");
 }
+
+#[tokio::test]
+async fn a_silent_upstream_fails_on_its_timeout_instead_of_hanging() {
+    // Connections complete in the kernel's backlog; nothing ever answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let upstream = format!("grpc://{}", silent.local_addr().unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let (code, report) = doctor(
+        &dir.path().join("data"),
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            &upstream,
+            "--quota",
+            "1MiB",
+        ],
+    )
+    .await;
+    assert_eq!(code, 1, "{report}");
+    let section = format!("upstream {upstream}");
+    assert!(line(&report, &section, "connect").starts_with("  ok  "));
+    let caps = line(&report, &section, "capabilities");
+    assert!(
+        caps.contains(
+            "FAIL  capabilities   GetCapabilities failed: DeadlineExceeded: no answer within 5s"
+        ),
+        "{caps}"
+    );
+    assert!(line(&report, &section, "rtt").starts_with("  skip"));
+    drop(silent);
+}
