@@ -412,3 +412,34 @@ async fn a_silent_upstream_fails_on_its_timeout_instead_of_hanging() {
     assert!(line(&report, &section, "rtt").starts_with("  skip"));
     drop(silent);
 }
+
+#[tokio::test]
+async fn a_configuration_that_does_not_resolve_is_a_fail_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    // A refused combination: reachable from other machines, no TLS, no consent.
+    let (code, report) = doctor(&data, &["--listen", "0.0.0.0:0"]).await;
+    assert_eq!(code, 1, "{report}");
+    assert!(
+        line(&report, "configuration", "file").contains("none: built-in defaults and the flags")
+    );
+    let resolve = line(&report, "configuration", "resolve");
+    assert!(
+        resolve.contains("FAIL  resolve        refusing to listen on 0.0.0.0:0"),
+        "{resolve}"
+    );
+    assert!(
+        !report.contains("\nlistener"),
+        "no other check runs: {report}"
+    );
+    // An unknown key in the file.
+    let file = dir.path().join("bad.toml");
+    std::fs::write(&file, "[store]\nquota_typo = \"1GiB\"\n").unwrap();
+    let (code, report) = doctor(&data, &["--config", file.to_str().unwrap()]).await;
+    assert_eq!(code, 1, "{report}");
+    assert!(line(&report, "configuration", "file").contains("bad.toml, then the flags"));
+    assert!(
+        line(&report, "configuration", "resolve").contains("quota_typo"),
+        "{report}"
+    );
+}

@@ -2,8 +2,9 @@
 //! directory, listener, upstream) and prints one verdict per line with what
 //! to do about it; `--bazelrc` prints the client lines for this setup.
 //!
-//! - this file: the report ([`Verdict`], [`Check`], [`Section`]), its text
-//!   and the run;
+//! - this file: the report ([`Verdict`], [`Check`], [`Section`]), its text,
+//!   the configuration section (a config that does not resolve is a FAIL,
+//!   not a crash) and the run;
 //! - [`data_dir`]: existence, write probe, free space against the quota,
 //!   filesystem type, a store held by a running server;
 //! - [`listener`]: loopback or not, TLS and credentials, whether the
@@ -25,6 +26,7 @@ pub mod upstream;
 
 use std::fmt::Write as _;
 use std::io::IsTerminal;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::config::Config;
@@ -38,6 +40,8 @@ pub const STEP_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct DoctorOptions {
     /// Print only the `.bazelrc` lines for this setup.
     pub bazelrc: bool,
+    /// The config file (`--config` or `OUTPOST_CONFIG`), named in the report.
+    pub config_file: Option<PathBuf>,
 }
 
 /// How one check came out.
@@ -224,9 +228,67 @@ pub async fn run(config: &Config, options: &DoctorOptions) -> anyhow::Result<boo
         print!("{}", bazelrc::lines(config, capabilities.as_ref()));
         return Ok(true);
     }
-    let report = check(config).await;
+    let mut report = check(config).await;
+    report
+        .sections
+        .insert(0, config_section(Check::ok("file", config_source(options))));
     print!("{}", report.render(std::io::stdout().is_terminal()));
     Ok(!report.broken())
+}
+
+/// For a configuration that does not resolve (bad TOML, an unknown key, a
+/// refused combination): the report says so as its one FAIL, instead of
+/// the checks; returns false (exit 1). With `--bazelrc`, one line on stderr.
+pub fn config_failed(error: &anyhow::Error, options: &DoctorOptions) -> bool {
+    if options.bazelrc {
+        eprintln!("outpost doctor: the configuration does not resolve: {error:#}");
+        return false;
+    }
+    let check = Check::fail(
+        "resolve",
+        one_line(&format!("{error:#}")),
+        "fix it (config.example.toml documents every key); no other check runs until it resolves",
+    );
+    let mut section = config_section(Check::ok("file", config_source(options)));
+    section.push(check);
+    let report = Report {
+        sections: vec![section],
+    };
+    print!("{}", report.render(std::io::stdout().is_terminal()));
+    false
+}
+
+/// A multi-line message (a TOML error quotes the line with a caret under
+/// it) as one report line: the quoted source lines dropped, the rest
+/// joined with "; ".
+fn one_line(text: &str) -> String {
+    let quoted = |l: &str| {
+        let rest = l
+            .trim_start_matches(|c: char| c.is_ascii_digit())
+            .trim_start();
+        rest.starts_with('|')
+    };
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !quoted(l))
+        .map(|l| l.trim_end_matches(':'))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Where the settings come from.
+fn config_source(options: &DoctorOptions) -> String {
+    match &options.config_file {
+        Some(path) => format!("{}, then the flags", path.display()),
+        None => "none: built-in defaults and the flags".to_string(),
+    }
+}
+
+/// The first section: the configuration's source and `check`.
+fn config_section(check: Check) -> Section {
+    let mut section = Section::new("configuration");
+    section.push(check);
+    section
 }
 
 /// Makes every check, in print order.
@@ -339,6 +401,17 @@ mod tests {
         let outer = anyhow::Error::new(inner).context("transport error");
         let chain = error_chain(outer.as_ref());
         assert_eq!(chain, "transport error: connection refused");
+    }
+
+    #[test]
+    fn a_toml_error_becomes_one_line() {
+        let text = "invalid config file /c.toml: TOML parse error at line 2, column 1\n  |\n\
+                    2 | quota_typo = \"1GiB\"\n  | ^^^^^^^^^^\nunknown field `quota_typo`\n";
+        assert_eq!(
+            one_line(text),
+            "invalid config file /c.toml: TOML parse error at line 2, column 1; \
+             unknown field `quota_typo`"
+        );
     }
 
     #[test]
