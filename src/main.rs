@@ -237,9 +237,14 @@ fn main() -> anyhow::Result<()> {
         Command::Doctor(args) => {
             let options = outpost::cli::doctor::DoctorOptions {
                 bazelrc: args.bazelrc,
+                config_file: args.config.config.clone(),
             };
-            let config = args.config.resolve()?;
-            if !runtime.block_on(outpost::cli::doctor::run(&config, &options))? {
+            // A configuration that does not resolve is doctor's finding, not a crash.
+            let healthy = match args.config.resolve() {
+                Ok(config) => runtime.block_on(outpost::cli::doctor::run(&config, &options))?,
+                Err(e) => outpost::cli::doctor::config_failed(&e, &options),
+            };
+            if !healthy {
                 std::process::exit(1);
             }
             Ok(())

@@ -25,6 +25,7 @@ mod suite {
     mod compression_at_rest;
     mod crash;
     mod digest_functions;
+    mod doctor;
     mod eviction;
     mod execution;
     mod grafana_dashboard;
