@@ -8,19 +8,6 @@ use serde_json::Value;
 
 use crate::common::*;
 
-/// Metrics the status branch adds (issue 13) that this branch's server does
-/// not export yet. Once they are exported the test fails until they are
-/// removed from here, so the list cannot outlive its reason.
-const PENDING: &[&str] = &[
-    "outpost_served_local_bytes_total",
-    "outpost_rpc_calls_total",
-    "outpost_rpc_errors_total",
-    "outpost_upstream_healthy",
-    "outpost_upstream_rtt_microseconds",
-    "outpost_upstream_throughput_bytes_per_second",
-    "outpost_uptime_seconds",
-];
-
 fn dashboard() -> Value {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/grafana/outpost.json");
     let text = std::fs::read_to_string(path).expect("read the dashboard");
@@ -100,15 +87,10 @@ async fn every_metric_the_dashboard_queries_is_exported() {
 
     let missing: Vec<&String> = queried
         .iter()
-        .filter(|n| !exported.contains(n.as_str()) && !PENDING.contains(&n.as_str()))
+        .filter(|n| !exported.contains(n.as_str()))
         .collect();
     assert!(
         missing.is_empty(),
         "the dashboard queries unknown metrics: {missing:?}"
-    );
-    let landed: Vec<&&str> = PENDING.iter().filter(|n| exported.contains(**n)).collect();
-    assert!(
-        landed.is_empty(),
-        "exported now, remove from PENDING: {landed:?}"
     );
 }
