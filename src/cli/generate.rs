@@ -1,0 +1,27 @@
+//! `outpost generate` (hidden): the man pages and shell completions that
+//! packages install, generated from the binary's own flags so they never
+//! drift from `--help`.
+
+use std::path::Path;
+
+use anyhow::Context;
+use clap_complete::Shell;
+
+/// Writes `outpost.1` and one page per visible subcommand (`outpost-serve.1`,
+/// `outpost-token-add.1`, ...) into `dir`, creating it.
+pub fn man_pages(command: clap::Command, dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    clap_mangen::generate_to(command, dir)
+        .with_context(|| format!("cannot write man pages to {}", dir.display()))
+}
+
+/// Writes the bash (`outpost.bash`), zsh (`_outpost`) and fish
+/// (`outpost.fish`) completions into `dir`, creating it.
+pub fn completions(mut command: clap::Command, dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
+        clap_complete::generate_to(shell, &mut command, "outpost", dir)
+            .with_context(|| format!("cannot write {shell} completions to {}", dir.display()))?;
+    }
+    Ok(())
+}
