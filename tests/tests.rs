@@ -28,6 +28,7 @@ mod suite {
     mod execution;
     mod large_blob;
     mod listener_tls;
+    mod logging;
     mod logstream;
     mod persistence;
     mod prefetch_policy;

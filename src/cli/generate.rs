@@ -11,8 +11,24 @@ use clap_complete::Shell;
 /// `outpost-token-add.1`, ...) into `dir`, creating it.
 pub fn man_pages(command: clap::Command, dir: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    clap_mangen::generate_to(command, dir)
+    // Built once at the top, so subcommands get their display names
+    // (`outpost-serve`); every page's footer names Outpost and its version.
+    let mut command = command.disable_help_subcommand(true);
+    command.build();
+    let source = format!("outpost {}", env!("CARGO_PKG_VERSION"));
+    write_pages(command, dir, &source)
         .with_context(|| format!("cannot write man pages to {}", dir.display()))
+}
+
+fn write_pages(command: clap::Command, dir: &Path, source: &str) -> std::io::Result<()> {
+    for sub in command.get_subcommands().filter(|s| !s.is_hide_set()) {
+        write_pages(sub.clone(), dir, source)?;
+    }
+    clap_mangen::Man::new(command)
+        .source(source)
+        .manual("Outpost Manual")
+        .generate_to(dir)?;
+    Ok(())
 }
 
 /// Writes the bash (`outpost.bash`), zsh (`_outpost`) and fish
