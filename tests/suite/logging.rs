@@ -23,7 +23,11 @@ fn outpost(args: &[&str], env: &[(&str, &str)]) -> Output {
 fn the_one_stderr_line(out: &Output) -> String {
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     let lines: Vec<&str> = stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "one line expected on stderr, got:\n{stderr}");
+    assert_eq!(
+        lines.len(),
+        1,
+        "one line expected on stderr, got:\n{stderr}"
+    );
     lines[0].to_string()
 }
 
@@ -46,7 +50,10 @@ fn a_config_error_is_one_line_and_exit_status_2() {
         )),
         "{line}"
     );
-    assert!(line.contains("config.example.toml"), "says where keys are documented: {line}");
+    assert!(
+        line.contains("config.example.toml"),
+        "says where keys are documented: {line}"
+    );
 
     // An unreadable file, a refused flag combination and a setting `serve`
     // refuses are config errors too.
@@ -54,7 +61,13 @@ fn a_config_error_is_one_line_and_exit_status_2() {
     for args in [
         vec!["serve", "--config", missing.as_str()],
         vec!["serve", "--unix-socket", "/tmp/x.sock", "--no-unix-socket"],
-        vec!["doctor", "--listen", "0.0.0.0:8980", "--data-dir", "/nonexistent"],
+        vec![
+            "doctor",
+            "--listen",
+            "0.0.0.0:8980",
+            "--data-dir",
+            "/nonexistent",
+        ],
         vec!["token", "list"],
     ] {
         let out = outpost(&args, &[]);
@@ -71,7 +84,14 @@ fn a_runtime_failure_is_one_line_and_exit_status_1() {
     let addr = taken.local_addr().unwrap().to_string();
     let data = dir.path().join("data").display().to_string();
     let out = outpost(
-        &["serve", "--listen", &addr, "--data-dir", &data, "--no-unix-socket"],
+        &[
+            "serve",
+            "--listen",
+            &addr,
+            "--data-dir",
+            &data,
+            "--no-unix-socket",
+        ],
         &[("RUST_LOG", "off")],
     );
     assert_eq!(out.status.code(), Some(1));
@@ -128,10 +148,17 @@ async fn json_logs_are_one_object_per_line() {
             serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
         assert!(event["timestamp"].is_string(), "{line}");
         assert!(event["level"].is_string(), "{line}");
-        messages.push(event["fields"]["message"].as_str().unwrap_or("").to_string());
+        messages.push(
+            event["fields"]["message"]
+                .as_str()
+                .unwrap_or("")
+                .to_string(),
+        );
     }
     assert!(
-        messages.iter().any(|m| m.starts_with("outpost 0.1.0 starting")),
+        messages
+            .iter()
+            .any(|m| m.starts_with("outpost 0.1.0 starting")),
         "the start line is among {messages:?}"
     );
     assert!(
@@ -162,7 +189,11 @@ fn man_pages_and_completions_name_every_command() {
         ],
         &[],
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let read = |path: &Path| {
         std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
     };
@@ -174,8 +205,14 @@ fn man_pages_and_completions_name_every_command() {
             "outpost.1 names {command}"
         );
         let page = read(&man.join(format!("outpost-{command}.1")));
-        assert!(page.contains(&format!(".TH outpost-{command} 1 ")), "{page}");
-        assert!(page.contains("\"outpost 0.1.0\""), "names the version: {page}");
+        assert!(
+            page.contains(&format!(".TH outpost-{command} 1 ")),
+            "{page}"
+        );
+        assert!(
+            page.contains("\"outpost 0.1.0\""),
+            "names the version: {page}"
+        );
     }
     assert!(read(&man.join("outpost-serve.1")).contains("\\-\\-data\\-dir"));
     assert!(man.join("outpost-token-add.1").exists());
