@@ -48,6 +48,10 @@ for path in /lib/systemd/system/outpost.service /usr/lib/sysusers.d/outpost.conf
   [ -f "$path" ] || { echo "not installed: $path" >&2; exit 1; }
 done
 grep -q '^ExecStart=/usr/bin/outpost serve' /lib/systemd/system/outpost.service
+if command -v systemd-analyze >/dev/null; then
+  # The unit's syntax and paths (works without a running systemd).
+  systemd-analyze verify --man=no /lib/systemd/system/outpost.service
+fi
 getent passwd outpost >/dev/null || { echo "no user outpost" >&2; exit 1; }
 [ "$(stat -c %U:%a /etc/outpost)" = outpost:700 ] || { echo "/etc/outpost: $(stat -c %U:%a /etc/outpost)" >&2; exit 1; }
 echo "== package: files, user outpost and /etc/outpost in place"
