@@ -25,6 +25,9 @@ fn write_pages(command: clap::Command, dir: &Path, source: &str) -> std::io::Res
         write_pages(sub.clone(), dir, source)?;
     }
     clap_mangen::Man::new(command)
+        // No date (the build would not be reproducible): roff's zero-width
+        // `\&` keeps the slot, else the version would show as the date.
+        .date("\\&")
         .source(source)
         .manual("Outpost Manual")
         .generate_to(dir)?;
