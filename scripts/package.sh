@@ -20,8 +20,10 @@ case "${1:-}" in
 esac
 
 if ! cargo deb --version >/dev/null 2>&1; then
+  # The version this packaging was checked with; built in a temporary
+  # target dir, not among Outpost's build outputs.
   echo "== package: installing cargo-deb" >&2
-  cargo install cargo-deb --locked
+  env -u CARGO_TARGET_DIR cargo install cargo-deb --locked --version 3.8.0
 fi
 
 echo "== package: cargo build --profile $profile" >&2
