@@ -33,7 +33,7 @@ const EXAMPLES: &str = "\
 Examples:
   outpost serve                              # 127.0.0.1:8980, data in ~/.cache/outpost, 10 GiB
   outpost serve --quota 50GiB --data-dir /srv/outpost
-  outpost serve --config /etc/outpost.toml   # see config.example.toml for every key
+  outpost serve --config /etc/outpost/outpost.toml   # see config.example.toml for every key
   outpost serve --upstream grpcs://remote.example.com:443   # cache in front of a cluster
   bazel build --remote_cache=grpc://127.0.0.1:8980 //...
   bazel build --remote_executor=grpc://127.0.0.1:8980 //...   # with an executing --upstream
