@@ -9,7 +9,8 @@ use tracing_subscriber::EnvFilter;
 /// How log lines are written (`--log-format`, `OUTPOST_LOG_FORMAT`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
-    /// One readable line per event; ANSI colours only when stderr is a terminal.
+    /// One readable line per event; ANSI colours only when stderr is a
+    /// terminal (and `NO_COLOR` is unset).
     #[default]
     Text,
     /// One JSON object per line (`timestamp`, `level`, `target`, `fields`,
@@ -25,9 +26,14 @@ pub fn init(format: LogFormat) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     match format {
-        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Text => builder.with_ansi(colours()).init(),
         LogFormat::Json => builder.with_ansi(false).json().init(),
     }
+}
+
+/// Colours on a terminal, unless `NO_COLOR` (no-color.org) asks otherwise.
+fn colours() -> bool {
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
 /// Reports the error that ends the process (see [`one_line`]) as one line

@@ -218,3 +218,35 @@ fn man_pages_and_completions_name_every_command() {
         }
     }
 }
+
+#[test]
+fn text_logs_on_a_terminal_keep_their_colours() {
+    // util-linux `script` runs the command on a pseudo-terminal.
+    if Command::new("script").arg("--version").output().is_err() {
+        eprintln!("skipped: no `script` command to give outpost a terminal");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    // Starts (an INFO line), then fails to bind the taken port.
+    let command = format!(
+        "{} serve --listen {} --no-unix-socket --data-dir {}",
+        env!("CARGO_BIN_EXE_outpost"),
+        taken.local_addr().unwrap(),
+        dir.path().join("data").display()
+    );
+    let out = Command::new("script")
+        .args(["--quiet", "--return", "--command", &command, "/dev/null"])
+        .env_remove("OUTPOST_LOG_FORMAT")
+        .env_remove("NO_COLOR")
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let terminal = String::from_utf8_lossy(&out.stdout);
+    assert!(terminal.contains("starting"), "{terminal}");
+    assert!(
+        terminal.contains("\u{1b}["),
+        "colour codes on a terminal: {terminal:?}"
+    );
+}
