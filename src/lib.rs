@@ -18,6 +18,7 @@
 //! - [`digest`]: validated digests and incremental hashing.
 //! - [`limits`]: per-client call slots (a runaway client waits, then RESOURCE_EXHAUSTED).
 //! - [`listen`]: binding the gRPC listeners (TCP, TLS, unix socket).
+//! - [`logging`]: the binary's log output (text or JSON lines) and fatal-error line.
 //! - [`metrics`]: Prometheus text at `/metrics`.
 //! - [`peer`]: who is on the other end of a connection (address, transport,
 //!   client certificate), carried into every request.
@@ -47,6 +48,7 @@ pub mod error;
 pub mod execution;
 pub mod limits;
 pub mod listen;
+pub mod logging;
 pub mod metrics;
 pub mod peer;
 pub mod prefetch;

@@ -2,12 +2,13 @@
 //! command (those live in `outpost::cli`).
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use outpost::cli::human_bytes;
 use outpost::config::{ByteSize, Config, FileConfig, Overrides};
+use outpost::logging::{self, LogFormat};
 use outpost::server::RunningServer;
-use tracing_subscriber::EnvFilter;
 
 /// Outpost: a local REAPI v2 cache that makes remote builds fast on slow links.
 #[derive(Parser)]
@@ -15,13 +16,24 @@ use tracing_subscriber::EnvFilter;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log lines on stderr: `text` (coloured only on a terminal) or `json`
+    /// (one object per line, for log shippers).
+    #[arg(
+        long,
+        value_enum,
+        value_name = "FORMAT",
+        env = "OUTPOST_LOG_FORMAT",
+        default_value_t = LogFormat::Text,
+        global = true
+    )]
+    log_format: LogFormat,
 }
 
 const EXAMPLES: &str = "\
 Examples:
   outpost serve                              # 127.0.0.1:8980, data in ~/.cache/outpost, 10 GiB
   outpost serve --quota 50GiB --data-dir /srv/outpost
-  outpost serve --config /etc/outpost.toml   # see config.example.toml for every key
+  outpost serve --config /etc/outpost/outpost.toml   # see config.example.toml for every key
   outpost serve --upstream grpcs://remote.example.com:443   # cache in front of a cluster
   bazel build --remote_cache=grpc://127.0.0.1:8980 //...
   bazel build --remote_executor=grpc://127.0.0.1:8980 //...   # with an executing --upstream
@@ -29,7 +41,9 @@ Examples:
   outpost verify --data-dir /srv/outpost --repair   # offline: hash every blob, remove corrupt ones
   outpost token add ci --role execute --write-ac --tokens-file /etc/outpost/tokens
 
-Logging: set RUST_LOG (e.g. RUST_LOG=debug or RUST_LOG=outpost=trace); default info.";
+Logging: set RUST_LOG (e.g. RUST_LOG=debug or RUST_LOG=outpost=trace); default info.
+--log-format json (or OUTPOST_LOG_FORMAT=json) writes one JSON object per line.
+Exit status: 0 ok, 1 failure, 2 bad flags or config file.";
 
 #[derive(Subcommand)]
 enum Command {
@@ -71,6 +85,20 @@ enum Command {
     /// digest functions, batch limit, round-trip time, a short throughput
     /// probe, clock skew). Exit status 1 when something is broken.
     Doctor(DoctorArgs),
+    /// Write the man pages and shell completions (for packaging).
+    #[command(hide = true)]
+    Generate(GenerateArgs),
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// Write `outpost.1` and one page per subcommand (`outpost-serve.1`, ...) here.
+    #[arg(long, value_name = "DIR")]
+    man: Option<PathBuf>,
+    /// Write bash (`outpost.bash`), zsh (`_outpost`) and fish (`outpost.fish`)
+    /// completions here.
+    #[arg(long, value_name = "DIR")]
+    completions: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -217,23 +245,90 @@ struct StatsArgs {
     token: Option<String>,
 }
 
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => return usage_error(&error),
+    };
+    logging::init(cli.log_format);
+    match run(cli.command) {
+        Ok(code) => code,
+        Err(failure) => {
+            let mut message = logging::one_line(&failure.error);
+            if failure.exit_code == CONFIG_ERROR {
+                message.push_str(" (see `outpost help`; config.example.toml documents every key)");
+            }
+            logging::fatal(cli.log_format, &message, failure.exit_code);
+            ExitCode::from(failure.exit_code)
+        }
+    }
+}
+
+/// Why the process stops early: exit status 2 for a config error (bad file,
+/// unknown key, bad flag combination: fix the setup), 1 for anything else.
+struct Failure {
+    error: anyhow::Error,
+    exit_code: u8,
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(error: anyhow::Error) -> Self {
+        Failure {
+            error,
+            exit_code: 1,
+        }
+    }
+}
+
+impl From<std::io::Error> for Failure {
+    fn from(error: std::io::Error) -> Self {
+        anyhow::Error::from(error).into()
+    }
+}
+
+/// The exit status of a config error.
+const CONFIG_ERROR: u8 = 2;
+
+/// A config error: exit status 2, and the message says where to look keys up.
+fn config_error(error: anyhow::Error) -> Failure {
+    Failure {
+        error,
+        exit_code: CONFIG_ERROR,
+    }
+}
+
+/// Help and version as clap prints them; any other command-line error as
+/// one `outpost: error:` line, exit status 2.
+fn usage_error(error: &clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(
+        error.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        error.exit();
+    }
+    let text = error.render().to_string();
+    let first = text.lines().next().unwrap_or_default();
+    let message = first.strip_prefix("error: ").unwrap_or(first);
+    eprintln!("outpost: error: {message} (see `outpost help`)");
+    ExitCode::from(CONFIG_ERROR)
+}
+
+fn run(command: Command) -> Result<ExitCode, Failure> {
     let runtime = tokio::runtime::Runtime::new()?;
-    match cli.command {
-        Command::Serve(args) => runtime.block_on(serve(args)),
+    match command {
+        Command::Serve(args) => {
+            let config = args.config.resolve().map_err(config_error)?;
+            runtime.block_on(serve(config, args.ready_file))?;
+        }
         Command::Stats(args) => runtime.block_on(outpost::cli::stats::run(
             &args.server,
             args.token.as_deref(),
-        )),
-        Command::Verify(args) => verify(args),
-        Command::Token(args) => token(args),
+        ))?,
+        Command::Verify(args) => return verify(args),
+        Command::Token(args) => token(args)?,
         Command::Doctor(args) => {
             let options = outpost::cli::doctor::DoctorOptions {
                 bazelrc: args.bazelrc,
@@ -245,52 +340,70 @@ fn main() -> anyhow::Result<()> {
                 Err(e) => outpost::cli::doctor::config_failed(&e, &options),
             };
             if !healthy {
-                std::process::exit(1);
+                return Ok(ExitCode::FAILURE);
             }
-            Ok(())
+        }
+        Command::Generate(args) => {
+            if let Some(dir) = &args.man {
+                outpost::cli::generate::man_pages(Cli::command(), dir)?;
+            }
+            if let Some(dir) = &args.completions {
+                outpost::cli::generate::completions(Cli::command(), dir)?;
+            }
         }
     }
+    Ok(ExitCode::SUCCESS)
 }
 
-fn token(args: TokenArgs) -> anyhow::Result<()> {
+fn token(args: TokenArgs) -> Result<(), Failure> {
     use outpost::cli::token;
     let path = match (args.tokens_file, &args.config) {
         (Some(path), _) => path,
-        (None, Some(config)) => FileConfig::load(config)?
+        (None, Some(config)) => FileConfig::load(config)
+            .map_err(config_error)?
             .auth
             .tokens_file
-            .ok_or_else(|| anyhow::anyhow!("{} sets no [auth] tokens_file", config.display()))?,
-        (None, None) => anyhow::bail!("which tokens file? pass --tokens-file or --config"),
+            .ok_or_else(|| {
+                config_error(anyhow::anyhow!(
+                    "{} sets no [auth] tokens_file",
+                    config.display()
+                ))
+            })?,
+        (None, None) => {
+            return Err(config_error(anyhow::anyhow!(
+                "which tokens file? pass --tokens-file or --config"
+            )));
+        }
     };
     match args.action {
         TokenAction::Add {
             name,
             role,
             write_ac,
-        } => token::run_add(&path, &name, role, write_ac),
-        TokenAction::List => token::run_list(&path),
-        TokenAction::Revoke { name } => token::run_revoke(&path, &name),
+        } => token::run_add(&path, &name, role, write_ac)?,
+        TokenAction::List => token::run_list(&path)?,
+        TokenAction::Revoke { name } => token::run_revoke(&path, &name)?,
     }
+    Ok(())
 }
 
-fn verify(args: VerifyArgs) -> anyhow::Result<()> {
+fn verify(args: VerifyArgs) -> Result<ExitCode, Failure> {
     let file = match &args.config {
-        Some(path) => FileConfig::load(path)?,
+        Some(path) => FileConfig::load(path).map_err(config_error)?,
         None => FileConfig::default(),
     };
     let flags = Overrides {
         data_dir: args.data_dir,
         ..Overrides::default()
     };
-    let config = Config::resolve(file, flags)?;
+    let config = Config::resolve(file, flags).map_err(config_error)?;
     if outpost::cli::verify::run(&config.data_dir, args.repair)? {
-        std::process::exit(1);
+        return Ok(ExitCode::FAILURE);
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
-async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let config = args.config.resolve()?;
+async fn serve(config: Config, ready_file: Option<PathBuf>) -> anyhow::Result<()> {
     tracing::info!(
         "outpost {} starting: data in {}, quota {}",
         env!("CARGO_PKG_VERSION"),
@@ -300,7 +413,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // SIGHUP asks for a reload (systemd's ExecReload); it must never kill us.
     outpost::reload::handle_sighup();
     let server = RunningServer::start(&config).await?;
-    if let Some(path) = &args.ready_file {
+    if let Some(path) = &ready_file {
         server.write_ready_file(path)?;
     }
     server.run_until(shutdown_signal()).await?;

@@ -31,6 +31,7 @@ mod suite {
     mod grafana_dashboard;
     mod large_blob;
     mod listener_tls;
+    mod logging;
     mod logstream;
     mod persistence;
     mod prefetch_policy;

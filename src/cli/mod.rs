@@ -3,6 +3,7 @@
 //! `main.rs` only parses flags and dispatches here.
 
 pub mod doctor;
+pub mod generate;
 pub mod stats;
 pub mod token;
 pub mod verify;

@@ -45,8 +45,21 @@ impl FileConfig {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("cannot read config file {}: {e}", path.display()))?;
-        toml::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("invalid config file {}: {e}", path.display()))
+        toml::from_str(&text).map_err(|e| {
+            // toml's Display is a multi-line snippet; an operator wants one
+            // line: where, and what is wrong.
+            let at = e.span().map_or(String::new(), |span| {
+                let before = &text[..span.start.min(text.len())];
+                let line = before.matches('\n').count() + 1;
+                let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+                format!(", line {line} column {column}")
+            });
+            anyhow::anyhow!(
+                "invalid config file {}{at}: {}",
+                path.display(),
+                e.message().trim_end()
+            )
+        })
     }
 }
 
@@ -266,5 +279,21 @@ mod tests {
     fn unknown_keys_are_rejected() {
         assert!(toml::from_str::<FileConfig>("[store]\nquota_typo = 1\n").is_err());
         assert!(toml::from_str::<FileConfig>("[upstream]\nendpont = \"grpc://h:1\"\n").is_err());
+    }
+
+    #[test]
+    fn a_bad_file_is_reported_on_one_line_with_its_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outpost.toml");
+        std::fs::write(&path, "[store]\nquota = \"1GiB\"\nquota_typo = 1\n").unwrap();
+        let message = FileConfig::load(&path).unwrap_err().to_string();
+        assert!(!message.contains('\n'), "{message}");
+        assert!(
+            message.starts_with(&format!(
+                "invalid config file {}, line 3 column 1: unknown field `quota_typo`",
+                path.display()
+            )),
+            "{message}"
+        );
     }
 }

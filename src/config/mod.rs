@@ -277,7 +277,7 @@ mod tests {
 
     #[test]
     fn the_team_example_config_resolves() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/outpost-team.toml");
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/outpost.toml");
         let config = Config::resolve(FileConfig::load(&path).unwrap(), Overrides::default())
             .expect("a shared box: TLS and tokens allow the non-loopback listen");
         assert!(!config.listen.ip().is_loopback());
