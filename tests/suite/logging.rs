@@ -62,7 +62,7 @@ fn a_config_error_is_one_line_and_exit_status_2() {
         vec!["serve", "--config", missing.as_str()],
         vec!["serve", "--unix-socket", "/tmp/x.sock", "--no-unix-socket"],
         vec![
-            "doctor",
+            "serve",
             "--listen",
             "0.0.0.0:8980",
             "--data-dir",
