@@ -4,7 +4,10 @@
 # installed binary as the package's `outpost` user on a temporary data dir
 # and a free port, check it with the installed `outpost doctor`, then remove
 # and purge the package and check nothing is left behind.
-#   scripts/package-check.sh [--debug]   # --debug: see scripts/package.sh
+#   scripts/package-check.sh [--debug] [--force]
+# --debug: see scripts/package.sh. It purges the package at the end (which
+# removes /var/lib/outpost and /etc/outpost/outpost.toml), so on a box where
+# outpost is installed already it refuses unless given --force.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" != 0 ]; then
@@ -12,13 +15,24 @@ if [ "$(id -u)" != 0 ]; then
   exit 1
 fi
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/outpost-build}"
-
-deb=$(scripts/package.sh "$@" | tail -n 1)
-echo "== package: built $deb"
+force=
+package_args=()
+for arg in "$@"; do
+  if [ "$arg" = --force ]; then force=1; else package_args+=("$arg"); fi
+done
 if dpkg -s outpost >/dev/null 2>&1; then
-  echo "== package: purging an outpost package already installed"
+  if [ -z "$force" ]; then
+    echo "package-check.sh: outpost is installed here; this check would purge it" \
+      "(its store in /var/lib/outpost and /etc/outpost/outpost.toml). Use a" \
+      "scratch machine, or pass --force." >&2
+    exit 1
+  fi
+  echo "== package: purging the outpost package already installed (--force)"
   dpkg --purge outpost >/dev/null
 fi
+
+deb=$(scripts/package.sh "${package_args[@]}" | tail -n 1)
+echo "== package: built $deb"
 
 tmp=$(mktemp -d)
 server=

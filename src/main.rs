@@ -43,7 +43,8 @@ Examples:
 
 Logging: set RUST_LOG (e.g. RUST_LOG=debug or RUST_LOG=outpost=trace); default info.
 --log-format json (or OUTPOST_LOG_FORMAT=json) writes one JSON object per line.
-Exit status: 0 ok, 1 failure, 2 bad flags or config file.";
+Exit status: 0 ok, 1 failure, 2 bad flags or config file (doctor: 1, with the
+reason as its FAIL line).";
 
 #[derive(Subcommand)]
 enum Command {

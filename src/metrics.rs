@@ -238,8 +238,8 @@ mod tests {
         let stats = Arc::new(Stats::default());
         Stats::add(&stats.prefetch_wasted_bytes, 42);
         stats.upstream_call(UpstreamMethod::ByteStreamRead);
-        stats.rpc_completed(tonic::Code::NotFound);
-        stats.rpc_completed(tonic::Code::Ok);
+        stats.rpc_completed(Some(tonic::Code::NotFound));
+        stats.rpc_completed(None);
         Stats::add(&stats.served_local_bytes, 1234);
         Stats::set(&stats.upstream_rtt_microseconds, 20_000);
         let options = LocalStoreOptions {

@@ -68,9 +68,9 @@ impl Stats {
 
     /// Counts one completed client call that ended with `code` (the
     /// observer layer, `crate::status::observe`).
-    pub fn rpc_completed(&self, code: tonic::Code) {
+    pub fn rpc_completed(&self, error: Option<tonic::Code>) {
         Stats::add(&self.rpc_calls, 1);
-        if code != tonic::Code::Ok {
+        if let Some(code) = error {
             Stats::add(&self.rpc_errors[code as usize], 1);
         }
     }
@@ -409,7 +409,7 @@ counters! {
     }
     by_code {
         /// Client calls that ended with an error status, by code (observer layer).
-        rpc_errors: "Client calls that ended with an error status, by gRPC code.";
+        rpc_errors: "Client calls that ended with an error status, by gRPC code (an action-cache miss, GetActionResult NOT_FOUND, is not one).";
     }
     gauges {
         /// Invocations the prefetch learner remembers, learning (prefetch learner).

@@ -214,6 +214,13 @@ fn split_endpoint(endpoint: &str) -> anyhow::Result<(bool, &str)> {
     } else {
         anyhow::bail!("upstream endpoint {endpoint:?} must start with grpc:// or grpcs://");
     };
+    if rest.contains('@') {
+        // Not echoed: the part before '@' is a credential.
+        anyhow::bail!(
+            "the upstream endpoint must not carry credentials (user:password@): \
+             send them in [upstream] headers (e.g. authorization, read from an env variable)"
+        );
+    }
     if rest.is_empty() || rest.contains('/') {
         anyhow::bail!("upstream endpoint {endpoint:?} must be grpc[s]://host:port");
     }
@@ -251,6 +258,9 @@ mod tests {
         assert!(!r("grpc://127.0.0.1:9000").unwrap().unwrap().tls);
         assert!(r("ftp://x:1").is_err());
         assert!(r("grpc://x:1/path").is_err());
+        // Credentials belong in headers; the error never echoes them.
+        let userinfo = r("grpcs://user:hunter2@cache.example.com:443").unwrap_err();
+        assert!(!format!("{userinfo:#}").contains("hunter2"), "{userinfo:#}");
         assert_eq!(c.asset_uri, c.uri);
         assert_eq!(c.logstream_uri, c.uri);
         let section: UpstreamSection =

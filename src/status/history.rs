@@ -129,8 +129,11 @@ impl History {
 
     /// The finished minutes, oldest first, then the current minute so far
     /// (counted up to `totals`): at most [`MINUTES`] + 1 samples.
-    pub fn samples(&self, totals: Totals) -> Vec<MinuteSample> {
+    /// `totals` is read under the history's lock, so a roll cannot slip in
+    /// between the read and the subtraction.
+    pub fn samples(&self, totals: impl FnOnce() -> Totals) -> Vec<MinuteSample> {
         let state = self.lock();
+        let totals = totals();
         let mut samples: Vec<MinuteSample> = state.ring.iter().copied().collect();
         samples.push(totals.since(&state.at_start, state.minute_unix));
         samples
@@ -152,10 +155,14 @@ mod tests {
     fn each_minute_holds_its_own_increase() {
         let history = History::new(600 + 30, totals(5));
         history.roll(600 + 59, totals(7));
-        assert_eq!(history.samples(totals(8)).len(), 1, "minute not over yet");
+        assert_eq!(
+            history.samples(|| totals(8)).len(),
+            1,
+            "minute not over yet"
+        );
         history.roll(660, totals(9));
         history.roll(725, totals(10));
-        let samples = history.samples(totals(12));
+        let samples = history.samples(|| totals(12));
         let got: Vec<(u64, u64)> = samples
             .iter()
             .map(|s| (s.minute_unix, s.cas_hits))
@@ -169,7 +176,7 @@ mod tests {
         for minute in 1..=100 {
             history.roll(minute * 60, totals(minute));
         }
-        let samples = history.samples(totals(100));
+        let samples = history.samples(|| totals(100));
         assert_eq!(samples.len(), MINUTES + 1);
         assert_eq!(samples[0].minute_unix, 40 * 60);
         assert!(
@@ -185,7 +192,7 @@ mod tests {
         Stats::add(&stats.served_local_bytes, 100);
         Stats::add(&stats.asset_fetches, 3);
         Stats::add(&stats.asset_fetch_hits, 1);
-        stats.rpc_completed(tonic::Code::NotFound);
+        stats.rpc_completed(Some(tonic::Code::NotFound));
         let sample = Totals::read(&stats).since(&Totals::default(), 0);
         assert_eq!(sample.bytes_served_locally, 100);
         assert_eq!((sample.asset_hits, sample.asset_misses), (1, 2));

@@ -58,14 +58,15 @@ impl Observer {
 
     /// Records one completed call.
     fn complete(&self, call: &Call, code: Code) {
-        self.stats.rpc_completed(code);
+        let failed = is_error(&call.method, code);
+        self.stats.rpc_completed(failed.then_some(code));
         let now = Instant::now();
         let mut caller = call.caller.clone();
         if let Some(name) = call.name.0.get() {
             caller.client = name.to_string();
         }
-        self.clients.record(&caller, code != Code::Ok, now);
-        if code != Code::Ok {
+        self.clients.record(&caller, failed, now);
+        if failed {
             self.errors.record(code, &call.method, now);
         }
         let elapsed_ms = call.started.elapsed().as_secs_f64() * 1e3;
@@ -170,6 +171,14 @@ where
             }
         })
     }
+}
+
+/// Whether a call that ended with `code` went wrong. Not OK is wrong, but
+/// for GetActionResult's NOT_FOUND: that is the action cache's ordinary
+/// miss (counted as one), which every cold build has by the thousand, and
+/// the page's error table is for what needs looking at.
+fn is_error(method: &str, code: Code) -> bool {
+    code != Code::Ok && !(code == Code::NotFound && method == "ActionCache/GetActionResult")
 }
 
 /// `/build.bazel.remote.execution.v2.ContentAddressableStorage/FindMissingBlobs`

@@ -2,15 +2,16 @@
 //! activity and error tables key on what clients send (tool names,
 //! invocation ids, method paths), so they must not grow without bound.
 
-use std::collections::HashMap;
 use std::hash::Hash;
+use std::num::NonZeroUsize;
 use std::time::Instant;
 
+use lru::LruCache;
+
 /// At most `capacity` entries; inserting one more evicts the entry seen
-/// longest ago.
-pub struct Recent<K, V> {
-    capacity: usize,
-    entries: HashMap<K, Seen<V>>,
+/// longest ago (in O(1): every call of every client passes through here).
+pub struct Recent<K: Hash + Eq, V> {
+    entries: LruCache<K, Seen<V>>,
 }
 
 /// A value and when its key was last seen.
@@ -25,28 +26,27 @@ impl<K: Eq + Hash + Clone, V: Default> Recent<K, V> {
     /// An empty table of at most `capacity` (≥ 1) entries.
     pub fn new(capacity: usize) -> Self {
         Recent {
-            capacity: capacity.max(1),
-            entries: HashMap::new(),
+            entries: LruCache::new(NonZeroUsize::new(capacity).unwrap_or(NonZeroUsize::MIN)),
         }
     }
 
     /// The value of `key` (a default one if new, evicting the least recently
-    /// seen entry when full), marked seen at `now`.
-    pub fn touch(&mut self, key: K, now: Instant) -> &mut V {
-        if !self.entries.contains_key(&key) && self.entries.len() >= self.capacity {
-            let oldest = self
-                .entries
-                .iter()
-                .min_by_key(|(_, seen)| seen.last_seen)
-                .map(|(k, _)| k.clone());
-            if let Some(oldest) = oldest {
-                self.entries.remove(&oldest);
-            }
+    /// seen entry when full), marked seen at `now`. The key is cloned only
+    /// when it is new.
+    pub fn touch(&mut self, key: &K, now: Instant) -> &mut V {
+        if !self.entries.contains(key) {
+            self.entries.push(
+                key.clone(),
+                Seen {
+                    value: V::default(),
+                    last_seen: now,
+                },
+            );
         }
-        let seen = self.entries.entry(key).or_insert_with(|| Seen {
-            value: V::default(),
-            last_seen: now,
-        });
+        let seen = self
+            .entries
+            .get_mut(key)
+            .expect("the key was just looked up or inserted");
         seen.last_seen = now;
         &mut seen.value
     }
@@ -77,10 +77,10 @@ mod tests {
         let t0 = Instant::now();
         let at = |s| t0 + Duration::from_secs(s);
         let mut table: Recent<&str, u64> = Recent::new(2);
-        *table.touch("a", at(0)) += 1;
-        *table.touch("b", at(1)) += 1;
-        *table.touch("a", at(2)) += 1;
-        *table.touch("c", at(3)) += 1;
+        *table.touch(&"a", at(0)) += 1;
+        *table.touch(&"b", at(1)) += 1;
+        *table.touch(&"a", at(2)) += 1;
+        *table.touch(&"c", at(3)) += 1;
         assert_eq!(table.len(), 2);
         let mut keys: Vec<_> = table.iter().map(|(k, s)| (*k, s.value)).collect();
         keys.sort();

@@ -79,11 +79,11 @@ async fn a_healthy_standalone_setup_passes() {
     let listen = format!("127.0.0.1:{}", dead_port());
     let (code, report) = doctor(&data, &["--listen", &listen, "--quota", "1MiB"]).await;
     assert_eq!(code, 0, "{report}");
+    assert!(!data.exists(), "doctor creates nothing; serve will");
     assert!(
-        data.is_dir(),
-        "doctor creates the data directory, as serve would"
+        line(&report, "data directory", "exists")
+            .contains("ok    exists         not yet: serve creates it")
     );
-    assert!(line(&report, "data directory", "exists").contains("ok    exists         created it"));
     assert!(line(&report, "data directory", "writable").starts_with("  ok  "));
     assert!(line(&report, "data directory", "store").contains("none yet"));
     assert!(line(&report, "data directory", "free space").starts_with("  ok  "));
@@ -245,7 +245,8 @@ async fn a_data_directory_that_cannot_be_created_fails() {
     .await;
     assert_eq!(code, 1, "{report}");
     assert!(
-        line(&report, "data directory", "exists").contains("missing, and cannot be created"),
+        line(&report, "data directory", "writable")
+            .contains("FAIL  writable       cannot write there"),
         "{report}"
     );
 }

@@ -159,7 +159,10 @@ pub fn lines(config: &Config, capabilities: Option<&Capabilities>) -> String {
         line("# build --remote_header=authorization=Basic <base64 of user:password>");
     }
     if let Some(path) = &config.unix_socket {
-        line("# On this machine, the unix socket works too (plaintext, no TCP):");
+        line(
+            "# On this machine, the unix socket works too (plaintext, no TCP), with a Bazel \
+             whose build has unix-socket support (not Debian's 4.2.3; docs/clients/bazel.md):",
+        );
         let flag = if executes(capabilities) == Ok(true) {
             "remote_executor"
         } else {

@@ -1,4 +1,4 @@
-//! The data directory: does it exist (or can it be created), can this user
+//! The data directory: does it exist (or can serve create it), can this user
 //! write there, is there room for the quota, is the filesystem a good home
 //! for a cache, and does a running Outpost already hold the store.
 
@@ -14,13 +14,19 @@ use super::{Check, Section};
 /// says it could not tell rather than take minutes.
 const MAX_WALK: u64 = 2_000_000;
 
-/// Checks `config.data_dir`. Creates it when missing (as `serve` would);
-/// writes and removes one probe file; changes nothing else.
+/// Checks `config.data_dir`; writes and removes one probe file, creates
+/// nothing. A missing directory is fine when `serve` can create it: then
+/// its nearest existing parent is checked instead (doctor often runs as
+/// root before a service user's first start, and a directory it created
+/// would belong to root).
 pub fn check(config: &Config) -> Section {
     let dir = &config.data_dir;
     let mut section = Section::new(format!("data directory {}", dir.display()));
-    match std::fs::metadata(dir) {
-        Ok(meta) if meta.is_dir() => section.push(Check::ok("exists", "a directory")),
+    let probed = match std::fs::metadata(dir) {
+        Ok(meta) if meta.is_dir() => {
+            section.push(Check::ok("exists", "a directory"));
+            dir.clone()
+        }
         Ok(_) => {
             section.push(Check::fail(
                 "exists",
@@ -29,26 +35,32 @@ pub fn check(config: &Config) -> Section {
             ));
             return section;
         }
-        Err(_) => match std::fs::create_dir_all(dir) {
-            Ok(()) => section.push(Check::ok(
-                "exists",
-                "created it (empty; serve would have created it too)",
-            )),
-            Err(e) => {
+        Err(_) => match dir.ancestors().skip(1).find(|a| a.is_dir()) {
+            Some(parent) => {
+                section.push(Check::ok(
+                    "exists",
+                    format!(
+                        "not yet: serve creates it in {} (checked below instead)",
+                        parent.display()
+                    ),
+                ));
+                parent.to_path_buf()
+            }
+            None => {
                 section.push(Check::fail(
                     "exists",
-                    format!("missing, and cannot be created: {e}"),
+                    "missing, and no parent directory exists",
                     "create it for the user that runs outpost, or choose another --data-dir",
                 ));
                 return section;
             }
         },
-    }
-    section.push(writable(dir));
+    };
+    section.push(writable(&probed));
     let store = dir.join("db").join("CURRENT").exists();
     section.push(in_use(dir, store));
-    section.push(free_space(dir, config.quota_bytes, store));
-    section.push(filesystem(dir));
+    section.push(free_space(&probed, config.quota_bytes, store));
+    section.push(filesystem(&probed));
     section
 }
 
@@ -341,19 +353,24 @@ mod tests {
     }
 
     #[test]
-    fn a_missing_directory_is_created_and_checked() {
+    fn a_missing_directory_is_checked_in_its_parent_and_not_created() {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("a/b");
         let section = check(&Config::for_tests(&data));
-        assert!(data.is_dir());
+        assert!(!data.exists(), "doctor creates nothing");
         let names: Vec<_> = section.checks.iter().map(|c| c.name).collect();
         assert_eq!(
             names,
             ["exists", "writable", "store", "free space", "filesystem"]
         );
-        assert!(section.checks[0].finding.starts_with("created it"));
+        assert!(
+            section.checks[0]
+                .finding
+                .starts_with("not yet: serve creates it in")
+        );
+        assert_eq!(section.checks[1].verdict, Verdict::Ok);
         assert_eq!(
-            std::fs::read_dir(&data).unwrap().count(),
+            std::fs::read_dir(dir.path()).unwrap().count(),
             0,
             "the probe is gone"
         );

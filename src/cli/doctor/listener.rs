@@ -32,7 +32,7 @@ pub async fn check(config: &Config) -> Section {
         section.push(unix_socket(path));
     }
     if let Some(addr) = config.metrics_listen {
-        section.push(metrics(addr).await);
+        section.push(metrics(addr, config.tls.is_some()).await);
     }
     section
 }
@@ -317,12 +317,21 @@ fn unix_socket(path: &Path) -> Check {
 }
 
 /// The metrics listener: free, an Outpost's metrics, or another program.
-async fn metrics(addr: SocketAddr) -> Check {
+/// With `tls` the listener serves HTTPS, which this plain probe cannot
+/// read: then something listening is only a warning, as for the gRPC port.
+async fn metrics(addr: SocketAddr, tls: bool) -> Check {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let stream = tokio::time::timeout(STEP_TIMEOUT, tokio::net::TcpStream::connect(addr)).await;
     let Ok(Ok(mut stream)) = stream else {
         return bindable(addr, "metrics", "--metrics-listen");
     };
+    if tls {
+        return Check::warn(
+            "metrics",
+            format!("something already listens on {addr} (HTTPS: doctor does not log in to it)"),
+            "if it is not this Outpost, stop it or choose another --metrics-listen",
+        );
+    }
     let ask = async {
         stream
             .write_all(b"GET /metrics HTTP/1.0\r\nHost: outpost\r\n\r\n")

@@ -103,7 +103,7 @@ async fn every_call_is_counted_with_its_code_and_caller() {
     let observer = Arc::new(Observer::new(stats.clone()));
     let path = "/build.bazel.remote.execution.v2.ActionCache/GetActionResult";
     // Trailers-only: the code is in the response headers.
-    let refused = tonic::Status::not_found("no").into_http::<Body>();
+    let refused = tonic::Status::permission_denied("no").into_http::<Body>();
     call(
         &observer,
         request(path, Some(("bazel", "inv-1"))),
@@ -123,7 +123,10 @@ async fn every_call_is_counted_with_its_code_and_caller() {
     )
     .await;
     assert_eq!(Stats::get(&stats.rpc_calls), 3);
-    assert_eq!(Stats::get(&stats.rpc_errors[Code::NotFound as usize]), 1);
+    assert_eq!(
+        Stats::get(&stats.rpc_errors[Code::PermissionDenied as usize]),
+        1
+    );
     assert_eq!(Stats::get(&stats.rpc_errors[Code::DataLoss as usize]), 1);
     assert_eq!(stats.rpc_errors_total(), 2);
     let errors = observer.errors.most_frequent(10, Instant::now());
@@ -132,7 +135,7 @@ async fn every_call_is_counted_with_its_code_and_caller() {
         .map(|e| (e.code.as_str(), e.method.as_str()))
         .collect();
     assert!(
-        rows.contains(&("NOT_FOUND", "ActionCache/GetActionResult")),
+        rows.contains(&("PERMISSION_DENIED", "ActionCache/GetActionResult")),
         "{rows:?}"
     );
     assert!(rows.contains(&("DATA_LOSS", "ByteStream/Read")), "{rows:?}");
@@ -198,13 +201,13 @@ async fn each_call_logs_one_debug_line_without_header_values() {
     let mut req = request(path, Some(("bazel", "inv-7")));
     req.headers_mut()
         .insert("authorization", "Bearer secret-token".parse().unwrap());
-    let refused = tonic::Status::not_found("no").into_http::<Body>();
+    let refused = tonic::Status::permission_denied("no").into_http::<Body>();
     call(&observer, req, refused, false).await;
     let log = String::from_utf8(buffer.lock().unwrap().clone()).unwrap();
     assert_eq!(log.matches("rpc done").count(), 1, "{log}");
     for field in [
         "method=ActionCache/GetActionResult",
-        "code=\"NOT_FOUND\"",
+        "code=\"PERMISSION_DENIED\"",
         "elapsed_ms=",
         "tool=bazel 1.0",
         "tool_invocation_id=inv-7",
@@ -224,4 +227,15 @@ impl std::io::Write for Writer {
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
+}
+
+#[test]
+fn an_action_cache_miss_is_not_an_error() {
+    assert!(!is_error("ActionCache/GetActionResult", Code::NotFound));
+    assert!(is_error(
+        "ActionCache/GetActionResult",
+        Code::PermissionDenied
+    ));
+    assert!(is_error("ByteStream/Read", Code::NotFound));
+    assert!(!is_error("ByteStream/Read", Code::Ok));
 }
