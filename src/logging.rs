@@ -50,8 +50,14 @@ pub fn fatal(format: LogFormat, message: &str, exit_code: u8) {
 /// that spans lines, e.g. a parser's snippet, is joined with spaces; a cause
 /// its parent already quotes is not repeated).
 pub fn one_line(error: &anyhow::Error) -> String {
+    error_chain(error.as_ref())
+}
+
+/// [`one_line`] for any error: the error, then each `source()` under it.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut parts: Vec<String> = Vec::new();
-    for cause in error.chain() {
+    let mut next = Some(error);
+    while let Some(cause) = next {
         let text = cause
             .to_string()
             .lines()
@@ -59,9 +65,10 @@ pub fn one_line(error: &anyhow::Error) -> String {
             .filter(|line| !line.is_empty())
             .collect::<Vec<_>>()
             .join(" ");
-        if !parts.last().is_some_and(|last| last.ends_with(&text)) {
+        if !text.is_empty() && !parts.iter().any(|part| part.contains(&text)) {
             parts.push(text);
         }
+        next = cause.source();
     }
     parts.join(": ")
 }

@@ -222,7 +222,7 @@ async fn identify(target: &str, shown: &str) -> Check {
                 format!(
                     "Outpost {} running on {shown}, up {}: fine, this checks it as it runs",
                     s.version,
-                    human_duration(Duration::from_secs(s.uptime_seconds))
+                    crate::cli::human_duration(s.uptime_seconds as f64)
                 ),
             )
         }
@@ -352,17 +352,6 @@ async fn metrics(addr: SocketAddr, tls: bool) -> Check {
     }
 }
 
-/// `200 s` → `"3 min"`: uptimes for people.
-pub fn human_duration(d: Duration) -> String {
-    let s = d.as_secs();
-    match s {
-        0..60 => format!("{s} s"),
-        60..3600 => format!("{} min", s / 60),
-        3600..86400 => format!("{} h {} min", s / 3600, s % 3600 / 60),
-        _ => format!("{} d {} h", s / 86400, s % 86400 / 3600),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -396,14 +385,6 @@ mod tests {
         let check = tls(&config);
         assert_eq!(check.verdict, Verdict::Ok, "{check:?}");
         assert!(check.finding.contains(" more days"), "{check:?}");
-    }
-
-    #[test]
-    fn uptimes_read_like_people_say_them() {
-        assert_eq!(human_duration(Duration::from_secs(5)), "5 s");
-        assert_eq!(human_duration(Duration::from_secs(200)), "3 min");
-        assert_eq!(human_duration(Duration::from_secs(7380)), "2 h 3 min");
-        assert_eq!(human_duration(Duration::from_secs(90000)), "1 d 1 h");
     }
 
     #[test]

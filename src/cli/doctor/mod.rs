@@ -246,7 +246,7 @@ pub fn config_failed(error: &anyhow::Error, options: &DoctorOptions) -> bool {
     }
     let check = Check::fail(
         "resolve",
-        one_line(&format!("{error:#}")),
+        crate::logging::one_line(error),
         "fix it (config.example.toml documents every key); no other check runs until it resolves",
     );
     let mut section = config_section(Check::ok("file", config_source(options)));
@@ -256,24 +256,6 @@ pub fn config_failed(error: &anyhow::Error, options: &DoctorOptions) -> bool {
     };
     print!("{}", report.render(std::io::stdout().is_terminal()));
     false
-}
-
-/// A multi-line message (a TOML error quotes the line with a caret under
-/// it) as one report line: the quoted source lines dropped, the rest
-/// joined with "; ".
-fn one_line(text: &str) -> String {
-    let quoted = |l: &str| {
-        let rest = l
-            .trim_start_matches(|c: char| c.is_ascii_digit())
-            .trim_start();
-        rest.starts_with('|')
-    };
-    text.lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !quoted(l))
-        .map(|l| l.trim_end_matches(':'))
-        .collect::<Vec<_>>()
-        .join("; ")
 }
 
 /// Where the settings come from.
@@ -315,27 +297,14 @@ pub async fn check(config: &Config) -> Report {
     }
 }
 
-/// `e` and its sources, joined with ": " (a transport error says little
-/// without the rustls or I/O error under it); repeated parts once.
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    let mut next = Some(e);
-    while let Some(err) = next {
-        let text = err.to_string();
-        if !text.is_empty() && !parts.iter().any(|p| p.contains(&text)) {
-            parts.push(text);
-        }
-        next = err.source();
-    }
-    parts.join(": ")
-}
-
 /// A failed call in a few words: its code and message, or, when the
 /// message says nothing ("transport error"), the causes under it.
 pub fn status_text(status: &tonic::Status) -> String {
     let message = status.message();
     let detail = match std::error::Error::source(status) {
-        Some(source) if message.is_empty() || message == "transport error" => error_chain(source),
+        Some(source) if message.is_empty() || message == "transport error" => {
+            crate::logging::error_chain(source)
+        }
         _ => message.to_string(),
     };
     format!("{:?}: {detail}", status.code())
@@ -399,19 +368,8 @@ mod tests {
     fn an_error_chain_names_the_cause_once() {
         let inner = std::io::Error::other("connection refused");
         let outer = anyhow::Error::new(inner).context("transport error");
-        let chain = error_chain(outer.as_ref());
+        let chain = crate::logging::error_chain(outer.as_ref());
         assert_eq!(chain, "transport error: connection refused");
-    }
-
-    #[test]
-    fn a_toml_error_becomes_one_line() {
-        let text = "invalid config file /c.toml: TOML parse error at line 2, column 1\n  |\n\
-                    2 | quota_typo = \"1GiB\"\n  | ^^^^^^^^^^\nunknown field `quota_typo`\n";
-        assert_eq!(
-            one_line(text),
-            "invalid config file /c.toml: TOML parse error at line 2, column 1; \
-             unknown field `quota_typo`"
-        );
     }
 
     #[test]

@@ -335,9 +335,9 @@ fn capabilities_failed(status: &tonic::Status, text: &str) -> Check {
     )
 }
 
-/// `12.3 ms`.
+/// A measured time in milliseconds, as the status page writes them.
 pub fn millis(d: Duration) -> String {
-    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+    crate::cli::human_millis(d.as_secs_f64() * 1000.0)
 }
 
 #[cfg(test)]

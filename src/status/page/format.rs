@@ -2,6 +2,7 @@
 //! every figure reads the same and every client-supplied string is escaped.
 
 pub use crate::cli::human_bytes;
+pub use crate::cli::{human_duration as duration, human_millis as millis};
 
 /// `text` safe inside HTML text and double- or single-quoted attributes.
 /// Tool names and invocation ids come from clients: everything taken from
@@ -44,27 +45,6 @@ pub fn count(n: u64) -> String {
     out
 }
 
-/// A duration as people say it: `"850 ms"`, `"42 s"`, `"3 min 20 s"`,
-/// `"5 h 07 min"`, `"2 d 03 h"`.
-pub fn duration(seconds: f64) -> String {
-    if !seconds.is_finite() || seconds < 0.0 {
-        return "–".to_string();
-    }
-    if seconds < 1.0 {
-        return format!("{:.0} ms", seconds * 1000.0);
-    }
-    if seconds < 10.0 {
-        return format!("{seconds:.1} s");
-    }
-    let s = seconds.round() as u64;
-    match s {
-        0..60 => format!("{s} s"),
-        60..3600 => format!("{} min {:02} s", s / 60, s % 60),
-        3600..86400 => format!("{} h {:02} min", s / 3600, s % 3600 / 60),
-        _ => format!("{} d {:02} h", s / 86400, s % 86400 / 3600),
-    }
-}
-
 /// Whole seconds: `"0 s"`, `"42 s"`, `"3 min 20 s"`.
 pub fn seconds(s: u64) -> String {
     if s < 60 {
@@ -89,17 +69,6 @@ pub fn bytes_per_second(rate: f64) -> String {
         return "–".to_string();
     }
     format!("{}/s", human_bytes(rate as u64))
-}
-
-/// Milliseconds with sensible precision: `"0.42 ms"`, `"38 ms"`.
-pub fn millis(ms: f64) -> String {
-    if !ms.is_finite() || ms < 0.0 {
-        "–".to_string()
-    } else if ms < 10.0 {
-        format!("{ms:.2} ms")
-    } else {
-        format!("{ms:.0} ms")
-    }
 }
 
 /// A ratio `part / whole` in 0..=1, 0 when `whole` is 0.
