@@ -109,6 +109,10 @@ struct DoctorArgs {
     /// Only print the `.bazelrc` lines for this setup (no checks).
     #[arg(long)]
     bazelrc: bool,
+    /// Skip the upstream throughput probe, which writes one random 4 MiB
+    /// blob to the upstream's CAS and reads it back.
+    #[arg(long)]
+    no_write: bool,
 }
 
 #[derive(Args)]
@@ -333,6 +337,7 @@ fn run(command: Command) -> Result<ExitCode, Failure> {
         Command::Doctor(args) => {
             let options = outpost::cli::doctor::DoctorOptions {
                 bazelrc: args.bazelrc,
+                no_write: args.no_write,
                 config_file: args.config.config.clone(),
             };
             // A configuration that does not resolve is doctor's finding, not a crash.

@@ -190,6 +190,36 @@ async fn a_reachable_upstream_is_measured() {
 }
 
 #[tokio::test]
+async fn no_write_skips_the_probe_that_writes_upstream() {
+    let fake = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (code, report) = doctor(
+        &dir.path().join("data"),
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--quota",
+            "1MiB",
+            "--upstream",
+            &fake.url(),
+            "--no-write",
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{report}");
+    let section = format!("upstream {}", fake.url());
+    assert!(
+        line(&report, &section, "throughput").contains("skip  throughput     --no-write"),
+        "{report}"
+    );
+    assert!(
+        line(&report, &section, "rtt").starts_with("  ok  "),
+        "{report}"
+    );
+    assert_eq!(fake.count(Method::Write), 0, "nothing written upstream");
+}
+
+#[tokio::test]
 async fn a_dead_upstream_fails_at_connect_and_skips_the_rest() {
     let dir = tempfile::tempdir().unwrap();
     let upstream = format!("grpc://127.0.0.1:{}", dead_port());

@@ -40,6 +40,8 @@ pub const STEP_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct DoctorOptions {
     /// Print only the `.bazelrc` lines for this setup.
     pub bazelrc: bool,
+    /// Skip the throughput probe (the one check that writes upstream).
+    pub no_write: bool,
     /// The config file (`--config` or `OUTPOST_CONFIG`), named in the report.
     pub config_file: Option<PathBuf>,
 }
@@ -228,7 +230,7 @@ pub async fn run(config: &Config, options: &DoctorOptions) -> anyhow::Result<boo
         print!("{}", bazelrc::lines(config, capabilities.as_ref()));
         return Ok(true);
     }
-    let mut report = check(config).await;
+    let mut report = check(config, options).await;
     report
         .sections
         .insert(0, config_section(Check::ok("file", config_source(options))));
@@ -274,12 +276,12 @@ fn config_section(check: Check) -> Section {
 }
 
 /// Makes every check, in print order.
-pub async fn check(config: &Config) -> Report {
+pub async fn check(config: &Config, options: &DoctorOptions) -> Report {
     let data = data_dir::check(config);
     let listener = listener::check(config).await;
     let (upstream, capabilities) = match &config.upstream {
         Some(upstream) => {
-            let (section, capabilities) = upstream::check(upstream).await;
+            let (section, capabilities) = upstream::check(upstream, options.no_write).await;
             (section, Some(capabilities))
         }
         None => {

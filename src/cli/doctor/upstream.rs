@@ -81,7 +81,7 @@ pub async fn fetch_capabilities(config: &UpstreamConfig) -> Capabilities {
 }
 
 /// Every upstream check, and the capabilities for the client section.
-pub async fn check(config: &UpstreamConfig) -> (Section, Capabilities) {
+pub async fn check(config: &UpstreamConfig, no_write: bool) -> (Section, Capabilities) {
     let mut section = Section::new(format!("upstream {}", shown_endpoint(config)));
     section.push(endpoint(config));
     let unreachable = |section: &mut Section, from: &[&'static str]| {
@@ -163,7 +163,11 @@ pub async fn check(config: &UpstreamConfig) -> (Section, Capabilities) {
     }
     let (rtt, date) = probe::round_trip(&link).await;
     section.push(rtt);
-    section.push(probe::throughput(&link, &caps).await);
+    section.push(if no_write {
+        Check::skip("throughput", "--no-write: nothing written to the upstream")
+    } else {
+        probe::throughput(&link, &caps).await
+    });
     section.push(probe::clock(date.as_deref(), std::time::SystemTime::now()));
     (section, Ok(caps))
 }
