@@ -52,12 +52,15 @@ use crate::store::write_back::UploadQueue;
 use crate::tasks::Background;
 use crate::tls::ReloadingTls;
 
-/// HTTP/2 flow-control windows and frame size. tonic's defaults cap uploads
-/// at ~0.1 GB/s on loopback; these were measured to give >1 GB/s both ways
-/// (see docs/architecture.md).
-const STREAM_WINDOW: u32 = 16 << 20;
-const CONNECTION_WINDOW: u32 = 32 << 20;
-const MAX_FRAME: u32 = 1 << 20;
+/// HTTP/2 flow-control window of one stream. tonic's defaults cap uploads
+/// at ~0.1 GB/s on loopback; this, [`CONNECTION_WINDOW`] and [`MAX_FRAME`]
+/// were measured to give >1 GB/s both ways (see docs/architecture.md).
+/// Public so that benches serving their own routes use the same settings.
+pub const STREAM_WINDOW: u32 = 16 << 20;
+/// HTTP/2 flow-control window of one connection (see [`STREAM_WINDOW`]).
+pub const CONNECTION_WINDOW: u32 = 32 << 20;
+/// Largest HTTP/2 frame the server sends (see [`STREAM_WINDOW`]).
+pub const MAX_FRAME: u32 = 1 << 20;
 /// How long shutdown waits for in-flight calls before it stops waiting.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long shutdown waits for background work (prefetch, batchers, relays)
