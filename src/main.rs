@@ -37,6 +37,9 @@ Examples:
   outpost serve --upstream grpcs://remote.example.com:443   # cache in front of a cluster
   bazel build --remote_cache=grpc://127.0.0.1:8980 //...
   bazel build --remote_executor=grpc://127.0.0.1:8980 //...   # with an executing --upstream
+  outpost serve --metrics-listen 127.0.0.1:9980   # status page at http://127.0.0.1:9980/
+  outpost doctor --upstream grpcs://remote.example.com:443   # check the setup, explain what is wrong
+  outpost doctor --bazelrc                   # the .bazelrc lines for this setup
   outpost stats
   outpost verify --data-dir /srv/outpost --repair   # offline: hash every blob, remove corrupt ones
   outpost token add ci --role execute --write-ac --tokens-file /etc/outpost/tokens
@@ -207,7 +210,8 @@ struct ConfigArgs {
     /// (TLS, headers and more in the config file's [upstream] section).
     #[arg(long, value_name = "URL")]
     upstream: Option<String>,
-    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9980);
+    /// Serve the status page at http://ADDR/ (e.g. 127.0.0.1:9980), its
+    /// figures as JSON at /status and Prometheus metrics at /metrics;
     /// https:// with the listener's TLS settings when [server] tls_cert is set.
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<std::net::SocketAddr>,
