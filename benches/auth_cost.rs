@@ -22,7 +22,7 @@
 //! (default 7), `OUTPOST_BENCH_SECONDS` per round (default 1).
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use base64::Engine as _;
 use bazel_remote_apis::build::bazel::remote::execution::v2::{
@@ -33,6 +33,7 @@ use outpost::auth::Role;
 use outpost::config::{Config, ServerTls};
 use outpost::server::RunningServer;
 use outpost_testkit::env::env_usize;
+use outpost_testkit::load::find_missing_rate;
 use outpost_testkit::pki::TestCa;
 use outpost_testkit::{blob, digest};
 use tonic::metadata::MetadataValue;
@@ -262,26 +263,6 @@ impl Setup {
 
     /// Calls per second over `clients` concurrent callers for `duration`.
     async fn round(&self, clients: usize, duration: Duration) -> anyhow::Result<f64> {
-        let deadline = Instant::now() + duration;
-        let mut tasks = Vec::new();
-        for _ in 0..clients {
-            let mut cas = self.cas.clone();
-            let request = self.request.clone();
-            tasks.push(tokio::spawn(async move {
-                let start = Instant::now();
-                let mut calls = 0u64;
-                while Instant::now() < deadline {
-                    cas.find_missing_blobs(request.clone()).await?;
-                    calls += 1;
-                }
-                anyhow::Ok((calls, start.elapsed()))
-            }));
-        }
-        let mut rate = 0.0;
-        for task in tasks {
-            let (calls, elapsed) = task.await??;
-            rate += calls as f64 / elapsed.as_secs_f64();
-        }
-        Ok(rate)
+        Ok(find_missing_rate(&self.cas, &self.request, clients, duration).await?)
     }
 }

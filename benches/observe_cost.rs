@@ -54,6 +54,7 @@ use outpost::status::observe::{ObserveLayer, Observer};
 use outpost::store::local::{LocalStore, LocalStoreOptions};
 use outpost_testkit::client::{read_name, write_name, write_stream};
 use outpost_testkit::env::env_usize;
+use outpost_testkit::load::find_missing_rate;
 use outpost_testkit::{blob, digest};
 use prost::Message as _;
 use tokio::task::JoinHandle;
@@ -320,27 +321,7 @@ impl Setup {
 
     /// Calls per second over `clients` concurrent callers for `duration`.
     async fn round(&self, clients: usize, duration: Duration) -> anyhow::Result<f64> {
-        let deadline = Instant::now() + duration;
-        let mut tasks = Vec::new();
-        for _ in 0..clients {
-            let mut cas = self.cas.clone();
-            let request = self.request.clone();
-            tasks.push(tokio::spawn(async move {
-                let start = Instant::now();
-                let mut calls = 0u64;
-                while Instant::now() < deadline {
-                    cas.find_missing_blobs(request.clone()).await?;
-                    calls += 1;
-                }
-                anyhow::Ok((calls, start.elapsed()))
-            }));
-        }
-        let mut rate = 0.0;
-        for task in tasks {
-            let (calls, elapsed) = task.await??;
-            rate += calls as f64 / elapsed.as_secs_f64();
-        }
-        Ok(rate)
+        Ok(find_missing_rate(&self.cas, &self.request, clients, duration).await?)
     }
 
     /// Reads the large blob once; MB/s (10^6 bytes).

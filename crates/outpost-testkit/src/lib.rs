@@ -13,6 +13,7 @@
 //! - [`client`]: REAPI client helpers (resource names, ByteStream reads and
 //!   writes, batch calls) over a plain tonic channel.
 //! - [`env`](mod@env): bench knobs from environment variables.
+//! - [`load`]: call-rate load for the per-call cost benches.
 //! - [`metrics`]: a scrape of the server's Prometheus page.
 //! - [`pki`]: a private test CA issuing server and client certificates.
 //! - [`raw`]: calls with raw-bytes messages (garbage, truncated bodies).
@@ -23,6 +24,7 @@ pub mod client;
 pub mod digests;
 pub mod env;
 pub mod fake;
+pub mod load;
 pub mod metrics;
 pub mod pki;
 pub mod process;
